@@ -1,0 +1,582 @@
+//! CRD types of API group `cellplane.io/v1alpha1`: `Cell` and `CellSet`. Pure data.
+//!
+//! Validation lives in the schema (bounds) and in CEL rules (`x-kubernetes-validations`),
+//! so the API server rejects bad objects at admission; every message names the field and
+//! the fix.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const GROUP: &str = "cellplane.io";
+pub const VERSION: &str = "v1alpha1";
+/// Highest allowed `capacityWeight`.
+pub const MAX_WEIGHT: u32 = 100;
+/// Default platform name (the etcd prefix `/cellplane/<platform>/`).
+pub const DEFAULT_PLATFORM: &str = "default";
+
+/// One self-contained cell in one region: the app's pods plus the cell's own Redis,
+/// MySQL shard and Kafka.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "cellplane.io",
+    version = "v1alpha1",
+    kind = "Cell",
+    namespaced,
+    status = "CellStatus",
+    shortname = "cell",
+    category = "cellplane",
+    printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Slots", type_ = "integer", json_path = ".status.slots"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(cel, validation = Rule::new("!has(self.standby) || self.standby.region != self.region").message("spec.standby.region must differ from spec.region: a standby protects against the loss of a whole region, so pair the cell with one in another region"))]
+#[serde(rename_all = "camelCase")]
+pub struct CellSpec {
+    /// Region (one Kubernetes cluster in one data center). Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.region is immutable: create a new Cell in the other region and drain this one"))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("spec.region must be a DNS label (lowercase letters, digits, '-'), e.g. 'eu-west'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub region: String,
+
+    /// Zone inside the region, used for pod topology.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub zone: Option<String>,
+
+    /// Relative capacity: the share of slots placed on this cell is proportional to it.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 100))]
+    pub capacity_weight: u32,
+
+    /// Active takes traffic; Draining moves the cell's slots to other cells.
+    #[serde(default)]
+    pub desired_state: DesiredState,
+
+    /// Platform this cell belongs to (etcd prefix `/cellplane/<platform>/`).
+    #[serde(default = "default_platform")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("spec.platform must be a DNS label, e.g. 'shop'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub platform: String,
+
+    /// The cell in another region that holds a replica and takes over this cell's slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyRef>,
+
+    /// The application that runs in the cell.
+    pub app: AppSpec,
+    /// The cell's cache.
+    pub redis: StoreSpec,
+    /// The cell's MySQL shard, source of truth for its users.
+    pub mysql: StoreSpec,
+    /// The cell's Kafka (async writes, events).
+    pub kafka: StoreSpec,
+}
+
+fn default_weight() -> u32 {
+    10
+}
+fn default_platform() -> String {
+    DEFAULT_PLATFORM.to_string()
+}
+
+/// What the cell should be doing.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DesiredState {
+    #[default]
+    Active,
+    Draining,
+}
+
+/// Names the standby cell in another region.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct StandbyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub cell: String,
+    #[schemars(length(min = 1, max = 63))]
+    pub region: String,
+}
+
+/// The app's Deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppSpec {
+    /// Container image, e.g. `ghcr.io/acme/shop:1.4.2`.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+    #[serde(default = "default_app_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+    #[serde(default = "default_app_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// Extra environment for the app (the cell's connection settings are added by the operator).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    pub env: Vec<EnvVar>,
+    #[serde(default)]
+    pub probes: Probes,
+}
+
+fn default_app_replicas() -> i32 {
+    2
+}
+fn default_app_port() -> i32 {
+    8080
+}
+
+/// A plain environment variable.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct EnvVar {
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+/// HTTP probes of the app.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Probes {
+    #[serde(default = "default_readiness_path")]
+    pub readiness_path: String,
+    #[serde(default = "default_liveness_path")]
+    pub liveness_path: String,
+}
+
+impl Default for Probes {
+    fn default() -> Self {
+        Self {
+            readiness_path: default_readiness_path(),
+            liveness_path: default_liveness_path(),
+        }
+    }
+}
+fn default_readiness_path() -> String {
+    "/readyz".into()
+}
+fn default_liveness_path() -> String {
+    "/healthz".into()
+}
+
+/// CPU/memory requests and limits as Kubernetes quantities (`"250m"`, `"512Mi"`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+/// A backing store: run inside the cell (`inCluster`) or use a managed service (`external`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(cel, validation = Rule::new("has(self.inCluster) != has(self.external)").message("set exactly one of inCluster (run the store in the cell) or external (endpoint + secretRef of a managed service)"))]
+#[serde(rename_all = "camelCase")]
+pub struct StoreSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_cluster: Option<InClusterStore>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalStore>,
+}
+
+impl StoreSpec {
+    /// An in-cluster store with defaults for everything.
+    pub fn in_cluster() -> Self {
+        Self {
+            in_cluster: Some(InClusterStore::default()),
+            external: None,
+        }
+    }
+}
+
+/// A store run by the operator as a StatefulSet in the cell.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InClusterStore {
+    /// Image override; the operator picks a pinned default per store otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default = "default_store_replicas")]
+    #[schemars(range(min = 1, max = 9))]
+    pub replicas: i32,
+    /// PersistentVolume size, e.g. `10Gi`.
+    #[serde(default = "default_storage")]
+    pub storage: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+impl Default for InClusterStore {
+    fn default() -> Self {
+        Self {
+            image: None,
+            replicas: 1,
+            storage: default_storage(),
+            resources: None,
+        }
+    }
+}
+fn default_store_replicas() -> i32 {
+    1
+}
+fn default_storage() -> String {
+    "1Gi".into()
+}
+
+/// A managed store outside the cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalStore {
+    /// `host:port` of the service.
+    #[schemars(length(min = 1, max = 512))]
+    pub endpoint: String,
+    /// Secret in the Cell's namespace holding the credentials (keys `username`, `password`).
+    pub secret_ref: SecretRef,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Observed state of a Cell.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CellStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<CellPhase>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Number of slots this cell is home for at `epoch`.
+    #[serde(default)]
+    pub slots: u32,
+    /// Routing-table epoch this status was computed at.
+    #[serde(default)]
+    pub epoch: u64,
+    /// In-cluster addresses of the cell's app and stores.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoints: BTreeMap<String, String>,
+}
+
+/// Lifecycle of a cell (DESIGN.md "Cell states").
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum CellPhase {
+    Pending,
+    Active,
+    Draining,
+    Drained,
+    FailedOver,
+    Standby,
+}
+
+/// A status condition, shaped like `metav1.Condition`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339 time of the last change of `status`.
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Condition types of a Cell.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const APP_READY: &str = "AppReady";
+    pub const REDIS_READY: &str = "RedisReady";
+    pub const MYSQL_READY: &str = "MySQLReady";
+    pub const KAFKA_READY: &str = "KafkaReady";
+    pub const REGISTERED: &str = "Registered";
+}
+
+/// Stamps out N cells per region from one template and pairs each with a standby in
+/// the next region. Cells are named `<cellset>-<region>-<index>`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "cellplane.io",
+    version = "v1alpha1",
+    kind = "CellSet",
+    namespaced,
+    status = "CellSetStatus",
+    shortname = "cellset",
+    category = "cellplane",
+    printcolumn(name = "Cells", type_ = "integer", json_path = ".status.cells"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyCells"),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.epoch"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CellSetSpec {
+    /// Platform the cells belong to.
+    #[serde(default = "default_platform")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("spec.platform must be a DNS label, e.g. 'shop'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub platform: String,
+
+    /// Regions and how many cells each runs. With two or more regions every cell gets
+    /// a standby: the cell with the same index in the next region (in list order).
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(validation = Rule::new("self.all(r, self.exists_one(o, o.name == r.name))").message("spec.regions: each region may appear only once; merge the duplicate entries"))]
+    pub regions: Vec<RegionCells>,
+
+    /// The Cell spec every stamped cell gets (region and standby are filled in).
+    pub template: CellTemplate,
+}
+
+/// Cells of one region.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionCells {
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("spec.regions[].name must be a DNS label, e.g. 'eu-west'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Number of cells in this region; scale by adding cells, not by growing them.
+    #[schemars(range(min = 0, max = 256))]
+    pub cells: u32,
+    /// Zones to spread the region's cells over, round-robin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<String>,
+}
+
+/// The per-cell template of a CellSet.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CellTemplate {
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 100))]
+    pub capacity_weight: u32,
+    pub app: AppSpec,
+    pub redis: StoreSpec,
+    pub mysql: StoreSpec,
+    pub kafka: StoreSpec,
+}
+
+/// Observed state of a CellSet.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CellSetStatus {
+    #[serde(default)]
+    pub cells: u32,
+    #[serde(default)]
+    pub ready_cells: u32,
+    /// Placement epoch: bumped whenever slot ownership changes.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Slots per cell at `epoch` (the full table lives in etcd).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub slots: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A cell a CellSet wants: its name and full spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StampedCell {
+    pub name: String,
+    pub spec: CellSpec,
+}
+
+/// Name of cell `index` of `region` in CellSet `set`.
+pub fn stamped_cell_name(set: &str, region: &str, index: u32) -> String {
+    format!("{set}-{region}-{index}")
+}
+
+impl CellSetSpec {
+    /// The cells this set stamps out, in region order then index. Pure: the same spec
+    /// always gives the same names and pairs.
+    pub fn stamp(&self, set_name: &str) -> Vec<StampedCell> {
+        let regions = &self.regions;
+        let mut out = Vec::new();
+        for (ri, region) in regions.iter().enumerate() {
+            for index in 0..region.cells {
+                // The standby is the same index in the next region, if that region has it.
+                let standby = (regions.len() > 1)
+                    .then(|| &regions[(ri + 1) % regions.len()])
+                    .filter(|next| index < next.cells)
+                    .map(|next| StandbyRef {
+                        cell: stamped_cell_name(set_name, &next.name, index),
+                        region: next.name.clone(),
+                    });
+                let zone = (!region.zones.is_empty())
+                    .then(|| region.zones[index as usize % region.zones.len()].clone());
+                let t = &self.template;
+                out.push(StampedCell {
+                    name: stamped_cell_name(set_name, &region.name, index),
+                    spec: CellSpec {
+                        region: region.name.clone(),
+                        zone,
+                        capacity_weight: t.capacity_weight,
+                        desired_state: DesiredState::Active,
+                        platform: self.platform.clone(),
+                        standby,
+                        app: t.app.clone(),
+                        redis: t.redis.clone(),
+                        mysql: t.mysql.clone(),
+                        kafka: t.kafka.clone(),
+                    },
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A minimal valid Cell spec.
+    pub fn cell_spec(region: &str) -> CellSpec {
+        CellSpec {
+            region: region.into(),
+            zone: None,
+            capacity_weight: 10,
+            desired_state: DesiredState::Active,
+            platform: DEFAULT_PLATFORM.into(),
+            standby: None,
+            app: AppSpec {
+                image: "example/shop:1".into(),
+                replicas: 2,
+                port: 8080,
+                resources: None,
+                env: vec![],
+                probes: Probes::default(),
+            },
+            redis: StoreSpec::in_cluster(),
+            mysql: StoreSpec::in_cluster(),
+            kafka: StoreSpec::in_cluster(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::CustomResourceExt;
+
+    fn set(regions: &[(&str, u32)]) -> CellSetSpec {
+        let base = fixtures::cell_spec("x");
+        CellSetSpec {
+            platform: "shop".into(),
+            regions: regions
+                .iter()
+                .map(|(n, c)| RegionCells {
+                    name: n.to_string(),
+                    cells: *c,
+                    zones: vec![],
+                })
+                .collect(),
+            template: CellTemplate {
+                capacity_weight: 10,
+                app: base.app,
+                redis: base.redis,
+                mysql: base.mysql,
+                kafka: base.kafka,
+            },
+        }
+    }
+
+    #[test]
+    fn stamps_cells_with_cross_region_standbys() {
+        let cells = set(&[("us", 3), ("eu", 3)]).stamp("shop");
+        assert_eq!(cells.len(), 6);
+        assert_eq!(cells[0].name, "shop-us-0");
+        let sb = cells[0].spec.standby.as_ref().unwrap();
+        assert_eq!((sb.cell.as_str(), sb.region.as_str()), ("shop-eu-0", "eu"));
+        let sb = cells[5].spec.standby.as_ref().unwrap();
+        assert_eq!((sb.cell.as_str(), sb.region.as_str()), ("shop-us-2", "us"));
+        for c in &cells {
+            assert_ne!(c.spec.standby.as_ref().unwrap().region, c.spec.region);
+            assert_eq!(c.spec.platform, "shop");
+        }
+    }
+
+    #[test]
+    fn single_region_has_no_standby_and_uneven_regions_pair_what_exists() {
+        assert!(set(&[("us", 2)])
+            .stamp("s")
+            .iter()
+            .all(|c| c.spec.standby.is_none()));
+        let cells = set(&[("us", 3), ("eu", 1)]).stamp("s");
+        assert!(cells[0].spec.standby.is_some());
+        assert!(cells[1].spec.standby.is_none());
+    }
+
+    #[test]
+    fn crd_carries_cel_rules_and_printer_columns() {
+        let crd = serde_json::to_string(&Cell::crd()).unwrap();
+        for needle in [
+            "self == oldSelf",
+            "has(self.inCluster) != has(self.external)",
+            "self.standby.region != self.region",
+            "\"name\":\"Slots\"",
+            "\"name\":\"Ready\"",
+        ] {
+            assert!(crd.contains(needle), "CRD lacks {needle}");
+        }
+    }
+
+    fn cel(value: &serde_json::Value, old: Option<&serde_json::Value>) -> Result<(), String> {
+        CellSpec::validate_cel(value, old).map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn cel_rules_accept_good_and_reject_bad_specs() {
+        let good = serde_json::to_value(fixtures::cell_spec("us")).unwrap();
+        cel(&good, None).unwrap();
+
+        let mut same_region_standby = good.clone();
+        same_region_standby["standby"] = serde_json::json!({"cell": "b", "region": "us"});
+        assert!(cel(&same_region_standby, None)
+            .unwrap_err()
+            .contains("spec.standby.region"));
+
+        let mut moved = good.clone();
+        moved["region"] = "eu".into();
+        assert!(cel(&moved, Some(&good))
+            .unwrap_err()
+            .contains("spec.region is immutable"));
+
+        let mut bad_name = good.clone();
+        bad_name["region"] = "US_East".into();
+        assert!(cel(&bad_name, None).unwrap_err().contains("DNS label"));
+    }
+
+    #[test]
+    fn store_needs_exactly_one_source() {
+        let both = serde_json::json!({
+            "inCluster": {"replicas": 1, "storage": "1Gi"},
+            "external": {"endpoint": "db:3306", "secretRef": {"name": "s"}}
+        });
+        assert!(format!("{:?}", StoreSpec::validate_cel(&both, None)).contains("exactly one"));
+        assert!(StoreSpec::validate_cel(&serde_json::json!({}), None).is_err());
+        assert!(StoreSpec::validate_cel(&serde_json::json!({"inCluster": {}}), None).is_ok());
+    }
+}

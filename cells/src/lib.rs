@@ -1,0 +1,11 @@
+//! The cellplane cell domain model. Pure logic, no I/O: CRD types, the slot hash,
+//! placement of slots onto cells, the routing table and its etcd encoding.
+
+pub mod crd;
+pub mod error;
+pub mod etcd_keys;
+pub mod placement;
+pub mod routing;
+pub mod slot;
+
+pub use error::{Error, Result};

@@ -1,0 +1,328 @@
+//! The routing table: slot -> home cell, each cell's state and endpoints, and the epoch.
+//! Pure: validation, lookups, encoding. Routers and operators share it via etcd.
+
+use crate::crd::CellPhase;
+use crate::placement::{CellIndex, Placement};
+use crate::slot::{check_slot_count, slot_for_key, Slot};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// One cell as routers see it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CellEntry {
+    pub name: String,
+    pub region: String,
+    pub state: CellPhase,
+    /// `host:port` of the cell's app; the only addresses a router ever dials.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
+}
+
+/// The routing table. `owners[slot]` indexes `cells`. Build with [`RoutingTable::new`] or
+/// [`RoutingTable::decode`], both of which validate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingTable {
+    pub platform: String,
+    /// Bumped on every change of state or ownership.
+    pub epoch: u64,
+    pub slots: u32,
+    pub cells: Vec<CellEntry>,
+    pub owners: Vec<CellIndex>,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Error {
+    Error::InvalidTable {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Cells in these states may be home for slots.
+pub fn serves_traffic(state: CellPhase) -> bool {
+    matches!(state, CellPhase::Active | CellPhase::Draining)
+}
+
+impl RoutingTable {
+    /// Builds a table from a placement; `cells` must describe every placed cell.
+    pub fn new(
+        platform: &str,
+        epoch: u64,
+        placement: &Placement,
+        cells: Vec<CellEntry>,
+    ) -> Result<Self> {
+        // Re-index the placement against the given cell order.
+        let remap: Vec<CellIndex> = placement
+            .cells
+            .iter()
+            .map(|name| {
+                cells
+                    .iter()
+                    .position(|c| &c.name == name)
+                    .map(|i| i as CellIndex)
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("cells[{name}]"),
+                            "placed cell has no entry; add its registration",
+                        )
+                    })
+            })
+            .collect::<Result<_>>()?;
+        let table = Self {
+            platform: platform.into(),
+            epoch,
+            slots: placement.owners.len() as u32,
+            cells,
+            owners: placement
+                .owners
+                .iter()
+                .map(|&o| remap[usize::from(o)])
+                .collect(),
+        };
+        table.validate()?;
+        Ok(table)
+    }
+
+    /// Checks every invariant a router relies on. A table that fails is never applied.
+    pub fn validate(&self) -> Result<()> {
+        if self.platform.is_empty() {
+            return Err(invalid("platform", "must not be empty"));
+        }
+        if self.epoch == 0 {
+            return Err(invalid(
+                "epoch",
+                "must be >= 1; epochs start at 1 and only grow",
+            ));
+        }
+        check_slot_count(self.slots)?;
+        if self.owners.len() != self.slots as usize {
+            return Err(invalid(
+                "owners",
+                format!(
+                    "has {} entries but slots is {}; every slot needs exactly one home",
+                    self.owners.len(),
+                    self.slots
+                ),
+            ));
+        }
+        if self.cells.len() > usize::from(CellIndex::MAX) {
+            return Err(invalid(
+                "cells",
+                format!("at most {} cells", CellIndex::MAX),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, c) in self.cells.iter().enumerate() {
+            if c.name.is_empty() {
+                return Err(invalid(format!("cells[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(c.name.as_str()) {
+                return Err(invalid(
+                    format!("cells[{i}].name"),
+                    format!("duplicate cell {:?}", c.name),
+                ));
+            }
+        }
+        let mut owning = vec![false; self.cells.len()];
+        for (slot, &o) in self.owners.iter().enumerate() {
+            let Some(flag) = owning.get_mut(usize::from(o)) else {
+                return Err(invalid(
+                    format!("owners[{slot}]"),
+                    format!("cell index {o} out of range (0..{})", self.cells.len()),
+                ));
+            };
+            *flag = true;
+        }
+        for (c, owns) in self.cells.iter().zip(owning) {
+            if owns && !serves_traffic(c.state) {
+                return Err(invalid(
+                    format!("cells[{}].state", c.name),
+                    format!(
+                        "{:?} cell owns slots; move its slots to an Active cell first",
+                        c.state
+                    ),
+                ));
+            }
+            if owns && c.endpoints.is_empty() {
+                return Err(invalid(
+                    format!("cells[{}].endpoints", c.name),
+                    "a cell that owns slots needs at least one endpoint",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes and validates a table read from etcd or disk.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let table: Self =
+            serde_json::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
+        table.validate()?;
+        Ok(table)
+    }
+
+    /// Encodes the table for etcd or disk.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a routing table always serializes")
+    }
+
+    /// The home cell of `slot` (the hot path: one array index).
+    #[inline]
+    pub fn cell_for_slot(&self, slot: Slot) -> &CellEntry {
+        &self.cells[usize::from(self.owners[slot as usize])]
+    }
+
+    /// Key -> slot -> home cell.
+    #[inline]
+    pub fn route(&self, key: &str) -> (Slot, &CellEntry) {
+        let slot = slot_for_key(key, self.slots);
+        (slot, self.cell_for_slot(slot))
+    }
+
+    /// Number of slots `cell` is home for.
+    pub fn slot_count(&self, cell: &str) -> u32 {
+        match self.cells.iter().position(|c| c.name == cell) {
+            Some(i) => self.owners.iter().filter(|&&o| usize::from(o) == i).count() as u32,
+            None => 0,
+        }
+    }
+
+    /// The table after failing `cell` over to its standby: every slot of `cell` moves to
+    /// the standby in one step, `cell` becomes FailedOver, and the epoch grows by one.
+    pub fn failed_over(&self, cell: &str) -> Result<Self> {
+        let from = self
+            .cells
+            .iter()
+            .position(|c| c.name == cell)
+            .ok_or_else(|| invalid(format!("cells[{cell}]"), "no such cell"))?;
+        if self.cells[from].state == CellPhase::FailedOver {
+            return Err(invalid(
+                format!("cells[{cell}].state"),
+                "cell is already FailedOver; fail back explicitly first",
+            ));
+        }
+        let standby = self.cells[from].standby.clone().ok_or_else(|| {
+            invalid(
+                format!("cells[{cell}].standby"),
+                "cell has no standby; pair it before failing over",
+            )
+        })?;
+        let to = self
+            .cells
+            .iter()
+            .position(|c| c.name == standby)
+            .ok_or_else(|| {
+                invalid(
+                    format!("cells[{cell}].standby"),
+                    format!("standby {standby:?} is not in the table"),
+                )
+            })?;
+        let mut next = self.clone();
+        next.epoch += 1;
+        next.cells[from].state = CellPhase::FailedOver;
+        for o in &mut next.owners {
+            if usize::from(*o) == from {
+                *o = to as CellIndex;
+            }
+        }
+        next.validate()?;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{place, WeightedCell};
+
+    fn entry(name: &str, region: &str, standby: Option<&str>) -> CellEntry {
+        CellEntry {
+            name: name.into(),
+            region: region.into(),
+            state: CellPhase::Active,
+            endpoints: vec![format!("{name}.svc:8080")],
+            standby: standby.map(Into::into),
+        }
+    }
+
+    fn table() -> RoutingTable {
+        let p = place(
+            &[WeightedCell::new("a", 10), WeightedCell::new("b", 10)],
+            1024,
+        )
+        .unwrap();
+        RoutingTable::new(
+            "shop",
+            1,
+            &p,
+            vec![entry("b", "eu", Some("a")), entry("a", "us", Some("b"))],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trips_and_routes() {
+        let t = table();
+        let back = RoutingTable::decode(&t.encode()).unwrap();
+        assert_eq!(back, t);
+        let (slot, cell) = t.route("alice");
+        assert_eq!(slot, crate::slot::slot_for_key("alice", 1024));
+        assert_eq!(t.cell_for_slot(slot), cell);
+        assert_eq!(t.slot_count("a") + t.slot_count("b"), 1024);
+    }
+
+    #[test]
+    fn bad_tables_are_refused_with_the_field_named() {
+        let mut t = table();
+        t.owners.pop();
+        assert!(t.validate().unwrap_err().to_string().contains("owners"));
+
+        let mut t = table();
+        t.owners[7] = 9;
+        assert!(t.validate().unwrap_err().to_string().contains("owners[7]"));
+
+        let mut t = table();
+        t.epoch = 0;
+        assert!(t.validate().unwrap_err().to_string().contains("epoch"));
+
+        let mut t = table();
+        t.cells[0].state = CellPhase::FailedOver;
+        assert!(t
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("cells[b].state"));
+
+        let mut t = table();
+        t.cells[1].name = "b".into();
+        assert!(t.validate().unwrap_err().to_string().contains("duplicate"));
+
+        assert!(matches!(
+            RoutingTable::decode(b"{not json"),
+            Err(Error::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn failover_moves_exactly_the_cells_slots_and_bumps_epoch() {
+        let t = table();
+        let a_slots = t.slot_count("a");
+        let next = t.failed_over("a").unwrap();
+        assert_eq!(next.epoch, t.epoch + 1);
+        assert_eq!(next.slot_count("a"), 0);
+        assert_eq!(next.slot_count("b"), 1024);
+        let moved = (0..1024)
+            .filter(|&s| t.cell_for_slot(s).name != next.cell_for_slot(s).name)
+            .count();
+        assert_eq!(moved as u32, a_slots);
+        assert!(next
+            .failed_over("a")
+            .unwrap_err()
+            .to_string()
+            .contains("already FailedOver"));
+    }
+}
