@@ -203,18 +203,28 @@ impl StoreSpec {
 }
 
 /// A store run by the operator as a StatefulSet in the cell.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct InClusterStore {
     /// Image override; the operator picks a pinned default per store otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Pods of the store. One per cell for now: a cell scales by adding cells, and its
+    /// replica lives in the standby cell of another region.
     #[serde(default = "default_store_replicas")]
-    #[schemars(range(min = 1, max = 9))]
+    #[schemars(range(min = 1, max = 1))]
     pub replicas: i32,
     /// PersistentVolume size, e.g. `10Gi`.
     #[serde(default = "default_storage")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(Mi|Gi|Ti)$')").message("storage must be a size like '10Gi' (units Mi, Gi or Ti)"))]
     pub storage: String,
+    /// StorageClass of the volume; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Keep data in an `emptyDir` instead of a PersistentVolume: data is lost with the
+    /// pod. For demos and tests only.
+    #[serde(default)]
+    pub ephemeral: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
 }
@@ -225,6 +235,8 @@ impl Default for InClusterStore {
             image: None,
             replicas: 1,
             storage: default_storage(),
+            storage_class_name: None,
+            ephemeral: false,
             resources: None,
         }
     }
