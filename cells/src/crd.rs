@@ -57,7 +57,7 @@ pub struct CellSpec {
 
     /// Relative capacity: the share of slots placed on this cell is proportional to it.
     #[serde(default = "default_weight")]
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(range(min = 1, max = 100), with = "i32")]
     pub capacity_weight: u32,
 
     /// Active takes traffic; Draining moves the cell's slots to other cells.
@@ -277,9 +277,11 @@ pub struct CellStatus {
     pub observed_generation: Option<i64>,
     /// Number of slots this cell is home for at `epoch`.
     #[serde(default)]
+    #[schemars(with = "i32")]
     pub slots: u32,
     /// Routing-table epoch this status was computed at.
     #[serde(default)]
+    #[schemars(with = "i64")]
     pub epoch: u64,
     /// In-cluster addresses of the cell's app and stores.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -370,7 +372,7 @@ pub struct RegionCells {
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Number of cells in this region; scale by adding cells, not by growing them.
-    #[schemars(range(min = 0, max = 256))]
+    #[schemars(range(min = 0, max = 256), with = "i32")]
     pub cells: u32,
     /// Zones to spread the region's cells over, round-robin.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -382,7 +384,7 @@ pub struct RegionCells {
 #[serde(rename_all = "camelCase")]
 pub struct CellTemplate {
     #[serde(default = "default_weight")]
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(range(min = 1, max = 100), with = "i32")]
     pub capacity_weight: u32,
     pub app: AppSpec,
     pub redis: StoreSpec,
@@ -395,14 +397,18 @@ pub struct CellTemplate {
 #[serde(rename_all = "camelCase")]
 pub struct CellSetStatus {
     #[serde(default)]
+    #[schemars(with = "i32")]
     pub cells: u32,
     #[serde(default)]
+    #[schemars(with = "i32")]
     pub ready_cells: u32,
     /// Placement epoch: bumped whenever slot ownership changes.
     #[serde(default)]
+    #[schemars(with = "i64")]
     pub epoch: u64,
     /// Slots per cell at `epoch` (the full table lives in etcd).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(with = "BTreeMap<String, i32>")]
     pub slots: BTreeMap<String, u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -1,1 +1,260 @@
-fn main() {}
+//! `cellplane-operator`: run the controllers, print the CRDs, or render a CellSet offline.
+
+use anyhow::Context as _;
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use cellplane_cells::crd::CellSet;
+use cellplane_operator::controller::{self, Context};
+use cellplane_operator::leader::LeaderElector;
+use cellplane_operator::metrics::Metrics;
+use cellplane_operator::registration::Registrar;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "cellplane-operator",
+    version,
+    about = "Stamps out self-contained cells in one region"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Cell and CellSet controllers.
+    Run(RunArgs),
+    /// Print the CRDs (YAML) that `crds/` holds.
+    Crd,
+    /// Render a CellSet file offline: its cells, standby pairs and slot placement.
+    Render {
+        /// A CellSet YAML file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "CELLPLANE_NAMESPACE")]
+    namespace: Option<String>,
+    /// The region this operator runs in; only its cells get workloads.
+    #[arg(long, env = "CELLPLANE_REGION")]
+    region: Option<String>,
+    /// etcd endpoints for cell registration (comma-separated); none disables registration.
+    #[arg(long, env = "CELLPLANE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Registration lease TTL in seconds.
+    #[arg(long, env = "CELLPLANE_REGISTRATION_TTL", default_value_t = 15)]
+    registration_ttl: u64,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "CELLPLANE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Namespace of the leader-election Lease (default: the pod's namespace, else "default").
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "CELLPLANE_LEASE_NAME",
+        default_value = "cellplane-operator"
+    )]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: hostname + pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Lease duration in seconds: how long a dead leader blocks a takeover.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .init();
+}
+
+struct Health {
+    metrics: Arc<Metrics>,
+    ready: AtomicBool,
+}
+
+async fn serve_http(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(h): State<Arc<Health>>| async move {
+                if h.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(h): State<Arc<Health>>| async move { h.metrics.encode() }),
+        )
+        .with_state(health);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --http-addr {addr}"))?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health {
+        metrics: metrics.clone(),
+        ready: AtomicBool::new(false),
+    });
+    let http = tokio::spawn(serve_http(args.http_addr, health.clone()));
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let elector = LeaderElector::new(
+        kube::Api::namespaced(client.clone(), &args.lease_namespace),
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(args.lease_duration.max(3)),
+    );
+    // A follower is healthy and ready (it serves probes), it just does not reconcile.
+    health.ready.store(true, Ordering::Relaxed);
+    tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
+    tokio::select! {
+        r = elector.acquire() => r?,
+        _ = shutdown_signal() => return Ok(()),
+    }
+    metrics.leader.set(1);
+    tracing::info!(%identity, "leading");
+
+    let registrar = if args.etcd_endpoints.is_empty() {
+        tracing::warn!("no --etcd-endpoints: cells will not be registered");
+        None
+    } else {
+        Some(
+            Registrar::connect(
+                &args.etcd_endpoints,
+                Duration::from_secs(args.registration_ttl),
+            )
+            .await
+            .context("connecting to etcd (--etcd-endpoints)")?,
+        )
+    };
+    let ctx = Arc::new(Context::new(
+        client,
+        metrics.clone(),
+        registrar,
+        args.region.clone(),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let cells = tokio::spawn(controller::cell::run(
+        ctx.clone(),
+        args.namespace.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let sets = tokio::spawn(controller::cellset::run(
+        ctx,
+        args.namespace.clone(),
+        stopped(stop_rx),
+    ));
+
+    let lost = tokio::select! {
+        _ = elector.hold() => true,
+        _ = shutdown_signal() => false,
+        r = http => { r??; false }
+    };
+    metrics.leader.set(0);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        let _ = tokio::join!(cells, sets);
+    })
+    .await;
+    if lost {
+        anyhow::bail!("lost leadership; exiting so a fresh process can stand by");
+    }
+    elector.release().await;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+fn print_crds() -> anyhow::Result<()> {
+    print!("{}", cellplane_operator::crds_yaml()?);
+    Ok(())
+}
+
+fn render(file: &PathBuf) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let set: CellSet = serde_yaml::from_str(&text)
+        .with_context(|| format!("{} is not a valid CellSet", file.display()))?;
+    let counts = controller::cellset::placement_counts(&set)?;
+    let cells = set.spec.stamp(&kube::ResourceExt::name_any(&set));
+    println!(
+        "{:<28} {:<10} {:<28} {:>6} {:>7}",
+        "CELL", "REGION", "STANDBY", "SLOTS", "SHARE"
+    );
+    for c in &cells {
+        let slots = counts.get(&c.name).copied().unwrap_or(0);
+        println!(
+            "{:<28} {:<10} {:<28} {:>6} {:>6.1}%",
+            c.name,
+            c.spec.region,
+            c.spec
+                .standby
+                .as_ref()
+                .map(|s| s.cell.as_str())
+                .unwrap_or("-"),
+            slots,
+            100.0 * f64::from(slots) / f64::from(cellplane_cells::slot::DEFAULT_SLOTS)
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => print_crds(),
+        Command::Render { file } => render(&file),
+        Command::Run(args) => {
+            init_tracing();
+            run(args).await
+        }
+    }
+}

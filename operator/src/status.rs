@@ -13,41 +13,87 @@ pub struct Readiness {
     pub message: String,
 }
 
-fn counts(desired: Option<i32>, ready: Option<i32>, updated: Option<i32>, generation: Option<i64>, observed: Option<i64>) -> Readiness {
+fn counts(
+    desired: Option<i32>,
+    ready: Option<i32>,
+    updated: Option<i32>,
+    generation: Option<i64>,
+    observed: Option<i64>,
+) -> Readiness {
     let want = desired.unwrap_or(1);
     let ready = ready.unwrap_or(0);
     let updated = updated.unwrap_or(0);
     if observed < generation {
-        return Readiness { ready: false, reason: "Progressing", message: "controller has not observed the latest spec yet".into() };
+        return Readiness {
+            ready: false,
+            reason: "Progressing",
+            message: "controller has not observed the latest spec yet".into(),
+        };
     }
     if updated < want {
-        return Readiness { ready: false, reason: "Progressing", message: format!("{updated}/{want} pods updated") };
+        return Readiness {
+            ready: false,
+            reason: "Progressing",
+            message: format!("{updated}/{want} pods updated"),
+        };
     }
     if ready < want {
-        return Readiness { ready: false, reason: "PodsNotReady", message: format!("{ready}/{want} pods ready") };
+        return Readiness {
+            ready: false,
+            reason: "PodsNotReady",
+            message: format!("{ready}/{want} pods ready"),
+        };
     }
-    Readiness { ready: true, reason: "PodsReady", message: format!("{ready}/{want} pods ready") }
+    Readiness {
+        ready: true,
+        reason: "PodsReady",
+        message: format!("{ready}/{want} pods ready"),
+    }
 }
 
 pub fn deployment(d: Option<&Deployment>) -> Readiness {
     let Some(d) = d else {
-        return Readiness { ready: false, reason: "NotCreated", message: "Deployment not created yet".into() };
+        return Readiness {
+            ready: false,
+            reason: "NotCreated",
+            message: "Deployment not created yet".into(),
+        };
     };
     let s = d.status.clone().unwrap_or_default();
-    counts(d.spec.replicas, s.ready_replicas, s.updated_replicas, d.metadata.generation, s.observed_generation)
+    counts(
+        d.spec.replicas,
+        s.ready_replicas,
+        s.updated_replicas,
+        d.metadata.generation,
+        s.observed_generation,
+    )
 }
 
 pub fn statefulset(s: Option<&StatefulSet>) -> Readiness {
     let Some(sts) = s else {
-        return Readiness { ready: false, reason: "NotCreated", message: "StatefulSet not created yet".into() };
+        return Readiness {
+            ready: false,
+            reason: "NotCreated",
+            message: "StatefulSet not created yet".into(),
+        };
     };
     let s = sts.status.clone().unwrap_or_default();
-    counts(sts.spec.replicas, s.ready_replicas, s.updated_replicas, sts.metadata.generation, s.observed_generation)
+    counts(
+        sts.spec.replicas,
+        s.ready_replicas,
+        s.updated_replicas,
+        sts.metadata.generation,
+        s.observed_generation,
+    )
 }
 
 /// An external store is assumed reachable; the app's own readiness probe checks it.
 pub fn external() -> Readiness {
-    Readiness { ready: true, reason: "External", message: "managed service outside the cluster".into() }
+    Readiness {
+        ready: true,
+        reason: "External",
+        message: "managed service outside the cluster".into(),
+    }
 }
 
 /// Everything the status is computed from.
@@ -65,7 +111,13 @@ pub struct Observed {
 }
 
 /// Sets a condition, keeping `lastTransitionTime` unless the status flips.
-pub fn set_condition(conds: &mut Vec<Condition>, type_: &str, r: &Readiness, generation: Option<i64>, now: &str) {
+pub fn set_condition(
+    conds: &mut Vec<Condition>,
+    type_: &str,
+    r: &Readiness,
+    generation: Option<i64>,
+    now: &str,
+) {
     let status = if r.ready { "True" } else { "False" };
     match conds.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
@@ -90,19 +142,41 @@ pub fn set_condition(conds: &mut Vec<Condition>, type_: &str, r: &Readiness, gen
 
 /// The new status: `previous` is what the Cell has now; conditions keep their times
 /// unless they change.
-pub fn compute(spec: &CellSpec, previous: Option<&CellStatus>, o: &Observed, now: &str) -> CellStatus {
+pub fn compute(
+    spec: &CellSpec,
+    previous: Option<&CellStatus>,
+    o: &Observed,
+    now: &str,
+) -> CellStatus {
     let mut conds = previous.map(|p| p.conditions.clone()).unwrap_or_default();
     let g = o.generation;
     set_condition(&mut conds, condition::APP_READY, &o.app, g, now);
     set_condition(&mut conds, condition::REDIS_READY, &o.redis, g, now);
     set_condition(&mut conds, condition::MYSQL_READY, &o.mysql, g, now);
     set_condition(&mut conds, condition::KAFKA_READY, &o.kafka, g, now);
-    let parts = [(condition::APP_READY, &o.app), (condition::REDIS_READY, &o.redis), (condition::MYSQL_READY, &o.mysql), (condition::KAFKA_READY, &o.kafka)];
-    let not_ready: Vec<&str> = parts.iter().filter(|(_, r)| !r.ready).map(|(n, _)| *n).collect();
+    let parts = [
+        (condition::APP_READY, &o.app),
+        (condition::REDIS_READY, &o.redis),
+        (condition::MYSQL_READY, &o.mysql),
+        (condition::KAFKA_READY, &o.kafka),
+    ];
+    let not_ready: Vec<&str> = parts
+        .iter()
+        .filter(|(_, r)| !r.ready)
+        .map(|(n, _)| *n)
+        .collect();
     let ready = if not_ready.is_empty() {
-        Readiness { ready: true, reason: "AllReady", message: "app and all stores are ready".into() }
+        Readiness {
+            ready: true,
+            reason: "AllReady",
+            message: "app and all stores are ready".into(),
+        }
     } else {
-        Readiness { ready: false, reason: "ComponentsNotReady", message: format!("waiting for {}", not_ready.join(", ")) }
+        Readiness {
+            ready: false,
+            reason: "ComponentsNotReady",
+            message: format!("waiting for {}", not_ready.join(", ")),
+        }
     };
     set_condition(&mut conds, condition::READY, &ready, g, now);
     match &o.registered {
@@ -110,13 +184,20 @@ pub fn compute(spec: &CellSpec, previous: Option<&CellStatus>, o: &Observed, now
         None => set_condition(
             &mut conds,
             condition::REGISTERED,
-            &Readiness { ready: false, reason: "RegistrationDisabled", message: "operator runs without --etcd-endpoints".into() },
+            &Readiness {
+                ready: false,
+                reason: "RegistrationDisabled",
+                message: "operator runs without --etcd-endpoints".into(),
+            },
             g,
             now,
         ),
     }
     let phase = match (ready.ready, spec.desired_state) {
-        (false, _) => previous.and_then(|p| p.phase).filter(|p| *p != CellPhase::Active).unwrap_or(CellPhase::Pending),
+        (false, _) => previous
+            .and_then(|p| p.phase)
+            .filter(|p| *p != CellPhase::Active)
+            .unwrap_or(CellPhase::Pending),
         (true, DesiredState::Active) => CellPhase::Active,
         (true, DesiredState::Draining) if o.slots == 0 => CellPhase::Drained,
         (true, DesiredState::Draining) => CellPhase::Draining,
@@ -139,7 +220,11 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn ok() -> Readiness {
-        Readiness { ready: true, reason: "PodsReady", message: "1/1".into() }
+        Readiness {
+            ready: true,
+            reason: "PodsReady",
+            message: "1/1".into(),
+        }
     }
     fn observed(app: Readiness) -> Observed {
         Observed {
@@ -161,9 +246,20 @@ mod tests {
     #[test]
     fn deployment_readiness_follows_replicas_and_generation() {
         let mut d = Deployment {
-            metadata: ObjectMeta { generation: Some(3), ..Default::default() },
-            spec: DeploymentSpec { replicas: Some(2), ..Default::default() },
-            status: Some(DeploymentStatus { observed_generation: Some(2), ready_replicas: Some(2), updated_replicas: Some(2), ..Default::default() }),
+            metadata: ObjectMeta {
+                generation: Some(3),
+                ..Default::default()
+            },
+            spec: DeploymentSpec {
+                replicas: Some(2),
+                ..Default::default()
+            },
+            status: Some(DeploymentStatus {
+                observed_generation: Some(2),
+                ready_replicas: Some(2),
+                updated_replicas: Some(2),
+                ..Default::default()
+            }),
         };
         assert_eq!(deployment(Some(&d)).reason, "Progressing");
         d.status.as_mut().unwrap().observed_generation = Some(3);
@@ -177,7 +273,11 @@ mod tests {
     #[test]
     fn ready_only_when_everything_is_and_times_move_only_on_change() {
         let spec = fixtures::spec();
-        let pending = Readiness { ready: false, reason: "PodsNotReady", message: "0/3".into() };
+        let pending = Readiness {
+            ready: false,
+            reason: "PodsNotReady",
+            message: "0/3".into(),
+        };
         let s1 = compute(&spec, None, &observed(pending.clone()), "t1");
         assert_eq!(s1.phase, Some(CellPhase::Pending));
         assert_eq!(cond(&s1, "Ready").status, "False");
@@ -198,8 +298,14 @@ mod tests {
         spec.desired_state = DesiredState::Draining;
         let mut o = observed(ok());
         o.slots = 5;
-        assert_eq!(compute(&spec, None, &o, "t").phase, Some(CellPhase::Draining));
+        assert_eq!(
+            compute(&spec, None, &o, "t").phase,
+            Some(CellPhase::Draining)
+        );
         o.slots = 0;
-        assert_eq!(compute(&spec, None, &o, "t").phase, Some(CellPhase::Drained));
+        assert_eq!(
+            compute(&spec, None, &o, "t").phase,
+            Some(CellPhase::Drained)
+        );
     }
 }

@@ -24,7 +24,10 @@ pub fn cell_info(ctx: &CellContext) -> ConfigMap {
         ("platform".to_string(), ctx.spec.platform.clone()),
         ("redisAddr".to_string(), store_address(ctx, Store::Redis)),
         ("mysqlAddr".to_string(), store_address(ctx, Store::Mysql)),
-        ("kafkaBootstrap".to_string(), store_address(ctx, Store::Kafka)),
+        (
+            "kafkaBootstrap".to_string(),
+            store_address(ctx, Store::Kafka),
+        ),
     ]);
     if let Some(zone) = &ctx.spec.zone {
         data.insert("zone".into(), zone.clone());
@@ -88,8 +91,13 @@ mod tests {
         assert_ne!(mysql_server_id("shop-us-0"), mysql_server_id("shop-eu-0"));
         assert!(mysql_server_id("x") >= 1);
         let spec = fixtures::spec();
-        let cnf = store(&fixtures::ctx(&spec), Store::Mysql).unwrap().data.unwrap();
-        assert!(cnf["cellplane.cnf"].contains(&format!("server_id={}", mysql_server_id("shop-us-0"))));
+        let cnf = store(&fixtures::ctx(&spec), Store::Mysql)
+            .unwrap()
+            .data
+            .unwrap();
+        assert!(
+            cnf["cellplane.cnf"].contains(&format!("server_id={}", mysql_server_id("shop-us-0")))
+        );
         assert!(store(&fixtures::ctx(&spec), Store::Kafka).is_none());
     }
 }

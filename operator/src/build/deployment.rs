@@ -4,21 +4,29 @@ use super::names::{self, Store, APP};
 use super::{pod, CellContext};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMapKeySelector, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    PodSpec, PodTemplateSpec, Probe, SecretKeySelector,
+    ConfigMapKeySelector, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSpec,
+    PodTemplateSpec, Probe, SecretKeySelector,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 fn plain(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
 }
 
 fn from_secret(name: &str, secret: String, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector { name: secret, key: key.into(), optional: Some(false) }),
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret,
+                key: key.into(),
+                optional: Some(false),
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -29,7 +37,11 @@ fn from_info(name: &str, config_map: String, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            config_map_key_ref: Some(ConfigMapKeySelector { name: config_map, key: key.into(), optional: Some(false) }),
+            config_map_key_ref: Some(ConfigMapKeySelector {
+                name: config_map,
+                key: key.into(),
+                optional: Some(false),
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -64,17 +76,37 @@ pub fn connection_env(ctx: &CellContext) -> Vec<EnvVar> {
         plain(env::MYSQL_DATABASE, super::config_map::MYSQL_DATABASE),
     ];
     match &ctx.spec.redis.external {
-        Some(ext) => vars.push(from_secret(env::REDIS_PASSWORD, ext.secret_ref.name.clone(), "password")),
-        None => vars.push(from_secret(env::REDIS_PASSWORD, names::secret(ctx.name, Store::Redis), "password")),
+        Some(ext) => vars.push(from_secret(
+            env::REDIS_PASSWORD,
+            ext.secret_ref.name.clone(),
+            "password",
+        )),
+        None => vars.push(from_secret(
+            env::REDIS_PASSWORD,
+            names::secret(ctx.name, Store::Redis),
+            "password",
+        )),
     }
     match &ctx.spec.mysql.external {
         Some(ext) => {
-            vars.push(from_secret(env::MYSQL_USER, ext.secret_ref.name.clone(), "username"));
-            vars.push(from_secret(env::MYSQL_PASSWORD, ext.secret_ref.name.clone(), "password"));
+            vars.push(from_secret(
+                env::MYSQL_USER,
+                ext.secret_ref.name.clone(),
+                "username",
+            ));
+            vars.push(from_secret(
+                env::MYSQL_PASSWORD,
+                ext.secret_ref.name.clone(),
+                "password",
+            ));
         }
         None => {
             vars.push(plain(env::MYSQL_USER, super::secret::MYSQL_APP_USER));
-            vars.push(from_secret(env::MYSQL_PASSWORD, names::secret(ctx.name, Store::Mysql), "app-password"));
+            vars.push(from_secret(
+                env::MYSQL_PASSWORD,
+                names::secret(ctx.name, Store::Mysql),
+                "app-password",
+            ));
         }
     }
     vars
@@ -82,7 +114,11 @@ pub fn connection_env(ctx: &CellContext) -> Vec<EnvVar> {
 
 fn http_probe(path: &str, port: i32, period: i32) -> Probe {
     Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(port), ..Default::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(port),
+            ..Default::default()
+        }),
         period_seconds: Some(period),
         timeout_seconds: Some(2),
         failure_threshold: Some(3),
@@ -99,7 +135,11 @@ pub fn app(ctx: &CellContext) -> Deployment {
     let container = Container {
         name: APP.into(),
         image: Some(spec.image.clone()),
-        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: spec.port, ..Default::default() }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: spec.port,
+            ..Default::default()
+        }]),
         env: Some(env),
         readiness_probe: Some(http_probe(&spec.probes.readiness_path, spec.port, 5)),
         liveness_probe: Some(http_probe(&spec.probes.liveness_path, spec.port, 10)),
@@ -116,17 +156,25 @@ pub fn app(ctx: &CellContext) -> Deployment {
         metadata: ctx.meta(names::app(ctx.name), APP),
         spec: DeploymentSpec {
             replicas: Some(spec.replicas),
-            selector: LabelSelector { match_labels: Some(ctx.selector(APP)), ..Default::default() },
+            selector: LabelSelector {
+                match_labels: Some(ctx.selector(APP)),
+                ..Default::default()
+            },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(pod_labels), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     security_context: Some(pod::pod_security(10001)),
                     automount_service_account_token: Some(false),
                     volumes: Some(vec![tmp]),
-                    node_selector: ctx.spec.zone.as_ref().map(|z| {
-                        [("topology.kubernetes.io/zone".to_string(), z.clone())].into()
-                    }),
+                    node_selector: ctx
+                        .spec
+                        .zone
+                        .as_ref()
+                        .map(|z| [("topology.kubernetes.io/zone".to_string(), z.clone())].into()),
                     ..Default::default()
                 }),
             },
@@ -142,7 +190,10 @@ mod tests {
     use crate::build::fixtures;
 
     fn env_of(d: &Deployment) -> Vec<EnvVar> {
-        d.spec.template.spec.as_ref().unwrap().containers[0].env.clone().unwrap()
+        d.spec.template.spec.as_ref().unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap()
     }
 
     #[test]
@@ -150,12 +201,32 @@ mod tests {
         let spec = fixtures::spec();
         let d = app(&fixtures::ctx(&spec));
         let env = env_of(&d);
-        let get = |n: &str| env.iter().find(|e| e.name == n).unwrap_or_else(|| panic!("missing {n}")).clone();
-        assert_eq!(get(env::CELL_NAME).value_from.unwrap().config_map_key_ref.unwrap().key, "cell");
-        let pw = get(env::MYSQL_PASSWORD).value_from.unwrap().secret_key_ref.unwrap();
+        let get = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .unwrap_or_else(|| panic!("missing {n}"))
+                .clone()
+        };
+        assert_eq!(
+            get(env::CELL_NAME)
+                .value_from
+                .unwrap()
+                .config_map_key_ref
+                .unwrap()
+                .key,
+            "cell"
+        );
+        let pw = get(env::MYSQL_PASSWORD)
+            .value_from
+            .unwrap()
+            .secret_key_ref
+            .unwrap();
         assert_eq!(pw.name, "shop-us-0-mysql-credentials");
         // No credential is ever written into the pod spec as a literal.
-        assert!(env.iter().filter(|e| e.name.contains("PASSWORD")).all(|e| e.value.is_none()));
+        assert!(env
+            .iter()
+            .filter(|e| e.name.contains("PASSWORD"))
+            .all(|e| e.value.is_none()));
         assert_eq!(get("MODE").value.as_deref(), Some("demo"));
         assert_eq!(d.spec.replicas, Some(3));
     }
@@ -170,7 +241,17 @@ mod tests {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
         assert_eq!(pod.automount_service_account_token, Some(false));
     }
 
@@ -181,11 +262,22 @@ mod tests {
             in_cluster: None,
             external: Some(cellplane_cells::crd::ExternalStore {
                 endpoint: "rds.example:3306".into(),
-                secret_ref: cellplane_cells::crd::SecretRef { name: "rds-creds".into() },
+                secret_ref: cellplane_cells::crd::SecretRef {
+                    name: "rds-creds".into(),
+                },
             }),
         };
         let env = env_of(&app(&fixtures::ctx(&spec)));
         let user = env.iter().find(|e| e.name == env::MYSQL_USER).unwrap();
-        assert_eq!(user.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "rds-creds");
+        assert_eq!(
+            user.value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "rds-creds"
+        );
     }
 }

@@ -40,10 +40,25 @@ pub struct CellContext<'a> {
 impl<'a> CellContext<'a> {
     /// Reads identity from a Cell fetched from the API server (needs name, namespace, uid).
     pub fn from_cell(cell: &'a Cell) -> Result<Self> {
-        let name = cell.metadata.name.as_deref().ok_or(Error::MissingField("metadata.name"))?;
-        let namespace = cell.metadata.namespace.as_deref().ok_or(Error::MissingField("metadata.namespace"))?;
-        let owner = cell.controller_owner_ref(&()).ok_or(Error::MissingField("metadata.uid"))?;
-        Ok(Self { name, namespace, owner, spec: &cell.spec })
+        let name = cell
+            .metadata
+            .name
+            .as_deref()
+            .ok_or(Error::MissingField("metadata.name"))?;
+        let namespace = cell
+            .metadata
+            .namespace
+            .as_deref()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let owner = cell
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingField("metadata.uid"))?;
+        Ok(Self {
+            name,
+            namespace,
+            owner,
+            spec: &cell.spec,
+        })
     }
 
     /// Metadata every child carries: name, namespace, labels, owner (so deletion cascades).
@@ -70,7 +85,10 @@ impl<'a> CellContext<'a> {
     pub fn selector(&self, component: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
             ("app.kubernetes.io/name".to_string(), component.to_string()),
-            ("app.kubernetes.io/instance".to_string(), self.name.to_string()),
+            (
+                "app.kubernetes.io/instance".to_string(),
+                self.name.to_string(),
+            ),
             (names::LABEL_CELL.to_string(), self.name.to_string()),
             (names::LABEL_COMPONENT.to_string(), component.to_string()),
         ])
@@ -128,7 +146,11 @@ pub fn validate(spec: &CellSpec) -> Result<()> {
             )));
         }
     }
-    if spec.standby.as_ref().is_some_and(|s| s.region == spec.region) {
+    if spec
+        .standby
+        .as_ref()
+        .is_some_and(|s| s.region == spec.region)
+    {
         return Err(Error::InvalidSpec(
             "spec.standby.region must differ from spec.region".into(),
         ));
@@ -149,7 +171,8 @@ pub fn render(ctx: &CellContext) -> Result<Desired> {
     for store in Store::ALL {
         if let Some(in_cluster) = &ctx.store(store).in_cluster {
             any_store_in_cluster = true;
-            d.statefulsets.push(statefulset::store(ctx, store, in_cluster));
+            d.statefulsets
+                .push(statefulset::store(ctx, store, in_cluster));
             d.services.push(service::headless(ctx, store));
             d.services.push(service::client(ctx, store));
             d.pdbs.push(pdb::store(ctx, store));
@@ -176,13 +199,19 @@ pub(crate) mod fixtures {
             capacity_weight: 10,
             desired_state: DesiredState::Active,
             platform: "shop".into(),
-            standby: Some(StandbyRef { cell: "shop-eu-0".into(), region: "eu-west".into() }),
+            standby: Some(StandbyRef {
+                cell: "shop-eu-0".into(),
+                region: "eu-west".into(),
+            }),
             app: AppSpec {
                 image: "example/shop:1.0".into(),
                 replicas: 3,
                 port: 8080,
                 resources: None,
-                env: vec![cellplane_cells::crd::EnvVar { name: "MODE".into(), value: "demo".into() }],
+                env: vec![cellplane_cells::crd::EnvVar {
+                    name: "MODE".into(),
+                    value: "demo".into(),
+                }],
                 probes: Probes::default(),
             },
             redis: StoreSpec::in_cluster(),
@@ -224,14 +253,22 @@ mod tests {
         assert_eq!(d.network_policies.len(), 2);
         assert_eq!(d.config_maps.len(), 3, "cell info + redis + mysql config");
         // Every object is owned by the Cell, so deleting the Cell cascades.
-        let metas = d.deployments.iter().map(|o| &o.metadata)
+        let metas = d
+            .deployments
+            .iter()
+            .map(|o| &o.metadata)
             .chain(d.statefulsets.iter().map(|o| &o.metadata))
             .chain(d.services.iter().map(|o| &o.metadata))
             .chain(d.pdbs.iter().map(|o| &o.metadata))
             .chain(d.network_policies.iter().map(|o| &o.metadata))
             .chain(d.config_maps.iter().map(|o| &o.metadata));
         for m in metas {
-            assert_eq!(m.owner_references.as_ref().unwrap()[0].uid, "1234", "{:?}", m.name);
+            assert_eq!(
+                m.owner_references.as_ref().unwrap()[0].uid,
+                "1234",
+                "{:?}",
+                m.name
+            );
             assert_eq!(m.namespace.as_deref(), Some("shop"));
             assert_eq!(m.labels.as_ref().unwrap()[names::LABEL_CELL], "shop-us-0");
         }
@@ -242,7 +279,10 @@ mod tests {
         let mut spec = fixtures::spec();
         let ext = StoreSpec {
             in_cluster: None,
-            external: Some(ExternalStore { endpoint: "db.example:3306".into(), secret_ref: SecretRef { name: "rds".into() } }),
+            external: Some(ExternalStore {
+                endpoint: "db.example:3306".into(),
+                secret_ref: SecretRef { name: "rds".into() },
+            }),
         };
         spec.redis = ext.clone();
         spec.mysql = ext.clone();
@@ -250,17 +290,27 @@ mod tests {
         let d = render(&fixtures::ctx(&spec)).unwrap();
         assert!(d.statefulsets.is_empty());
         assert_eq!(d.services.len(), 1);
-        assert_eq!(d.network_policies.len(), 1, "no store policy without in-cluster stores");
+        assert_eq!(
+            d.network_policies.len(),
+            1,
+            "no store policy without in-cluster stores"
+        );
     }
 
     #[test]
     fn invalid_specs_name_the_field() {
         let mut spec = fixtures::spec();
-        spec.mysql.external = Some(ExternalStore { endpoint: "x:1".into(), secret_ref: SecretRef { name: "s".into() } });
+        spec.mysql.external = Some(ExternalStore {
+            endpoint: "x:1".into(),
+            secret_ref: SecretRef { name: "s".into() },
+        });
         let e = render(&fixtures::ctx(&spec)).unwrap_err().to_string();
         assert!(e.contains("spec.mysql"), "{e}");
         let mut spec = fixtures::spec();
         spec.standby.as_mut().unwrap().region = "us-east".into();
-        assert!(render(&fixtures::ctx(&spec)).unwrap_err().to_string().contains("spec.standby.region"));
+        assert!(render(&fixtures::ctx(&spec))
+            .unwrap_err()
+            .to_string()
+            .contains("spec.standby.region"));
     }
 }

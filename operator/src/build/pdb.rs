@@ -13,7 +13,10 @@ pub fn app(ctx: &CellContext) -> PodDisruptionBudget {
         metadata: ctx.meta(names::app(ctx.name), APP),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(ctx.selector(APP)), ..Default::default() }),
+            selector: Some(LabelSelector {
+                match_labels: Some(ctx.selector(APP)),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         status: None,

@@ -15,7 +15,10 @@ pub fn pod_security(uid: i64) -> PodSecurityContext {
         run_as_user: Some(uid),
         run_as_group: Some(uid),
         fs_group: Some(uid),
-        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -26,15 +29,24 @@ pub fn container_security() -> SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
         run_as_non_root: Some(true),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
 
 /// The spec's resources as Kubernetes quantities; sane defaults when unset.
-pub fn resources(spec: Option<&Resources>, default_cpu: &str, default_memory: &str) -> ResourceRequirements {
+pub fn resources(
+    spec: Option<&Resources>,
+    default_cpu: &str,
+    default_memory: &str,
+) -> ResourceRequirements {
     let q = |m: &BTreeMap<String, String>| -> BTreeMap<String, Quantity> {
-        m.iter().map(|(k, v)| (k.clone(), Quantity(v.clone()))).collect()
+        m.iter()
+            .map(|(k, v)| (k.clone(), Quantity(v.clone())))
+            .collect()
     };
     match spec {
         Some(r) => ResourceRequirements {
@@ -47,7 +59,10 @@ pub fn resources(spec: Option<&Resources>, default_cpu: &str, default_memory: &s
                 ("cpu".to_string(), Quantity(default_cpu.into())),
                 ("memory".to_string(), Quantity(default_memory.into())),
             ])),
-            limits: Some(BTreeMap::from([("memory".to_string(), Quantity(default_memory.into()))])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity(default_memory.into()),
+            )])),
             ..Default::default()
         },
     }
@@ -61,6 +76,10 @@ pub fn scratch(name: &str, path: &str) -> (Volume, VolumeMount) {
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Default::default()
         },
-        VolumeMount { name: name.into(), mount_path: path.into(), ..Default::default() },
+        VolumeMount {
+            name: name.into(),
+            mount_path: path.into(),
+            ..Default::default()
+        },
     )
 }

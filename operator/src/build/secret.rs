@@ -31,9 +31,15 @@ pub fn passwords_needed(store: Store) -> usize {
 
 /// The credentials Secret of an in-cluster store, or None for stores without one.
 pub fn store(ctx: &CellContext, store: Store, pw: &Passwords) -> Option<Secret> {
-    assert_eq!(pw.0.len(), passwords_needed(store), "caller passes passwords_needed() values");
+    assert_eq!(
+        pw.0.len(),
+        passwords_needed(store),
+        "caller passes passwords_needed() values"
+    );
     let data: BTreeMap<String, String> = match store {
-        Store::Redis => [("password", pw.0[0].clone())].map(|(k, v)| (k.to_string(), v)).into(),
+        Store::Redis => [("password", pw.0[0].clone())]
+            .map(|(k, v)| (k.to_string(), v))
+            .into(),
         Store::Mysql => [
             ("root-password", pw.0[0].clone()),
             ("username", MYSQL_APP_USER.to_string()),
@@ -66,7 +72,10 @@ mod tests {
         let pw = Passwords(vec!["r".into(), "a".into(), "p".into()]);
         let s = store(&fixtures::ctx(&spec), Store::Mysql, &pw).unwrap();
         let d = s.string_data.unwrap();
-        assert_eq!((d["root-password"].as_str(), d["app-password"].as_str()), ("r", "a"));
+        assert_eq!(
+            (d["root-password"].as_str(), d["app-password"].as_str()),
+            ("r", "a")
+        );
         assert_eq!(d["replication-password"], "p");
         assert_eq!(s.immutable, Some(true));
         assert!(store(&fixtures::ctx(&spec), Store::Kafka, &Passwords(vec![])).is_none());

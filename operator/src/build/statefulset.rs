@@ -20,14 +20,22 @@ const DATA: &str = "data";
 const CONFIG: &str = "config";
 
 fn plain(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
 }
 
 fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector { name: secret.into(), key: key.into(), optional: Some(false) }),
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -61,7 +69,12 @@ fn config_volume(ctx: &CellContext, store: Store, path: &str) -> (Volume, Volume
             }),
             ..Default::default()
         },
-        VolumeMount { name: CONFIG.into(), mount_path: path.into(), read_only: Some(true), ..Default::default() },
+        VolumeMount {
+            name: CONFIG.into(),
+            mount_path: path.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
     )
 }
 
@@ -70,9 +83,17 @@ fn process(ctx: &CellContext, store: Store) -> StoreProcess {
     match store {
         Store::Redis => StoreProcess {
             // $(VAR) is expanded by the kubelet from the container env.
-            args: vec!["redis-server".into(), "/etc/redis/redis.conf".into(), "--requirepass".into(), "$(REDIS_PASSWORD)".into()],
+            args: vec![
+                "redis-server".into(),
+                "/etc/redis/redis.conf".into(),
+                "--requirepass".into(),
+                "$(REDIS_PASSWORD)".into(),
+            ],
             env: vec![secret_env("REDIS_PASSWORD", &secret, "password")],
-            mounts: vec![config_volume(ctx, store, "/etc/redis"), pod::scratch("tmp", "/tmp")],
+            mounts: vec![
+                config_volume(ctx, store, "/etc/redis"),
+                pod::scratch("tmp", "/tmp"),
+            ],
             read_only_root: true,
             default_cpu: "100m",
             default_memory: "256Mi",
@@ -110,7 +131,10 @@ fn process(ctx: &CellContext, store: Store) -> StoreProcess {
                     plain("KAFKA_LISTENERS", "PLAINTEXT://:9092,CONTROLLER://:9093"),
                     plain("KAFKA_ADVERTISED_LISTENERS", advertised),
                     plain("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER"),
-                    plain("KAFKA_LISTENER_SECURITY_PROTOCOL_MAP", "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"),
+                    plain(
+                        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP",
+                        "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    ),
                     plain("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093"),
                     plain("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1"),
                     plain("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1"),
@@ -133,18 +157,28 @@ fn process(ctx: &CellContext, store: Store) -> StoreProcess {
 pub fn store(ctx: &CellContext, store: Store, spec: &InClusterStore) -> StatefulSet {
     let p = process(ctx, store);
     let (mut volumes, mut mounts): (Vec<Volume>, Vec<VolumeMount>) = p.mounts.into_iter().unzip();
-    mounts.push(VolumeMount { name: DATA.into(), mount_path: store.data_path().into(), ..Default::default() });
+    mounts.push(VolumeMount {
+        name: DATA.into(),
+        mount_path: store.data_path().into(),
+        ..Default::default()
+    });
     let claim_templates = if spec.ephemeral {
         volumes.push(pod::scratch(DATA, store.data_path()).0);
         None
     } else {
         Some(vec![PersistentVolumeClaim {
-            metadata: ObjectMeta { name: Some(DATA.into()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(DATA.into()),
+                ..Default::default()
+            },
             spec: Some(PersistentVolumeClaimSpec {
                 access_modes: Some(vec!["ReadWriteOnce".into()]),
                 storage_class_name: spec.storage_class_name.clone(),
                 resources: Some(VolumeResourceRequirements {
-                    requests: Some(BTreeMap::from([("storage".to_string(), Quantity(spec.storage.clone()))])),
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_string(),
+                        Quantity(spec.storage.clone()),
+                    )])),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -155,7 +189,10 @@ pub fn store(ctx: &CellContext, store: Store, spec: &InClusterStore) -> Stateful
     let mut security = pod::container_security();
     security.read_only_root_filesystem = Some(p.read_only_root);
     let tcp_probe = |period| Probe {
-        tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(store.port()), ..Default::default() }),
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::Int(store.port()),
+            ..Default::default()
+        }),
         period_seconds: Some(period),
         timeout_seconds: Some(2),
         failure_threshold: Some(3),
@@ -163,13 +200,25 @@ pub fn store(ctx: &CellContext, store: Store, spec: &InClusterStore) -> Stateful
     };
     let container = Container {
         name: store.component().into(),
-        image: Some(spec.image.clone().unwrap_or_else(|| store.default_image().into())),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| store.default_image().into()),
+        ),
         args: (!p.args.is_empty()).then_some(p.args),
         env: Some(p.env),
-        ports: Some(vec![ContainerPort { name: Some(store.component().into()), container_port: store.port(), ..Default::default() }]),
+        ports: Some(vec![ContainerPort {
+            name: Some(store.component().into()),
+            container_port: store.port(),
+            ..Default::default()
+        }]),
         readiness_probe: Some(tcp_probe(5)),
         liveness_probe: Some(tcp_probe(15)),
-        resources: Some(pod::resources(spec.resources.as_ref(), p.default_cpu, p.default_memory)),
+        resources: Some(pod::resources(
+            spec.resources.as_ref(),
+            p.default_cpu,
+            p.default_memory,
+        )),
         security_context: Some(security),
         volume_mounts: Some(mounts),
         ..Default::default()
@@ -179,9 +228,15 @@ pub fn store(ctx: &CellContext, store: Store, spec: &InClusterStore) -> Stateful
         spec: StatefulSetSpec {
             replicas: Some(spec.replicas),
             service_name: Some(names::headless(ctx.name, store)),
-            selector: LabelSelector { match_labels: Some(ctx.selector(store.component())), ..Default::default() },
+            selector: LabelSelector {
+                match_labels: Some(ctx.selector(store.component())),
+                ..Default::default()
+            },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(ctx.labels(store.component())), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(ctx.labels(store.component())),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     security_context: Some(pod::pod_security(store.uid())),
@@ -213,10 +268,37 @@ mod tests {
         let sts = render(Store::Mysql, &InClusterStore::default());
         let spec = sts.spec;
         let claim = &spec.volume_claim_templates.unwrap()[0];
-        assert_eq!(claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "1Gi");
-        let eph = render(Store::Mysql, &InClusterStore { ephemeral: true, ..Default::default() }).spec;
+        assert_eq!(
+            claim
+                .spec
+                .as_ref()
+                .unwrap()
+                .resources
+                .as_ref()
+                .unwrap()
+                .requests
+                .as_ref()
+                .unwrap()["storage"]
+                .0,
+            "1Gi"
+        );
+        let eph = render(
+            Store::Mysql,
+            &InClusterStore {
+                ephemeral: true,
+                ..Default::default()
+            },
+        )
+        .spec;
         assert!(eph.volume_claim_templates.is_none());
-        assert!(eph.template.spec.unwrap().volumes.unwrap().iter().any(|v| v.name == DATA && v.empty_dir.is_some()));
+        assert!(eph
+            .template
+            .spec
+            .unwrap()
+            .volumes
+            .unwrap()
+            .iter()
+            .any(|v| v.name == DATA && v.empty_dir.is_some()));
     }
 
     #[test]
@@ -224,21 +306,41 @@ mod tests {
         for s in Store::ALL {
             let sts = render(s, &InClusterStore::default());
             let pod = sts.spec.template.spec.unwrap();
-            assert_eq!(pod.security_context.as_ref().unwrap().run_as_user, Some(s.uid()));
+            assert_eq!(
+                pod.security_context.as_ref().unwrap().run_as_user,
+                Some(s.uid())
+            );
             let c = &pod.containers[0];
             assert_eq!(c.image.as_deref(), Some(s.default_image()));
-            assert!(c.env.as_ref().unwrap().iter().filter(|e| e.name.contains("PASSWORD")).all(|e| e.value.is_none()));
+            assert!(c
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .filter(|e| e.name.contains("PASSWORD"))
+                .all(|e| e.value.is_none()));
         }
     }
 
     #[test]
     fn kafka_is_single_node_kraft_with_capped_heap() {
         let sts = render(Store::Kafka, &InClusterStore::default());
-        let env = sts.spec.template.spec.unwrap().containers[0].env.clone().unwrap();
-        let get = |n: &str| env.iter().find(|e| e.name == n).and_then(|e| e.value.clone()).unwrap();
+        let env = sts.spec.template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let get = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+                .unwrap()
+        };
         assert_eq!(get("KAFKA_PROCESS_ROLES"), "broker,controller");
         assert!(get("KAFKA_HEAP_OPTS").contains("-Xmx512m"));
         assert_eq!(get("CLUSTER_ID").len(), 22);
-        assert_eq!(get("KAFKA_ADVERTISED_LISTENERS"), "PLAINTEXT://shop-us-0-kafka.shop.svc:9092");
+        assert_eq!(
+            get("KAFKA_ADVERTISED_LISTENERS"),
+            "PLAINTEXT://shop-us-0-kafka.shop.svc:9092"
+        );
     }
 }

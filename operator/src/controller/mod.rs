@@ -2,3 +2,97 @@
 
 pub mod cell;
 pub mod cellset;
+
+use crate::build::FIELD_MANAGER;
+use crate::metrics::Metrics;
+use crate::registration::Registrar;
+use crate::{Error, Result};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What every reconciler shares. Nothing global: tests build one per API server.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// etcd registration; None runs without it (Registered=False, RegistrationDisabled).
+    pub registrar: Option<Registrar>,
+    /// Only this region's cells get workloads (and CellSets stamp only this region's
+    /// cells); None handles every region (single-cluster setups, demos, tests).
+    pub region: Option<String>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        registrar: Option<Registrar>,
+        region: Option<String>,
+    ) -> Self {
+        let recorder = Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER));
+        Self {
+            client,
+            recorder,
+            metrics,
+            registrar,
+            region,
+        }
+    }
+
+    /// Records an event on `obj`; failures to record are logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not record event");
+        }
+    }
+}
+
+/// Server-side applies `obj` with our field manager, taking ownership of our fields.
+pub async fn apply<K>(client: &Client, obj: &K) -> Result<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let ns = obj
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<K> = Api::namespaced(client.clone(), &ns);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(api
+        .patch(&obj.name_any(), &params, &Patch::Apply(obj))
+        .await?)
+}
+
+/// Invalid specs wait for the user to edit the object; transient errors retry with backoff.
+pub fn error_action(error: &Error, retries: u32) -> Action {
+    if error.is_permanent() {
+        Action::await_change()
+    } else {
+        let secs = 2u64.saturating_pow(retries.min(8)).min(300);
+        Action::requeue(Duration::from_secs(secs))
+    }
+}
