@@ -4,6 +4,10 @@
 //! so the API server rejects bad objects at admission; every message names the field and
 //! the fix.
 
+// kube's `printcolumn(...)` repeats `type_ = ...` per column, which clippy misreads as
+// a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

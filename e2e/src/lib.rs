@@ -1,0 +1,267 @@
+//! Test support (I/O): real local regions started by `e2e/bin/region`, the operator as a
+//! separate process, and condition waits. Everything started here stops on drop, also
+//! when a test fails.
+
+use anyhow::{bail, Context as _, Result};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
+use kube::discovery::ApiResource;
+use kube::{Client, Config};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ sits in the repo")
+        .to_path_buf()
+}
+
+/// Directory of the cached real servers (built by `e2e/bin/tools`).
+pub fn tools_bin() -> PathBuf {
+    let out = Command::new(repo_root().join("e2e/bin/tools"))
+        .arg("--print")
+        .output()
+        .expect("e2e/bin/tools runs");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A built workspace binary (`make test` builds them before the tests run).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p {name}` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// One real region: etcd, kube-apiserver, controller-manager, scheduler, kwok, fake nodes.
+pub struct Region {
+    pub name: String,
+    pub dir: PathBuf,
+    state_root: PathBuf,
+}
+
+impl Region {
+    /// Starts region `name` in its own state directory (unique per process, so test
+    /// runs never collide).
+    pub fn up(name: &str) -> Result<Self> {
+        let state_root =
+            std::env::temp_dir().join(format!("cellplane-e2e-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&state_root)?;
+        let status = Command::new(repo_root().join("e2e/bin/region"))
+            .args(["up", name])
+            .env("CELLPLANE_REGIONS_DIR", &state_root)
+            .stdout(Stdio::null())
+            .status()
+            .context("running e2e/bin/region up")?;
+        let region = Self {
+            name: name.into(),
+            dir: state_root.join(name),
+            state_root,
+        };
+        if !status.success() {
+            bail!(
+                "region {name} failed to start; logs under {}",
+                region.dir.join("logs").display()
+            );
+        }
+        Ok(region)
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// The region's own etcd (the one its API server uses), for registration tests.
+    pub fn etcd_endpoint(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd-endpoint"))
+            .expect("region wrote its etcd endpoint")
+            .trim()
+            .into()
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        let kc = Kubeconfig::read_from(self.kubeconfig())?;
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// Runs the region's kubectl and returns stdout; fails with stderr on a non-zero exit.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(tools_bin().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into())
+    }
+
+    /// Installs `crds/` and waits until the API server serves them.
+    pub fn install_crds(&self) -> Result<()> {
+        let crds = repo_root().join("crds/cellplane.yaml");
+        self.kubectl(&["apply", "-f", crds.to_str().unwrap()])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/cells.cellplane.io",
+            "crd/cellsets.cellplane.io",
+        ])?;
+        Ok(())
+    }
+
+    /// Kills the API server like a crash and starts it again on the same port.
+    pub fn restart_apiserver(&self) -> Result<()> {
+        let status = Command::new(repo_root().join("e2e/bin/region"))
+            .args(["restart-apiserver", &self.name])
+            .env("CELLPLANE_REGIONS_DIR", &self.state_root)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("restarting the API server of {} failed", self.name);
+        }
+        Ok(())
+    }
+
+    /// Starts a `cellplane-operator run` against this region.
+    pub fn operator(&self, identity: &str, extra: &[&str]) -> Result<Operator> {
+        let log_path = self
+            .dir
+            .join("logs")
+            .join(format!("operator-{identity}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let port = free_port()?;
+        let child = Command::new(workspace_bin("cellplane-operator"))
+            .args([
+                "run",
+                "--identity",
+                identity,
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+                "--lease-duration",
+                "6",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting cellplane-operator")?;
+        Ok(Operator {
+            child,
+            port,
+            log: log_path,
+        })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("e2e/bin/region"))
+            .args(["down", &self.name])
+            .env("CELLPLANE_REGIONS_DIR", &self.state_root)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.state_root);
+    }
+}
+
+/// An operator process; killed on drop.
+pub struct Operator {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its /metrics text.
+    pub fn metrics(&self) -> Result<String> {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://127.0.0.1:{}/metrics", self.port)])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Polls `check` until it returns Some or `timeout` passes; the error names `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Server-side applies a YAML document (any kind) as the test's field manager.
+pub async fn apply_yaml(
+    client: &Client,
+    namespace: &str,
+    yaml: &str,
+) -> Result<DynamicObject, kube::Error> {
+    let obj: DynamicObject = serde_yaml::from_str(yaml).expect("test YAML parses");
+    let tm = obj.types.clone().expect("YAML has apiVersion and kind");
+    let (group, version) = tm
+        .api_version
+        .split_once('/')
+        .unwrap_or(("", &tm.api_version));
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &tm.kind));
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+    let name = obj.metadata.name.clone().expect("YAML has a name");
+    api.patch(
+        &name,
+        &PatchParams::apply("cellplane-e2e"),
+        &Patch::Apply(&obj),
+    )
+    .await
+}

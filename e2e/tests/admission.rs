@@ -1,0 +1,154 @@
+//! The CRDs from `crds/` against a real kube-apiserver: bad Cells are rejected at
+//! admission with the schema/CEL message naming the field.
+
+use cellplane_e2e::{apply_yaml, Region};
+
+const GOOD: &str = r#"
+apiVersion: cellplane.io/v1alpha1
+kind: Cell
+metadata: {name: NAME, namespace: default}
+spec:
+  region: us-east
+  standby: {cell: other, region: eu-west}
+  app: {image: example/shop:1}
+  redis: {inCluster: {}}
+  mysql: {inCluster: {}}
+  kafka: {inCluster: {}}
+"#;
+
+fn cell(name: &str, edit: impl Fn(&mut serde_yaml::Value)) -> String {
+    let mut v: serde_yaml::Value = serde_yaml::from_str(&GOOD.replace("NAME", name)).unwrap();
+    edit(&mut v);
+    serde_yaml::to_string(&v).unwrap()
+}
+
+fn spec(v: &mut serde_yaml::Value) -> &mut serde_yaml::Mapping {
+    v["spec"].as_mapping_mut().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_cells_are_rejected_by_the_api_server() -> anyhow::Result<()> {
+    let region = Region::up("adm")?;
+    region.install_crds()?;
+    let client = region.client().await?;
+
+    apply_yaml(&client, "default", &cell("good", |_| {}))
+        .await
+        .expect("a valid Cell is admitted");
+
+    type Edit = Box<dyn Fn(&mut serde_yaml::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "missing-region",
+            Box::new(|v| {
+                spec(v).remove("region");
+            }),
+            "spec.region: Required value",
+        ),
+        (
+            "both-sources",
+            Box::new(|v| {
+                v["spec"]["mysql"]["external"] =
+                    serde_yaml::from_str("{endpoint: 'db:3306', secretRef: {name: s}}").unwrap();
+            }),
+            "set exactly one of inCluster",
+        ),
+        (
+            "no-source",
+            Box::new(|v| {
+                v["spec"]["redis"] = serde_yaml::from_str("{}").unwrap();
+            }),
+            "set exactly one of inCluster",
+        ),
+        (
+            "zero-app-replicas",
+            Box::new(|v| {
+                v["spec"]["app"]["replicas"] = 0.into();
+            }),
+            "spec.app.replicas",
+        ),
+        (
+            "zero-store-replicas",
+            Box::new(|v| {
+                v["spec"]["kafka"]["inCluster"]["replicas"] = 0.into();
+            }),
+            "spec.kafka.inCluster.replicas",
+        ),
+        (
+            "same-region-standby",
+            Box::new(|v| {
+                v["spec"]["standby"]["region"] = "us-east".into();
+            }),
+            "spec.standby.region must differ",
+        ),
+        (
+            "bad-region-name",
+            Box::new(|v| {
+                v["spec"]["region"] = "US_East".into();
+            }),
+            "spec.region must be a DNS label",
+        ),
+        (
+            "weight-too-big",
+            Box::new(|v| {
+                v["spec"]["capacityWeight"] = 1000.into();
+            }),
+            "spec.capacityWeight",
+        ),
+        (
+            "bad-storage",
+            Box::new(|v| {
+                v["spec"]["mysql"]["inCluster"]["storage"] = "lots".into();
+            }),
+            "storage must be a size",
+        ),
+        (
+            "bad-port",
+            Box::new(|v| {
+                v["spec"]["app"]["port"] = 70000.into();
+            }),
+            "spec.app.port",
+        ),
+        (
+            "unknown-state",
+            Box::new(|v| {
+                v["spec"]["desiredState"] = "Sleeping".into();
+            }),
+            "spec.desiredState",
+        ),
+        (
+            "missing-image",
+            Box::new(|v| {
+                v["spec"]["app"].as_mapping_mut().unwrap().remove("image");
+            }),
+            "spec.app.image: Required value",
+        ),
+    ];
+    let mut failures = vec![];
+    for (name, edit, want) in &cases {
+        match apply_yaml(&client, "default", &cell(name, edit)).await {
+            Ok(_) => failures.push(format!(
+                "{name}: admitted, expected rejection containing {want:?}"
+            )),
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{name}: {e:?}");
+                if !e.message.contains(want) {
+                    failures.push(format!("{name}: message {:?} lacks {want:?}", e.message));
+                }
+            }
+            Err(e) => failures.push(format!("{name}: unexpected error {e}")),
+        }
+    }
+
+    // Transition rule: the region of an existing Cell cannot change.
+    let moved = cell("good", |v| {
+        v["spec"]["region"] = "ap-south".into();
+        v["spec"]["standby"]["region"] = "eu-west".into();
+    });
+    match apply_yaml(&client, "default", &moved).await {
+        Err(kube::Error::Api(e)) if e.message.contains("spec.region is immutable") => {}
+        other => failures.push(format!("region change: {other:?}")),
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
