@@ -35,6 +35,9 @@ enum Command {
     Render {
         /// A CellSet YAML file.
         file: PathBuf,
+        /// Print only this user's slot and home cell.
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -217,11 +220,18 @@ fn print_crds() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render(file: &PathBuf) -> anyhow::Result<()> {
+fn render(file: &PathBuf, user: Option<&str>) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let set: CellSet = serde_yaml::from_str(&text)
         .with_context(|| format!("{} is not a valid CellSet", file.display()))?;
+    if let Some(user) = user {
+        let placement =
+            controller::cellset::placement(&set)?.context("the CellSet has no cells")?;
+        let slot = cellplane_cells::slot::slot_for_key(user, cellplane_cells::slot::DEFAULT_SLOTS);
+        println!("slot {slot:>5} -> {}", placement.owner_of(slot));
+        return Ok(());
+    }
     let counts = controller::cellset::placement_counts(&set)?;
     let cells = set.spec.stamp(&kube::ResourceExt::name_any(&set));
     println!(
@@ -251,7 +261,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => print_crds(),
-        Command::Render { file } => render(&file),
+        Command::Render { file, user } => render(&file, user.as_deref()),
         Command::Run(args) => {
             init_tracing();
             run(args).await

@@ -5,7 +5,7 @@ use super::{apply, error_action, Context};
 use crate::build::{names, FIELD_MANAGER};
 use crate::{Error, Result};
 use cellplane_cells::crd::{condition, Cell, CellSet, CellSetStatus};
-use cellplane_cells::placement::{place, WeightedCell};
+use cellplane_cells::placement::{place, Placement, WeightedCell};
 use cellplane_cells::slot::DEFAULT_SLOTS;
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -46,8 +46,8 @@ pub fn desired_cells(set: &CellSet, region: Option<&str>) -> Result<Vec<Cell>> {
         .collect())
 }
 
-/// Slots per cell over every region's active cells (the placement is global).
-pub fn placement_counts(set: &CellSet) -> Result<BTreeMap<String, u32>> {
+/// The placement over every region's cells (the placement is global); None without cells.
+pub fn placement(set: &CellSet) -> Result<Option<Placement>> {
     let cells: Vec<WeightedCell> = set
         .spec
         .stamp(&set.name_any())
@@ -55,11 +55,16 @@ pub fn placement_counts(set: &CellSet) -> Result<BTreeMap<String, u32>> {
         .map(|c| WeightedCell::new(c.name, c.spec.capacity_weight))
         .collect();
     if cells.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok(None);
     }
     place(&cells, DEFAULT_SLOTS)
-        .map(|p| p.counts())
+        .map(Some)
         .map_err(|e| Error::InvalidSpec(e.to_string()))
+}
+
+/// Slots per cell.
+pub fn placement_counts(set: &CellSet) -> Result<BTreeMap<String, u32>> {
+    Ok(placement(set)?.map(|p| p.counts()).unwrap_or_default())
 }
 
 async fn apply_set(set: Arc<CellSet>, ctx: &Context) -> Result<Action> {

@@ -1,0 +1,49 @@
+# cellplane: two commands do everything on a fresh machine.
+#   make demo   a local two-region platform on real control planes (the main job)
+#   make test   every test (unit, property, real API servers, Helm), plus fmt and clippy
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all setup tools build test unit e2e lint fmt crds demo bench bench-scale clean
+
+all: test
+
+# System packages and the real test servers (cached under ~/.cache/cellplane).
+setup:
+	@bash e2e/bin/setup
+
+tools: setup
+	@e2e/bin/tools >/dev/null
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --exclude cellplane-e2e
+
+e2e: tools build
+	$(CARGO) test -p cellplane-e2e
+
+test: tools build lint
+	$(CARGO) test --workspace
+
+# Regenerate the CRDs from the Rust types (a test fails when they are stale).
+crds:
+	$(CARGO) run -q -p cellplane-operator -- crd > crds/cellplane.yaml
+	cp crds/cellplane.yaml charts/cellplane-operator/crds/cellplane.yaml
+
+demo: tools
+	$(CARGO) build -p cellplane-operator
+	@e2e/bin/demo
+
+bench: tools
+	$(CARGO) bench -p cellplane-cells --bench slot_lookup
+	$(CARGO) build --release -p cellplane-operator
+	@e2e/bin/bench-scale
+
+clean:
+	$(CARGO) clean
