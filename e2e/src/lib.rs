@@ -2,6 +2,8 @@
 //! separate process, and condition waits. Everything started here stops on drop, also
 //! when a test fails.
 
+pub mod net;
+
 use anyhow::{bail, Context as _, Result};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};

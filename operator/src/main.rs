@@ -154,14 +154,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // A follower is healthy and ready (it serves probes), it just does not reconcile.
     health.ready.store(true, Ordering::Relaxed);
-    tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
-    tokio::select! {
-        r = elector.acquire() => r?,
-        _ = shutdown_signal() => return Ok(()),
-    }
-    metrics.leader.set(1);
-    tracing::info!(%identity, "leading");
-
     let registrar = if args.etcd_endpoints.is_empty() {
         tracing::warn!("no --etcd-endpoints: cells will not be registered");
         None
@@ -181,34 +173,49 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         registrar,
         args.region.clone(),
     ));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let cells = tokio::spawn(controller::cell::run(
-        ctx.clone(),
-        args.namespace.clone(),
-        stopped(stop_rx.clone()),
-    ));
-    let sets = tokio::spawn(controller::cellset::run(
-        ctx,
-        args.namespace.clone(),
-        stopped(stop_rx),
-    ));
-
-    let lost = tokio::select! {
-        _ = elector.hold() => true,
-        _ = shutdown_signal() => false,
-        r = http => { r??; false }
-    };
-    metrics.leader.set(0);
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(20), async {
-        let _ = tokio::join!(cells, sets);
-    })
-    .await;
-    if lost {
-        anyhow::bail!("lost leadership; exiting so a fresh process can stand by");
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    tokio::pin!(http);
+    // Lead, and when leadership is lost (e.g. the API server was unreachable for longer
+    // than the lease), stop reconciling and stand by again: never two leaders, and no
+    // restart needed when the API server comes back.
+    loop {
+        tracing::info!(%identity, lease = %args.lease_name, "waiting for leadership");
+        tokio::select! {
+            r = elector.acquire() => r?,
+            _ = &mut shutdown => break,
+        }
+        metrics.leader.set(1);
+        tracing::info!(%identity, "leading");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let cells = tokio::spawn(controller::cell::run(
+            ctx.clone(),
+            args.namespace.clone(),
+            stopped(stop_rx.clone()),
+        ));
+        let sets = tokio::spawn(controller::cellset::run(
+            ctx.clone(),
+            args.namespace.clone(),
+            stopped(stop_rx),
+        ));
+        let lost = tokio::select! {
+            _ = elector.hold() => true,
+            _ = &mut shutdown => false,
+            r = &mut http => { r??; false }
+        };
+        metrics.leader.set(0);
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(20), async {
+            let _ = tokio::join!(cells, sets);
+        })
+        .await;
+        if !lost {
+            break;
+        }
+        tracing::warn!(%identity, "stepped down; standing by");
     }
     elector.release().await;
     tracing::info!("shut down cleanly");

@@ -1,1 +1,226 @@
-fn main() {}
+//! `cellplane-router`: the edge router. `cellplane-router --config router.yaml`.
+
+use anyhow::Context as _;
+use cellplane_router::config::{Config, EtcdConfig};
+use cellplane_router::metrics::Metrics;
+use cellplane_router::proxy::{self, Router};
+use cellplane_router::table::TableStore;
+use cellplane_router::watch::TableSource;
+use clap::Parser;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "cellplane-router",
+    version,
+    about = "Pins every user to a cell and follows failovers"
+)]
+struct Cli {
+    /// YAML config file (see README); flags below override it.
+    #[arg(long, env = "CELLPLANE_ROUTER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address for traffic.
+    #[arg(long, env = "CELLPLANE_ROUTER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Listen address for /metrics, /healthz, /readyz.
+    #[arg(long, env = "CELLPLANE_ROUTER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Static mode: a routing-table JSON file.
+    #[arg(
+        long,
+        env = "CELLPLANE_ROUTER_TABLE_FILE",
+        conflicts_with = "etcd_endpoints"
+    )]
+    table_file: Option<PathBuf>,
+    /// etcd mode: endpoints (comma-separated).
+    #[arg(
+        long,
+        env = "CELLPLANE_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        requires = "platform"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// etcd mode: the platform name.
+    #[arg(long, env = "CELLPLANE_PLATFORM")]
+    platform: Option<String>,
+    /// Where the last good table is saved.
+    #[arg(long, env = "CELLPLANE_ROUTER_CACHE_FILE")]
+    cache_file: Option<PathBuf>,
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --config {}", path.display()))?;
+            serde_yaml::from_str::<Config>(&text)
+                .with_context(|| format!("{} is not a valid router config", path.display()))?
+        }
+        None => serde_yaml::from_str("table: {}").context("default config")?,
+    };
+    if let Some(l) = cli.listen {
+        cfg.listen = l;
+    }
+    if let Some(l) = cli.metrics_listen {
+        cfg.metrics_listen = l;
+    }
+    if let Some(f) = &cli.table_file {
+        cfg.table.file = Some(f.clone());
+        cfg.table.etcd = None;
+    }
+    if !cli.etcd_endpoints.is_empty() {
+        let platform = cli.platform.clone().unwrap_or_default();
+        cfg.table.file = None;
+        cfg.table.etcd = Some(EtcdConfig {
+            endpoints: cli.etcd_endpoints.clone(),
+            platform,
+        });
+    }
+    if let Some(c) = &cli.cache_file {
+        cfg.table.cache_file = Some(c.clone());
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+}
+
+async fn serve_admin(addr: SocketAddr, router: Arc<Router>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metricsListen {addr}"))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let router = router.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let router = router.clone();
+                async move {
+                    let (code, body) = match req.uri().path() {
+                        "/metrics" => (StatusCode::OK, router.metrics.encode()),
+                        "/healthz" => (StatusCode::OK, "ok".to_string()),
+                        "/readyz" if router.tables.get().is_some() => {
+                            (StatusCode::OK, "ready".to_string())
+                        }
+                        "/readyz" => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no routing table yet".to_string(),
+                        ),
+                        _ => (StatusCode::NOT_FOUND, "not found".to_string()),
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(code)
+                            .body(Full::new(bytes::Bytes::from(body)))
+                            .expect("valid"),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let cfg = load_config(&cli)?;
+    let metrics = Arc::new(Metrics::new());
+    let tables = Arc::new(TableStore::new(
+        cfg.table.cache_file.clone(),
+        metrics.clone(),
+    ));
+    let source = match (&cfg.table.file, &cfg.table.etcd) {
+        (Some(f), _) => TableSource::File {
+            path: f.clone(),
+            poll: Duration::from_millis(cfg.table.poll_ms.max(50)),
+        },
+        (None, Some(e)) => TableSource::Etcd {
+            endpoints: e.endpoints.clone(),
+            platform: e.platform.clone(),
+        },
+        (None, None) => unreachable!("validated"),
+    };
+    // The disk cache first: a router restarted while etcd is down still routes.
+    tables.load_cache();
+    if let Err(e) = source.refresh(&tables).await {
+        tracing::warn!(error = %e, "initial table read failed; serving from the cache if any");
+    }
+    tokio::spawn(source.clone().follow(tables.clone()));
+
+    let router = Arc::new(Router::new(cfg.clone(), tables, source, metrics)?);
+    tokio::spawn({
+        let r = router.clone();
+        async move {
+            if let Err(e) = serve_admin(r.config.metrics_listen, r.clone()).await {
+                tracing::error!(error = %e, "admin server stopped");
+            }
+        }
+    });
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding listen {}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, metrics = %cfg.metrics_listen, "routing");
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(cfg.timeouts.header_read_ms))
+        .max_buf_size(cfg.limits.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .max_header_list_size(cfg.limits.max_header_bytes as u32);
+    let graceful = GracefulShutdown::new();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
+                };
+                let _ = stream.set_nodelay(true);
+                let router = router.clone();
+                let svc = service_fn(move |req| {
+                    let router = router.clone();
+                    async move { Ok::<_, std::convert::Infallible>(proxy::handle(router, req, peer).await) }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move { let _ = conn.await; });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    tracing::info!("draining in-flight requests");
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("drained"),
+        _ = tokio::time::sleep(Duration::from_secs(30)) => tracing::warn!("drain timed out"),
+    }
+    Ok(())
+}

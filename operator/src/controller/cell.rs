@@ -16,7 +16,6 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::watcher;
 use kube::ResourceExt;
 use rand::distr::{Alphanumeric, SampleString};
 use std::collections::BTreeMap;
@@ -289,7 +288,7 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     // Children are watched by our label only: the operator never caches other objects.
-    let owned = watcher::Config::default().labels(&format!(
+    let owned = super::watch_config().labels(&format!(
         "app.kubernetes.io/managed-by={}",
         build::FIELD_MANAGER
     ));
@@ -301,7 +300,7 @@ pub async fn run(
             }
         };
     }
-    Controller::new(owned_api!(Cell), watcher::Config::default())
+    Controller::new(owned_api!(Cell), super::watch_config())
         .owns(owned_api!(Deployment), owned.clone())
         .owns(owned_api!(StatefulSet), owned.clone())
         .owns(owned_api!(Service), owned.clone())
@@ -309,6 +308,7 @@ pub async fn run(
         .owns(owned_api!(PodDisruptionBudget), owned.clone())
         .owns(owned_api!(NetworkPolicy), owned.clone())
         .owns(owned_api!(Secret), owned)
+        .trigger_backoff(super::WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {

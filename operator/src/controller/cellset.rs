@@ -11,7 +11,6 @@ use futures::StreamExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -167,11 +166,9 @@ pub async fn run(
             Api::<Cell>::all(ctx.client.clone()),
         ),
     };
-    Controller::new(sets, watcher::Config::default())
-        .owns(
-            cells,
-            watcher::Config::default().labels(names::LABEL_CELLSET),
-        )
+    Controller::new(sets, super::watch_config())
+        .owns(cells, super::watch_config().labels(names::LABEL_CELLSET))
+        .trigger_backoff(super::WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {

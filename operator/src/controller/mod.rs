@@ -87,6 +87,49 @@ where
         .await?)
 }
 
+/// Watch settings of every controller (one place to tune them).
+pub fn watch_config() -> kube::runtime::watcher::Config {
+    kube::runtime::watcher::Config::default()
+}
+
+/// Backoff for a controller's watches: 100 ms doubling to at most 1 s.
+///
+/// A controller merges all its watches (the main one and every `owns`) into one stream
+/// with one backoff, so every error of any watch pauses all of them. After an API-server
+/// restart each watch fails a few times (410 on resume, then relist); with the default
+/// backoff (up to 30 s, reset only after 120 s quiet) that stalled reconciliation for
+/// minutes. Watch errors are cheap to retry; a short cap keeps the controller live.
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    pub const FIRST: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_secs(1);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (current * 2).min(Self::MAX);
+        Some(current)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// Invalid specs wait for the user to edit the object; transient errors retry with backoff.
 pub fn error_action(error: &Error, retries: u32) -> Action {
     if error.is_permanent() {
@@ -94,5 +137,32 @@ pub fn error_action(error: &Error, retries: u32) -> Action {
     } else {
         let secs = 2u64.saturating_pow(retries.min(8)).min(300);
         Action::requeue(Duration::from_secs(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_backoff_is_capped_and_resets() {
+        use kube::runtime::utils::Backoff;
+        let mut b = WatchBackoff::default();
+        let seq: Vec<u128> = b.by_ref().take(6).map(|d| d.as_millis()).collect();
+        assert_eq!(seq, [100, 200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next(), Some(WatchBackoff::FIRST));
+    }
+
+    #[test]
+    fn invalid_specs_wait_and_transient_errors_retry() {
+        assert_eq!(
+            error_action(&Error::InvalidSpec("x".into()), 3),
+            Action::await_change()
+        );
+        assert_eq!(
+            error_action(&Error::MissingField("m"), 1),
+            Action::requeue(Duration::from_secs(2))
+        );
     }
 }

@@ -1,0 +1,309 @@
+//! Real HTTP pieces for router tests (I/O): an etcd server, backend cells that report who
+//! answered and can fence by epoch, a router process, and a small HTTP client.
+
+use crate::{free_port, tools_bin, wait_for, workspace_bin};
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A real etcd (the binary built by `e2e/bin/tools`), killed on drop.
+pub struct Etcd {
+    child: Option<Child>,
+    pub endpoint: String,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    pub async fn start() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "cellplane-etcd-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
+        let (client, peer) = (free_port()?, free_port()?);
+        let child = Command::new(tools_bin().join("etcd"))
+            .args(["--name", "t", "--data-dir"])
+            .arg(&dir)
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("t=http://127.0.0.1:{peer}"),
+                "--unsafe-no-fsync",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting etcd (run e2e/bin/tools first)")?;
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let etcd = Self {
+            child: Some(child),
+            endpoint: endpoint.clone(),
+            dir,
+        };
+        let health = format!("{endpoint}/health");
+        wait_for("etcd health", Duration::from_secs(30), || {
+            let url = health.clone();
+            async move {
+                Ok(get(&url, &[])
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+                    .map(|_| ()))
+            }
+        })
+        .await?;
+        Ok(etcd)
+    }
+
+    pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<()> {
+        let mut c = etcd_client::Client::connect([self.endpoint.as_str()], None).await?;
+        c.put(key, value.into(), None).await?;
+        Ok(())
+    }
+
+    /// Kills etcd like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A backend cell endpoint: answers `<name>` with the routing headers echoed, and 421
+/// when the router's epoch is older than `min_epoch` (the cell's fencing).
+pub struct Backend {
+    pub name: String,
+    pub addr: String,
+    pub min_epoch: Arc<AtomicU64>,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let min_epoch = Arc::new(AtomicU64::new(0));
+        let hits = Arc::new(AtomicU64::new(0));
+        let (n, me, h) = (name.to_string(), min_epoch.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                let (n, me, h) = (n.clone(), me.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (n, me, h) = (n.clone(), me.clone(), h.clone());
+                        async move {
+                            let epoch: u64 = req
+                                .headers()
+                                .get("x-cellplane-epoch")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            let slot = req
+                                .headers()
+                                .get("x-cellplane-slot")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes().len())
+                                .unwrap_or(0);
+                            let resp = if epoch < me.load(Ordering::SeqCst) {
+                                http::Response::builder()
+                                    .status(421)
+                                    .body(Full::new(Bytes::from("misdirected")))
+                            } else {
+                                h.fetch_add(1, Ordering::SeqCst);
+                                http::Response::builder()
+                                    .header("x-backend", n.as_str())
+                                    .header("x-seen-slot", slot)
+                                    .body(Full::new(Bytes::from(format!("{n} {body}"))))
+                            };
+                            Ok::<_, std::convert::Infallible>(resp.expect("valid"))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            name: name.into(),
+            addr,
+            min_epoch,
+            hits,
+            task,
+        })
+    }
+
+    /// Stops listening (connections are refused from now on).
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A `cellplane-router` process, killed on drop.
+pub struct RouterProc {
+    child: Child,
+    pub addr: String,
+    pub metrics_addr: String,
+    pub log: PathBuf,
+}
+
+impl RouterProc {
+    /// Starts the router with `config_yaml` (listen addresses are filled in) and waits
+    /// until it has a table (`/readyz`).
+    pub async fn start(config_yaml: &str, dir: &std::path::Path) -> Result<Self> {
+        let (port, mport) = (free_port()?, free_port()?);
+        let cfg = dir.join(format!("router-{port}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!("listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{mport}\n{config_yaml}"),
+        )?;
+        let log = dir.join(format!("router-{port}.log"));
+        let child = Command::new(workspace_bin("cellplane-router"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(Stdio::null())
+            .spawn()?;
+        let r = Self {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            metrics_addr: format!("127.0.0.1:{mport}"),
+            log,
+        };
+        let ready = format!("http://{}/readyz", r.metrics_addr);
+        wait_for("router ready", Duration::from_secs(30), || {
+            let u = ready.clone();
+            async move {
+                Ok(get(&u, &[])
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+                    .map(|_| ()))
+            }
+        })
+        .await?;
+        Ok(r)
+    }
+
+    pub async fn metric(&self, name_and_labels: &str) -> Result<f64> {
+        let text = get(&format!("http://{}/metrics", self.metrics_addr), &[])
+            .await?
+            .body;
+        for line in text.lines() {
+            if let Some(v) = line
+                .strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+            {
+                return Ok(v.trim().parse()?);
+            }
+        }
+        Ok(0.0)
+    }
+
+    pub async fn request(&self, user: &str) -> Result<Reply> {
+        get(
+            &format!("http://{}/shop/cart", self.addr),
+            &[("x-user-id", user)],
+        )
+        .await
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RouterProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn backend(&self) -> Option<&str> {
+        self.headers.get("x-backend").and_then(|v| v.to_str().ok())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Reply> {
+    let uri: http::Uri = url.parse()?;
+    let host = uri.authority().context("url has a host")?.to_string();
+    let stream = tokio::net::TcpStream::connect(&host).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        sender.send_request(req.body(Full::new(body))?),
+    )
+    .await??;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+    if status == 0 {
+        bail!("no status");
+    }
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<Reply> {
+    send("GET", url, headers, Bytes::new()).await
+}

@@ -1,0 +1,315 @@
+//! The router binary against real etcd and real HTTP backends: pinning across restarts
+//! and routers, outlier ejection, table flips, 421 refresh, etcd loss, bad tables, limits.
+
+use cellplane_cells::crd::CellPhase;
+use cellplane_cells::etcd_keys::routing_key;
+use cellplane_cells::placement::{place, WeightedCell};
+use cellplane_cells::routing::{CellEntry, RoutingTable};
+use cellplane_e2e::net::{send, Backend, Etcd, RouterProc};
+use cellplane_e2e::wait_for;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cellplane-router-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Cells `a` (endpoints a1, a2) and `b` (b1), each the other's standby.
+fn table(epoch: u64, a: &[&Backend], b: &[&Backend]) -> RoutingTable {
+    let p = place(
+        &[WeightedCell::new("a", 10), WeightedCell::new("b", 10)],
+        16384,
+    )
+    .unwrap();
+    let entry = |name: &str, eps: &[&Backend], standby: &str| CellEntry {
+        name: name.into(),
+        region: if name == "a" {
+            "us".into()
+        } else {
+            "eu".into()
+        },
+        state: CellPhase::Active,
+        endpoints: eps.iter().map(|b| b.addr.clone()).collect(),
+        standby: Some(standby.into()),
+    };
+    RoutingTable::new(
+        "shop",
+        epoch,
+        &p,
+        vec![entry("a", a, "b"), entry("b", b, "a")],
+    )
+    .unwrap()
+}
+
+fn users(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("user-{i}")).collect()
+}
+
+async fn wait_epoch(r: &RouterProc, epoch: u64) -> anyhow::Result<()> {
+    wait_for(&format!("router at epoch {epoch}"), T, || async {
+        Ok((r.metric("cellplane_router_table_epoch").await? as u64 == epoch).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pins_users_across_routers_and_restarts_and_survives_etcd_loss() -> anyhow::Result<()> {
+    let dir = tmpdir("pin");
+    let mut etcd = Etcd::start().await?;
+    let (a1, a2, b1) = (
+        Backend::start("a1").await?,
+        Backend::start("a2").await?,
+        Backend::start("b1").await?,
+    );
+    let t = table(1, &[&a1, &a2], &[&b1]);
+    etcd.put(&routing_key("shop"), t.encode()).await?;
+    let endpoint = etcd.endpoint.clone();
+    let cfg = |cache: &str| {
+        format!(
+            "table: {{etcd: {{endpoints: ['{endpoint}'], platform: shop}}, cacheFile: {}}}\n",
+            dir.join(cache).display()
+        )
+    };
+    let r1 = RouterProc::start(&cfg("r1.json"), &dir).await?;
+    let mut r2 = RouterProc::start(&cfg("r2.json"), &dir).await?;
+
+    let mut placed = Vec::new();
+    for u in users(200) {
+        let want = t.route(&u).1.name.clone();
+        let (x, y) = (r1.request(&u).await?, r2.request(&u).await?);
+        assert_eq!(x.status, 200, "{}", x.body);
+        let cell = |r: &cellplane_e2e::net::Reply| r.backend().unwrap()[..1].to_string();
+        assert_eq!(cell(&x), want, "{u} on router 1");
+        assert_eq!(cell(&y), want, "{u} on router 2");
+        assert_eq!(x.headers.get("x-cellplane-cell").unwrap(), want.as_str());
+        assert_eq!(
+            x.headers.get("x-seen-slot").unwrap().to_str()?,
+            t.route(&u).0.to_string()
+        );
+        placed.push((u, want));
+    }
+    assert!(placed.iter().any(|(_, c)| c == "a") && placed.iter().any(|(_, c)| c == "b"));
+
+    // etcd dies: routing continues on the last table.
+    etcd.kill();
+    for (u, want) in placed.iter().take(50) {
+        assert_eq!(&r1.request(u).await?.backend().unwrap()[..1], want.as_str());
+    }
+    // A router restarted while etcd is down routes from its disk cache, identically.
+    r2.kill();
+    let r2 = RouterProc::start(&cfg("r2.json"), &dir).await?;
+    for (u, want) in &placed {
+        assert_eq!(
+            &r2.request(u).await?.backend().unwrap()[..1],
+            want.as_str(),
+            "{u} after restart"
+        );
+    }
+    assert_eq!(r2.metric("cellplane_router_etcd_watch_up").await?, 0.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_endpoint_is_ejected_and_traffic_stays_healthy() -> anyhow::Result<()> {
+    let dir = tmpdir("eject");
+    let etcd = Etcd::start().await?;
+    let (a1, a2, b1) = (
+        Backend::start("a1").await?,
+        Backend::start("a2").await?,
+        Backend::start("b1").await?,
+    );
+    let t = table(1, &[&a1, &a2], &[&b1]);
+    etcd.put(&routing_key("shop"), t.encode()).await?;
+    let r = RouterProc::start(
+        &format!(
+            "table: {{etcd: {{endpoints: ['{}'], platform: shop}}}}\n",
+            etcd.endpoint
+        ),
+        &dir,
+    )
+    .await?;
+    let a_users: Vec<String> = users(400)
+        .into_iter()
+        .filter(|u| t.route(u).1.name == "a")
+        .take(60)
+        .collect();
+
+    a1.kill();
+    for u in &a_users {
+        let reply = r.request(u).await?;
+        assert_eq!(
+            reply.status, 200,
+            "connect failures are retried on the healthy endpoint: {}",
+            reply.body
+        );
+        assert_eq!(reply.backend(), Some("a2"));
+    }
+    assert!(
+        r.metric("cellplane_router_ejections_total{cell=\"a\"}")
+            .await?
+            >= 1.0,
+        "a1 was ejected"
+    );
+    let retries = r
+        .metric("cellplane_router_retries_total{reason=\"connect\"}")
+        .await?;
+    assert!(
+        retries >= 1.0 && retries < a_users.len() as f64,
+        "ejection stops the retries: {retries}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_flip_moves_exactly_the_flipped_slots_and_bad_tables_are_refused(
+) -> anyhow::Result<()> {
+    let dir = tmpdir("flip");
+    let etcd = Etcd::start().await?;
+    let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
+    let t1 = table(1, &[&a1], &[&b1]);
+    etcd.put(&routing_key("shop"), t1.encode()).await?;
+    let r = RouterProc::start(
+        &format!(
+            "table: {{etcd: {{endpoints: ['{}'], platform: shop}}}}\n",
+            etcd.endpoint
+        ),
+        &dir,
+    )
+    .await?;
+
+    // A bad table (a slot owned by a FailedOver cell) is refused; the last good one stays.
+    let mut bad = t1.clone();
+    bad.epoch = 5;
+    bad.cells[0].state = CellPhase::FailedOver;
+    etcd.put(&routing_key("shop"), bad.encode()).await?;
+    etcd.put(&routing_key("shop"), b"{not json".to_vec())
+        .await?;
+    wait_for("two refused tables", T, || async {
+        Ok((r.metric("cellplane_router_tables_refused_total").await? >= 2.0).then_some(()))
+    })
+    .await?;
+    assert_eq!(r.metric("cellplane_router_table_epoch").await?, 1.0);
+
+    // Fail cell a over to b: every a-slot moves to b, no b-slot moves.
+    let t2 = t1.failed_over("a")?;
+    etcd.put(&routing_key("shop"), t2.encode()).await?;
+    wait_epoch(&r, 2).await?;
+    let mut moved = 0;
+    for u in users(300) {
+        let before = t1.route(&u).1.name.clone();
+        let got = r.request(&u).await?;
+        assert_eq!(got.backend(), Some("b1"), "{u}");
+        assert_eq!(got.headers.get("x-cellplane-cell").unwrap(), "b");
+        moved += usize::from(before == "a");
+    }
+    assert!(moved > 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_421_refreshes_the_table_and_retries_once() -> anyhow::Result<()> {
+    let dir = tmpdir("421");
+    let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
+    let file = dir.join("table.json");
+    let t1 = table(1, &[&a1], &[&b1]);
+    std::fs::write(&file, t1.encode())?;
+    // Poll rarely: only the 421 path can pick up the new table in time.
+    let r = RouterProc::start(
+        &format!("table: {{file: {}, pollMs: 600000}}\n", file.display()),
+        &dir,
+    )
+    .await?;
+    let user = users(100)
+        .into_iter()
+        .find(|u| t1.route(u).1.name == "a")
+        .unwrap();
+    assert_eq!(r.request(&user).await?.backend(), Some("a1"));
+
+    // Ownership moves at epoch 2; the old home fences requests routed at epoch 1.
+    std::fs::write(&file, t1.failed_over("a")?.encode())?;
+    a1.min_epoch.store(2, Ordering::SeqCst);
+    let reply = r.request(&user).await?;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.backend(),
+        Some("b1"),
+        "re-routed to the new home after the refresh"
+    );
+    assert_eq!(
+        r.metric("cellplane_router_retries_total{reason=\"misdirected\"}")
+            .await?,
+        1.0
+    );
+    assert_eq!(r.metric("cellplane_router_table_epoch").await?, 2.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
+    let dir = tmpdir("4xx");
+    let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
+    let file = dir.join("table.json");
+    std::fs::write(&file, table(1, &[&a1], &[&b1]).encode())?;
+    let r = RouterProc::start(
+        &format!(
+            "table: {{file: {}}}\nlimits: {{perKeyRps: 1, perKeyBurst: 2, maxBodyBytes: 1024}}\n",
+            file.display()
+        ),
+        &dir,
+    )
+    .await?;
+    let url = format!("http://{}/x", r.addr);
+    let no_key = send("GET", &url, &[], bytes::Bytes::new()).await?;
+    assert_eq!(no_key.status, 400);
+    assert!(no_key.body.contains("X-User-Id"), "{}", no_key.body);
+
+    let big = send(
+        "POST",
+        &url,
+        &[("x-user-id", "big")],
+        bytes::Bytes::from(vec![b'x'; 2048]),
+    )
+    .await?;
+    assert_eq!(big.status, 413);
+    let ok = send(
+        "POST",
+        &url,
+        &[("x-user-id", "small")],
+        bytes::Bytes::from(vec![b'x'; 100]),
+    )
+    .await?;
+    assert_eq!(ok.status, 200);
+    assert!(
+        ok.body.ends_with(" 100"),
+        "the body reached the cell: {}",
+        ok.body
+    );
+
+    let mut statuses = vec![];
+    for _ in 0..4 {
+        statuses.push(send("GET", &url, &[("x-user-id", "hot")], bytes::Bytes::new()).await?);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| s.status == 200).count(),
+        2,
+        "burst of 2"
+    );
+    let limited = statuses
+        .iter()
+        .find(|s| s.status == 429)
+        .expect("429 after the burst");
+    assert!(limited.headers.contains_key("retry-after"));
+    assert_eq!(
+        send("GET", &url, &[("x-user-id", "other")], bytes::Bytes::new())
+            .await?
+            .status,
+        200,
+        "other users unaffected"
+    );
+    Ok(())
+}

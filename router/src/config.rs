@@ -1,0 +1,278 @@
+//! Router configuration: a YAML file, overridable by flags/env in `main`. Every field has
+//! a sane default except the table source; `validate` names the field and the fix.
+
+use crate::endpoints::EjectionPolicy;
+use crate::key::{default_sources, KeySource};
+use crate::limit::Rate;
+use crate::{Error, Result};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Where the user key comes from, tried in order.
+    #[serde(default = "default_sources")]
+    pub keys: Vec<KeySource>,
+    /// What to do with requests that carry no key.
+    #[serde(default)]
+    pub no_key: NoKeyPolicy,
+    pub table: TableConfig,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub ejection: Ejection,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum NoKeyPolicy {
+    /// 400 with a message naming the key source.
+    #[default]
+    Reject,
+    /// Route by the client's address (anonymous traffic still sticks to one cell).
+    ClientAddress,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TableConfig {
+    /// Static mode: a routing-table JSON file, re-read when it changes.
+    pub file: Option<PathBuf>,
+    /// etcd mode: watch `/cellplane/<platform>/routing`.
+    pub etcd: Option<EtcdConfig>,
+    /// Where the last good table is saved, so a restart without etcd still routes.
+    pub cache_file: Option<PathBuf>,
+    /// Static mode: how often the file is checked for changes.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+fn default_poll_ms() -> u64 {
+    1000
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub platform: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub connect_ms: u64,
+    /// Until the upstream's response headers.
+    pub request_ms: u64,
+    pub idle_ms: u64,
+    /// A client must send its request headers within this time (slow-client guard).
+    pub header_read_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect_ms: 1000,
+            request_ms: 15_000,
+            idle_ms: 60_000,
+            header_read_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    /// Bodies up to this size are buffered so a request can be retried (connect failure,
+    /// 421); larger ones stream and are not retried.
+    pub replay_buffer_bytes: u64,
+    pub per_key_rps: Option<f64>,
+    pub per_key_burst: Option<f64>,
+    pub global_rps: Option<f64>,
+    pub global_burst: Option<f64>,
+    pub max_tracked_keys: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 10 << 20,
+            max_header_bytes: 64 << 10,
+            replay_buffer_bytes: 64 << 10,
+            per_key_rps: None,
+            per_key_burst: None,
+            global_rps: None,
+            global_burst: None,
+            max_tracked_keys: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Ejection {
+    pub consecutive_failures: u32,
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        let p = EjectionPolicy::default();
+        Self {
+            consecutive_failures: p.consecutive_failures,
+            base_ejection_ms: p.base_ejection.as_millis() as u64,
+            max_ejection_ms: p.max_ejection.as_millis() as u64,
+            max_ejection_percent: p.max_ejection_percent,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:8080".parse().expect("literal")
+}
+fn default_metrics_listen() -> SocketAddr {
+    "0.0.0.0:9090".parse().expect("literal")
+}
+
+fn bad(field: &str, problem: impl Into<String>) -> Error {
+    Error::Config {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+fn rate(field: &str, rps: Option<f64>, burst: Option<f64>) -> Result<Option<Rate>> {
+    match (rps, burst) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(bad(
+            &format!("limits.{field}Burst"),
+            format!("needs limits.{field}Rps as well"),
+        )),
+        (Some(r), b) => {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err(bad(
+                    &format!("limits.{field}Rps"),
+                    "must be a positive number",
+                ));
+            }
+            let burst = b.unwrap_or(r.max(1.0));
+            if burst < 1.0 {
+                return Err(bad(&format!("limits.{field}Burst"), "must be >= 1"));
+            }
+            Ok(Some(Rate {
+                per_second: r,
+                burst,
+            }))
+        }
+    }
+}
+
+impl Config {
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let cfg: Config = serde_yaml::from_str(text).map_err(|e| bad("(file)", e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match (&self.table.file, &self.table.etcd) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(bad(
+                    "table",
+                    "set exactly one of table.file (static mode) or table.etcd (watch etcd)",
+                ))
+            }
+            (None, Some(e)) if e.endpoints.is_empty() => {
+                return Err(bad(
+                    "table.etcd.endpoints",
+                    "list at least one etcd endpoint, e.g. http://127.0.0.1:2379",
+                ))
+            }
+            (None, Some(e)) if e.platform.is_empty() => {
+                return Err(bad("table.etcd.platform", "name the platform, e.g. shop"))
+            }
+            _ => {}
+        }
+        if self.keys.is_empty() {
+            return Err(bad(
+                "keys",
+                "list at least one key source, e.g. {from: header, name: X-User-Id}",
+            ));
+        }
+        for (field, v) in [
+            ("timeouts.connectMs", self.timeouts.connect_ms),
+            ("timeouts.requestMs", self.timeouts.request_ms),
+            ("timeouts.headerReadMs", self.timeouts.header_read_ms),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be > 0 milliseconds"));
+            }
+        }
+        if self.limits.max_header_bytes < 8192 {
+            return Err(bad("limits.maxHeaderBytes", "must be at least 8192"));
+        }
+        if self.ejection.max_ejection_percent > 100 {
+            return Err(bad("ejection.maxEjectionPercent", "must be 0..100"));
+        }
+        self.global_rate()?;
+        self.per_key_rate()?;
+        Ok(())
+    }
+
+    pub fn global_rate(&self) -> Result<Option<Rate>> {
+        rate("global", self.limits.global_rps, self.limits.global_burst)
+    }
+
+    pub fn per_key_rate(&self) -> Result<Option<Rate>> {
+        rate("perKey", self.limits.per_key_rps, self.limits.per_key_burst)
+    }
+
+    pub fn ejection_policy(&self) -> EjectionPolicy {
+        EjectionPolicy {
+            consecutive_failures: self.ejection.consecutive_failures.max(1),
+            base_ejection: Duration::from_millis(self.ejection.base_ejection_ms),
+            max_ejection: Duration::from_millis(self.ejection.max_ejection_ms),
+            max_ejection_percent: self.ejection.max_ejection_percent,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_config_gets_defaults() {
+        let c = Config::from_yaml("table: {file: /tmp/t.json}").unwrap();
+        assert_eq!(c.keys, default_sources());
+        assert_eq!(c.no_key, NoKeyPolicy::Reject);
+        assert_eq!(c.timeouts.connect_ms, 1000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = |y: &str| Config::from_yaml(y).unwrap_err().to_string();
+        assert!(e("table: {}").contains("config table:"));
+        assert!(e("table: {etcd: {endpoints: [], platform: p}}").contains("table.etcd.endpoints"));
+        assert!(e("table: {file: f}\nlimits: {perKeyRps: -1}").contains("limits.perKeyRps"));
+        assert!(e("table: {file: f}\nlimits: {globalBurst: 5}").contains("limits.globalRps"));
+        assert!(e("table: {file: f}\ntimeouts: {connectMs: 0}").contains("timeouts.connectMs"));
+        assert!(e("table: {file: f}\nlisten: nowhere").contains("listen"));
+        assert!(e("table: {file: f}\nbogus: 1").contains("bogus"));
+        assert!(e("table: {file: f}\nkeys: [{from: header, name: X-User-Id}, {from: pathSegment, name: 1}, {from: smoke}]").contains("smoke"));
+    }
+}

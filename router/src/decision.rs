@@ -1,0 +1,54 @@
+//! The routing decision: key -> slot -> home cell -> endpoint. Pure and benchmarked.
+
+use cellplane_cells::routing::{CellEntry, RoutingTable};
+use cellplane_cells::slot::Slot;
+
+/// Where a request goes, at which epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'t> {
+    pub slot: Slot,
+    pub cell: &'t CellEntry,
+    pub epoch: u64,
+}
+
+#[inline]
+pub fn decide<'t>(table: &'t RoutingTable, key: &str) -> Decision<'t> {
+    let (slot, cell) = table.route(key);
+    Decision {
+        slot,
+        cell,
+        epoch: table.epoch,
+    }
+}
+
+/// Power of two choices: of two random candidates (indices `a`, `b` drawn by the caller
+/// from `0..candidates.len()`), the one with fewer requests in flight. `None` when empty.
+#[inline]
+pub fn power_of_two(in_flight: &[u32], a: usize, b: usize) -> Option<usize> {
+    match in_flight.len() {
+        0 => None,
+        1 => Some(0),
+        n => {
+            let (a, b) = (a % n, b % n);
+            Some(if in_flight[b] < in_flight[a] { b } else { a })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p2c_prefers_the_less_loaded() {
+        assert_eq!(power_of_two(&[], 0, 1), None);
+        assert_eq!(power_of_two(&[9], 3, 7), Some(0));
+        assert_eq!(power_of_two(&[5, 1, 3], 0, 1), Some(1));
+        assert_eq!(power_of_two(&[5, 1, 3], 2, 0), Some(2));
+        assert_eq!(
+            power_of_two(&[2, 2], 1, 0),
+            Some(1),
+            "ties keep the first draw"
+        );
+    }
+}

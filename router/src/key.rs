@@ -1,0 +1,186 @@
+//! User-key extraction from a request, in the configured order. Pure.
+//!
+//! JWT claims are read without verifying the signature: the key only chooses a cell,
+//! it grants nothing; authentication stays with the cell's app.
+
+use base64::Engine;
+use http::header::COOKIE;
+use http::{HeaderMap, Uri};
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted user key; longer values are treated as absent.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Where a user key may come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "from", content = "name")]
+pub enum KeySource {
+    /// A request header, e.g. `X-User-Id`.
+    Header(String),
+    /// A cookie by name.
+    Cookie(String),
+    /// The N-th (0-based) segment of the path, e.g. 1 for `/users/<key>/cart`.
+    PathSegment(usize),
+    /// A query parameter.
+    Query(String),
+    /// A claim of a bearer JWT in `Authorization`.
+    JwtClaim(String),
+}
+
+/// The default order: header `X-User-Id`.
+pub fn default_sources() -> Vec<KeySource> {
+    vec![KeySource::Header("x-user-id".into())]
+}
+
+fn valid(key: &str) -> Option<&str> {
+    (!key.is_empty() && key.len() <= MAX_KEY_LEN).then_some(key)
+}
+
+fn from_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|line| {
+            line.split(';').find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then_some(v.trim_matches('"'))
+            })
+        })
+}
+
+fn from_query<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+    uri.query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn from_path(uri: &Uri, index: usize) -> Option<&str> {
+    uri.path().split('/').filter(|s| !s.is_empty()).nth(index)
+}
+
+fn from_jwt(headers: &HeaderMap, claim: &str) -> Option<String> {
+    let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let token = auth
+        .strip_prefix("Bearer ")
+        .or_else(|| auth.strip_prefix("bearer "))?;
+    let payload = token.split('.').nth(1)?;
+    if payload.len() > 8 * 1024 {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    match value.get(claim)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The first key found in `sources` order.
+pub fn extract(sources: &[KeySource], headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    sources.iter().find_map(|s| match s {
+        KeySource::Header(name) => headers
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok())
+            .and_then(valid)
+            .map(str::to_owned),
+        KeySource::Cookie(name) => from_cookie(headers, name)
+            .and_then(valid)
+            .map(str::to_owned),
+        KeySource::PathSegment(i) => from_path(uri, *i).and_then(valid).map(str::to_owned),
+        KeySource::Query(name) => from_query(uri, name).and_then(valid).map(str::to_owned),
+        KeySource::JwtClaim(claim) => from_jwt(headers, claim).filter(|k| valid(k).is_some()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn sources_are_tried_in_order() {
+        let sources = vec![
+            KeySource::Header("x-user-id".into()),
+            KeySource::Cookie("uid".into()),
+            KeySource::PathSegment(1),
+            KeySource::Query("user".into()),
+        ];
+        let uri: Uri = "/users/path-user/cart?user=q-user".parse().unwrap();
+        assert_eq!(
+            extract(&sources, &headers(&[("x-user-id", "h")]), &uri).as_deref(),
+            Some("h")
+        );
+        assert_eq!(
+            extract(&sources, &headers(&[("cookie", "a=1; uid=c-user")]), &uri).as_deref(),
+            Some("c-user")
+        );
+        assert_eq!(
+            extract(&sources, &HeaderMap::new(), &uri).as_deref(),
+            Some("path-user")
+        );
+        let short: Uri = "/x?user=q-user".parse().unwrap();
+        assert_eq!(
+            extract(&sources, &HeaderMap::new(), &short).as_deref(),
+            Some("q-user")
+        );
+        assert_eq!(
+            extract(&sources, &HeaderMap::new(), &"/".parse().unwrap()),
+            None
+        );
+    }
+
+    #[test]
+    fn jwt_claim_is_read_from_the_payload() {
+        let payload =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"sub":"u-42","n":7}"#);
+        let h = headers(&[("authorization", &format!("Bearer x.{payload}.sig"))]);
+        let uri: Uri = "/".parse().unwrap();
+        assert_eq!(
+            extract(&[KeySource::JwtClaim("sub".into())], &h, &uri).as_deref(),
+            Some("u-42")
+        );
+        assert_eq!(
+            extract(&[KeySource::JwtClaim("n".into())], &h, &uri).as_deref(),
+            Some("7")
+        );
+        let bad = headers(&[("authorization", "Bearer not-a-jwt")]);
+        assert_eq!(
+            extract(&[KeySource::JwtClaim("sub".into())], &bad, &uri),
+            None
+        );
+    }
+
+    #[test]
+    fn empty_and_oversized_keys_are_absent() {
+        let uri: Uri = "/".parse().unwrap();
+        let src = default_sources();
+        assert_eq!(extract(&src, &headers(&[("x-user-id", "")]), &uri), None);
+        let long = "k".repeat(MAX_KEY_LEN + 1);
+        assert_eq!(extract(&src, &headers(&[("x-user-id", &long)]), &uri), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_input(path in "[ -~]{0,64}", cookie in "[ -~]{0,64}", auth in "[ -~]{0,128}") {
+            let uri: Uri = format!("/{}", path.replace(['#', ' ', '"', '<', '>', '\\', '^', '`', '{', '|', '}'], "")).parse().unwrap_or_default();
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&cookie) { h.insert(COOKIE, v); }
+            if let Ok(v) = HeaderValue::from_str(&auth) { h.insert(http::header::AUTHORIZATION, v); }
+            let all = vec![KeySource::Cookie("uid".into()), KeySource::JwtClaim("sub".into()), KeySource::PathSegment(0), KeySource::Query("u".into())];
+            let _ = extract(&all, &h, &uri);
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Prometheus metrics of the router, served on their own port.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicI64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub cell: String,
+    /// "2xx", "4xx", "5xx", ...
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CellLabel {
+    pub cell: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<CellLabel, Histogram>,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub ejections: Family<CellLabel, Counter>,
+    pub retries: Family<ReasonLabel, Counter>,
+    pub table_epoch: Gauge<i64, AtomicI64>,
+    pub table_applied_at: Gauge<i64, AtomicI64>,
+    pub tables_refused: Counter,
+    pub etcd_watch_up: Gauge<i64, AtomicI64>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("cellplane_router");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<CellLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        let ejections = Family::<CellLabel, Counter>::default();
+        let retries = Family::<ReasonLabel, Counter>::default();
+        let table_epoch = Gauge::default();
+        let table_applied_at = Gauge::default();
+        let tables_refused = Counter::default();
+        let etcd_watch_up = Gauge::default();
+        r.register(
+            "requests",
+            "Proxied requests by cell and status class",
+            requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Upstream response time by cell",
+            latency.clone(),
+        );
+        r.register(
+            "rejected",
+            "Requests answered by the router itself, by reason",
+            rejected.clone(),
+        );
+        r.register(
+            "ejections",
+            "Endpoints ejected as outliers",
+            ejections.clone(),
+        );
+        r.register("retries", "Retries by reason", retries.clone());
+        r.register(
+            "table_epoch",
+            "Epoch of the routing table in use",
+            table_epoch.clone(),
+        );
+        r.register(
+            "table_applied_timestamp_seconds",
+            "When the table in use was applied",
+            table_applied_at.clone(),
+        );
+        r.register(
+            "tables_refused",
+            "Routing tables refused as invalid or stale",
+            tables_refused.clone(),
+        );
+        r.register(
+            "etcd_watch_up",
+            "1 while the etcd watch is established",
+            etcd_watch_up.clone(),
+        );
+        Self {
+            requests,
+            latency,
+            rejected,
+            ejections,
+            retries,
+            table_epoch,
+            table_applied_at,
+            tables_refused,
+            etcd_watch_up,
+            registry: r,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("String encoding");
+        out
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn status_class(code: u16) -> &'static str {
+    match code / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
