@@ -40,9 +40,13 @@ demo: tools
 	$(CARGO) build -p cellplane-operator
 	@e2e/bin/demo
 
+# Benchmarks print medians and ratios measured side by side; none is a timed test.
 bench: tools
+	@bash e2e/bin/setup --bench
 	$(CARGO) bench -p cellplane-cells --bench slot_lookup
-	$(CARGO) build --release -p cellplane-operator
+	$(CARGO) bench -p cellplane-router --bench decision
+	$(CARGO) build --release -p cellplane-operator -p cellplane-router
+	@e2e/bin/bench-router
 	@e2e/bin/bench-scale
 
 clean:

@@ -1,22 +1,26 @@
 //! The routing decision: key -> slot -> home cell -> endpoint. Pure and benchmarked.
 
 use cellplane_cells::routing::{CellEntry, RoutingTable};
-use cellplane_cells::slot::Slot;
+use cellplane_cells::slot::{slot_for_key, Slot};
 
 /// Where a request goes, at which epoch.
 #[derive(Debug, Clone, Copy)]
 pub struct Decision<'t> {
     pub slot: Slot,
+    /// Index of the cell in `table.cells`.
+    pub cell_index: usize,
     pub cell: &'t CellEntry,
     pub epoch: u64,
 }
 
 #[inline]
 pub fn decide<'t>(table: &'t RoutingTable, key: &str) -> Decision<'t> {
-    let (slot, cell) = table.route(key);
+    let slot = slot_for_key(key, table.slots);
+    let cell_index = usize::from(table.owners[slot as usize]);
     Decision {
         slot,
-        cell,
+        cell_index,
+        cell: &table.cells[cell_index],
         epoch: table.epoch,
     }
 }
@@ -38,6 +42,36 @@ pub fn power_of_two(in_flight: &[u32], a: usize, b: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decision_matches_the_table() {
+        use cellplane_cells::crd::CellPhase;
+        use cellplane_cells::placement::{place, WeightedCell};
+        let p = place(
+            &[WeightedCell::new("a", 10), WeightedCell::new("b", 10)],
+            16384,
+        )
+        .unwrap();
+        let cells = ["a", "b"]
+            .map(|n| CellEntry {
+                name: n.into(),
+                region: "r".into(),
+                state: CellPhase::Active,
+                endpoints: vec!["e:1".into()],
+                standby: None,
+            })
+            .to_vec();
+        let t = RoutingTable::new("p", 7, &p, cells).unwrap();
+        for u in ["alice", "bob", "carol"] {
+            let d = decide(&t, u);
+            let (slot, cell) = t.route(u);
+            assert_eq!(
+                (d.slot, d.cell.name.as_str(), d.epoch),
+                (slot, cell.name.as_str(), 7)
+            );
+            assert_eq!(t.cells[d.cell_index].name, cell.name);
+        }
+    }
 
     #[test]
     fn p2c_prefers_the_less_loaded() {

@@ -1,6 +1,7 @@
 //! Per-endpoint state: requests in flight (for power-of-two choices) and passive outlier
 //! ejection (consecutive connect errors / 5xx, exponential backoff, a cap on the share
-//! of a cell's endpoints that may be ejected at once).
+//! of a cell's endpoints that may be ejected at once). The hot path works on handles
+//! resolved once per routing table: no map lookups, no allocation per request.
 
 use crate::decision::power_of_two;
 use std::collections::HashMap;
@@ -28,8 +29,9 @@ impl Default for EjectionPolicy {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndpointState {
+    pub addr: String,
     pub in_flight: AtomicU32,
     failures: AtomicU32,
     ejections: AtomicU32,
@@ -46,6 +48,8 @@ impl Drop for InFlight {
     }
 }
 
+/// Endpoint states by address; they outlive routing tables, so an endpoint ejected
+/// before a table change stays ejected after it.
 pub struct Endpoints {
     start: Instant,
     policy: EjectionPolicy,
@@ -65,80 +69,101 @@ impl Endpoints {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// The handle of `addr` (resolved once per table, off the hot path).
     pub fn state(&self, addr: &str) -> Arc<EndpointState> {
         if let Some(s) = self.states.read().expect("lock").get(addr) {
             return s.clone();
         }
-        self.states
-            .write()
-            .expect("lock")
-            .entry(addr.to_string())
-            .or_default()
+        let mut map = self.states.write().expect("lock");
+        map.entry(addr.to_string())
+            .or_insert_with(|| {
+                Arc::new(EndpointState {
+                    addr: addr.to_string(),
+                    in_flight: AtomicU32::new(0),
+                    failures: AtomicU32::new(0),
+                    ejections: AtomicU32::new(0),
+                    ejected_until_ms: AtomicU64::new(0),
+                })
+            })
             .clone()
     }
 
-    pub fn is_ejected(&self, addr: &str) -> bool {
-        self.state(addr).ejected_until_ms.load(Ordering::Relaxed) > self.now_ms()
+    fn ejected_at(&self, s: &EndpointState, now: u64) -> bool {
+        s.ejected_until_ms.load(Ordering::Relaxed) > now
     }
 
-    /// Picks an endpoint of a cell by power of two choices over the non-ejected ones
-    /// (all of them when every one is ejected: failing open beats refusing all traffic).
-    pub fn choose<'a>(
+    pub fn is_ejected(&self, s: &EndpointState) -> bool {
+        self.ejected_at(s, self.now_ms())
+    }
+
+    /// Picks an endpoint by power of two choices, preferring non-ejected ones (when all
+    /// are ejected it fails open rather than refusing all traffic). `exclude` skips one
+    /// index (the endpoint a retry is moving away from).
+    pub fn choose(
         &self,
-        addrs: &'a [String],
-        exclude: Option<&str>,
-    ) -> Option<(&'a str, InFlight)> {
+        eps: &[Arc<EndpointState>],
+        exclude: Option<usize>,
+    ) -> Option<(usize, InFlight)> {
+        let n = eps.len();
+        let usable = |i: usize| Some(i) != exclude;
         let now = self.now_ms();
-        let mut candidates: Vec<(&'a str, Arc<EndpointState>)> = addrs
-            .iter()
-            .filter(|a| Some(a.as_str()) != exclude)
-            .map(|a| (a.as_str(), self.state(a)))
-            .collect();
-        let healthy: Vec<_> = candidates
-            .iter()
-            .filter(|(_, s)| s.ejected_until_ms.load(Ordering::Relaxed) <= now)
-            .cloned()
-            .collect();
-        if !healthy.is_empty() {
-            candidates = healthy;
-        }
-        let loads: Vec<u32> = candidates
-            .iter()
-            .map(|(_, s)| s.in_flight.load(Ordering::Relaxed))
-            .collect();
-        let i = power_of_two(
-            &loads,
-            rand::random::<u32>() as usize,
-            rand::random::<u32>() as usize,
-        )?;
-        let (addr, state) = candidates.swap_remove(i);
+        let healthy = |i: usize| usable(i) && !self.ejected_at(&eps[i], now);
+        let pick = match n {
+            0 => return None,
+            1 => usable(0).then_some(0)?,
+            _ => {
+                let (r1, r2) = (
+                    rand::random::<u32>() as usize,
+                    rand::random::<u32>() as usize,
+                );
+                let (mut a, mut b) = (r1 % n, r2 % n);
+                // Two draws among healthy endpoints; fall back to any usable one.
+                if !healthy(a) {
+                    a = (0..n)
+                        .map(|k| (a + k) % n)
+                        .find(|&i| healthy(i))
+                        .or_else(|| (0..n).find(|&i| usable(i)))?;
+                }
+                if !healthy(b) {
+                    b = (0..n)
+                        .map(|k| (b + k) % n)
+                        .find(|&i| healthy(i))
+                        .unwrap_or(a);
+                }
+                let loads = [
+                    eps[a].in_flight.load(Ordering::Relaxed),
+                    eps[b].in_flight.load(Ordering::Relaxed),
+                ];
+                [a, b][power_of_two(&loads, 0, 1).expect("two candidates")]
+            }
+        };
+        let state = eps[pick].clone();
         state.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some((addr, InFlight(state)))
+        Some((pick, InFlight(state)))
     }
 
-    pub fn record_success(&self, addr: &str) {
-        let s = self.state(addr);
-        s.failures.store(0, Ordering::Relaxed);
-        s.ejections.store(0, Ordering::Relaxed);
+    pub fn record_success(&self, s: &EndpointState) {
+        if s.failures.load(Ordering::Relaxed) != 0 {
+            s.failures.store(0, Ordering::Relaxed);
+        }
+        if s.ejections.load(Ordering::Relaxed) != 0 {
+            s.ejections.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Records a connect error or 5xx; returns true when this ejected the endpoint.
-    pub fn record_failure(&self, addr: &str, cell_endpoints: &[String]) -> bool {
-        let s = self.state(addr);
+    pub fn record_failure(&self, s: &EndpointState, cell: &[Arc<EndpointState>]) -> bool {
         let failures = s.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures < self.policy.consecutive_failures {
             return false;
         }
         let now = self.now_ms();
-        let ejected = cell_endpoints
+        let others_ejected = cell
             .iter()
-            .filter(|a| {
-                a.as_str() != addr && self.state(a).ejected_until_ms.load(Ordering::Relaxed) > now
-            })
-            .count()
-            + 1;
-        if ejected * 100 > cell_endpoints.len().max(1) * self.policy.max_ejection_percent as usize
-            && cell_endpoints.len() > 1
+            .filter(|e| e.addr != s.addr && self.ejected_at(e, now))
+            .count();
+        if cell.len() > 1
+            && (others_ejected + 1) * 100 > cell.len() * self.policy.max_ejection_percent as usize
         {
             return false;
         }
@@ -159,30 +184,30 @@ impl Endpoints {
 mod tests {
     use super::*;
 
-    fn addrs(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.0.0.{i}:80")).collect()
+    fn cell(e: &Endpoints, n: usize) -> Vec<Arc<EndpointState>> {
+        (0..n).map(|i| e.state(&format!("10.0.0.{i}:80"))).collect()
     }
 
     #[test]
     fn consecutive_failures_eject_and_success_resets() {
         let e = Endpoints::new(EjectionPolicy::default());
-        let a = addrs(4);
+        let a = cell(&e, 4);
         assert!(!e.record_failure(&a[0], &a));
         e.record_success(&a[0]);
         assert!(!e.record_failure(&a[0], &a));
         assert!(!e.record_failure(&a[0], &a));
         assert!(e.record_failure(&a[0], &a));
         assert!(e.is_ejected(&a[0]));
-        for _ in 0..50 {
-            let (addr, _g) = e.choose(&a, None).unwrap();
-            assert_ne!(addr, a[0], "ejected endpoints get no traffic");
+        for _ in 0..200 {
+            let (i, _g) = e.choose(&a, None).unwrap();
+            assert_ne!(i, 0, "ejected endpoints get no traffic");
         }
     }
 
     #[test]
     fn ejection_share_is_capped() {
         let e = Endpoints::new(EjectionPolicy::default());
-        let a = addrs(2);
+        let a = cell(&e, 2);
         for _ in 0..3 {
             e.record_failure(&a[0], &a);
         }
@@ -197,13 +222,29 @@ mod tests {
     }
 
     #[test]
-    fn in_flight_is_released_on_drop() {
+    fn in_flight_is_released_and_exclusion_respected() {
         let e = Endpoints::new(EjectionPolicy::default());
-        let a = addrs(1);
-        let (addr, guard) = e.choose(&a, None).unwrap();
-        assert_eq!(e.state(addr).in_flight.load(Ordering::Relaxed), 1);
+        let a = cell(&e, 1);
+        let (i, guard) = e.choose(&a, None).unwrap();
+        assert_eq!(a[i].in_flight.load(Ordering::Relaxed), 1);
         drop(guard);
-        assert_eq!(e.state(addr).in_flight.load(Ordering::Relaxed), 0);
-        assert!(e.choose(&a, Some(&a[0])).is_none());
+        assert_eq!(a[i].in_flight.load(Ordering::Relaxed), 0);
+        assert!(e.choose(&a, Some(0)).is_none());
+        let two = cell(&e, 2);
+        for _ in 0..50 {
+            assert_eq!(e.choose(&two, Some(0)).unwrap().0, 1);
+        }
+    }
+
+    #[test]
+    fn p2c_spreads_by_load() {
+        let e = Endpoints::new(EjectionPolicy::default());
+        let a = cell(&e, 3);
+        a[0].in_flight.store(100, Ordering::Relaxed);
+        let mut hits = [0; 3];
+        for _ in 0..300 {
+            hits[e.choose(&a, None).unwrap().0] += 1;
+        }
+        assert!(hits[0] < hits[1] && hits[0] < hits[2], "{hits:?}");
     }
 }

@@ -56,6 +56,9 @@ struct Cli {
     /// Where the last good table is saved.
     #[arg(long, env = "CELLPLANE_ROUTER_CACHE_FILE")]
     cache_file: Option<PathBuf>,
+    /// Worker threads (default: one per core); 1 runs everything on one thread.
+    #[arg(long, env = "CELLPLANE_ROUTER_WORKERS")]
+    workers: Option<usize>,
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
@@ -137,8 +140,7 @@ async fn serve_admin(addr: SocketAddr, router: Arc<Router>) -> anyhow::Result<()
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(
@@ -147,6 +149,25 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let cfg = load_config(&cli)?;
+    let workers = cli.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let runtime = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let tables = Arc::new(TableStore::new(
         cfg.table.cache_file.clone(),

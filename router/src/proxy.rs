@@ -3,20 +3,25 @@
 
 use crate::config::{Config, NoKeyPolicy};
 use crate::decision::decide;
-use crate::endpoints::Endpoints;
+use crate::endpoints::{EndpointState, Endpoints};
 use crate::key;
 use crate::limit::Limiter;
-use crate::metrics::{status_class, CellLabel, Metrics, ReasonLabel, RequestLabels};
+use crate::metrics::{CellLabel, Metrics, ReasonLabel, RequestLabels};
 use crate::table::TableStore;
 use crate::watch::TableSource;
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use cellplane_cells::routing::serves_traffic;
+use cellplane_cells::routing::RoutingTable;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, RETRY_AFTER};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +45,59 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// What the hot path needs about one routing table, resolved once when the table changes:
+/// endpoint handles, URI authorities, header values and metric handles per cell.
+pub struct View {
+    pub table: Arc<RoutingTable>,
+    cells: Vec<CellView>,
+}
+
+struct CellView {
+    endpoints: Vec<Arc<EndpointState>>,
+    authorities: Vec<Option<Authority>>,
+    name_header: HeaderValue,
+    /// Requests by status class: 1xx..5xx.
+    requests: [Counter; 5],
+    latency: Histogram,
+    ejections: Counter,
+}
+
+impl View {
+    fn build(table: Arc<RoutingTable>, endpoints: &Endpoints, m: &Metrics) -> Self {
+        let cells = table
+            .cells
+            .iter()
+            .map(|c| CellView {
+                endpoints: c.endpoints.iter().map(|a| endpoints.state(a)).collect(),
+                authorities: c.endpoints.iter().map(|a| a.parse().ok()).collect(),
+                name_header: HeaderValue::from_str(&c.name)
+                    .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+                requests: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+                    m.requests
+                        .get_or_create(&RequestLabels {
+                            cell: c.name.clone(),
+                            class,
+                        })
+                        .clone()
+                }),
+                latency: m
+                    .latency
+                    .get_or_create(&CellLabel {
+                        cell: c.name.clone(),
+                    })
+                    .clone(),
+                ejections: m
+                    .ejections
+                    .get_or_create(&CellLabel {
+                        cell: c.name.clone(),
+                    })
+                    .clone(),
+            })
+            .collect();
+        Self { table, cells }
+    }
+}
+
 pub struct Router {
     pub config: Config,
     pub tables: Arc<TableStore>,
@@ -47,6 +105,7 @@ pub struct Router {
     pub endpoints: Endpoints,
     pub limiter: Limiter,
     pub metrics: Arc<Metrics>,
+    view: ArcSwapOption<View>,
     client: Client<HttpConnector, Body>,
 }
 
@@ -77,8 +136,24 @@ impl Router {
             endpoints,
             limiter,
             metrics,
+            view: ArcSwapOption::empty(),
             client,
         })
+    }
+
+    /// The view of the current table, rebuilt when the table changed.
+    pub fn view(&self) -> Option<Arc<View>> {
+        let table = self.tables.get()?;
+        if let Some(v) = self
+            .view
+            .load_full()
+            .filter(|v| Arc::ptr_eq(&v.table, &table))
+        {
+            return Some(v);
+        }
+        let v = Arc::new(View::build(table, &self.endpoints, &self.metrics));
+        self.view.store(Some(v.clone()));
+        Some(v)
     }
 }
 
@@ -170,9 +245,12 @@ pub async fn handle(
     }
 
     // Buffer small bodies so the request can be retried; stream large ones.
-    let replayable = !has_body(&req) || length.is_some_and(|n| n <= cfg.limits.replay_buffer_bytes);
+    let has_body_flag = has_body(&req);
+    let replayable = !has_body_flag || length.is_some_and(|n| n <= cfg.limits.replay_buffer_bytes);
     let (parts, body) = req.into_parts();
-    let (buffered, mut streaming): (Option<Bytes>, Option<Body>) = if replayable {
+    let (buffered, mut streaming): (Option<Bytes>, Option<Body>) = if !has_body_flag {
+        (Some(Bytes::new()), None)
+    } else if replayable {
         match Limited::new(body, cfg.limits.replay_buffer_bytes as usize)
             .collect()
             .await
@@ -199,11 +277,11 @@ pub async fn handle(
         )
     };
 
-    let mut exclude: Option<String> = None;
+    let mut exclude: Option<usize> = None;
     let mut retried_connect = false;
     let mut refreshed = false;
     loop {
-        let Some(table) = router.tables.get() else {
+        let Some(view) = router.view() else {
             return reply(
                 m,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -212,7 +290,7 @@ pub async fn handle(
                 Some(Duration::from_secs(1)),
             );
         };
-        let d = decide(&table, &key);
+        let d = decide(&view.table, &key);
         if !serves_traffic(d.cell.state) {
             return reply(
                 m,
@@ -222,10 +300,8 @@ pub async fn handle(
                 Some(Duration::from_secs(1)),
             );
         }
-        let Some((addr, _in_flight)) = router
-            .endpoints
-            .choose(&d.cell.endpoints, exclude.as_deref())
-        else {
+        let cv = &view.cells[d.cell_index];
+        let Some((ep, _in_flight)) = router.endpoints.choose(&cv.endpoints, exclude) else {
             return reply(
                 m,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -234,6 +310,16 @@ pub async fn handle(
                 Some(Duration::from_secs(1)),
             );
         };
+        let Some(authority) = cv.authorities[ep].clone() else {
+            return reply(
+                m,
+                StatusCode::BAD_GATEWAY,
+                "bad_endpoint",
+                "the cell's endpoint is not a valid host:port",
+                None,
+            );
+        };
+        let endpoint = &cv.endpoints[ep];
         let body = match (&buffered, streaming.take()) {
             (Some(b), _) => full(b.clone()),
             (None, Some(s)) => s,
@@ -242,9 +328,9 @@ pub async fn handle(
         let upstream = match upstream_request(
             &parts,
             body,
-            addr,
+            authority,
             peer,
-            d.cell.name.as_str(),
+            &cv.name_header,
             d.slot,
             d.epoch,
         ) {
@@ -257,12 +343,9 @@ pub async fn handle(
             router.client.request(upstream),
         )
         .await;
-        let cell = CellLabel {
-            cell: d.cell.name.clone(),
-        };
         match result {
             Err(_) => {
-                eject_on_failure(&router, addr, &d.cell.endpoints, &cell);
+                eject_on_failure(&router, endpoint, cv, &d.cell.name);
                 // The upstream may have acted on it: never retried.
                 return reply(
                     m,
@@ -273,17 +356,17 @@ pub async fn handle(
                 );
             }
             Ok(Err(e)) => {
-                eject_on_failure(&router, addr, &d.cell.endpoints, &cell);
+                eject_on_failure(&router, endpoint, cv, &d.cell.name);
                 // A refused connection never reached the app: safe to retry elsewhere once.
                 if e.is_connect() && buffered.is_some() && !retried_connect {
                     retried_connect = true;
-                    exclude = Some(addr.to_string());
+                    exclude = Some(ep);
                     m.retries
                         .get_or_create(&ReasonLabel { reason: "connect" })
                         .inc();
                     continue;
                 }
-                tracing::debug!(error = %e, %addr, "upstream failed");
+                tracing::debug!(error = %e, addr = %endpoint.addr, "upstream failed");
                 return reply(
                     m,
                     StatusCode::BAD_GATEWAY,
@@ -308,24 +391,17 @@ pub async fn handle(
                     continue;
                 }
                 if status.is_server_error() {
-                    eject_on_failure(&router, addr, &d.cell.endpoints, &cell);
+                    eject_on_failure(&router, endpoint, cv, &d.cell.name);
                 } else {
-                    router.endpoints.record_success(addr);
+                    router.endpoints.record_success(endpoint);
                 }
-                m.latency
-                    .get_or_create(&cell)
-                    .observe(started.elapsed().as_secs_f64());
-                m.requests
-                    .get_or_create(&RequestLabels {
-                        cell: d.cell.name.clone(),
-                        class: status_class(status.as_u16()),
-                    })
-                    .inc();
+                cv.latency.observe(started.elapsed().as_secs_f64());
+                cv.requests[usize::from(status.as_u16() / 100).clamp(1, 5) - 1].inc();
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
-                if let Ok(v) = HeaderValue::from_str(&d.cell.name) {
-                    rparts.headers.insert(HeaderName::from_static(H_CELL), v);
-                }
+                rparts
+                    .headers
+                    .insert(HeaderName::from_static(H_CELL), cv.name_header.clone());
                 // The in-flight guard lives until the body is handed over; streaming the
                 // rest is bounded by the client connection's own timeouts.
                 return Response::from_parts(
@@ -337,10 +413,10 @@ pub async fn handle(
     }
 }
 
-fn eject_on_failure(router: &Router, addr: &str, all: &[String], cell: &CellLabel) {
-    if router.endpoints.record_failure(addr, all) {
-        router.metrics.ejections.get_or_create(cell).inc();
-        tracing::warn!(%addr, cell = %cell.cell, "endpoint ejected");
+fn eject_on_failure(router: &Router, endpoint: &EndpointState, cell: &CellView, name: &str) {
+    if router.endpoints.record_failure(endpoint, &cell.endpoints) {
+        cell.ejections.inc();
+        tracing::warn!(addr = %endpoint.addr, cell = %name, "endpoint ejected");
     }
 }
 
@@ -360,19 +436,22 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 fn upstream_request(
     parts: &http::request::Parts,
     body: Body,
-    addr: &str,
+    authority: Authority,
     peer: SocketAddr,
-    cell: &str,
+    cell: &HeaderValue,
     slot: u32,
     epoch: u64,
 ) -> Result<Request<Body>, String> {
     let path = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: Uri = format!("http://{addr}{path}")
-        .parse()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
         .map_err(|_| "request target is not a valid path".to_string())?;
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
@@ -389,9 +468,9 @@ fn upstream_request(
             h.insert(HeaderName::from_static(name), v);
         }
     };
-    set(&mut headers, H_CELL, cell.to_string());
-    set(&mut headers, H_SLOT, slot.to_string());
-    set(&mut headers, H_EPOCH, epoch.to_string());
+    headers.insert(HeaderName::from_static(H_CELL), cell.clone());
+    headers.insert(HeaderName::from_static(H_SLOT), HeaderValue::from(slot));
+    headers.insert(HeaderName::from_static(H_EPOCH), HeaderValue::from(epoch));
     set(&mut headers, "x-forwarded-for", xff);
     set(&mut headers, "x-forwarded-proto", "http".into());
     if let Some(h) = host {
