@@ -1,0 +1,4 @@
+output "operator_release" {
+  description = "Name and namespace of the operator's Helm release."
+  value       = "${helm_release.operator.namespace}/${helm_release.operator.name}"
+}
