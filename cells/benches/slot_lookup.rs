@@ -1,6 +1,5 @@
 //! Key -> slot -> cell lookup and placement cost (criterion). `make bench` runs it.
 
-use cellplane_cells::crd::CellPhase;
 use cellplane_cells::placement::{place, WeightedCell};
 use cellplane_cells::routing::{CellEntry, RoutingTable};
 use cellplane_cells::slot::{slot_for_key, DEFAULT_SLOTS};
@@ -8,22 +7,15 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 
 fn table(cells: usize) -> RoutingTable {
-    let weighted: Vec<_> = (0..cells)
-        .map(|i| WeightedCell::new(format!("cell-{i}"), 10))
-        .collect();
-    let placement = place(&weighted, DEFAULT_SLOTS).unwrap();
-    let entries = placement
-        .cells
-        .iter()
-        .map(|name| CellEntry {
-            name: name.clone(),
-            region: "r".into(),
-            state: CellPhase::Active,
-            endpoints: vec!["127.0.0.1:1".into()],
-            standby: None,
+    let cells = (0..cells)
+        .map(|i| {
+            (
+                CellEntry::active(&format!("cell-{i}"), "r", vec!["127.0.0.1:1".into()]),
+                10,
+            )
         })
         .collect();
-    RoutingTable::new("bench", 1, &placement, entries).unwrap()
+    RoutingTable::placed("bench", 1, DEFAULT_SLOTS, cells).unwrap()
 }
 
 fn lookups(c: &mut Criterion) {

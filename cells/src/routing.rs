@@ -2,7 +2,7 @@
 //! Pure: validation, lookups, encoding. Routers and operators share it via etcd.
 
 use crate::crd::CellPhase;
-use crate::placement::{CellIndex, Placement};
+use crate::placement::{place, CellIndex, Placement, WeightedCell};
 use crate::slot::{check_slot_count, slot_for_key, Slot};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,19 @@ pub struct CellEntry {
     pub endpoints: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<String>,
+}
+
+impl CellEntry {
+    /// An Active cell with the given endpoints.
+    pub fn active(name: &str, region: &str, endpoints: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            region: region.into(),
+            state: CellPhase::Active,
+            endpoints,
+            standby: None,
+        }
+    }
 }
 
 /// The routing table. `owners[slot]` indexes `cells`. Build with [`RoutingTable::new`] or
@@ -85,6 +98,27 @@ impl RoutingTable {
         };
         table.validate()?;
         Ok(table)
+    }
+
+    /// Places `slots` slots over `cells` (each with its capacity weight) by weighted
+    /// consistent hashing and builds the table.
+    pub fn placed(
+        platform: &str,
+        epoch: u64,
+        slots: u32,
+        cells: Vec<(CellEntry, u32)>,
+    ) -> Result<Self> {
+        let weighted: Vec<WeightedCell> = cells
+            .iter()
+            .map(|(c, w)| WeightedCell::new(c.name.clone(), *w))
+            .collect();
+        let placement = place(&weighted, slots)?;
+        Self::new(
+            platform,
+            epoch,
+            &placement,
+            cells.into_iter().map(|(c, _)| c).collect(),
+        )
     }
 
     /// Checks every invariant a router relies on. A table that fails is never applied.
@@ -237,31 +271,20 @@ impl RoutingTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::placement::{place, WeightedCell};
 
     fn entry(name: &str, region: &str, standby: Option<&str>) -> CellEntry {
         CellEntry {
-            name: name.into(),
-            region: region.into(),
-            state: CellPhase::Active,
-            endpoints: vec![format!("{name}.svc:8080")],
             standby: standby.map(Into::into),
+            ..CellEntry::active(name, region, vec![format!("{name}.svc:8080")])
         }
     }
 
     fn table() -> RoutingTable {
-        let p = place(
-            &[WeightedCell::new("a", 10), WeightedCell::new("b", 10)],
-            1024,
-        )
-        .unwrap();
-        RoutingTable::new(
-            "shop",
-            1,
-            &p,
-            vec![entry("b", "eu", Some("a")), entry("a", "us", Some("b"))],
-        )
-        .unwrap()
+        let cells = vec![
+            (entry("b", "eu", Some("a")), 10),
+            (entry("a", "us", Some("b")), 10),
+        ];
+        RoutingTable::placed("shop", 1, 1024, cells).unwrap()
     }
 
     #[test]

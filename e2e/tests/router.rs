@@ -3,7 +3,6 @@
 
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::routing_key;
-use cellplane_cells::placement::{place, WeightedCell};
 use cellplane_cells::routing::{CellEntry, RoutingTable};
 use cellplane_e2e::net::{send, Backend, Etcd, RouterProc};
 use cellplane_e2e::wait_for;
@@ -21,29 +20,29 @@ fn tmpdir(name: &str) -> PathBuf {
 
 /// Cells `a` (endpoints a1, a2) and `b` (b1), each the other's standby.
 fn table(epoch: u64, a: &[&Backend], b: &[&Backend]) -> RoutingTable {
-    let p = place(
-        &[WeightedCell::new("a", 10), WeightedCell::new("b", 10)],
-        16384,
-    )
-    .unwrap();
-    let entry = |name: &str, eps: &[&Backend], standby: &str| CellEntry {
-        name: name.into(),
-        region: if name == "a" {
-            "us".into()
-        } else {
-            "eu".into()
-        },
-        state: CellPhase::Active,
-        endpoints: eps.iter().map(|b| b.addr.clone()).collect(),
+    let entry = |name: &str, region: &str, eps: &[&Backend], standby: &str| CellEntry {
         standby: Some(standby.into()),
+        ..CellEntry::active(name, region, eps.iter().map(|b| b.addr.clone()).collect())
     };
-    RoutingTable::new(
-        "shop",
-        epoch,
-        &p,
-        vec![entry("a", a, "b"), entry("b", b, "a")],
-    )
-    .unwrap()
+    let cells = vec![
+        (entry("a", "us", a, "b"), 10),
+        (entry("b", "eu", b, "a"), 10),
+    ];
+    RoutingTable::placed("shop", epoch, 16384, cells).unwrap()
+}
+
+/// Publishes `t` in etcd and starts a router watching it.
+async fn router_on_etcd(
+    etcd: &Etcd,
+    t: &RoutingTable,
+    dir: &std::path::Path,
+) -> anyhow::Result<RouterProc> {
+    etcd.put(&routing_key("shop"), t.encode()).await?;
+    let cfg = format!(
+        "table: {{etcd: {{endpoints: ['{}'], platform: shop}}}}\n",
+        etcd.endpoint
+    );
+    RouterProc::start(&cfg, dir).await
 }
 
 fn users(n: usize) -> Vec<String> {
@@ -124,15 +123,7 @@ async fn killed_endpoint_is_ejected_and_traffic_stays_healthy() -> anyhow::Resul
         Backend::start("b1").await?,
     );
     let t = table(1, &[&a1, &a2], &[&b1]);
-    etcd.put(&routing_key("shop"), t.encode()).await?;
-    let r = RouterProc::start(
-        &format!(
-            "table: {{etcd: {{endpoints: ['{}'], platform: shop}}}}\n",
-            etcd.endpoint
-        ),
-        &dir,
-    )
-    .await?;
+    let r = router_on_etcd(&etcd, &t, &dir).await?;
     let a_users: Vec<String> = users(400)
         .into_iter()
         .filter(|u| t.route(u).1.name == "a")
@@ -172,15 +163,7 @@ async fn a_table_flip_moves_exactly_the_flipped_slots_and_bad_tables_are_refused
     let etcd = Etcd::start().await?;
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
     let t1 = table(1, &[&a1], &[&b1]);
-    etcd.put(&routing_key("shop"), t1.encode()).await?;
-    let r = RouterProc::start(
-        &format!(
-            "table: {{etcd: {{endpoints: ['{}'], platform: shop}}}}\n",
-            etcd.endpoint
-        ),
-        &dir,
-    )
-    .await?;
+    let r = router_on_etcd(&etcd, &t1, &dir).await?;
 
     // A bad table (a slot owned by a FailedOver cell) is refused; the last good one stays.
     let mut bad = t1.clone();

@@ -1,8 +1,6 @@
 //! The router's per-request decision (criterion): key extraction from headers, then
 //! key -> slot -> cell, at 16384 slots. `make bench` runs it.
 
-use cellplane_cells::crd::CellPhase;
-use cellplane_cells::placement::{place, WeightedCell};
 use cellplane_cells::routing::{CellEntry, RoutingTable};
 use cellplane_router::decision::decide;
 use cellplane_router::key::{default_sources, extract, KeySource};
@@ -11,22 +9,15 @@ use http::{HeaderMap, HeaderValue, Uri};
 use std::hint::black_box;
 
 fn table() -> RoutingTable {
-    let cells: Vec<_> = (0..12)
-        .map(|i| WeightedCell::new(format!("cell-{i}"), 10))
-        .collect();
-    let p = place(&cells, 16384).unwrap();
-    let entries = p
-        .cells
-        .iter()
-        .map(|n| CellEntry {
-            name: n.clone(),
-            region: "r".into(),
-            state: CellPhase::Active,
-            endpoints: vec!["127.0.0.1:1".into()],
-            standby: None,
+    let cells = (0..12)
+        .map(|i| {
+            (
+                CellEntry::active(&format!("cell-{i}"), "r", vec!["127.0.0.1:1".into()]),
+                10,
+            )
         })
         .collect();
-    RoutingTable::new("bench", 1, &p, entries).unwrap()
+    RoutingTable::placed("bench", 1, 16384, cells).unwrap()
 }
 
 fn bench(c: &mut Criterion) {

@@ -45,23 +45,10 @@ mod tests {
 
     #[test]
     fn decision_matches_the_table() {
-        use cellplane_cells::crd::CellPhase;
-        use cellplane_cells::placement::{place, WeightedCell};
-        let p = place(
-            &[WeightedCell::new("a", 10), WeightedCell::new("b", 10)],
-            16384,
-        )
-        .unwrap();
         let cells = ["a", "b"]
-            .map(|n| CellEntry {
-                name: n.into(),
-                region: "r".into(),
-                state: CellPhase::Active,
-                endpoints: vec!["e:1".into()],
-                standby: None,
-            })
+            .map(|n| (CellEntry::active(n, "r", vec!["e:1".into()]), 10))
             .to_vec();
-        let t = RoutingTable::new("p", 7, &p, cells).unwrap();
+        let t = RoutingTable::placed("p", 7, 16384, cells).unwrap();
         for u in ["alice", "bob", "carol"] {
             let d = decide(&t, u);
             let (slot, cell) = t.route(u);

@@ -119,27 +119,13 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellplane_cells::crd::CellPhase;
-    use cellplane_cells::placement::{place, WeightedCell};
     use cellplane_cells::routing::CellEntry;
 
     fn table(epoch: u64) -> RoutingTable {
-        let p = place(
-            &[WeightedCell::new("a", 10), WeightedCell::new("b", 10)],
-            64,
-        )
-        .unwrap();
         let cells = ["a", "b"]
-            .iter()
-            .map(|n| CellEntry {
-                name: n.to_string(),
-                region: "r".into(),
-                state: CellPhase::Active,
-                endpoints: vec!["127.0.0.1:1".into()],
-                standby: None,
-            })
-            .collect();
-        RoutingTable::new("t", epoch, &p, cells).unwrap()
+            .map(|n| (CellEntry::active(n, "r", vec!["127.0.0.1:1".into()]), 10))
+            .to_vec();
+        RoutingTable::placed("t", epoch, 64, cells).unwrap()
     }
 
     #[test]

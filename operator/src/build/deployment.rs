@@ -4,49 +4,10 @@ use super::names::{self, Store, APP};
 use super::{pod, CellContext};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMapKeySelector, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, PodSpec,
-    PodTemplateSpec, Probe, SecretKeySelector,
+    Container, ContainerPort, EnvVar, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-
-fn plain(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
-fn from_secret(name: &str, secret: String, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret,
-                key: key.into(),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn from_info(name: &str, config_map: String, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            config_map_key_ref: Some(ConfigMapKeySelector {
-                name: config_map,
-                key: key.into(),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 /// Env variable names the app reads (the contract of `cells`' connection settings).
 pub mod env {
@@ -67,44 +28,47 @@ pub mod env {
 pub fn connection_env(ctx: &CellContext) -> Vec<EnvVar> {
     let info = names::info_config_map(ctx.name);
     let mut vars = vec![
-        from_info(env::CELL_NAME, info.clone(), "cell"),
-        from_info(env::CELL_REGION, info.clone(), "region"),
-        from_info(env::CELL_PLATFORM, info.clone(), "platform"),
-        from_info(env::REDIS_ADDR, info.clone(), "redisAddr"),
-        from_info(env::MYSQL_ADDR, info.clone(), "mysqlAddr"),
-        from_info(env::KAFKA_BOOTSTRAP, info, "kafkaBootstrap"),
-        plain(env::MYSQL_DATABASE, super::config_map::MYSQL_DATABASE),
+        pod::env_from_config_map(env::CELL_NAME, &info, "cell"),
+        pod::env_from_config_map(env::CELL_REGION, &info, "region"),
+        pod::env_from_config_map(env::CELL_PLATFORM, &info, "platform"),
+        pod::env_from_config_map(env::REDIS_ADDR, &info, "redisAddr"),
+        pod::env_from_config_map(env::MYSQL_ADDR, &info, "mysqlAddr"),
+        pod::env_from_config_map(env::KAFKA_BOOTSTRAP, &info, "kafkaBootstrap"),
+        pod::env_value(env::MYSQL_DATABASE, super::config_map::MYSQL_DATABASE),
     ];
     match &ctx.spec.redis.external {
-        Some(ext) => vars.push(from_secret(
+        Some(ext) => vars.push(pod::env_from_secret(
             env::REDIS_PASSWORD,
-            ext.secret_ref.name.clone(),
+            &ext.secret_ref.name,
             "password",
         )),
-        None => vars.push(from_secret(
+        None => vars.push(pod::env_from_secret(
             env::REDIS_PASSWORD,
-            names::secret(ctx.name, Store::Redis),
+            &names::secret(ctx.name, Store::Redis),
             "password",
         )),
     }
     match &ctx.spec.mysql.external {
         Some(ext) => {
-            vars.push(from_secret(
+            vars.push(pod::env_from_secret(
                 env::MYSQL_USER,
-                ext.secret_ref.name.clone(),
+                &ext.secret_ref.name,
                 "username",
             ));
-            vars.push(from_secret(
+            vars.push(pod::env_from_secret(
                 env::MYSQL_PASSWORD,
-                ext.secret_ref.name.clone(),
+                &ext.secret_ref.name,
                 "password",
             ));
         }
         None => {
-            vars.push(plain(env::MYSQL_USER, super::secret::MYSQL_APP_USER));
-            vars.push(from_secret(
+            vars.push(pod::env_value(
+                env::MYSQL_USER,
+                super::secret::MYSQL_APP_USER,
+            ));
+            vars.push(pod::env_from_secret(
                 env::MYSQL_PASSWORD,
-                names::secret(ctx.name, Store::Mysql),
+                &names::secret(ctx.name, Store::Mysql),
                 "app-password",
             ));
         }
@@ -130,7 +94,11 @@ pub fn app(ctx: &CellContext) -> Deployment {
     let spec = &ctx.spec.app;
     let mut env = connection_env(ctx);
     // The user's env comes last so it can override a default deliberately.
-    env.extend(spec.env.iter().map(|e| plain(&e.name, e.value.clone())));
+    env.extend(
+        spec.env
+            .iter()
+            .map(|e| pod::env_value(&e.name, e.value.clone())),
+    );
     let (tmp, tmp_mount) = pod::scratch("tmp", "/tmp");
     let container = Container {
         name: APP.into(),

@@ -2,8 +2,9 @@
 
 use cellplane_cells::crd::Resources;
 use k8s_openapi::api::core::v1::{
-    Capabilities, EmptyDirVolumeSource, PodSecurityContext, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapKeySelector, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    PodSecurityContext, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
@@ -82,4 +83,45 @@ pub fn scratch(name: &str, path: &str) -> (Volume, VolumeMount) {
             ..Default::default()
         },
     )
+}
+
+/// A literal environment variable.
+pub fn env_value(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// An environment variable read from a Secret key (credentials never appear in specs).
+pub fn env_from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An environment variable read from a ConfigMap key.
+pub fn env_from_config_map(name: &str, config_map: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            config_map_key_ref: Some(ConfigMapKeySelector {
+                name: config_map.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }

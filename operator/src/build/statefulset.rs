@@ -7,9 +7,9 @@ use base64::Engine;
 use cellplane_cells::crd::InClusterStore;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, SecretKeySelector, TCPSocketAction,
-    Volume, VolumeMount, VolumeResourceRequirements,
+    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, TCPSocketAction, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -18,29 +18,6 @@ use std::collections::BTreeMap;
 
 const DATA: &str = "data";
 const CONFIG: &str = "config";
-
-fn plain(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.into(),
-                key: key.into(),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 /// KRaft cluster id: 16 bytes, base64url without padding, stable per cell.
 pub fn kafka_cluster_id(cell: &str) -> String {
@@ -89,7 +66,7 @@ fn process(ctx: &CellContext, store: Store) -> StoreProcess {
                 "--requirepass".into(),
                 "$(REDIS_PASSWORD)".into(),
             ],
-            env: vec![secret_env("REDIS_PASSWORD", &secret, "password")],
+            env: vec![pod::env_from_secret("REDIS_PASSWORD", &secret, "password")],
             mounts: vec![
                 config_volume(ctx, store, "/etc/redis"),
                 pod::scratch("tmp", "/tmp"),
@@ -101,11 +78,11 @@ fn process(ctx: &CellContext, store: Store) -> StoreProcess {
         Store::Mysql => StoreProcess {
             args: vec![],
             env: vec![
-                secret_env("MARIADB_ROOT_PASSWORD", &secret, "root-password"),
-                plain("MARIADB_USER", super::secret::MYSQL_APP_USER),
-                secret_env("MARIADB_PASSWORD", &secret, "app-password"),
-                plain("MARIADB_DATABASE", super::config_map::MYSQL_DATABASE),
-                plain("MARIADB_AUTO_UPGRADE", "1"),
+                pod::env_from_secret("MARIADB_ROOT_PASSWORD", &secret, "root-password"),
+                pod::env_value("MARIADB_USER", super::secret::MYSQL_APP_USER),
+                pod::env_from_secret("MARIADB_PASSWORD", &secret, "app-password"),
+                pod::env_value("MARIADB_DATABASE", super::config_map::MYSQL_DATABASE),
+                pod::env_value("MARIADB_AUTO_UPGRADE", "1"),
             ],
             mounts: vec![
                 config_volume(ctx, store, "/etc/mysql/conf.d"),
@@ -126,23 +103,23 @@ fn process(ctx: &CellContext, store: Store) -> StoreProcess {
             StoreProcess {
                 args: vec![],
                 env: vec![
-                    plain("KAFKA_NODE_ID", "1"),
-                    plain("KAFKA_PROCESS_ROLES", "broker,controller"),
-                    plain("KAFKA_LISTENERS", "PLAINTEXT://:9092,CONTROLLER://:9093"),
-                    plain("KAFKA_ADVERTISED_LISTENERS", advertised),
-                    plain("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER"),
-                    plain(
+                    pod::env_value("KAFKA_NODE_ID", "1"),
+                    pod::env_value("KAFKA_PROCESS_ROLES", "broker,controller"),
+                    pod::env_value("KAFKA_LISTENERS", "PLAINTEXT://:9092,CONTROLLER://:9093"),
+                    pod::env_value("KAFKA_ADVERTISED_LISTENERS", advertised),
+                    pod::env_value("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER"),
+                    pod::env_value(
                         "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP",
                         "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
                     ),
-                    plain("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093"),
-                    plain("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1"),
-                    plain("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1"),
-                    plain("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1"),
-                    plain("KAFKA_LOG_DIRS", store.data_path()),
-                    plain("CLUSTER_ID", kafka_cluster_id(ctx.name)),
+                    pod::env_value("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093"),
+                    pod::env_value("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1"),
+                    pod::env_value("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1"),
+                    pod::env_value("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1"),
+                    pod::env_value("KAFKA_LOG_DIRS", store.data_path()),
+                    pod::env_value("CLUSTER_ID", kafka_cluster_id(ctx.name)),
                     // A capped heap so several cells fit on one node.
-                    plain("KAFKA_HEAP_OPTS", "-Xms256m -Xmx512m"),
+                    pod::env_value("KAFKA_HEAP_OPTS", "-Xms256m -Xmx512m"),
                 ],
                 mounts: vec![pod::scratch("tmp", "/tmp")],
                 // The image writes its generated server.properties under /opt/kafka.
