@@ -98,6 +98,10 @@ pub struct Backend {
     pub addr: String,
     pub min_epoch: Arc<AtomicU64>,
     pub hits: Arc<AtomicU64>,
+    /// Milliseconds to wait before answering (a slow cell).
+    pub delay_ms: Arc<AtomicU64>,
+    /// Requests that arrived (counted before any delay).
+    pub arrived: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -107,17 +111,31 @@ impl Backend {
         let addr = listener.local_addr()?.to_string();
         let min_epoch = Arc::new(AtomicU64::new(0));
         let hits = Arc::new(AtomicU64::new(0));
-        let (n, me, h) = (name.to_string(), min_epoch.clone(), hits.clone());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let arrived = Arc::new(AtomicU64::new(0));
+        let (n, me, h, dl, ar) = (
+            name.to_string(),
+            min_epoch.clone(),
+            hits.clone(),
+            delay_ms.clone(),
+            arrived.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     break;
                 };
-                let (n, me, h) = (n.clone(), me.clone(), h.clone());
+                let (n, me, h, dl, ar) = (n.clone(), me.clone(), h.clone(), dl.clone(), ar.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (n, me, h) = (n.clone(), me.clone(), h.clone());
+                        let (n, me, h, dl, ar) =
+                            (n.clone(), me.clone(), h.clone(), dl.clone(), ar.clone());
                         async move {
+                            ar.fetch_add(1, Ordering::SeqCst);
+                            let delay = dl.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
                             let epoch: u64 = req
                                 .headers()
                                 .get("x-cellplane-epoch")
@@ -161,6 +179,8 @@ impl Backend {
             addr,
             min_epoch,
             hits,
+            delay_ms,
+            arrived,
             task,
         })
     }

@@ -296,3 +296,59 @@ async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saturated_cell_fails_fast_while_other_cells_serve() -> anyhow::Result<()> {
+    let dir = tmpdir("breaker");
+    let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
+    let file = dir.join("table.json");
+    let t = table(1, &[&a1], &[&b1]);
+    std::fs::write(&file, t.encode())?;
+    let r = RouterProc::start(
+        &format!(
+            "table: {{file: {}}}\nlimits: {{maxInFlightPerCell: 2}}\n",
+            file.display()
+        ),
+        &dir,
+    )
+    .await?;
+    a1.delay_ms.store(1500, Ordering::SeqCst);
+    let a_user = users(100)
+        .into_iter()
+        .find(|u| t.route(u).1.name == "a")
+        .unwrap();
+    let b_user = users(100)
+        .into_iter()
+        .find(|u| t.route(u).1.name == "b")
+        .unwrap();
+    let url = format!("http://{}/slow", r.addr);
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        let (url, user) = (url.clone(), a_user.clone());
+        calls.push(tokio::spawn(async move {
+            send("GET", &url, &[("x-user-id", &user)], bytes::Bytes::new()).await
+        }));
+    }
+    // Both slow requests are in flight once the cell has seen them.
+    wait_for("two requests in flight at cell a", T, || async {
+        Ok((a1.arrived.load(Ordering::SeqCst) >= 2).then_some(()))
+    })
+    .await?;
+    let refused = r.request(&a_user).await?;
+    assert_eq!(
+        refused.status, 503,
+        "third request to the saturated cell fails fast: {}",
+        refused.body
+    );
+    assert!(refused.body.contains("cell_overloaded"));
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(
+        r.request(&b_user).await?.status,
+        200,
+        "other cells are unaffected"
+    );
+    for c in calls {
+        assert_eq!(c.await??.status, 200);
+    }
+    Ok(())
+}

@@ -103,6 +103,14 @@ pub struct Limits {
     pub global_rps: Option<f64>,
     pub global_burst: Option<f64>,
     pub max_tracked_keys: usize,
+    /// Circuit breaker: requests in flight to one cell above this fail fast with 503.
+    pub max_in_flight_per_cell: u32,
+    /// Retry budget: retries may add at most this share of recent requests...
+    pub retry_budget_ratio: f64,
+    /// ...plus this many retries per second.
+    pub retry_budget_min_per_sec: f64,
+    /// Access log lines per second at most (a flood cannot fill a disk); 0 turns it off.
+    pub access_log_per_sec: f64,
 }
 
 impl Default for Limits {
@@ -116,6 +124,10 @@ impl Default for Limits {
             global_rps: None,
             global_burst: None,
             max_tracked_keys: 100_000,
+            max_in_flight_per_cell: 10_000,
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_sec: 10.0,
+            access_log_per_sec: 100.0,
         }
     }
 }
@@ -224,6 +236,21 @@ impl Config {
         }
         if self.limits.max_header_bytes < 8192 {
             return Err(bad("limits.maxHeaderBytes", "must be at least 8192"));
+        }
+        if self.limits.max_in_flight_per_cell == 0 {
+            return Err(bad("limits.maxInFlightPerCell", "must be >= 1"));
+        }
+        if !(0.0..=1.0).contains(&self.limits.retry_budget_ratio) {
+            return Err(bad(
+                "limits.retryBudgetRatio",
+                "must be between 0 and 1 (0.2 = retries up to 20% of requests)",
+            ));
+        }
+        if self.limits.retry_budget_min_per_sec < 0.0 || self.limits.access_log_per_sec < 0.0 {
+            return Err(bad(
+                "limits.retryBudgetMinPerSec / accessLogPerSec",
+                "must be >= 0",
+            ));
         }
         if self.ejection.max_ejection_percent > 100 {
             return Err(bad("ejection.maxEjectionPercent", "must be 0..100"));

@@ -77,6 +77,54 @@ impl Limiter {
     }
 }
 
+/// Retry budget: every request deposits `ratio` of a token, every retry spends one, and
+/// `min_per_sec` tokens accrue with time; so retries stay a bounded share of traffic and a
+/// failing cell cannot be hammered by retry storms.
+pub struct RetryBudget {
+    ratio: f64,
+    min: Rate,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RetryBudget {
+    pub fn new(ratio: f64, min_per_sec: f64) -> Self {
+        let min = Rate {
+            per_second: min_per_sec,
+            burst: (min_per_sec * 10.0).max(1.0),
+        };
+        Self {
+            ratio,
+            min,
+            state: Mutex::new((min.burst, Instant::now())),
+        }
+    }
+
+    /// Called once per request.
+    pub fn deposit(&self) {
+        let mut s = self.state.lock().expect("lock");
+        s.0 = (s.0 + self.ratio).min(self.cap());
+    }
+
+    fn cap(&self) -> f64 {
+        self.min.burst.max(1000.0 * self.ratio)
+    }
+
+    /// Whether a retry may happen now (spends a token if so).
+    pub fn try_withdraw(&self, now: Instant) -> bool {
+        let mut s = self.state.lock().expect("lock");
+        let elapsed = now.saturating_duration_since(s.1).as_secs_f64();
+        s.0 = (s.0 + elapsed * self.min.per_second).min(self.cap());
+        s.1 = now;
+        // The epsilon absorbs float drift: five deposits of 0.2 make one whole token.
+        if s.0 >= 1.0 - 1e-9 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +159,25 @@ mod tests {
         assert!(l.check("a", now).is_ok());
         assert!(l.check("a", now).is_err());
         assert!(l.check("b", now).is_ok());
+    }
+
+    #[test]
+    fn retry_budget_bounds_retries_to_a_share_of_requests() {
+        let b = RetryBudget::new(0.2, 0.0);
+        let now = Instant::now();
+        while b.try_withdraw(now) {} // drain the initial burst
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let allowed = (0..100).filter(|_| b.try_withdraw(now)).count();
+        assert_eq!(allowed, 20, "20% of 100 requests");
+        let refill = RetryBudget::new(0.0, 10.0);
+        while refill.try_withdraw(now) {}
+        assert!(!refill.try_withdraw(now));
+        assert!(
+            refill.try_withdraw(now + Duration::from_millis(150)),
+            "min_per_sec refills"
+        );
     }
 
     #[test]

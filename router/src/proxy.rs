@@ -5,7 +5,7 @@ use crate::config::{Config, NoKeyPolicy};
 use crate::decision::decide;
 use crate::endpoints::{EndpointState, Endpoints};
 use crate::key;
-use crate::limit::Limiter;
+use crate::limit::{Bucket, Limiter, Rate, RetryBudget};
 use crate::metrics::{CellLabel, Metrics, ReasonLabel, RequestLabels};
 use crate::table::TableStore;
 use crate::watch::TableSource;
@@ -23,7 +23,9 @@ use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -104,6 +106,8 @@ pub struct Router {
     pub source: TableSource,
     pub endpoints: Endpoints,
     pub limiter: Limiter,
+    pub retry_budget: RetryBudget,
+    access_log: Option<(Rate, Mutex<Bucket>)>,
     pub metrics: Arc<Metrics>,
     view: ArcSwapOption<View>,
     client: Client<HttpConnector, Body>,
@@ -129,16 +133,42 @@ impl Router {
             config.limits.max_tracked_keys,
         );
         let endpoints = Endpoints::new(config.ejection_policy());
+        let retry_budget = RetryBudget::new(
+            config.limits.retry_budget_ratio,
+            config.limits.retry_budget_min_per_sec,
+        );
+        let per_sec = config.limits.access_log_per_sec;
+        let access_log = (per_sec > 0.0).then(|| {
+            let rate = Rate {
+                per_second: per_sec,
+                burst: per_sec.max(1.0),
+            };
+            (rate, Mutex::new(Bucket::full(rate, Instant::now())))
+        });
         Ok(Self {
             config,
             tables,
             source,
             endpoints,
             limiter,
+            retry_budget,
+            access_log,
             metrics,
             view: ArcSwapOption::empty(),
             client,
         })
+    }
+
+    /// Whether this request may be written to the access log (a bounded rate).
+    fn may_log(&self) -> bool {
+        match &self.access_log {
+            Some((rate, bucket)) => bucket
+                .lock()
+                .expect("lock")
+                .take(*rate, Instant::now())
+                .is_ok(),
+            None => false,
+        }
     }
 
     /// The view of the current table, rebuilt when the table changed.
@@ -233,6 +263,7 @@ pub async fn handle(
             Some(wait),
         );
     }
+    router.retry_budget.deposit();
     let length = content_length(&req);
     if length.is_some_and(|n| n > cfg.limits.max_body_bytes) {
         return reply(
@@ -301,6 +332,21 @@ pub async fn handle(
             );
         }
         let cv = &view.cells[d.cell_index];
+        // Circuit breaker: a cell already holding its maximum of requests fails fast.
+        let cell_in_flight: u32 = cv
+            .endpoints
+            .iter()
+            .map(|e| e.in_flight.load(Ordering::Relaxed))
+            .sum();
+        if cell_in_flight >= cfg.limits.max_in_flight_per_cell {
+            return reply(
+                m,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cell_overloaded",
+                "the user's cell is at its concurrency limit",
+                Some(Duration::from_secs(1)),
+            );
+        }
         let Some((ep, _in_flight)) = router.endpoints.choose(&cv.endpoints, exclude) else {
             return reply(
                 m,
@@ -358,7 +404,11 @@ pub async fn handle(
             Ok(Err(e)) => {
                 eject_on_failure(&router, endpoint, cv, &d.cell.name);
                 // A refused connection never reached the app: safe to retry elsewhere once.
-                if e.is_connect() && buffered.is_some() && !retried_connect {
+                if e.is_connect()
+                    && buffered.is_some()
+                    && !retried_connect
+                    && router.retry_budget.try_withdraw(Instant::now())
+                {
                     retried_connect = true;
                     exclude = Some(ep);
                     m.retries
@@ -377,7 +427,11 @@ pub async fn handle(
             }
             Ok(Ok(resp)) => {
                 let status = resp.status();
-                if status == StatusCode::MISDIRECTED_REQUEST && !refreshed && buffered.is_some() {
+                if status == StatusCode::MISDIRECTED_REQUEST
+                    && !refreshed
+                    && buffered.is_some()
+                    && router.retry_budget.try_withdraw(Instant::now())
+                {
                     // The cell does not own this slot at our epoch: refresh, then retry once.
                     refreshed = true;
                     m.retries
@@ -395,7 +449,12 @@ pub async fn handle(
                 } else {
                     router.endpoints.record_success(endpoint);
                 }
-                cv.latency.observe(started.elapsed().as_secs_f64());
+                let elapsed = started.elapsed();
+                cv.latency.observe(elapsed.as_secs_f64());
+                if router.may_log() {
+                    tracing::info!(target: "access", method = %parts.method, path = %parts.uri.path(), cell = %d.cell.name,
+                        slot = d.slot, status = status.as_u16(), ms = elapsed.as_secs_f64() * 1000.0, "request");
+                }
                 cv.requests[usize::from(status.as_u16() / 100).clamp(1, 5) - 1].inc();
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
