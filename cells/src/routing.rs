@@ -20,6 +20,11 @@ pub struct CellEntry {
     pub endpoints: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<String>,
+    /// The cell's slots are frozen (a planned failover or drain is moving them): routers
+    /// hold its requests until a new table moves the slots, then release them to the new
+    /// home, or answer 503 with Retry-After when the hold times out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frozen: bool,
 }
 
 impl CellEntry {
@@ -31,6 +36,7 @@ impl CellEntry {
             state: CellPhase::Active,
             endpoints,
             standby: None,
+            frozen: false,
         }
     }
 }
@@ -225,6 +231,21 @@ impl RoutingTable {
         }
     }
 
+    /// The table with `cell`'s slots frozen (first step of a planned failover or drain),
+    /// at the next epoch.
+    pub fn frozen(&self, cell: &str) -> Result<Self> {
+        let i = self
+            .cells
+            .iter()
+            .position(|c| c.name == cell)
+            .ok_or_else(|| invalid(format!("cells[{cell}]"), "no such cell"))?;
+        let mut next = self.clone();
+        next.epoch += 1;
+        next.cells[i].frozen = true;
+        next.validate()?;
+        Ok(next)
+    }
+
     /// The table after failing `cell` over to its standby: every slot of `cell` moves to
     /// the standby in one step, `cell` becomes FailedOver, and the epoch grows by one.
     pub fn failed_over(&self, cell: &str) -> Result<Self> {
@@ -328,6 +349,20 @@ mod tests {
             RoutingTable::decode(b"{not json"),
             Err(Error::Decode(_))
         ));
+    }
+
+    #[test]
+    fn freezing_bumps_the_epoch_and_round_trips() {
+        let t = table();
+        let f = t.frozen("a").unwrap();
+        assert_eq!(f.epoch, t.epoch + 1);
+        assert!(f.cells.iter().find(|c| c.name == "a").unwrap().frozen);
+        assert_eq!(RoutingTable::decode(&f.encode()).unwrap(), f);
+        assert!(
+            !String::from_utf8(t.encode()).unwrap().contains("frozen"),
+            "absent when false"
+        );
+        assert!(t.frozen("nope").is_err());
     }
 
     #[test]

@@ -352,3 +352,82 @@ async fn a_saturated_cell_fails_fast_while_other_cells_serve() -> anyhow::Result
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_for_a_frozen_cell_are_held_and_released_to_the_new_home() -> anyhow::Result<()> {
+    let dir = tmpdir("hold");
+    let etcd = Etcd::start().await?;
+    let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
+    let t1 = table(1, &[&a1], &[&b1]);
+    etcd.put(&routing_key("shop"), t1.encode()).await?;
+    let cfg = format!(
+        "table: {{etcd: {{endpoints: ['{}'], platform: shop}}}}\ntimeouts: {{holdMs: 3000}}\n",
+        etcd.endpoint
+    );
+    let r = RouterProc::start(&cfg, &dir).await?;
+    let a_user = users(100)
+        .into_iter()
+        .find(|u| t1.route(u).1.name == "a")
+        .unwrap();
+    let b_user = users(100)
+        .into_iter()
+        .find(|u| t1.route(u).1.name == "b")
+        .unwrap();
+
+    // Planned failover of a: freeze its slots first.
+    let t2 = t1.frozen("a")?;
+    etcd.put(&routing_key("shop"), t2.encode()).await?;
+    wait_epoch(&r, 2).await?;
+    let url = format!("http://{}/cart", r.addr);
+    let held = {
+        let (url, user) = (url.clone(), a_user.clone());
+        tokio::spawn(async move {
+            send(
+                "POST",
+                &url,
+                &[("x-user-id", &user)],
+                bytes::Bytes::from_static(b"order"),
+            )
+            .await
+        })
+    };
+    wait_for("request held", T, || async {
+        Ok((r.metric("cellplane_router_held_total").await? >= 1.0).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        a1.arrived.load(Ordering::SeqCst),
+        0,
+        "nothing reaches the frozen cell"
+    );
+    assert_eq!(
+        r.request(&b_user).await?.status,
+        200,
+        "other cells are not held"
+    );
+
+    // The flip: a's slots move to b in one new epoch; the held request goes to b.
+    etcd.put(&routing_key("shop"), t2.failed_over("a")?.encode())
+        .await?;
+    let reply = held.await??;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.backend(), Some("b1"));
+    assert_eq!(
+        a1.arrived.load(Ordering::SeqCst),
+        0,
+        "never sent to the cell that lost ownership"
+    );
+
+    // A freeze that is never resolved ends in 503 + Retry-After after the hold time.
+    etcd.put(
+        &routing_key("shop"),
+        t2.failed_over("a")?.frozen("b")?.encode(),
+    )
+    .await?;
+    wait_epoch(&r, 4).await?;
+    let timed_out = r.request(&b_user).await?;
+    assert_eq!(timed_out.status, 503);
+    assert!(timed_out.body.contains("hold_timeout"));
+    assert!(timed_out.headers.contains_key("retry-after"));
+    Ok(())
+}

@@ -77,6 +77,9 @@ pub struct Timeouts {
     pub idle_ms: u64,
     /// A client must send its request headers within this time (slow-client guard).
     pub header_read_ms: u64,
+    /// Requests for a frozen cell (failover in progress) wait this long for the table to
+    /// move its slots, then get 503 with Retry-After.
+    pub hold_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -86,6 +89,7 @@ impl Default for Timeouts {
             request_ms: 15_000,
             idle_ms: 60_000,
             header_read_ms: 10_000,
+            hold_ms: 5_000,
         }
     }
 }

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabel, Counter>,
     pub ejections: Family<CellLabel, Counter>,
     pub retries: Family<ReasonLabel, Counter>,
+    pub held: Counter,
     pub table_epoch: Gauge<i64, AtomicI64>,
     pub table_applied_at: Gauge<i64, AtomicI64>,
     pub tables_refused: Counter,
@@ -48,6 +49,7 @@ impl Metrics {
         let rejected = Family::<ReasonLabel, Counter>::default();
         let ejections = Family::<CellLabel, Counter>::default();
         let retries = Family::<ReasonLabel, Counter>::default();
+        let held = Counter::default();
         let table_epoch = Gauge::default();
         let table_applied_at = Gauge::default();
         let tables_refused = Counter::default();
@@ -74,6 +76,11 @@ impl Metrics {
         );
         r.register("retries", "Retries by reason", retries.clone());
         r.register(
+            "held",
+            "Requests held while their cell was frozen for a failover",
+            held.clone(),
+        );
+        r.register(
             "table_epoch",
             "Epoch of the routing table in use",
             table_epoch.clone(),
@@ -99,6 +106,7 @@ impl Metrics {
             rejected,
             ejections,
             retries,
+            held,
             table_epoch,
             table_applied_at,
             tables_refused,

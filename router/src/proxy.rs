@@ -311,6 +311,7 @@ pub async fn handle(
     let mut exclude: Option<usize> = None;
     let mut retried_connect = false;
     let mut refreshed = false;
+    let mut hold_deadline: Option<Instant> = None;
     loop {
         let Some(view) = router.view() else {
             return reply(
@@ -322,6 +323,30 @@ pub async fn handle(
             );
         };
         let d = decide(&view.table, &key);
+        if d.cell.frozen {
+            // A failover is moving this cell's slots: hold until a table moves them.
+            let deadline = *hold_deadline.get_or_insert_with(|| {
+                m.held.inc();
+                Instant::now() + Duration::from_millis(cfg.timeouts.hold_ms)
+            });
+            let mut epochs = router.tables.subscribe();
+            if *epochs.borrow_and_update() != d.epoch {
+                continue; // the table already changed under us
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, epochs.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    return reply(
+                        m,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "hold_timeout",
+                        "the user's cell is failing over; retry shortly",
+                        Some(Duration::from_secs(1)),
+                    );
+                }
+            }
+        }
         if !serves_traffic(d.cell.state) {
             return reply(
                 m,
