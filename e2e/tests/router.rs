@@ -431,3 +431,43 @@ async fn requests_for_a_frozen_cell_are_held_and_released_to_the_new_home() -> a
     assert!(timed_out.headers.contains_key("retry-after"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn active_health_checks_take_a_dead_endpoint_out_before_requests_hit_it() -> anyhow::Result<()>
+{
+    let dir = tmpdir("health");
+    let (a1, a2, b1) = (
+        Backend::start("a1").await?,
+        Backend::start("a2").await?,
+        Backend::start("b1").await?,
+    );
+    let file = dir.join("table.json");
+    let t = table(1, &[&a1, &a2], &[&b1]);
+    std::fs::write(&file, t.encode())?;
+    let cfg = format!("table: {{file: {}}}\nhealthCheck: {{intervalMs: 100, unhealthyThreshold: 2, healthyThreshold: 1}}\n", file.display());
+    let r = RouterProc::start(&cfg, &dir).await?;
+    a1.kill();
+    wait_for("a1 marked down by active checks", T, || async {
+        Ok((r
+            .metric("cellplane_router_health_transitions_total{reason=\"down\"}")
+            .await?
+            >= 1.0)
+            .then_some(()))
+    })
+    .await?;
+    for u in users(300)
+        .into_iter()
+        .filter(|u| t.route(u).1.name == "a")
+        .take(40)
+    {
+        let reply = r.request(&u).await?;
+        assert_eq!(reply.backend(), Some("a2"), "{}", reply.body);
+    }
+    assert_eq!(
+        r.metric("cellplane_router_retries_total{reason=\"connect\"}")
+            .await?,
+        0.0,
+        "no request had to fail over"
+    );
+    Ok(())
+}

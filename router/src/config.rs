@@ -31,6 +31,33 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub ejection: Ejection,
+    #[serde(default)]
+    pub health_check: HealthCheck,
+}
+
+/// Active health checks: `GET <path>` on every endpoint of the table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HealthCheck {
+    pub enabled: bool,
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/healthz".into(),
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -254,6 +281,14 @@ impl Config {
             return Err(bad(
                 "limits.retryBudgetMinPerSec / accessLogPerSec",
                 "must be >= 0",
+            ));
+        }
+        if self.health_check.enabled
+            && (self.health_check.interval_ms == 0 || !self.health_check.path.starts_with('/'))
+        {
+            return Err(bad(
+                "healthCheck",
+                "intervalMs must be > 0 and path must start with '/'",
             ));
         }
         if self.ejection.max_ejection_percent > 100 {

@@ -5,7 +5,7 @@
 
 use crate::decision::power_of_two;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,11 @@ pub struct EndpointState {
     ejections: AtomicU32,
     /// Milliseconds since the registry's start until which the endpoint is ejected.
     ejected_until_ms: AtomicU64,
+    /// Set by active health checks; cleared when they pass again.
+    down: AtomicBool,
+    /// Consecutive active-check results in the current direction (failures while up,
+    /// successes while down).
+    streak: AtomicU32,
 }
 
 /// Decrements `in_flight` when the request ends, however it ends.
@@ -83,13 +88,40 @@ impl Endpoints {
                     failures: AtomicU32::new(0),
                     ejections: AtomicU32::new(0),
                     ejected_until_ms: AtomicU64::new(0),
+                    down: AtomicBool::new(false),
+                    streak: AtomicU32::new(0),
                 })
             })
             .clone()
     }
 
     fn ejected_at(&self, s: &EndpointState, now: u64) -> bool {
-        s.ejected_until_ms.load(Ordering::Relaxed) > now
+        s.down.load(Ordering::Relaxed) || s.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    /// Records an active health-check result; returns Some(new_down) when the endpoint
+    /// changed state (down after `unhealthy` failures in a row, up after `healthy` passes).
+    pub fn record_check(
+        &self,
+        s: &EndpointState,
+        ok: bool,
+        unhealthy: u32,
+        healthy: u32,
+    ) -> Option<bool> {
+        let down = s.down.load(Ordering::Relaxed);
+        // A result agreeing with the current state resets the streak.
+        if ok != down {
+            s.streak.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let streak = s.streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let needed = if down { healthy } else { unhealthy };
+        if streak < needed.max(1) {
+            return None;
+        }
+        s.streak.store(0, Ordering::Relaxed);
+        s.down.store(!down, Ordering::Relaxed);
+        Some(!down)
     }
 
     pub fn is_ejected(&self, s: &EndpointState) -> bool {
@@ -202,6 +234,27 @@ mod tests {
             let (i, _g) = e.choose(&a, None).unwrap();
             assert_ne!(i, 0, "ejected endpoints get no traffic");
         }
+    }
+
+    #[test]
+    fn active_checks_take_endpoints_down_and_up_with_thresholds() {
+        let e = Endpoints::new(EjectionPolicy::default());
+        let a = cell(&e, 2);
+        assert_eq!(e.record_check(&a[0], false, 2, 2), None);
+        assert_eq!(
+            e.record_check(&a[0], true, 2, 2),
+            None,
+            "a pass resets the failure streak"
+        );
+        assert_eq!(e.record_check(&a[0], false, 2, 2), None);
+        assert_eq!(e.record_check(&a[0], false, 2, 2), Some(true));
+        assert!(e.is_ejected(&a[0]));
+        for _ in 0..50 {
+            assert_eq!(e.choose(&a, None).unwrap().0, 1);
+        }
+        assert_eq!(e.record_check(&a[0], true, 2, 2), None);
+        assert_eq!(e.record_check(&a[0], true, 2, 2), Some(false));
+        assert!(!e.is_ejected(&a[0]));
     }
 
     #[test]

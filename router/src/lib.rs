@@ -4,6 +4,7 @@
 pub mod config;
 pub mod decision;
 pub mod endpoints;
+pub mod health;
 pub mod key;
 pub mod limit;
 pub mod metrics;

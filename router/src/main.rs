@@ -192,6 +192,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(source.clone().follow(tables.clone()));
 
     let router = Arc::new(Router::new(cfg.clone(), tables, source, metrics)?);
+    tokio::spawn(cellplane_router::health::run(router.clone()));
     tokio::spawn({
         let r = router.clone();
         async move {

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub ejections: Family<CellLabel, Counter>,
     pub retries: Family<ReasonLabel, Counter>,
     pub held: Counter,
+    pub health_transitions: Family<ReasonLabel, Counter>,
     pub table_epoch: Gauge<i64, AtomicI64>,
     pub table_applied_at: Gauge<i64, AtomicI64>,
     pub tables_refused: Counter,
@@ -50,6 +51,7 @@ impl Metrics {
         let ejections = Family::<CellLabel, Counter>::default();
         let retries = Family::<ReasonLabel, Counter>::default();
         let held = Counter::default();
+        let health_transitions = Family::<ReasonLabel, Counter>::default();
         let table_epoch = Gauge::default();
         let table_applied_at = Gauge::default();
         let tables_refused = Counter::default();
@@ -81,6 +83,11 @@ impl Metrics {
             held.clone(),
         );
         r.register(
+            "health_transitions",
+            "Endpoints taken down or brought up by active health checks",
+            health_transitions.clone(),
+        );
+        r.register(
             "table_epoch",
             "Epoch of the routing table in use",
             table_epoch.clone(),
@@ -107,6 +114,7 @@ impl Metrics {
             ejections,
             retries,
             held,
+            health_transitions,
             table_epoch,
             table_applied_at,
             tables_refused,
