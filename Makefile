@@ -47,6 +47,8 @@ bench: tools
 	$(CARGO) bench -p cellplane-router --bench decision
 	$(CARGO) build --release -p cellplane-operator -p cellplane-router
 	@e2e/bin/bench-router
+	$(CARGO) build -p cellplane-router
+	$(CARGO) bench -p cellplane-e2e --bench propagation
 	@e2e/bin/bench-scale
 
 clean:
