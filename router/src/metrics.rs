@@ -140,13 +140,3 @@ impl Default for Metrics {
         Self::new()
     }
 }
-
-pub fn status_class(code: u16) -> &'static str {
-    match code / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
-    }
-}

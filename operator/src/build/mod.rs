@@ -115,22 +115,6 @@ pub struct Desired {
     pub network_policies: Vec<NetworkPolicy>,
 }
 
-impl Desired {
-    /// Number of objects, for logs and metrics.
-    pub fn len(&self) -> usize {
-        self.deployments.len()
-            + self.statefulsets.len()
-            + self.services.len()
-            + self.config_maps.len()
-            + self.pdbs.len()
-            + self.network_policies.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Checks what the schema cannot express; the API server already enforced the rest.
 pub fn validate(spec: &CellSpec) -> Result<()> {
     for store in Store::ALL {
