@@ -45,6 +45,20 @@ async fn router_on_etcd(
     RouterProc::start(&cfg, dir).await
 }
 
+/// Writes `t` to `dir/table.json` and starts a router in file mode with `extra` config
+/// (`table_extra` goes inside the `table:` mapping). Returns the router and the file.
+async fn router_on_file(
+    t: &RoutingTable,
+    table_extra: &str,
+    extra: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(RouterProc, PathBuf)> {
+    let file = dir.join("table.json");
+    std::fs::write(&file, t.encode())?;
+    let cfg = format!("table: {{file: {}{table_extra}}}\n{extra}", file.display());
+    Ok((RouterProc::start(&cfg, dir).await?, file))
+}
+
 fn users(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("user-{i}")).collect()
 }
@@ -198,15 +212,9 @@ async fn a_table_flip_moves_exactly_the_flipped_slots_and_bad_tables_are_refused
 async fn a_421_refreshes_the_table_and_retries_once() -> anyhow::Result<()> {
     let dir = tmpdir("421");
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
-    let file = dir.join("table.json");
     let t1 = table(1, &[&a1], &[&b1]);
-    std::fs::write(&file, t1.encode())?;
     // Poll rarely: only the 421 path can pick up the new table in time.
-    let r = RouterProc::start(
-        &format!("table: {{file: {}, pollMs: 600000}}\n", file.display()),
-        &dir,
-    )
-    .await?;
+    let (r, file) = router_on_file(&t1, ", pollMs: 600000", "", &dir).await?;
     let user = users(100)
         .into_iter()
         .find(|u| t1.route(u).1.name == "a")
@@ -236,16 +244,8 @@ async fn a_421_refreshes_the_table_and_retries_once() -> anyhow::Result<()> {
 async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
     let dir = tmpdir("4xx");
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
-    let file = dir.join("table.json");
-    std::fs::write(&file, table(1, &[&a1], &[&b1]).encode())?;
-    let r = RouterProc::start(
-        &format!(
-            "table: {{file: {}}}\nlimits: {{perKeyRps: 1, perKeyBurst: 2, maxBodyBytes: 1024}}\n",
-            file.display()
-        ),
-        &dir,
-    )
-    .await?;
+    let limits = "limits: {perKeyRps: 1, perKeyBurst: 2, maxBodyBytes: 1024}\n";
+    let (r, _) = router_on_file(&table(1, &[&a1], &[&b1]), "", limits, &dir).await?;
     let url = format!("http://{}/x", r.addr);
     let no_key = send("GET", &url, &[], bytes::Bytes::new()).await?;
     assert_eq!(no_key.status, 400);
@@ -301,17 +301,8 @@ async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
 async fn a_saturated_cell_fails_fast_while_other_cells_serve() -> anyhow::Result<()> {
     let dir = tmpdir("breaker");
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
-    let file = dir.join("table.json");
     let t = table(1, &[&a1], &[&b1]);
-    std::fs::write(&file, t.encode())?;
-    let r = RouterProc::start(
-        &format!(
-            "table: {{file: {}}}\nlimits: {{maxInFlightPerCell: 2}}\n",
-            file.display()
-        ),
-        &dir,
-    )
-    .await?;
+    let (r, _) = router_on_file(&t, "", "limits: {maxInFlightPerCell: 2}\n", &dir).await?;
     a1.delay_ms.store(1500, Ordering::SeqCst);
     let a_user = users(100)
         .into_iter()
@@ -441,11 +432,9 @@ async fn active_health_checks_take_a_dead_endpoint_out_before_requests_hit_it() 
         Backend::start("a2").await?,
         Backend::start("b1").await?,
     );
-    let file = dir.join("table.json");
     let t = table(1, &[&a1, &a2], &[&b1]);
-    std::fs::write(&file, t.encode())?;
-    let cfg = format!("table: {{file: {}}}\nhealthCheck: {{intervalMs: 100, unhealthyThreshold: 2, healthyThreshold: 1}}\n", file.display());
-    let r = RouterProc::start(&cfg, &dir).await?;
+    let checks = "healthCheck: {intervalMs: 100, unhealthyThreshold: 2, healthyThreshold: 1}\n";
+    let (r, _) = router_on_file(&t, "", checks, &dir).await?;
     a1.kill();
     wait_for("a1 marked down by active checks", T, || async {
         Ok((r
