@@ -4,6 +4,7 @@
 pub mod crd;
 pub mod error;
 pub mod etcd_keys;
+pub mod ownership;
 pub mod placement;
 pub mod routing;
 pub mod slot;

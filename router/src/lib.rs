@@ -9,8 +9,6 @@ pub mod key;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;
-pub mod table;
-pub mod watch;
 
 /// Errors of the router; user-facing ones name the field and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -18,18 +16,8 @@ pub enum Error {
     #[error("config {field}: {problem}")]
     Config { field: String, problem: String },
 
-    #[error("routing table refused: {0}")]
-    Table(#[from] cellplane_cells::Error),
-
-    #[error("table file {path}: {source}")]
-    TableFile {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    #[error(transparent)]
+    Cell(#[from] cellplane_cell_sdk::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

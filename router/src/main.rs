@@ -1,11 +1,11 @@
 //! `cellplane-router`: the edge router. `cellplane-router --config router.yaml`.
 
 use anyhow::Context as _;
+use cellplane_cell_sdk::table::TableStore;
+use cellplane_cell_sdk::watch::TableSource;
 use cellplane_router::config::{Config, EtcdConfig};
 use cellplane_router::metrics::Metrics;
 use cellplane_router::proxy::{self, Router};
-use cellplane_router::table::TableStore;
-use cellplane_router::watch::TableSource;
 use clap::Parser;
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -171,7 +171,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let tables = Arc::new(TableStore::new(
         cfg.table.cache_file.clone(),
-        metrics.clone(),
+        metrics.table.clone(),
     ));
     let source = match (&cfg.table.file, &cfg.table.etcd) {
         (Some(f), _) => TableSource::File {

@@ -1,12 +1,11 @@
 //! Prometheus metrics of the router, served on their own port.
 
+use cellplane_cell_sdk::table_metrics::TableMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicI64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -33,10 +32,7 @@ pub struct Metrics {
     pub retries: Family<ReasonLabel, Counter>,
     pub held: Counter,
     pub health_transitions: Family<ReasonLabel, Counter>,
-    pub table_epoch: Gauge<i64, AtomicI64>,
-    pub table_applied_at: Gauge<i64, AtomicI64>,
-    pub tables_refused: Counter,
-    pub etcd_watch_up: Gauge<i64, AtomicI64>,
+    pub table: TableMetrics,
     registry: Registry,
 }
 
@@ -52,10 +48,8 @@ impl Metrics {
         let retries = Family::<ReasonLabel, Counter>::default();
         let held = Counter::default();
         let health_transitions = Family::<ReasonLabel, Counter>::default();
-        let table_epoch = Gauge::default();
-        let table_applied_at = Gauge::default();
-        let tables_refused = Counter::default();
-        let etcd_watch_up = Gauge::default();
+        let table = TableMetrics::default();
+        table.register(&mut r);
         r.register(
             "requests",
             "Proxied requests by cell and status class",
@@ -87,26 +81,6 @@ impl Metrics {
             "Endpoints taken down or brought up by active health checks",
             health_transitions.clone(),
         );
-        r.register(
-            "table_epoch",
-            "Epoch of the routing table in use",
-            table_epoch.clone(),
-        );
-        r.register(
-            "table_applied_timestamp_seconds",
-            "When the table in use was applied",
-            table_applied_at.clone(),
-        );
-        r.register(
-            "tables_refused",
-            "Routing tables refused as invalid or stale",
-            tables_refused.clone(),
-        );
-        r.register(
-            "etcd_watch_up",
-            "1 while the etcd watch is established",
-            etcd_watch_up.clone(),
-        );
         Self {
             requests,
             latency,
@@ -115,10 +89,7 @@ impl Metrics {
             retries,
             held,
             health_transitions,
-            table_epoch,
-            table_applied_at,
-            tables_refused,
-            etcd_watch_up,
+            table,
             registry: r,
         }
     }

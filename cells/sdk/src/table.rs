@@ -1,8 +1,8 @@
 //! The routing table in use: validated before use, swapped atomically (readers never
 //! lock), never moved back to an older epoch, and saved to local disk so a router
-//! restarted while etcd is down still routes.
+//! restarted while etcd is down still routes. The router and cell apps both use it.
 
-use crate::metrics::Metrics;
+use crate::table_metrics::TableMetrics;
 use crate::{Error, Result};
 use arc_swap::ArcSwapOption;
 use cellplane_cells::routing::RoutingTable;
@@ -22,13 +22,13 @@ pub enum Applied {
 pub struct TableStore {
     current: ArcSwapOption<RoutingTable>,
     cache_file: Option<PathBuf>,
-    metrics: Arc<Metrics>,
+    metrics: TableMetrics,
     /// Bumps on every applied table, for requests held during a failover.
     epochs: watch::Sender<u64>,
 }
 
 impl TableStore {
-    pub fn new(cache_file: Option<PathBuf>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cache_file: Option<PathBuf>, metrics: TableMetrics) -> Self {
         Self {
             current: ArcSwapOption::empty(),
             cache_file,
@@ -43,7 +43,7 @@ impl TableStore {
         self.current.load_full()
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &TableMetrics {
         &self.metrics
     }
 
@@ -133,7 +133,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cp-table-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cache = dir.join("table.json");
-        let store = TableStore::new(Some(cache.clone()), Arc::new(Metrics::new()));
+        let store = TableStore::new(Some(cache.clone()), TableMetrics::default());
         assert_eq!(
             store.apply_bytes(&table(2).encode(), "test").unwrap(),
             Applied::New { epoch: 2 }
@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(store.get().unwrap().epoch, 2);
 
         // A new router process reads the cache.
-        let restarted = TableStore::new(Some(cache), Arc::new(Metrics::new()));
+        let restarted = TableStore::new(Some(cache), TableMetrics::default());
         assert_eq!(restarted.load_cache(), Some(Applied::New { epoch: 2 }));
         std::fs::remove_dir_all(dir).unwrap();
     }
