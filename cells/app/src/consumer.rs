@@ -1,0 +1,159 @@
+//! The order persister: reads the cell's order queue and writes each order to MySQL once.
+//!
+//! At-least-once delivery (offsets are committed only after the row is written) plus an
+//! idempotent write (`INSERT IGNORE` on the order id) gives exactly one row per order, also
+//! when Kafka redelivers after a crash or a rebalance. While MySQL is down the consumer
+//! waits and retries the same message: nothing is skipped, nothing is committed.
+
+use crate::metrics::Metrics;
+use crate::orders::OrderEvent;
+use crate::stores::{kafka_config, Stores};
+use mysql_async::prelude::Queryable;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub fn consumer(stores: &Stores) -> Result<StreamConsumer, KafkaError> {
+    kafka_config(&stores.kafka_brokers)
+        .set("group.id", &stores.cfg.orders_group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "2000")
+        .create()
+}
+
+/// Creates the order topic if missing (one partition per cell: a cell is small by design).
+pub async fn ensure_topic(stores: &Stores) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = kafka_config(&stores.kafka_brokers).create()?;
+    let topic = NewTopic::new(&stores.cfg.orders_topic, 1, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+    for result in admin.create_topics([&topic], &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::warn!(topic = %name, ?code, "could not create the order topic"),
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs until the process ends.
+pub async fn run(stores: Arc<Stores>, metrics: Arc<Metrics>, consumer: Arc<StreamConsumer>) {
+    let mut backoff = Duration::from_millis(200);
+    while let Err(e) = ensure_topic(&stores).await {
+        tracing::warn!(error = %e, "order topic not ready; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    if let Err(e) = consumer.subscribe(&[&stores.cfg.orders_topic]) {
+        tracing::error!(error = %e, "cannot subscribe to the order topic");
+        return;
+    }
+    loop {
+        let msg = match consumer.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "order queue read failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let offset = msg.offset();
+        match msg.payload().map(serde_json::from_slice::<OrderEvent>) {
+            Some(Ok(event)) => persist_until_done(&stores, &metrics, &event, offset).await,
+            // A message that can never be an order is skipped, loudly; retrying it forever
+            // would stop the cell's orders behind it.
+            other => {
+                metrics.orders_poison.inc();
+                tracing::error!(offset, problem = ?other.map(|r| r.err()), "skipping an undecodable message on the order topic");
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        while let Err(e) = consumer.commit_message(&msg, CommitMode::Sync) {
+            tracing::warn!(offset, error = %e, "offset commit failed; retrying (a redelivery would be harmless)");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+async fn persist_until_done(stores: &Stores, metrics: &Metrics, e: &OrderEvent, offset: i64) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match persist(stores, e, offset).await {
+            Ok(true) => {
+                metrics.orders_persisted.inc();
+                return;
+            }
+            Ok(false) => {
+                metrics.orders_duplicates.inc();
+                return;
+            }
+            Err(err) => {
+                metrics.degraded("mysql");
+                tracing::warn!(order_id = %e.order_id, error = %err, "order not persisted yet; retrying (it stays in Kafka)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// `Ok(true)` when the row is new, `Ok(false)` for a redelivered order.
+async fn persist(
+    stores: &Stores,
+    e: &OrderEvent,
+    offset: i64,
+) -> Result<bool, crate::error::AppError> {
+    let mut c = stores.mysql_conn().await?;
+    let write = c.exec_iter(
+        "INSERT IGNORE INTO orders (order_id, user_id, sku, qty, accepted_at_ms, kafka_offset) VALUES (?, ?, ?, ?, ?, ?)",
+        (&e.order_id, &e.user_id, &e.sku, e.qty, e.accepted_at_ms, offset),
+    );
+    let result = crate::stores::timed("mysql", stores.cfg.store_timeout * 2, write).await?;
+    Ok(result.affected_rows() == 1)
+}
+
+#[derive(Debug, Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Lag {
+    /// Next offset to be written (the partition's high watermark).
+    pub high: i64,
+    /// Next offset the persister will read (its committed offset).
+    pub committed: i64,
+    pub lag: i64,
+}
+
+/// Consumer lag on the order topic (blocking librdkafka calls: run off the async threads).
+pub async fn lag(consumer: Arc<StreamConsumer>, topic: String) -> Result<Lag, KafkaError> {
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(2);
+        let (_, high) = consumer.fetch_watermarks(&topic, 0, timeout)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, 0);
+        let committed = consumer.committed_offsets(tpl, timeout)?;
+        let committed = match committed.find_partition(&topic, 0).map(|p| p.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        };
+        Ok(Lag {
+            high,
+            committed,
+            lag: (high - committed).max(0),
+        })
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)?
+}

@@ -1,0 +1,284 @@
+//! The HTTP surface: user routes behind the ownership fence, health, status, metrics, and
+//! token-protected admin routes.
+
+use crate::consumer::{self, Lag};
+use crate::error::{AppError, AppResult};
+use crate::metrics::Metrics;
+use crate::orders::{OrderRequest, OrderStatus, Orders};
+use crate::profiles::{Profile, ProfileRead, Profiles};
+use crate::stores::{timed, Stores};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use cellplane_cell_sdk::ownership::{key_from_path, OwnershipLayer};
+use cellplane_cell_sdk::table::TableStore;
+use mysql_async::prelude::Queryable;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::producer::Producer;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct App {
+    pub stores: Arc<Stores>,
+    pub metrics: Arc<Metrics>,
+    pub profiles: Arc<Profiles>,
+    pub orders: Arc<Orders>,
+    pub tables: Arc<TableStore>,
+    pub consumer: Arc<StreamConsumer>,
+}
+
+pub fn router(app: App) -> Router {
+    let max_body = app.stores.cfg.max_body_bytes;
+    let fence = OwnershipLayer::new(&app.stores.cell, app.tables.clone(), key_from_path("users"));
+    let users = Router::new()
+        .route("/users/{user}/profile", get(get_profile).put(put_profile))
+        .route("/users/{user}/orders", post(place_order))
+        .route("/users/{user}/orders/{order}", get(order_status))
+        .layer(fence);
+    Router::new()
+        .merge(users)
+        .route("/admin/stock/{sku}", put(set_stock).get(get_stock))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(app)
+}
+
+fn check_user(user: &str) -> AppResult<()> {
+    if user.is_empty() || user.len() > 128 {
+        return Err(AppError::BadRequest("user: 1 to 128 bytes".into()));
+    }
+    Ok(())
+}
+
+async fn get_profile(
+    State(app): State<App>,
+    Path(user): Path<String>,
+) -> AppResult<Json<ProfileRead>> {
+    check_user(&user)?;
+    Ok(Json(app.profiles.get(&user).await?))
+}
+
+#[derive(Serialize)]
+struct Written {
+    version: u64,
+}
+
+async fn put_profile(
+    State(app): State<App>,
+    Path(user): Path<String>,
+    body: Result<Json<Profile>, axum::extract::rejection::JsonRejection>,
+) -> AppResult<Json<Written>> {
+    check_user(&user)?;
+    let Json(profile) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let version = app.profiles.put(&user, &profile).await?;
+    Ok(Json(Written { version }))
+}
+
+async fn place_order(
+    State(app): State<App>,
+    Path(user): Path<String>,
+    body: Result<Json<OrderRequest>, axum::extract::rejection::JsonRejection>,
+) -> AppResult<(StatusCode, Json<OrderStatus>)> {
+    check_user(&user)?;
+    let Json(req) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let status = app.orders.place(&user, req).await?;
+    let code = if status.stock_left.is_some() {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(status)))
+}
+
+async fn order_status(
+    State(app): State<App>,
+    Path((user, order)): Path<(String, String)>,
+) -> AppResult<Json<OrderStatus>> {
+    check_user(&user)?;
+    Ok(Json(app.orders.status(&user, &order).await?))
+}
+
+fn authorize(app: &App, headers: &HeaderMap) -> AppResult<()> {
+    let Some(token) = &app.stores.cfg.admin_token else {
+        return Err(AppError::Forbidden(
+            "admin API disabled: start the app with CELL_ADMIN_TOKEN set".into(),
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant-time comparison: the token must not leak through response timing.
+    let same = presented.len() == token.len()
+        && presented
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(AppError::Forbidden("missing or wrong bearer token".into()))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StockBody {
+    stock: i64,
+}
+
+async fn set_stock(
+    State(app): State<App>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<StockBody>, axum::extract::rejection::JsonRejection>,
+) -> AppResult<StatusCode> {
+    authorize(&app, &headers)?;
+    let Json(body) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    app.orders.set_stock(&sku, body.stock).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_stock(
+    State(app): State<App>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+) -> AppResult<Json<serde_json::Value>> {
+    authorize(&app, &headers)?;
+    let left = app.orders.stock(&sku).await?;
+    Ok(Json(serde_json::json!({ "sku": sku, "stock": left })))
+}
+
+#[derive(Serialize)]
+struct Check {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl<T> From<AppResult<T>> for Check {
+    fn from(r: AppResult<T>) -> Self {
+        Check {
+            ok: r.is_ok(),
+            error: r.err().map(|e| e.to_string()),
+        }
+    }
+}
+
+async fn check_redis(app: &App) -> AppResult<()> {
+    let mut c = app.stores.redis.conn().await?;
+    timed("redis", app.stores.cfg.store_timeout, c.ping::<String>())
+        .await
+        .map(|_| ())
+}
+
+async fn check_mysql(app: &App) -> AppResult<()> {
+    let mut c = app.stores.mysql_conn().await?;
+    timed(
+        "mysql",
+        app.stores.cfg.store_timeout,
+        c.query_drop("SELECT 1"),
+    )
+    .await
+}
+
+async fn check_kafka(app: &App) -> AppResult<()> {
+    let stores = app.stores.clone();
+    let timeout = app.stores.cfg.store_timeout;
+    let probe = tokio::task::spawn_blocking(move || {
+        stores
+            .producer
+            .client()
+            .fetch_metadata(Some(&stores.cfg.orders_topic), timeout)
+            .map(|_| ())
+    });
+    match probe.await {
+        Ok(r) => r.map_err(|e| AppError::unavailable("kafka", e)),
+        Err(e) => Err(AppError::unavailable("kafka", e)),
+    }
+}
+
+/// Ready only when all three stores answer: a cell missing one is not a full cell.
+async fn readyz(State(app): State<App>) -> Response {
+    let (redis, mysql, kafka) =
+        tokio::join!(check_redis(&app), check_mysql(&app), check_kafka(&app));
+    let table = app.tables.get().map(|t| t.epoch);
+    let ready = redis.is_ok() && mysql.is_ok() && kafka.is_ok() && table.is_some();
+    let body = serde_json::json!({
+        "ready": ready,
+        "redis": Check::from(redis),
+        "mysql": Check::from(mysql),
+        "kafka": Check::from(kafka),
+        "tableEpoch": table,
+    });
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MysqlPosition {
+    gtid_binlog_pos: String,
+    read_only: bool,
+}
+
+async fn mysql_position(app: &App) -> AppResult<MysqlPosition> {
+    let mut c = app.stores.mysql_conn().await?;
+    let row: Option<(String, i64)> = timed(
+        "mysql",
+        app.stores.cfg.store_timeout,
+        c.query_first("SELECT @@GLOBAL.gtid_binlog_pos, @@GLOBAL.read_only"),
+    )
+    .await?;
+    let (gtid_binlog_pos, read_only) = row.unwrap_or_default();
+    Ok(MysqlPosition {
+        gtid_binlog_pos,
+        read_only: read_only != 0,
+    })
+}
+
+/// Kafka consumer lag and MySQL replication position: what a failover waits on.
+async fn status(State(app): State<App>) -> Json<serde_json::Value> {
+    let lag = tokio::time::timeout(
+        Duration::from_secs(3),
+        consumer::lag(app.consumer.clone(), app.stores.cfg.orders_topic.clone()),
+    )
+    .await;
+    let lag: Result<Lag, String> = match lag {
+        Ok(Ok(l)) => Ok(l),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 3s".into()),
+    };
+    let mysql = mysql_position(&app).await;
+    Json(serde_json::json!({
+        "cell": app.stores.cell,
+        "tableEpoch": app.tables.get().map(|t| t.epoch),
+        "orders": match lag { Ok(l) => serde_json::to_value(l).unwrap_or_default(), Err(e) => serde_json::json!({"error": e}) },
+        "mysql": match mysql { Ok(p) => serde_json::to_value(p).unwrap_or_default(), Err(e) => serde_json::json!({"error": e.to_string()}) },
+        "hotCacheEntries": app.profiles.hot_entries(),
+    }))
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+}

@@ -1,0 +1,19 @@
+//! The reference cell app: an e-commerce service that runs on its cell's own Redis, MySQL
+//! shard and Kafka, and shows the platform's patterns per user.
+//!
+//! - `profiles`: cache-aside reads (hot keys in process, Redis, MySQL), updates that write
+//!   MySQL and then invalidate without the stale-fill race (`cache`).
+//! - `orders` + `consumer`: flash sale stock in Redis, orders queued on Kafka, persisted to
+//!   MySQL exactly once per order id.
+//! - `http`: routes behind the slot-ownership fence, health, lag and replication status.
+
+pub mod cache;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod orders;
+pub mod profiles;
+pub mod schema;
+pub mod stores;

@@ -1,0 +1,116 @@
+//! `cellplane-cell-app`: the reference cell app. Store settings come from the env the
+//! operator injects (CELL_NAME, REDIS_URL, MYSQL_URL, KAFKA_BROKERS); the routing table from
+//! etcd or a file.
+
+use anyhow::{bail, Context as _};
+use cellplane_cell_app::config::AppConfig;
+use cellplane_cell_app::http::App;
+use cellplane_cell_app::metrics::Metrics;
+use cellplane_cell_app::orders::Orders;
+use cellplane_cell_app::profiles::Profiles;
+use cellplane_cell_app::stores::Stores;
+use cellplane_cell_app::{consumer, schema};
+use cellplane_cell_sdk::settings::CellSettings;
+use cellplane_cell_sdk::table::TableStore;
+use cellplane_cell_sdk::watch::TableSource;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(version, about = "The cellplane reference cell app")]
+struct Args {
+    /// Address to serve HTTP on.
+    #[arg(long, env = "CELL_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Follow the routing table in this file (static mode).
+    #[arg(long, env = "CELL_TABLE_FILE")]
+    table_file: Option<PathBuf>,
+    /// Follow the routing table in etcd (comma-separated endpoints).
+    #[arg(long, env = "CELL_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Platform name (etcd key prefix).
+    #[arg(long, env = "CELL_PLATFORM", default_value = "cellplane")]
+    platform: String,
+    /// Bearer token for the admin routes (stock); unset disables them.
+    #[arg(long, env = "CELL_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Consumer group of the order persister.
+    #[arg(long, env = "CELL_ORDERS_GROUP", default_value = "orders-persister")]
+    orders_group: String,
+    /// Deadline of every store call, in milliseconds.
+    #[arg(long, env = "CELL_STORE_TIMEOUT_MS", default_value_t = 800)]
+    store_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let settings = CellSettings::from_env()?;
+    let source = match (&args.table_file, args.etcd.is_empty()) {
+        (Some(path), _) => TableSource::File {
+            path: path.clone(),
+            poll: Duration::from_millis(200),
+        },
+        (None, false) => TableSource::Etcd {
+            endpoints: args.etcd.clone(),
+            platform: args.platform.clone(),
+        },
+        (None, true) => bail!("no routing table source: pass --table-file (CELL_TABLE_FILE) or --etcd (CELL_ETCD); the app must know which users it owns"),
+    };
+    let cfg = AppConfig {
+        store_timeout: Duration::from_millis(args.store_timeout_ms.clamp(50, 30_000)),
+        admin_token: args.admin_token.filter(|t| !t.is_empty()),
+        orders_group: args.orders_group,
+        ..AppConfig::default()
+    };
+    tracing::info!(?settings, "starting");
+    let stores =
+        Arc::new(Stores::connect(&settings, cfg).context("connecting to the cell's stores")?);
+    let metrics = Arc::new(Metrics::new());
+    let tables = Arc::new(TableStore::new(None, metrics.table.clone()));
+    if let Err(e) = source.refresh(&tables).await {
+        tracing::warn!(error = %e, "no routing table yet; user requests get 503 until one arrives");
+    }
+    tokio::spawn(source.follow(tables.clone()));
+    // The schema is needed before the first request; wait for MySQL rather than serve errors.
+    let mut backoff = Duration::from_millis(200);
+    while let Err(e) = schema::ensure(&stores).await {
+        tracing::warn!(error = %e, "MySQL not ready; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    let consumer = Arc::new(consumer::consumer(&stores).context("creating the order consumer")?);
+    tokio::spawn(consumer::run(
+        stores.clone(),
+        metrics.clone(),
+        consumer.clone(),
+    ));
+    let app = App {
+        profiles: Arc::new(Profiles::new(stores.clone(), metrics.clone())),
+        orders: Arc::new(Orders::new(stores.clone(), metrics.clone())),
+        stores,
+        metrics,
+        tables,
+        consumer,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    tracing::info!(listen = %args.listen, "serving");
+    axum::serve(listener, cellplane_cell_app::http::router(app))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

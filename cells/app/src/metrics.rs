@@ -1,0 +1,117 @@
+//! Prometheus metrics of the reference app.
+
+use cellplane_cell_sdk::table_metrics::TableMetrics;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabel {
+    pub store: &'static str,
+}
+
+pub struct Metrics {
+    pub profile_reads: Family<SourceLabel, Counter>,
+    pub orders_accepted: Counter,
+    pub orders_rejected: Family<ReasonLabel, Counter>,
+    pub orders_persisted: Counter,
+    pub orders_duplicates: Counter,
+    pub orders_poison: Counter,
+    pub degraded: Family<StoreLabel, Counter>,
+    pub table: TableMetrics,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("cellplane_app");
+        let m = Self {
+            profile_reads: Family::default(),
+            orders_accepted: Counter::default(),
+            orders_rejected: Family::default(),
+            orders_persisted: Counter::default(),
+            orders_duplicates: Counter::default(),
+            orders_poison: Counter::default(),
+            degraded: Family::default(),
+            table: TableMetrics::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "profile_reads",
+            "Profile reads by where they were answered from",
+            m.profile_reads.clone(),
+        );
+        r.register(
+            "orders_accepted",
+            "Orders accepted (on Kafka)",
+            m.orders_accepted.clone(),
+        );
+        r.register(
+            "orders_rejected",
+            "Orders refused, by reason",
+            m.orders_rejected.clone(),
+        );
+        r.register(
+            "orders_persisted",
+            "Orders written to MySQL",
+            m.orders_persisted.clone(),
+        );
+        r.register(
+            "orders_duplicates",
+            "Redelivered orders already in MySQL (not written twice)",
+            m.orders_duplicates.clone(),
+        );
+        r.register(
+            "orders_poison",
+            "Undecodable messages skipped on the order topic",
+            m.orders_poison.clone(),
+        );
+        r.register(
+            "degraded",
+            "Operations served or retried in a degraded mode, by the store that was down",
+            m.degraded.clone(),
+        );
+        m.table.register(&mut r);
+        Self { registry: r, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("String encoding");
+        out
+    }
+
+    pub fn profile_read(&self, source: &'static str) {
+        self.profile_reads
+            .get_or_create(&SourceLabel { source })
+            .inc();
+    }
+
+    pub fn order_rejected(&self, reason: &'static str) {
+        self.orders_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn degraded(&self, store: &'static str) {
+        self.degraded.get_or_create(&StoreLabel { store }).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

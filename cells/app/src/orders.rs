@@ -1,0 +1,361 @@
+//! Flash sale orders: the cell's stock allotment lives in Redis and is decremented
+//! atomically (never below zero); an accepted order is on the cell's Kafka before the
+//! client hears "accepted", and the consumer persists it to MySQL idempotently.
+//!
+//! Degradation: Redis down -> no orders (stock cannot be checked); Kafka down -> no new
+//! orders (503) and the reserved stock is given back; MySQL down -> orders are still
+//! accepted and wait in Kafka until the consumer can persist them.
+
+use crate::error::{AppError, AppResult};
+use crate::metrics::Metrics;
+use crate::stores::{timed, Stores};
+use mysql_async::prelude::Queryable;
+use rdkafka::producer::FutureRecord;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// KEYS: stock, order marker. ARGV: qty, marker ttl. Returns {code, left}: 1 reserved,
+/// 0 sold out, -2 no sale for this sku, -3 order id already taken.
+const RESERVE_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-3, 0} end
+local s = redis.call('GET', KEYS[1])
+if not s then return {-2, 0} end
+s = tonumber(s)
+local q = tonumber(ARGV[1])
+if s < q then return {0, s} end
+redis.call('DECRBY', KEYS[1], q)
+redis.call('SET', KEYS[2], 'queued', 'EX', ARGV[2])
+return {1, s - q}
+"#;
+
+/// KEYS: stock, order marker. ARGV: qty. Gives the stock back once per order.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('DEL', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) end
+return 1
+"#;
+
+const MARKER_TTL_SECS: u64 = 24 * 3600;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OrderRequest {
+    pub sku: String,
+    #[serde(default = "one")]
+    pub qty: i64,
+    /// Client-chosen id makes retries safe: the same id is never sold twice.
+    pub order_id: Option<String>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// What goes on Kafka (key: the user, so one user's orders stay in order).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderEvent {
+    pub order_id: String,
+    pub user_id: String,
+    pub sku: String,
+    pub qty: i64,
+    pub accepted_at_ms: i64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderStatus {
+    pub order_id: String,
+    /// `queued` (accepted, on Kafka) or `persisted` (in MySQL).
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stock_left: Option<i64>,
+}
+
+fn is_id(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl OrderRequest {
+    pub fn validate(&self) -> AppResult<()> {
+        if !is_id(&self.sku, 64) {
+            return Err(AppError::BadRequest(
+                "sku: 1 to 64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        if !(1..=10).contains(&self.qty) {
+            return Err(AppError::BadRequest("qty: must be 1 to 10".into()));
+        }
+        if let Some(id) = &self.order_id {
+            if !is_id(id, 64) {
+                return Err(AppError::BadRequest(
+                    "orderId: 1 to 64 letters, digits, '-' or '_'".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct Orders {
+    stores: Arc<Stores>,
+    metrics: Arc<Metrics>,
+    reserve: redis::Script,
+    release: redis::Script,
+}
+
+fn stock_key(sku: &str) -> String {
+    format!("stock:{sku}")
+}
+fn marker_key(order_id: &str) -> String {
+    format!("order:{order_id}")
+}
+
+impl Orders {
+    pub fn new(stores: Arc<Stores>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            stores,
+            metrics,
+            reserve: redis::Script::new(RESERVE_SCRIPT),
+            release: redis::Script::new(RELEASE_SCRIPT),
+        }
+    }
+
+    pub async fn place(&self, user: &str, req: OrderRequest) -> AppResult<OrderStatus> {
+        req.validate()?;
+        let order_id = req
+            .order_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let cfg = &self.stores.cfg;
+        let (stock, marker) = (stock_key(&req.sku), marker_key(&order_id));
+        let mut c = self
+            .stores
+            .redis
+            .conn()
+            .await
+            .inspect_err(|_| self.metrics.order_rejected("redis"))?;
+        let mut reserve = self.reserve.key(&stock);
+        reserve.key(&marker).arg(req.qty).arg(MARKER_TTL_SECS);
+        let (code, left): (i64, i64) =
+            timed("redis", cfg.store_timeout, reserve.invoke_async(&mut c))
+                .await
+                .inspect_err(|_| self.metrics.order_rejected("redis"))?;
+        match code {
+            1 => {}
+            0 => {
+                self.metrics.order_rejected("sold_out");
+                return Err(AppError::SoldOut {
+                    sku: req.sku,
+                    left,
+                    wanted: req.qty,
+                });
+            }
+            -2 => return Err(AppError::NoSale(req.sku)),
+            -3 => return self.status(user, &order_id).await,
+            other => {
+                return Err(AppError::unavailable(
+                    "redis",
+                    format!("reserve script returned {other}"),
+                ))
+            }
+        }
+        let event = OrderEvent {
+            order_id: order_id.clone(),
+            user_id: user.into(),
+            sku: req.sku.clone(),
+            qty: req.qty,
+            accepted_at_ms: now_ms(),
+        };
+        let payload = serde_json::to_vec(&event).expect("event serializes");
+        let record = FutureRecord::to(&cfg.orders_topic)
+            .key(user)
+            .payload(&payload);
+        // The delivery future ends by itself within message.timeout.ms.
+        match self
+            .stores
+            .producer
+            .send(record, Duration::from_millis(0))
+            .await
+        {
+            Ok(_) => {
+                self.metrics.orders_accepted.inc();
+                Ok(OrderStatus {
+                    order_id,
+                    status: "queued",
+                    stock_left: Some(left),
+                })
+            }
+            Err((e, _)) => {
+                self.metrics.order_rejected("kafka");
+                let mut release = self.release.key(&stock);
+                release.key(&marker).arg(req.qty);
+                if let Err(re) = timed(
+                    "redis",
+                    cfg.store_timeout,
+                    release.invoke_async::<i64>(&mut c),
+                )
+                .await
+                {
+                    tracing::error!(%order_id, error = %re, "stock of a refused order could not be given back");
+                }
+                Err(AppError::unavailable(
+                    "orders",
+                    format!("the order queue (Kafka) did not take the order: {e}; new orders are refused until it is back, nothing was charged"),
+                ))
+            }
+        }
+    }
+
+    /// Persisted (MySQL) or queued (marker in Redis); 404 otherwise or for another user.
+    pub async fn status(&self, user: &str, order_id: &str) -> AppResult<OrderStatus> {
+        if !is_id(order_id, 64) {
+            return Err(AppError::BadRequest(
+                "orderId: 1 to 64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        let cfg = &self.stores.cfg;
+        let not_found = || AppError::NotFound(format!("order {order_id}"));
+        let persisted = async {
+            let mut c = self.stores.mysql_conn().await?;
+            timed(
+                "mysql",
+                cfg.store_timeout,
+                c.exec_first::<String, _, _>(
+                    "SELECT user_id FROM orders WHERE order_id = ?",
+                    (order_id,),
+                ),
+            )
+            .await
+        }
+        .await;
+        match persisted {
+            Ok(Some(owner)) if owner == user => {
+                return Ok(OrderStatus {
+                    order_id: order_id.into(),
+                    status: "persisted",
+                    stock_left: None,
+                })
+            }
+            Ok(Some(_)) => return Err(not_found()),
+            Ok(None) | Err(_) => {}
+        }
+        let mut c = self.stores.redis.conn().await?;
+        let marker: Option<String> =
+            timed("redis", cfg.store_timeout, c.get(marker_key(order_id))).await?;
+        match marker.as_deref() {
+            Some("queued") => Ok(OrderStatus {
+                order_id: order_id.into(),
+                status: "queued",
+                stock_left: None,
+            }),
+            _ => Err(not_found()),
+        }
+    }
+
+    /// Opens (or resets) the sale of `sku` in this cell with `stock` units.
+    pub async fn set_stock(&self, sku: &str, stock: i64) -> AppResult<()> {
+        if !is_id(sku, 64) {
+            return Err(AppError::BadRequest(
+                "sku: 1 to 64 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        if !(0..=1_000_000_000).contains(&stock) {
+            return Err(AppError::BadRequest(
+                "stock: must be 0 to 1000000000".into(),
+            ));
+        }
+        let mut c = self.stores.redis.conn().await?;
+        timed(
+            "redis",
+            self.stores.cfg.store_timeout,
+            c.set::<_, _, ()>(stock_key(sku), stock),
+        )
+        .await
+    }
+
+    pub async fn stock(&self, sku: &str) -> AppResult<Option<i64>> {
+        let mut c = self.stores.redis.conn().await?;
+        timed(
+            "redis",
+            self.stores.cfg.store_timeout,
+            c.get(stock_key(sku)),
+        )
+        .await
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_requests_are_validated_by_field() {
+        let ok = OrderRequest {
+            sku: "phone-1".into(),
+            qty: 1,
+            order_id: None,
+        };
+        assert!(ok.validate().is_ok());
+        let cases = [
+            (
+                OrderRequest {
+                    sku: "".into(),
+                    ..ok_clone(&ok)
+                },
+                "sku",
+            ),
+            (
+                OrderRequest {
+                    sku: "a b".into(),
+                    ..ok_clone(&ok)
+                },
+                "sku",
+            ),
+            (
+                OrderRequest {
+                    qty: 0,
+                    ..ok_clone(&ok)
+                },
+                "qty",
+            ),
+            (
+                OrderRequest {
+                    qty: 11,
+                    ..ok_clone(&ok)
+                },
+                "qty",
+            ),
+            (
+                OrderRequest {
+                    order_id: Some("x'y".into()),
+                    ..ok_clone(&ok)
+                },
+                "orderId",
+            ),
+        ];
+        for (req, field) in cases {
+            let err = req.validate().unwrap_err().to_string();
+            assert!(err.starts_with(field), "{err}");
+        }
+    }
+
+    fn ok_clone(r: &OrderRequest) -> OrderRequest {
+        OrderRequest {
+            sku: r.sku.clone(),
+            qty: r.qty,
+            order_id: r.order_id.clone(),
+        }
+    }
+}

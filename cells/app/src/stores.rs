@@ -1,0 +1,141 @@
+//! Connections to the cell's three stores, and the two rules every call follows: a
+//! deadline, and bounded retries (with jitter) for idempotent reads only.
+
+use crate::config::AppConfig;
+use crate::error::{AppError, AppResult};
+use cellplane_cell_sdk::settings::CellSettings;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::future::Future;
+use std::time::Duration;
+
+/// Runs `fut` under `deadline`; a timeout or error becomes "`what` unavailable".
+pub async fn timed<T, E: std::fmt::Display>(
+    what: &'static str,
+    deadline: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+) -> AppResult<T> {
+    match tokio::time::timeout(deadline, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(AppError::unavailable(what, e)),
+        Err(_) => Err(AppError::unavailable(
+            what,
+            format!("no answer within {deadline:?}"),
+        )),
+    }
+}
+
+/// Retries an idempotent read up to `attempts` times, 20-60 ms apart (jittered so that
+/// replicas retrying together do not arrive together).
+pub async fn retry_read<T, F, Fut>(attempts: u32, mut op: F) -> AppResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = AppResult<T>>,
+{
+    let mut last = None;
+    for attempt in 0..attempts.max(1) {
+        if attempt > 0 {
+            let jitter = rand::random_range(20..60);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+        }
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e @ AppError::Unavailable { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+/// Redis through a connection manager that reconnects by itself; created lazily so the app
+/// starts (degraded) while Redis is down.
+pub struct Redis {
+    client: redis::Client,
+    manager: tokio::sync::Mutex<Option<ConnectionManager>>,
+    timeout: Duration,
+}
+
+impl Redis {
+    pub fn new(url: &str, timeout: Duration) -> AppResult<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| AppError::BadRequest(format!("REDIS_URL: {e}")))?;
+        Ok(Self {
+            client,
+            manager: tokio::sync::Mutex::new(None),
+            timeout,
+        })
+    }
+
+    pub async fn conn(&self) -> AppResult<ConnectionManager> {
+        let mut slot = self.manager.lock().await;
+        if let Some(m) = slot.as_ref() {
+            return Ok(m.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(500);
+        let m = timed(
+            "redis",
+            self.timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await?;
+        *slot = Some(m.clone());
+        Ok(m)
+    }
+}
+
+pub struct Stores {
+    pub cell: String,
+    pub redis: Redis,
+    pub mysql: mysql_async::Pool,
+    pub producer: FutureProducer,
+    pub kafka_brokers: String,
+    pub cfg: AppConfig,
+}
+
+impl Stores {
+    pub fn connect(settings: &CellSettings, cfg: AppConfig) -> AppResult<Self> {
+        let redis = Redis::new(&settings.redis_url, cfg.store_timeout)?;
+        let opts = mysql_async::Opts::from_url(&settings.mysql_url)
+            .map_err(|e| AppError::BadRequest(format!("MYSQL_URL: {e}")))?;
+        let pool_opts = mysql_async::PoolOpts::default()
+            .with_constraints(mysql_async::PoolConstraints::new(0, 32).expect("0 <= 32"));
+        let mysql =
+            mysql_async::Pool::new(mysql_async::OptsBuilder::from_opts(opts).pool_opts(pool_opts));
+        let producer = kafka_config(&settings.kafka_brokers)
+            // Accepted means on the broker's log: idempotent, all in-sync replicas.
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "3000")
+            .set("linger.ms", "1")
+            .create()
+            .map_err(|e| AppError::BadRequest(format!("KAFKA_BROKERS: {e}")))?;
+        Ok(Self {
+            cell: settings.cell.clone(),
+            redis,
+            mysql,
+            producer,
+            kafka_brokers: settings.kafka_brokers.clone(),
+            cfg,
+        })
+    }
+
+    pub async fn mysql_conn(&self) -> AppResult<mysql_async::Conn> {
+        timed("mysql", self.cfg.store_timeout, self.mysql.get_conn()).await
+    }
+}
+
+/// Client settings shared by the producer, the consumer and the admin client.
+pub fn kafka_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("socket.connection.setup.timeout.ms", "1000")
+        .set("reconnect.backoff.max.ms", "1000")
+        // librdkafka logs every failed reconnect; one line per 10 s is plenty.
+        .set("log.connection.close", "false");
+    c
+}
