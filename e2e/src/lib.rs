@@ -2,6 +2,7 @@
 //! separate process, and condition waits. Everything started here stops on drop, also
 //! when a test fails.
 
+pub mod cell;
 pub mod net;
 
 use anyhow::{bail, Context as _, Result};

@@ -1,0 +1,270 @@
+//! A cell's data plane for tests: its real stores (started by `e2e/bin/stores`) and the
+//! reference app as a separate process. Everything stops on drop, also when a test fails.
+
+use crate::net::{get, send, Reply};
+use crate::{free_port, repo_root, wait_for, workspace_bin};
+use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Redis, MariaDB and Kafka of one cell, on free loopback ports.
+pub struct CellStores {
+    pub cell: String,
+    pub dir: PathBuf,
+    root: PathBuf,
+    /// The env file's variables (what the operator would inject).
+    pub env: HashMap<String, String>,
+}
+
+impl CellStores {
+    pub fn up(cell: &str) -> Result<Self> {
+        let root = std::env::temp_dir().join(format!("cellplane-stores-{}", std::process::id()));
+        std::fs::create_dir_all(&root)?;
+        let status = Command::new(repo_root().join("e2e/bin/stores"))
+            .args(["up", cell])
+            .env("CELLPLANE_STORES_DIR", &root)
+            .stdout(Stdio::null())
+            .status()
+            .context("running e2e/bin/stores up")?;
+        let dir = root.join(cell);
+        if !status.success() {
+            bail!(
+                "stores of {cell} failed to start; logs under {}",
+                dir.join("logs").display()
+            );
+        }
+        let env = read_env(&dir.join("env"))?;
+        Ok(Self {
+            cell: cell.into(),
+            dir,
+            root,
+            env,
+        })
+    }
+
+    fn run(&self, args: &[&str]) -> Result<()> {
+        let status = Command::new(repo_root().join("e2e/bin/stores"))
+            .args(args)
+            .env("CELLPLANE_STORES_DIR", &self.root)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!(
+                "e2e/bin/stores {args:?} failed; logs under {}",
+                self.dir.join("logs").display()
+            );
+        }
+        Ok(())
+    }
+
+    /// `kill -9`, as a crash.
+    pub fn kill(&self, store: &str) -> Result<()> {
+        self.run(&["kill", &self.cell, store])
+    }
+
+    /// Starts a killed store again on the same port with the same data.
+    pub fn start(&self, store: &str) -> Result<()> {
+        self.run(&["start", &self.cell, store])
+    }
+
+    pub fn var(&self, name: &str) -> &str {
+        self.env.get(name).map(String::as_str).unwrap_or_default()
+    }
+
+    /// A pool on the cell's MariaDB as root (for checks and replication control).
+    pub fn mysql_admin(&self) -> Result<mysql_async::Pool> {
+        let url = format!(
+            "{}{}",
+            self.var("MYSQL_ADMIN_URL"),
+            self.var("MYSQL_DATABASE")
+        );
+        Ok(mysql_async::Pool::new(mysql_async::Opts::from_url(&url)?))
+    }
+
+    /// A pool with the app's own (non-admin) account.
+    pub fn mysql_app(&self) -> Result<mysql_async::Pool> {
+        Ok(mysql_async::Pool::new(mysql_async::Opts::from_url(
+            self.var("MYSQL_URL"),
+        )?))
+    }
+}
+
+impl Drop for CellStores {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", &self.cell]);
+    }
+}
+
+fn read_env(path: &Path) -> Result<HashMap<String, String>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// The reference app of one cell as a process.
+pub struct CellApp {
+    child: Option<Child>,
+    pub addr: String,
+    pub admin_token: String,
+    pub log: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl CellApp {
+    /// Starts the app on `stores` following the table in `table_file`, and waits until it
+    /// answers /livez. `extra_env` overrides (e.g. `CELL_ORDERS_GROUP`).
+    pub async fn start(
+        stores: &CellStores,
+        table_file: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let port = free_port()?;
+        let mut env: Vec<(String, String)> = stores
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let admin_token = format!("t-{}-{port}", std::process::id());
+        env.push(("CELL_ADMIN_TOKEN".into(), admin_token.clone()));
+        env.push(("CELL_TABLE_FILE".into(), table_file.display().to_string()));
+        env.push(("CELL_LISTEN".into(), format!("127.0.0.1:{port}")));
+        env.push((
+            "RUST_LOG".into(),
+            "info,librdkafka=error,rdkafka=error".into(),
+        ));
+        for (k, v) in extra_env {
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut app = Self {
+            child: None,
+            addr: format!("127.0.0.1:{port}"),
+            admin_token,
+            log: stores.dir.join(format!("logs/app-{port}.log")),
+            env,
+        };
+        app.spawn().await?;
+        Ok(app)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(workspace_bin("cellplane-cell-app"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let url = format!("http://{}/livez", self.addr);
+        wait_for("cell app up", Duration::from_secs(60), || {
+            let u = url.clone();
+            async move {
+                Ok(get(&u, &[])
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+                    .map(|_| ()))
+            }
+        })
+        .await
+    }
+
+    /// `kill -9` (a crash), then start again with the same settings and port.
+    pub async fn restart(&mut self, extra_env: &[(&str, &str)]) -> Result<()> {
+        self.kill();
+        for (k, v) in extra_env {
+            self.env.push((k.to_string(), v.to_string()));
+        }
+        self.spawn().await
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Reply> {
+        get(&self.url(path), &[]).await
+    }
+
+    pub async fn send_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<Reply> {
+        send(
+            method,
+            &self.url(path),
+            &[("content-type", "application/json")],
+            Bytes::from(body.to_string()),
+        )
+        .await
+    }
+
+    pub async fn set_stock(&self, sku: &str, stock: i64) -> Result<()> {
+        let auth = format!("Bearer {}", self.admin_token);
+        let r = send(
+            "PUT",
+            &self.url(&format!("/admin/stock/{sku}")),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ],
+            Bytes::from(serde_json::json!({ "stock": stock }).to_string()),
+        )
+        .await?;
+        if r.status != 204 {
+            bail!("setting stock: {} {}", r.status, r.body);
+        }
+        Ok(())
+    }
+
+    pub async fn stock(&self, sku: &str) -> Result<Option<i64>> {
+        let auth = format!("Bearer {}", self.admin_token);
+        let r = get(
+            &self.url(&format!("/admin/stock/{sku}")),
+            &[("authorization", &auth)],
+        )
+        .await?;
+        if r.status != 200 {
+            bail!("reading stock: {} {}", r.status, r.body);
+        }
+        let v: serde_json::Value = serde_json::from_str(&r.body)?;
+        Ok(v["stock"].as_i64())
+    }
+
+    /// A counter or gauge from /metrics (0 when absent).
+    pub async fn metric(&self, name_and_labels: &str) -> Result<f64> {
+        let text = self.get("/metrics").await?.body;
+        Ok(text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name_and_labels)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0))
+    }
+}
+
+impl Drop for CellApp {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

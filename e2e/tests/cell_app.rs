@@ -1,0 +1,292 @@
+//! The reference cell app on its cell's real Redis, MariaDB and Kafka (started by
+//! `e2e/bin/stores`): cache-aside without stale reads, a flash sale that sells exactly its
+//! stock, orders that survive crashes and redeliveries once, the ownership fence, and the
+//! documented behaviour with each store killed in turn.
+
+use cellplane_cells::routing::{CellEntry, RoutingTable};
+use cellplane_e2e::cell::{CellApp, CellStores};
+use cellplane_e2e::wait_for;
+use mysql_async::prelude::Queryable;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(60);
+
+fn table_file(dir: &Path, t: &RoutingTable) -> PathBuf {
+    let file = dir.join("table.json");
+    std::fs::write(&file, t.encode()).unwrap();
+    file
+}
+
+/// A table of the given cells (equal weights); each stands by for the next.
+fn table(epoch: u64, cells: &[&str]) -> RoutingTable {
+    let entries = cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let standby = cells[(i + 1) % cells.len()];
+            let mut e = CellEntry::active(c, &format!("r{i}"), vec!["127.0.0.1:1".into()]);
+            e.standby = (standby != *c).then(|| standby.to_string());
+            (e, 1)
+        })
+        .collect();
+    RoutingTable::placed("shop", epoch, 16384, entries).unwrap()
+}
+
+/// Stores + app of a cell that owns every slot.
+async fn lone_cell(name: &str) -> anyhow::Result<(CellStores, CellApp)> {
+    let stores = CellStores::up(name)?;
+    let file = table_file(&stores.dir, &table(1, &[name]));
+    let app = CellApp::start(&stores, &file, &[]).await?;
+    Ok((stores, app))
+}
+
+fn body(r: &cellplane_e2e::net::Reply) -> Value {
+    serde_json::from_str(&r.body).unwrap_or(Value::Null)
+}
+
+async fn orders_in_mysql(stores: &CellStores) -> anyhow::Result<u64> {
+    let pool = stores.mysql_admin()?;
+    let mut c = pool.get_conn().await?;
+    let n: Option<u64> = c.query_first("SELECT COUNT(*) FROM orders").await?;
+    Ok(n.unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_aside_never_serves_a_stale_profile_to_a_read_that_starts_after_the_update(
+) -> anyhow::Result<()> {
+    let (_stores, app) = lone_cell("cache-aside").await?;
+    let app = Arc::new(app);
+    let put = |i: u32| {
+        let app = app.clone();
+        async move {
+            let r = app
+                .send_json(
+                    "PUT",
+                    "/users/alice/profile",
+                    json!({"name": format!("v{i}"), "email": "a@example.com"}),
+                )
+                .await?;
+            anyhow::ensure!(r.status == 200, "PUT: {} {}", r.status, r.body);
+            Ok::<u64, anyhow::Error>(body(&r)["version"].as_u64().unwrap())
+        }
+    };
+    put(1).await?;
+
+    // Readers hammer the key (it becomes hot, so the in-process cache is in play too)
+    // while updates land; every read records when it started and what it saw.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(Mutex::new(Vec::<(Instant, u64)>::new()));
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (app, stop, reads) = (app.clone(), stop.clone(), reads.clone());
+        readers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let r = app.get("/users/alice/profile").await.unwrap();
+                assert_eq!(r.status, 200, "{}", r.body);
+                let v = body(&r)["version"].as_u64().unwrap();
+                reads.lock().unwrap().push((started, v));
+            }
+        });
+    }
+    let mut updates = Vec::new();
+    for i in 2..=40 {
+        let version = put(i).await?;
+        let done = Instant::now();
+        let r = app.get("/users/alice/profile").await?;
+        assert_eq!(
+            body(&r)["version"].as_u64(),
+            Some(version),
+            "read right after update {i}: {}",
+            r.body
+        );
+        assert_eq!(body(&r)["name"], format!("v{i}"));
+        updates.push((done, version));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    while let Some(r) = readers.join_next().await {
+        r?;
+    }
+    let reads = reads.lock().unwrap();
+    let mut stale = 0;
+    for (done, version) in &updates {
+        stale += reads
+            .iter()
+            .filter(|(s, v)| s > done && v < version)
+            .count();
+    }
+    assert_eq!(
+        stale, 0,
+        "reads that started after an update saw an older version"
+    );
+    assert!(reads.len() > 200, "readers ran: {}", reads.len());
+    // The caches were actually used, not bypassed.
+    for source in ["local", "cache", "db"] {
+        let n = app
+            .metric(&format!(
+                "cellplane_app_profile_reads_total{{source=\"{source}\"}}"
+            ))
+            .await?;
+        assert!(n > 0.0, "no reads answered from {source}");
+    }
+    let r = app.get("/users/nobody/profile").await?;
+    assert_eq!(r.status, 404);
+    let r = app
+        .send_json(
+            "PUT",
+            "/users/alice/profile",
+            json!({"name": "", "email": "x"}),
+        )
+        .await?;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("name"), "{}", r.body);
+    Ok(())
+}
+
+async fn order(
+    app: &CellApp,
+    user: &str,
+    sku: &str,
+    id: Option<&str>,
+) -> anyhow::Result<cellplane_e2e::net::Reply> {
+    let mut b = json!({ "sku": sku });
+    if let Some(id) = id {
+        b["orderId"] = json!(id);
+    }
+    app.send_json("POST", &format!("/users/{user}/orders"), b)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flash_sale_sells_exactly_its_stock_and_orders_persist_once_through_crashes(
+) -> anyhow::Result<()> {
+    let (stores, app) = lone_cell("flash-sale").await?;
+    app.set_stock("drop-1", 100).await?;
+    let shared = Arc::new(app);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let app = shared.clone();
+        set.spawn(async move {
+            order(&app, &format!("u{i}"), "drop-1", None)
+                .await
+                .map(|r| r.status)
+        });
+    }
+    let (mut accepted, mut sold_out, mut other) = (0, 0, Vec::new());
+    while let Some(r) = set.join_next().await {
+        match r?? {
+            202 => accepted += 1,
+            409 => sold_out += 1,
+            s => other.push(s),
+        }
+    }
+    assert_eq!(
+        (accepted, sold_out),
+        (100, 900),
+        "unexpected answers: {other:?}"
+    );
+    assert_eq!(shared.stock("drop-1").await?, Some(0));
+    wait_for("100 orders in MySQL", T, || async {
+        Ok((orders_in_mysql(&stores).await? == 100).then_some(()))
+    })
+    .await?;
+    let mut app = Arc::into_inner(shared).expect("no other handle");
+
+    // Orders accepted just before a crash are persisted after the restart.
+    app.set_stock("drop-2", 20).await?;
+    for i in 0..20 {
+        let r = order(
+            &app,
+            &format!("late{i}"),
+            "drop-2",
+            Some(&format!("late-{i}")),
+        )
+        .await?;
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    app.restart(&[]).await?;
+    wait_for("120 orders in MySQL after the crash", T, || async {
+        Ok((orders_in_mysql(&stores).await? == 120).then_some(()))
+    })
+    .await?;
+    // A client retrying with the same order id is not sold twice.
+    let r = order(&app, "late0", "drop-2", Some("late-0")).await?;
+    assert_eq!(
+        (r.status, body(&r)["status"].as_str()),
+        (200, Some("persisted")),
+        "{}",
+        r.body
+    );
+    assert_eq!(app.stock("drop-2").await?, Some(0));
+
+    // Kafka redelivers every order to a new consumer group: no duplicate rows.
+    app.restart(&[("CELL_ORDERS_GROUP", "replay")]).await?;
+    wait_for("every order redelivered", T, || async {
+        Ok((app.metric("cellplane_app_orders_duplicates_total").await? >= 120.0).then_some(()))
+    })
+    .await?;
+    assert_eq!(orders_in_mysql(&stores).await?, 120);
+    let status = body(&app.get("/status").await?);
+    assert_eq!(status["orders"]["lag"].as_i64(), Some(0), "{status}");
+    assert_eq!(status["orders"]["high"].as_i64(), Some(120), "{status}");
+    // Order status is per user.
+    let r = app.get("/users/late3/orders/late-3").await?;
+    assert_eq!(body(&r)["status"], "persisted");
+    assert_eq!(
+        app.get("/users/someone-else/orders/late-3").await?.status,
+        404
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_answers_421_for_foreign_slots_and_for_a_frozen_cell() -> anyhow::Result<()> {
+    let stores = CellStores::up("fence-a")?;
+    let t1 = table(1, &["fence-a", "fence-b"]);
+    let file = table_file(&stores.dir, &t1);
+    let app = CellApp::start(&stores, &file, &[]).await?;
+    let user_of = |t: &RoutingTable, cell: &str| {
+        (0..)
+            .map(|i| format!("user{i}"))
+            .find(|u| t.route(u).1.name == cell)
+            .unwrap()
+    };
+    let (mine, theirs) = (user_of(&t1, "fence-a"), user_of(&t1, "fence-b"));
+    wait_for("app ready", T, || async {
+        Ok((app.get("/readyz").await?.status == 200).then_some(()))
+    })
+    .await?;
+
+    assert_eq!(
+        app.get(&format!("/users/{mine}/profile")).await?.status,
+        404,
+        "own user served (no profile yet)"
+    );
+    let r = app.get(&format!("/users/{theirs}/profile")).await?;
+    assert_eq!(r.status, 421, "{}", r.body);
+    assert_eq!(r.headers["x-cellplane-owner"], "fence-b");
+    let r = order(&app, &theirs, "x", None).await?;
+    assert_eq!(r.status, 421, "writes are fenced too");
+    // A router that has seen a newer epoch than the cell: the cell cannot vouch, 503.
+    let r = cellplane_e2e::net::get(
+        &app.url(&format!("/users/{mine}/profile")),
+        &[("x-cellplane-epoch", "2")],
+    )
+    .await?;
+    assert_eq!(r.status, 503, "{}", r.body);
+
+    // The cell is frozen for a failover: it serves none of its users.
+    std::fs::write(&file, t1.frozen("fence-a")?.encode())?;
+    wait_for("frozen table applied", T, || async {
+        Ok((app.get(&format!("/users/{mine}/profile")).await?.status == 421).then_some(()))
+    })
+    .await?;
+    // Health endpoints are not user data: never fenced.
+    assert_eq!(app.get("/livez").await?.status, 200);
+    Ok(())
+}
