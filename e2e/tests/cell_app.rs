@@ -112,7 +112,7 @@ async fn cache_aside_never_serves_a_stale_profile_to_a_read_that_starts_after_th
     while let Some(r) = readers.join_next().await {
         r?;
     }
-    let reads = reads.lock().unwrap();
+    let reads = std::mem::take(&mut *reads.lock().unwrap());
     let mut stale = 0;
     for (done, version) in &updates {
         stale += reads
