@@ -290,3 +290,252 @@ async fn the_fence_answers_421_for_foreign_slots_and_for_a_frozen_cell() -> anyh
     assert_eq!(app.get("/livez").await?.status, 200);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_replica_catches_up_reports_lag_and_is_promoted_after_the_primary_is_fenced(
+) -> anyhow::Result<()> {
+    use cellplane_cell_sdk::replication::{self, ReplicationSource};
+    let home = CellStores::up("repl-home")?;
+    let standby = CellStores::up("repl-standby")?;
+    let (home_admin, standby_admin) = (home.mysql_admin()?, standby.mysql_admin()?);
+    let source = ReplicationSource {
+        host: "127.0.0.1".into(),
+        port: home.var("MYSQL_PORT").parse()?,
+        user: home.var("MYSQL_REPL_USER").into(),
+        password: home.var("MYSQL_REPL_PASSWORD").into(),
+    };
+    replication::start_replica(&standby_admin, "repl-home", &source).await?;
+    wait_for("replication threads running", T, || async {
+        let s = replication::replica_status(&standby_admin, "repl-home").await?;
+        Ok(s.filter(|s| s.io_running && s.sql_running).map(|_| ()))
+    })
+    .await?;
+
+    // A burst of writes by the home cell's app account, from 8 connections at once.
+    let app_pool = home.mysql_app()?;
+    app_pool
+        .get_conn()
+        .await?
+        .query_drop("CREATE TABLE burst (id INT PRIMARY KEY, v VARCHAR(64))")
+        .await?;
+    let started = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let pool = app_pool.clone();
+        writers.spawn(async move {
+            let mut c = pool.get_conn().await?;
+            for i in 0..250 {
+                c.exec_drop("INSERT INTO burst VALUES (?, ?)", (w * 1000 + i, "x"))
+                    .await?;
+            }
+            Ok::<_, mysql_async::Error>(())
+        });
+    }
+    let mut max_lag = 0;
+    while !writers.is_empty() {
+        let primary = replication::position(&home_admin).await?;
+        if let Some(s) = replication::replica_status(&standby_admin, "repl-home").await? {
+            max_lag = max_lag.max(replication::gtid_lag(
+                &primary.gtid_binlog_pos,
+                &s.gtid_slave_pos,
+            ));
+        }
+        if let Some(r) = writers.try_join_next() {
+            r??;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let primary = replication::position(&home_admin).await?;
+    assert!(replication::wait_caught_up(&standby_admin, &primary.gtid_binlog_pos, T).await?);
+    let caught_up = started.elapsed();
+    let s = replication::replica_status(&standby_admin, "repl-home")
+        .await?
+        .expect("connection exists");
+    assert_eq!(
+        replication::gtid_lag(&primary.gtid_binlog_pos, &s.gtid_slave_pos),
+        0,
+        "{s:?}"
+    );
+    assert_eq!(s.seconds_behind, Some(0), "{s:?}");
+    let replicated: Option<u64> = standby_admin
+        .get_conn()
+        .await?
+        .query_first("SELECT COUNT(*) FROM cell_repl_home.burst")
+        .await?;
+    assert_eq!(replicated, Some(2000));
+    eprintln!("replication: 2000 writes caught up {caught_up:?} after the burst began; max lag seen {max_lag} transactions");
+
+    // Failover order: fence the old primary, wait for its final position, promote.
+    let fenced = replication::demote(&home_admin).await?;
+    assert!(fenced.read_only);
+    let err = app_pool
+        .get_conn()
+        .await?
+        .query_drop("INSERT INTO burst VALUES (99999, 'after fence')")
+        .await
+        .expect_err("the fenced primary refuses the app's writes");
+    assert!(
+        matches!(&err, mysql_async::Error::Server(e) if e.code == 1290),
+        "{err}"
+    );
+    // A replica that cannot reach a position is not promoted.
+    let unreachable = format!("{}0", fenced.gtid_binlog_pos);
+    let refused = replication::promote(
+        &standby_admin,
+        "repl-home",
+        Some(&unreachable),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(refused.is_err(), "promoted a replica that is behind");
+    replication::promote(
+        &standby_admin,
+        "repl-home",
+        Some(&fenced.gtid_binlog_pos),
+        T,
+    )
+    .await?;
+    assert_eq!(
+        replication::replica_status(&standby_admin, "repl-home").await?,
+        None
+    );
+    assert!(!replication::position(&standby_admin).await?.read_only);
+    standby_admin
+        .get_conn()
+        .await?
+        .query_drop("INSERT INTO cell_repl_home.burst VALUES (99999, 'on the new primary')")
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_store_killed_in_turn_degrades_as_documented_and_loses_nothing_accepted(
+) -> anyhow::Result<()> {
+    let (stores, app) = lone_cell("degrade").await?;
+    app.set_stock("sku-d", 1000).await?;
+    for user in ["warm", "cold"] {
+        let r = app
+            .send_json(
+                "PUT",
+                &format!("/users/{user}/profile"),
+                json!({"name": user, "email": "u@example.com"}),
+            )
+            .await?;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let mut accepted: Vec<String> = Vec::new();
+    let n = std::sync::atomic::AtomicU32::new(0);
+    // Each order gets a fresh id; the id and the answer come back.
+    let place = |app: &CellApp| {
+        let id = format!("ord-{}", n.fetch_add(1, Ordering::Relaxed));
+        let (app_url, id2) = (app.url(""), id.clone());
+        async move {
+            let r = cellplane_e2e::net::send(
+                "POST",
+                &format!("{app_url}/users/buyer/orders"),
+                &[("content-type", "application/json")],
+                json!({"sku": "sku-d", "orderId": id2}).to_string().into(),
+            )
+            .await?;
+            Ok::<_, anyhow::Error>((id, r))
+        }
+    };
+
+    // Redis down: reads fall back to MySQL; updates and orders pause.
+    stores.kill("redis")?;
+    let r = app.get("/users/warm/profile").await?;
+    assert_eq!(
+        (r.status, body(&r)["source"].as_str()),
+        (200, Some("db-degraded")),
+        "{}",
+        r.body
+    );
+    let r = app
+        .send_json(
+            "PUT",
+            "/users/warm/profile",
+            json!({"name": "x", "email": "x@example.com"}),
+        )
+        .await?;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.headers.contains_key("retry-after"));
+    let (_, r) = place(&app).await?;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let r = app.get("/readyz").await?;
+    assert_eq!(r.status, 503);
+    assert_eq!(body(&r)["redis"]["ok"], false);
+    stores.start("redis")?;
+    app.set_stock("sku-d", 1000).await?; // the cache restarts empty: the operator reopens the sale
+    let (id, r) = wait_for("orders accepted again", T, || async {
+        let (id, r) = place(&app).await?;
+        Ok((r.status == 202).then_some((id, r)))
+    })
+    .await?;
+    assert_eq!(body(&r)["status"], "queued");
+    accepted.push(id);
+
+    // Kafka down: new orders are refused and their stock given back.
+    stores.kill("kafka")?;
+    let before = app.stock("sku-d").await?;
+    let (_, r) = place(&app).await?;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        app.stock("sku-d").await?,
+        before,
+        "stock of a refused order is given back"
+    );
+    assert_eq!(
+        app.get("/users/warm/profile").await?.status,
+        200,
+        "profiles unaffected"
+    );
+    stores.start("kafka")?;
+    let id = wait_for("orders accepted after Kafka is back", T, || async {
+        let (id, r) = place(&app).await?;
+        Ok((r.status == 202).then_some(id))
+    })
+    .await?;
+    accepted.push(id);
+
+    // MySQL down: cached profiles are still served, orders are still accepted and wait in
+    // Kafka; once MySQL is back every accepted order is persisted, exactly once.
+    for _ in 0..2 {
+        app.get("/users/warm/profile").await?;
+    }
+    stores.kill("mysql")?;
+    let r = app.get("/users/warm/profile").await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(body(&r)["source"], "db");
+    assert_eq!(app.get("/users/cold/profile").await?.status, 503);
+    for _ in 0..5 {
+        let (id, r) = place(&app).await?;
+        assert_eq!(r.status, 202, "{}", r.body);
+        accepted.push(id);
+    }
+    let r = app
+        .get(&format!("/users/buyer/orders/{}", accepted.last().unwrap()))
+        .await?;
+    assert_eq!(body(&r)["status"], "queued", "{}", r.body);
+    stores.start("mysql")?;
+    wait_for("every accepted order persisted", T, || async {
+        Ok((orders_in_mysql(&stores).await? >= accepted.len() as u64).then_some(()))
+    })
+    .await?;
+    let pool = stores.mysql_admin()?;
+    let ids: Vec<String> = pool
+        .get_conn()
+        .await?
+        .query("SELECT order_id FROM orders ORDER BY order_id")
+        .await?;
+    let mut expected = accepted.clone();
+    expected.sort();
+    assert_eq!(
+        ids, expected,
+        "exactly the accepted orders, each once (refused ones never)"
+    );
+    wait_for("ready again", T, || async {
+        Ok((app.get("/readyz").await?.status == 200).then_some(()))
+    })
+    .await?;
+    Ok(())
+}

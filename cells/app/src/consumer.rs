@@ -80,11 +80,11 @@ pub async fn run(stores: Arc<Stores>, metrics: Arc<Metrics>, consumer: Arc<Strea
                 tracing::error!(offset, problem = ?other.map(|r| r.err()), "skipping an undecodable message on the order topic");
             }
         }
-        let mut backoff = Duration::from_millis(100);
-        while let Err(e) = consumer.commit_message(&msg, CommitMode::Sync) {
-            tracing::warn!(offset, error = %e, "offset commit failed; retrying (a redelivery would be harmless)");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+        // Asynchronous: a synchronous commit blocks its thread for as long as Kafka is
+        // away, which would stall this async runtime. A commit that never lands only
+        // means a redelivery, which the persister absorbs.
+        if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
+            tracing::warn!(offset, error = %e, "offset commit not queued; the order may be redelivered (harmless)");
         }
     }
 }

@@ -176,8 +176,9 @@ impl<T> From<AppResult<T>> for Check {
 }
 
 async fn check_redis(app: &App) -> AppResult<()> {
-    let mut c = app.stores.redis.conn().await?;
-    timed("redis", app.stores.cfg.store_timeout, c.ping::<String>())
+    app.stores
+        .redis
+        .run(|mut c| async move { c.ping::<String>().await })
         .await
         .map(|_| ())
 }

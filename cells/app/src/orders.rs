@@ -133,18 +133,14 @@ impl Orders {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let cfg = &self.stores.cfg;
         let (stock, marker) = (stock_key(&req.sku), marker_key(&order_id));
-        let mut c = self
-            .stores
-            .redis
-            .conn()
-            .await
-            .inspect_err(|_| self.metrics.order_rejected("redis"))?;
         let mut reserve = self.reserve.key(&stock);
         reserve.key(&marker).arg(req.qty).arg(MARKER_TTL_SECS);
-        let (code, left): (i64, i64) =
-            timed("redis", cfg.store_timeout, reserve.invoke_async(&mut c))
-                .await
-                .inspect_err(|_| self.metrics.order_rejected("redis"))?;
+        let (code, left): (i64, i64) = self
+            .stores
+            .redis
+            .run(|mut c| async move { reserve.invoke_async(&mut c).await })
+            .await
+            .inspect_err(|_| self.metrics.order_rejected("redis"))?;
         match code {
             1 => {}
             0 => {
@@ -194,13 +190,12 @@ impl Orders {
                 self.metrics.order_rejected("kafka");
                 let mut release = self.release.key(&stock);
                 release.key(&marker).arg(req.qty);
-                if let Err(re) = timed(
-                    "redis",
-                    cfg.store_timeout,
-                    release.invoke_async::<i64>(&mut c),
-                )
-                .await
-                {
+                let released = self
+                    .stores
+                    .redis
+                    .run(|mut c| async move { release.invoke_async::<i64>(&mut c).await })
+                    .await;
+                if let Err(re) = released {
                     tracing::error!(%order_id, error = %re, "stock of a refused order could not be given back");
                 }
                 Err(AppError::unavailable(
@@ -244,9 +239,12 @@ impl Orders {
             Ok(Some(_)) => return Err(not_found()),
             Ok(None) | Err(_) => {}
         }
-        let mut c = self.stores.redis.conn().await?;
-        let marker: Option<String> =
-            timed("redis", cfg.store_timeout, c.get(marker_key(order_id))).await?;
+        let key = marker_key(order_id);
+        let marker: Option<String> = self
+            .stores
+            .redis
+            .run(|mut c| async move { c.get(&key).await })
+            .await?;
         match marker.as_deref() {
             Some("queued") => Ok(OrderStatus {
                 order_id: order_id.into(),
@@ -269,23 +267,19 @@ impl Orders {
                 "stock: must be 0 to 1000000000".into(),
             ));
         }
-        let mut c = self.stores.redis.conn().await?;
-        timed(
-            "redis",
-            self.stores.cfg.store_timeout,
-            c.set::<_, _, ()>(stock_key(sku), stock),
-        )
-        .await
+        let key = stock_key(sku);
+        self.stores
+            .redis
+            .run(|mut c| async move { c.set::<_, _, ()>(&key, stock).await })
+            .await
     }
 
     pub async fn stock(&self, sku: &str) -> AppResult<Option<i64>> {
-        let mut c = self.stores.redis.conn().await?;
-        timed(
-            "redis",
-            self.stores.cfg.store_timeout,
-            c.get(stock_key(sku)),
-        )
-        .await
+        let key = stock_key(sku);
+        self.stores
+            .redis
+            .run(|mut c| async move { c.get(&key).await })
+            .await
     }
 }
 

@@ -86,9 +86,10 @@ impl Profiles {
             return decode(user, version, &data, "local");
         }
         let cfg = &self.stores.cfg;
-        let cached = retry_read(cfg.read_attempts, || async {
-            let mut c = self.stores.redis.conn().await?;
-            timed("redis", cfg.store_timeout, c.get::<_, Option<String>>(key)).await
+        let cached = retry_read(cfg.read_attempts, || {
+            self.stores
+                .redis
+                .run(|mut c| async move { c.get::<_, Option<String>>(key).await })
         })
         .await;
         match cached {
@@ -149,11 +150,13 @@ impl Profiles {
         let data = serde_json::to_string(&profile).expect("profile serializes");
         let cfg = &self.stores.cfg;
         // Best effort: a refused or failed fill only costs a later miss.
-        if let Ok(mut c) = self.stores.redis.conn().await {
-            let mut fill = self.fill.key(key);
-            fill.arg(version).arg(&data).arg(cfg.cache_ttl.as_secs());
-            let _ = timed("redis", cfg.store_timeout, fill.invoke_async::<i64>(&mut c)).await;
-        }
+        let mut fill = self.fill.key(key);
+        fill.arg(version).arg(&data).arg(cfg.cache_ttl.as_secs());
+        let _ = self
+            .stores
+            .redis
+            .run(|mut c| async move { fill.invoke_async::<i64>(&mut c).await })
+            .await;
         self.hot.offer(key, version, &data);
         Ok(ProfileRead {
             user: user.into(),
@@ -171,22 +174,28 @@ impl Profiles {
         let tombstone_ttl = cfg.tombstone_ttl;
         // 1. No fills while the update is in flight (here and in Redis).
         self.hot.invalidate(&key, None, tombstone_ttl);
-        let mut c = self.stores.redis.conn().await.map_err(paused)?;
         let in_flight = cache::encode(&Entry::Tombstone { version: None });
-        timed(
-            "redis",
-            cfg.store_timeout,
-            c.set_ex::<_, _, ()>(&key, in_flight, tombstone_ttl.as_secs()),
-        )
-        .await
-        .map_err(paused)?;
+        let key_ref = &key;
+        self.stores
+            .redis
+            .run(|mut c| async move {
+                c.set_ex::<_, _, ()>(key_ref, in_flight, tombstone_ttl.as_secs())
+                    .await
+            })
+            .await
+            .map_err(paused)?;
         // 2. The truth.
         let version = self.write_db(user, profile).await?;
         // 3. Readers may fill again, from this version on. If this fails, the in-flight
         // tombstone expires after `tombstone_ttl` and readers go to MySQL until then.
         let mut t = self.tombstone.key(&key);
         t.arg(version).arg(tombstone_ttl.as_secs());
-        if let Err(e) = timed("redis", cfg.store_timeout, t.invoke_async::<i64>(&mut c)).await {
+        let written = self
+            .stores
+            .redis
+            .run(|mut c| async move { t.invoke_async::<i64>(&mut c).await })
+            .await;
+        if let Err(e) = written {
             tracing::warn!(error = %e, "profile tombstone not written; it expires on its own");
         }
         self.hot.invalidate(&key, Some(version), tombstone_ttl);

@@ -67,7 +67,24 @@ impl Redis {
         })
     }
 
-    pub async fn conn(&self) -> AppResult<ConnectionManager> {
+    /// Runs one command (or script) under the deadline. After a failure the connection is
+    /// dropped and the next call dials afresh: a manager left waiting on a dead socket
+    /// would otherwise make every later call time out even once Redis is back.
+    pub async fn run<T, E, F, Fut>(&self, op: F) -> AppResult<T>
+    where
+        E: std::fmt::Display,
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let c = self.conn().await?;
+        let result = timed("redis", self.timeout, op(c)).await;
+        if result.is_err() {
+            *self.manager.lock().await = None;
+        }
+        result
+    }
+
+    async fn conn(&self) -> AppResult<ConnectionManager> {
         let mut slot = self.manager.lock().await;
         if let Some(m) = slot.as_ref() {
             return Ok(m.clone());
@@ -107,9 +124,13 @@ impl Stores {
         let mysql =
             mysql_async::Pool::new(mysql_async::OptsBuilder::from_opts(opts).pool_opts(pool_opts));
         let producer = kafka_config(&settings.kafka_brokers)
-            // Accepted means on the broker's log: idempotent, all in-sync replicas.
+            // Accepted means on the broker's log (all in-sync replicas). Producer
+            // idempotence is off on purpose: with it, librdkafka holds messages without
+            // timing them out while no broker is up, so a Kafka outage would hang orders
+            // instead of refusing them. Duplicates from producer retries are harmless: the
+            // persister writes one row per order id.
             .set("acks", "all")
-            .set("enable.idempotence", "true")
+            .set("enable.idempotence", "false")
             .set("message.timeout.ms", "3000")
             .set("linger.ms", "1")
             .create()

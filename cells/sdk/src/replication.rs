@@ -111,7 +111,7 @@ pub struct ReplicaStatus {
     pub sql_running: bool,
     /// `Seconds_Behind_Master`; `None` while the threads are not running.
     pub seconds_behind: Option<u64>,
-    /// The GTIDs applied from this connection's primary (its domain in `gtid_slave_pos`).
+    /// The GTIDs this server has applied as a replica (`gtid_slave_pos`, all domains).
     pub gtid_slave_pos: String,
     pub last_error: String,
 }
@@ -129,6 +129,11 @@ pub async fn replica_status(replica: &Pool, name: &str) -> Result<Option<Replica
         })
         .map_err(mysql("SHOW SLAVE STATUS"))?;
     let Some(row) = row else { return Ok(None) };
+    // Read separately: SHOW SLAVE '<name>' STATUS leaves its Gtid_Slave_Pos column empty.
+    let gtid_slave_pos: Option<String> = c
+        .query_first("SELECT @@GLOBAL.gtid_slave_pos")
+        .await
+        .map_err(mysql("read gtid_slave_pos"))?;
     let text = |col: &str| -> String {
         row.get_opt::<Option<String>, _>(col)
             .and_then(|r| r.ok())
@@ -139,7 +144,7 @@ pub async fn replica_status(replica: &Pool, name: &str) -> Result<Option<Replica
         io_running: text("Slave_IO_Running") == "Yes",
         sql_running: text("Slave_SQL_Running") == "Yes",
         seconds_behind: text("Seconds_Behind_Master").parse().ok(),
-        gtid_slave_pos: text("Gtid_Slave_Pos"),
+        gtid_slave_pos: gtid_slave_pos.unwrap_or_default(),
         last_error: [text("Last_IO_Error"), text("Last_SQL_Error")]
             .into_iter()
             .filter(|e| !e.is_empty())
