@@ -1,5 +1,5 @@
 # cellplane: two commands do everything on a fresh machine.
-#   make demo   a local two-region platform on real control planes (the main job)
+#   make demo   a local two-region platform: real control planes, cells on real stores, the router (the main job)
 #   make test   every test (unit, property, real API servers, Helm), plus fmt and clippy
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -14,6 +14,7 @@ setup:
 
 tools: setup
 	@e2e/bin/tools >/dev/null
+	@e2e/bin/stores install
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -37,7 +38,7 @@ crds:
 	cp crds/cellplane.yaml charts/cellplane-operator/crds/cellplane.yaml
 
 demo: tools
-	$(CARGO) build -p cellplane-operator
+	$(CARGO) build -p cellplane-operator -p cellplane-router -p cellplane-cell-app -p cellplane-e2e --bins
 	@e2e/bin/demo
 
 # Benchmarks print medians and ratios measured side by side; none is a timed test.

@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Names the cell that answered, on every response.
+pub const SERVED_BY_HEADER: &str = "x-cellplane-served-by";
+
 #[derive(Clone)]
 pub struct App {
     pub stores: Arc<Stores>,
@@ -40,6 +43,16 @@ pub fn router(app: App) -> Router {
         .route("/users/{user}/orders", post(place_order))
         .route("/users/{user}/orders/{order}", get(order_status))
         .layer(fence);
+    // Every answer says which cell served it: how a client (or the demo) sees pinning.
+    let served_by = axum::http::HeaderValue::from_str(&app.stores.cell)
+        .unwrap_or_else(|_| axum::http::HeaderValue::from_static("invalid-cell-name"));
+    let stamp = axum::middleware::map_response(move |mut r: Response| {
+        let served_by = served_by.clone();
+        async move {
+            r.headers_mut().insert(SERVED_BY_HEADER, served_by);
+            r
+        }
+    });
     Router::new()
         .merge(users)
         .route("/admin/stock/{sku}", put(set_stock).get(get_stock))
@@ -48,6 +61,7 @@ pub fn router(app: App) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(stamp)
         .with_state(app)
 }
 
