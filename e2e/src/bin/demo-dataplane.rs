@@ -33,7 +33,9 @@ struct Seen {
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().context("usage: demo-dataplane CELLSET.yaml [--users N] [--keep]")?;
+    let path = args
+        .next()
+        .context("usage: demo-dataplane CELLSET.yaml [--users N] [--keep]")?;
     let rest: Vec<String> = args.collect();
     let users: usize = rest
         .iter()
@@ -48,17 +50,31 @@ async fn main() -> Result<()> {
     let set_name = set.metadata.name.clone().unwrap_or_else(|| "shop".into());
     let stamped = set.spec.stamp(&set_name);
 
-    say(&format!("stores for {} cells: Redis, MariaDB (own mariadbd), Kafka KRaft, each on its own ports", stamped.len()));
+    say(&format!(
+        "stores for {} cells: Redis, MariaDB (own mariadbd), Kafka KRaft, each on its own ports",
+        stamped.len()
+    ));
     let started = Instant::now();
     let mut handles = Vec::new();
     for cell in &stamped {
         let name = cell.name.clone();
         handles.push(std::thread::spawn(move || CellStores::up(&name)));
     }
+    // Join every start before giving up on one, so the ones that did start are stopped.
+    let results: Vec<Result<CellStores>> = handles
+        .into_iter()
+        .map(|h| h.join().expect("store thread"))
+        .collect();
     let mut stores = Vec::new();
-    for (h, cell) in handles.into_iter().zip(&stamped) {
-        let s = h.join().expect("store thread")?;
-        println!("  {:<18} redis :{}  mysql :{}  kafka :{}", cell.name, s.var("REDIS_PORT"), s.var("MYSQL_PORT"), s.var("KAFKA_PORT"));
+    for (r, cell) in results.into_iter().zip(&stamped) {
+        let s = r?;
+        println!(
+            "  {:<18} redis :{}  mysql :{}  kafka :{}",
+            cell.name,
+            s.var("REDIS_PORT"),
+            s.var("MYSQL_PORT"),
+            s.var("KAFKA_PORT")
+        );
         stores.push(s);
     }
     println!("  all up in {:.1}s", started.elapsed().as_secs_f64());
@@ -83,19 +99,35 @@ async fn main() -> Result<()> {
     let table = RoutingTable::placed(&set.spec.platform, 1, 16384, entries)?;
     std::fs::write(&table_file, table.encode())?;
     for (app, cell) in apps.iter().zip(&stamped) {
-        wait_for(&format!("{} ready", cell.name), Duration::from_secs(60), || async {
-            Ok((app.get("/readyz").await?.status == 200).then_some(()))
-        })
+        wait_for(
+            &format!("{} ready", cell.name),
+            Duration::from_secs(60),
+            || async { Ok((app.get("/readyz").await?.status == 200).then_some(())) },
+        )
         .await?;
         app.set_stock("flash-1", STOCK_PER_CELL).await?;
-        println!("  {:<18} {} ready, {} slots, flash sale open with {STOCK_PER_CELL} units", cell.name, app.addr, table.slot_count(&cell.name));
+        println!(
+            "  {:<18} {} ready, {} slots, flash sale open with {STOCK_PER_CELL} units",
+            cell.name,
+            app.addr,
+            table.slot_count(&cell.name)
+        );
     }
 
     say("the router in front (static table, same placement as the control plane)");
-    let router = RouterProc::start(&format!("table: {{file: {}}}\n", table_file.display()), &dir).await?;
-    println!("  router on {} (metrics on {})", router.addr, router.metrics_addr);
+    let router = RouterProc::start(
+        &format!("table: {{file: {}}}\n", table_file.display()),
+        &dir,
+    )
+    .await?;
+    println!(
+        "  router on {} (metrics on {})",
+        router.addr, router.metrics_addr
+    );
 
-    say(&format!("load: {users} users, each: update profile, read it 3 times, buy one flash-sale unit"));
+    say(&format!(
+        "load: {users} users, each: update profile, read it 3 times, buy one flash-sale unit"
+    ));
     let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
     let gate = Arc::new(tokio::sync::Semaphore::new(32));
     let started = Instant::now();
@@ -106,11 +138,19 @@ async fn main() -> Result<()> {
             let _permit = gate.acquire().await?;
             let user = format!("user-{i:04}");
             let calls: Vec<(&str, String, String)> = vec![
-                ("PUT", format!("/users/{user}/profile"), format!(r#"{{"name":"{user}","email":"{user}@example.com"}}"#)),
+                (
+                    "PUT",
+                    format!("/users/{user}/profile"),
+                    format!(r#"{{"name":"{user}","email":"{user}@example.com"}}"#),
+                ),
                 ("GET", format!("/users/{user}/profile"), String::new()),
                 ("GET", format!("/users/{user}/profile"), String::new()),
                 ("GET", format!("/users/{user}/profile"), String::new()),
-                ("POST", format!("/users/{user}/orders"), r#"{"sku":"flash-1"}"#.into()),
+                (
+                    "POST",
+                    format!("/users/{user}/orders"),
+                    r#"{"sku":"flash-1"}"#.into(),
+                ),
             ];
             for (method, path, body) in calls {
                 let r = send(
@@ -120,9 +160,17 @@ async fn main() -> Result<()> {
                     body.into(),
                 )
                 .await?;
-                let cell = r.headers.get("x-cellplane-served-by").and_then(|v| v.to_str().ok()).unwrap_or("router").to_string();
+                let cell = r
+                    .headers
+                    .get("x-cellplane-served-by")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("router")
+                    .to_string();
                 let mut s = seen.lock().unwrap();
-                s.cells.entry(user.clone()).or_default().insert(cell.clone());
+                s.cells
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(cell.clone());
                 *s.statuses.entry((cell.clone(), r.status)).or_default() += 1;
                 if method == "POST" {
                     match r.status {
@@ -139,35 +187,70 @@ async fn main() -> Result<()> {
         r??;
     }
     let elapsed = started.elapsed();
-    let seen = Arc::try_unwrap(seen).ok().expect("tasks done").into_inner().unwrap();
+    let seen = Arc::try_unwrap(seen)
+        .ok()
+        .expect("tasks done")
+        .into_inner()
+        .unwrap();
     println!("  {} requests in {:.1}s", users * 5, elapsed.as_secs_f64());
 
     say("orders persisted (Kafka -> MySQL, exactly once per order)");
     for (s, cell) in stores.iter().zip(&stamped) {
         let accepted = seen.orders_accepted.get(&cell.name).copied().unwrap_or(0);
         let pool = s.mysql_admin()?;
-        let persisted = wait_for(&format!("{} orders persisted", cell.name), Duration::from_secs(60), || async {
-            let n: Option<u64> = pool.get_conn().await?.query_first("SELECT COUNT(*) FROM orders").await?;
-            Ok(n.filter(|n| *n >= accepted))
-        })
+        let persisted = wait_for(
+            &format!("{} orders persisted", cell.name),
+            Duration::from_secs(60),
+            || async {
+                let n: Option<u64> = pool
+                    .get_conn()
+                    .await?
+                    .query_first("SELECT COUNT(*) FROM orders")
+                    .await?;
+                Ok(n.filter(|n| *n >= accepted))
+            },
+        )
         .await?;
-        println!("  {:<18} accepted {accepted:>3}  persisted {persisted:>3}", cell.name);
+        println!(
+            "  {:<18} accepted {accepted:>3}  persisted {persisted:>3}",
+            cell.name
+        );
     }
 
     say("summary");
-    println!("  {:<18} {:<8} {:<18} {:>6} {:>6} {:>9} {:>8} {:>8} {:>11}", "cell", "region", "standby", "slots", "users", "requests", "sold", "soldout", "cache hits");
+    println!(
+        "  {:<18} {:<8} {:<18} {:>6} {:>6} {:>9} {:>8} {:>8} {:>11}",
+        "cell", "region", "standby", "slots", "users", "requests", "sold", "soldout", "cache hits"
+    );
     for (app, cell) in apps.iter().zip(&stamped) {
-        let users_here = seen.cells.values().filter(|c| c.len() == 1 && c.contains(&cell.name)).count();
-        let requests: u64 = seen.statuses.iter().filter(|((c, _), _)| *c == cell.name).map(|(_, n)| n).sum();
+        let users_here = seen
+            .cells
+            .values()
+            .filter(|c| c.len() == 1 && c.contains(&cell.name))
+            .count();
+        let requests: u64 = seen
+            .statuses
+            .iter()
+            .filter(|((c, _), _)| *c == cell.name)
+            .map(|(_, n)| n)
+            .sum();
         let mut hits = 0.0;
         for source in ["local", "cache"] {
-            hits += app.metric(&format!("cellplane_app_profile_reads_total{{source=\"{source}\"}}")).await?;
+            hits += app
+                .metric(&format!(
+                    "cellplane_app_profile_reads_total{{source=\"{source}\"}}"
+                ))
+                .await?;
         }
         println!(
             "  {:<18} {:<8} {:<18} {:>6} {:>6} {:>9} {:>8} {:>8} {:>11}",
             cell.name,
             cell.spec.region,
-            cell.spec.standby.as_ref().map(|s| s.cell.as_str()).unwrap_or("-"),
+            cell.spec
+                .standby
+                .as_ref()
+                .map(|s| s.cell.as_str())
+                .unwrap_or("-"),
             table.slot_count(&cell.name),
             users_here,
             requests,
@@ -180,20 +263,36 @@ async fn main() -> Result<()> {
     let misplaced: Vec<_> = seen
         .cells
         .iter()
-        .filter(|(u, c)| c.iter().next().map(String::as_str) != Some(table.route(u).1.name.as_str()))
+        .filter(|(u, c)| {
+            c.iter().next().map(String::as_str) != Some(table.route(u).1.name.as_str())
+        })
         .collect();
-    let not_ok: u64 = seen.statuses.iter().filter(|((_, st), _)| !matches!(st, 200 | 202 | 409)).map(|(_, n)| n).sum();
+    let not_ok: u64 = seen
+        .statuses
+        .iter()
+        .filter(|((_, st), _)| !matches!(st, 200 | 202 | 409))
+        .map(|(_, n)| n)
+        .sum();
     println!("\n  users served by more than one cell: {}", split.len());
-    println!("  users served by a cell other than their slot's home: {}", misplaced.len());
+    println!(
+        "  users served by a cell other than their slot's home: {}",
+        misplaced.len()
+    );
     println!("  answers other than 200/202/409: {not_ok}");
     if !split.is_empty() || !misplaced.is_empty() || not_ok > 0 {
-        bail!("pinning broken: split {split:?} misplaced {misplaced:?} statuses {:?}", seen.statuses);
+        bail!(
+            "pinning broken: split {split:?} misplaced {misplaced:?} statuses {:?}",
+            seen.statuses
+        );
     }
     println!("  every user was pinned to exactly one cell, its slot's home. Try one:");
     println!("    curl -s -H 'x-user-id: user-0001' http://{}/users/user-0001/profile -D - | grep -i x-cellplane", router.addr);
 
     if keep {
-        println!("\nStill running (Ctrl-C stops it all). Router: http://{}", router.addr);
+        println!(
+            "\nStill running (Ctrl-C stops it all). Router: http://{}",
+            router.addr
+        );
         tokio::signal::ctrl_c().await?;
     }
     drop(router);
