@@ -219,6 +219,13 @@ impl Drop for Operator {
     }
 }
 
+/// A fresh directory for one test's files (unique per test process).
+pub fn test_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cellplane-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir is writable");
+    d
+}
+
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

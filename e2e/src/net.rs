@@ -251,6 +251,20 @@ impl RouterProc {
         Ok(r)
     }
 
+    /// Writes `t` to `dir/table.json` and starts a router in file mode with `extra` config
+    /// (`table_extra` goes inside the `table:` mapping). Returns the router and the file.
+    pub async fn start_on_file(
+        t: &cellplane_cells::routing::RoutingTable,
+        table_extra: &str,
+        extra: &str,
+        dir: &std::path::Path,
+    ) -> Result<(Self, std::path::PathBuf)> {
+        let file = dir.join("table.json");
+        std::fs::write(&file, t.encode())?;
+        let cfg = format!("table: {{file: {}{table_extra}}}\n{extra}", file.display());
+        Ok((Self::start(&cfg, dir).await?, file))
+    }
+
     pub async fn metric(&self, name_and_labels: &str) -> Result<f64> {
         let text = get(&format!("http://{}/metrics", self.metrics_addr), &[])
             .await?

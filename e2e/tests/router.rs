@@ -5,18 +5,11 @@ use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::routing_key;
 use cellplane_cells::routing::{CellEntry, RoutingTable};
 use cellplane_e2e::net::{send, Backend, Etcd, RouterProc};
-use cellplane_e2e::wait_for;
-use std::path::PathBuf;
+use cellplane_e2e::{test_dir, wait_for};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("cellplane-router-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Cells `a` (endpoints a1, a2) and `b` (b1), each the other's standby.
 fn table(epoch: u64, a: &[&Backend], b: &[&Backend]) -> RoutingTable {
@@ -45,20 +38,6 @@ async fn router_on_etcd(
     RouterProc::start(&cfg, dir).await
 }
 
-/// Writes `t` to `dir/table.json` and starts a router in file mode with `extra` config
-/// (`table_extra` goes inside the `table:` mapping). Returns the router and the file.
-async fn router_on_file(
-    t: &RoutingTable,
-    table_extra: &str,
-    extra: &str,
-    dir: &std::path::Path,
-) -> anyhow::Result<(RouterProc, PathBuf)> {
-    let file = dir.join("table.json");
-    std::fs::write(&file, t.encode())?;
-    let cfg = format!("table: {{file: {}{table_extra}}}\n{extra}", file.display());
-    Ok((RouterProc::start(&cfg, dir).await?, file))
-}
-
 fn users(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("user-{i}")).collect()
 }
@@ -72,7 +51,7 @@ async fn wait_epoch(r: &RouterProc, epoch: u64) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pins_users_across_routers_and_restarts_and_survives_etcd_loss() -> anyhow::Result<()> {
-    let dir = tmpdir("pin");
+    let dir = test_dir("pin");
     let mut etcd = Etcd::start().await?;
     let (a1, a2, b1) = (
         Backend::start("a1").await?,
@@ -129,7 +108,7 @@ async fn pins_users_across_routers_and_restarts_and_survives_etcd_loss() -> anyh
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_endpoint_is_ejected_and_traffic_stays_healthy() -> anyhow::Result<()> {
-    let dir = tmpdir("eject");
+    let dir = test_dir("eject");
     let etcd = Etcd::start().await?;
     let (a1, a2, b1) = (
         Backend::start("a1").await?,
@@ -173,7 +152,7 @@ async fn killed_endpoint_is_ejected_and_traffic_stays_healthy() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_flip_moves_exactly_the_flipped_slots_and_bad_tables_are_refused(
 ) -> anyhow::Result<()> {
-    let dir = tmpdir("flip");
+    let dir = test_dir("flip");
     let etcd = Etcd::start().await?;
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
     let t1 = table(1, &[&a1], &[&b1]);
@@ -210,11 +189,11 @@ async fn a_table_flip_moves_exactly_the_flipped_slots_and_bad_tables_are_refused
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_421_refreshes_the_table_and_retries_once() -> anyhow::Result<()> {
-    let dir = tmpdir("421");
+    let dir = test_dir("421");
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
     let t1 = table(1, &[&a1], &[&b1]);
     // Poll rarely: only the 421 path can pick up the new table in time.
-    let (r, file) = router_on_file(&t1, ", pollMs: 600000", "", &dir).await?;
+    let (r, file) = RouterProc::start_on_file(&t1, ", pollMs: 600000", "", &dir).await?;
     let user = users(100)
         .into_iter()
         .find(|u| t1.route(u).1.name == "a")
@@ -242,10 +221,10 @@ async fn a_421_refreshes_the_table_and_retries_once() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
-    let dir = tmpdir("4xx");
+    let dir = test_dir("4xx");
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
     let limits = "limits: {perKeyRps: 1, perKeyBurst: 2, maxBodyBytes: 1024}\n";
-    let (r, _) = router_on_file(&table(1, &[&a1], &[&b1]), "", limits, &dir).await?;
+    let (r, _) = RouterProc::start_on_file(&table(1, &[&a1], &[&b1]), "", limits, &dir).await?;
     let url = format!("http://{}/x", r.addr);
     let no_key = send("GET", &url, &[], bytes::Bytes::new()).await?;
     assert_eq!(no_key.status, 400);
@@ -299,10 +278,11 @@ async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_saturated_cell_fails_fast_while_other_cells_serve() -> anyhow::Result<()> {
-    let dir = tmpdir("breaker");
+    let dir = test_dir("breaker");
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
     let t = table(1, &[&a1], &[&b1]);
-    let (r, _) = router_on_file(&t, "", "limits: {maxInFlightPerCell: 2}\n", &dir).await?;
+    let (r, _) =
+        RouterProc::start_on_file(&t, "", "limits: {maxInFlightPerCell: 2}\n", &dir).await?;
     a1.delay_ms.store(1500, Ordering::SeqCst);
     let a_user = users(100)
         .into_iter()
@@ -346,7 +326,7 @@ async fn a_saturated_cell_fails_fast_while_other_cells_serve() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_for_a_frozen_cell_are_held_and_released_to_the_new_home() -> anyhow::Result<()> {
-    let dir = tmpdir("hold");
+    let dir = test_dir("hold");
     let etcd = Etcd::start().await?;
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
     let t1 = table(1, &[&a1], &[&b1]);
@@ -426,7 +406,7 @@ async fn requests_for_a_frozen_cell_are_held_and_released_to_the_new_home() -> a
 #[tokio::test(flavor = "multi_thread")]
 async fn active_health_checks_take_a_dead_endpoint_out_before_requests_hit_it() -> anyhow::Result<()>
 {
-    let dir = tmpdir("health");
+    let dir = test_dir("health");
     let (a1, a2, b1) = (
         Backend::start("a1").await?,
         Backend::start("a2").await?,
@@ -434,7 +414,7 @@ async fn active_health_checks_take_a_dead_endpoint_out_before_requests_hit_it() 
     );
     let t = table(1, &[&a1, &a2], &[&b1]);
     let checks = "healthCheck: {intervalMs: 100, unhealthyThreshold: 2, healthyThreshold: 1}\n";
-    let (r, _) = router_on_file(&t, "", checks, &dir).await?;
+    let (r, _) = RouterProc::start_on_file(&t, "", checks, &dir).await?;
     a1.kill();
     wait_for("a1 marked down by active checks", T, || async {
         Ok((r

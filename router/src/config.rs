@@ -140,6 +140,8 @@ pub struct Limits {
     pub retry_budget_ratio: f64,
     /// ...plus this many retries per second.
     pub retry_budget_min_per_sec: f64,
+    /// Pause before a retry, jittered to 50%..150% so retries from many routers spread out.
+    pub retry_backoff_ms: u64,
     /// Access log lines per second at most (a flood cannot fill a disk); 0 turns it off.
     pub access_log_per_sec: f64,
 }
@@ -158,6 +160,7 @@ impl Default for Limits {
             max_in_flight_per_cell: 10_000,
             retry_budget_ratio: 0.2,
             retry_budget_min_per_sec: 10.0,
+            retry_backoff_ms: 10,
             access_log_per_sec: 100.0,
         }
     }

@@ -125,9 +125,24 @@ impl RetryBudget {
     }
 }
 
+/// `base` scaled by a factor in [0.5, 1.5) drawn from `unit` (a uniform sample in [0, 1)),
+/// so retries from many routers after one failure do not arrive together.
+pub fn jittered(base: Duration, unit: f64) -> Duration {
+    base.mul_f64(0.5 + unit.clamp(0.0, 1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_backoff_is_jittered_around_the_base() {
+        let base = Duration::from_millis(10);
+        assert_eq!(jittered(base, 0.0), Duration::from_millis(5));
+        assert_eq!(jittered(base, 0.5), Duration::from_millis(10));
+        assert!(jittered(base, 0.999) < Duration::from_millis(15));
+        assert_eq!(jittered(base, 7.0), Duration::from_millis(15), "clamped");
+    }
 
     #[test]
     fn bucket_allows_burst_then_refills_at_rate() {

@@ -5,7 +5,7 @@ use crate::config::{Config, NoKeyPolicy};
 use crate::decision::decide;
 use crate::endpoints::{EndpointState, Endpoints};
 use crate::key;
-use crate::limit::{Bucket, Limiter, Rate, RetryBudget};
+use crate::limit::{jittered, Bucket, Limiter, Rate, RetryBudget};
 use crate::metrics::{CellLabel, Metrics, ReasonLabel, RequestLabels};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -17,9 +17,9 @@ use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, HOST, RETRY_AFTER};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use std::net::SocketAddr;
@@ -111,6 +111,9 @@ pub struct Router {
     pub metrics: Arc<Metrics>,
     view: ArcSwapOption<View>,
     client: Client<HttpConnector, Body>,
+    /// HTTP/2 with prior knowledge (h2c), for gRPC: it needs HTTP/2 end to end (trailers,
+    /// bidirectional streams).
+    h2_client: Client<HttpConnector, Body>,
 }
 
 impl Router {
@@ -126,6 +129,10 @@ impl Router {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_millis(config.timeouts.idle_ms))
             .pool_max_idle_per_host(256)
+            .build(connector.clone());
+        let h2_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_millis(config.timeouts.idle_ms))
+            .http2_only(true)
             .build(connector);
         let limiter = Limiter::new(
             config.global_rate()?,
@@ -156,6 +163,7 @@ impl Router {
             metrics,
             view: ArcSwapOption::empty(),
             client,
+            h2_client,
         })
     }
 
@@ -226,15 +234,37 @@ fn content_length(req: &Request<Incoming>) -> Option<u64> {
         .ok()
 }
 
-/// Whether the request can carry a body at all (no length and not chunked: no body).
+/// Whether the request carries a body (HTTP/2 bodies have neither a length nor chunking).
 fn has_body(req: &Request<Incoming>) -> bool {
-    content_length(req).is_some_and(|n| n > 0)
-        || req.headers().contains_key(http::header::TRANSFER_ENCODING)
+    !req.body().is_end_stream()
+}
+
+/// An HTTP/1.1 protocol upgrade (WebSocket and the like): `Connection: upgrade` + `Upgrade`.
+fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let wants = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    wants
+        .then(|| headers.get(http::header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// gRPC over HTTP/2: forwarded over HTTP/2 with its `te: trailers`.
+fn is_grpc(parts: &http::request::Parts) -> bool {
+    parts.version == http::Version::HTTP_2
+        && parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 pub async fn handle(
     router: Arc<Router>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
     let cfg = &router.config;
@@ -275,10 +305,13 @@ pub async fn handle(
         );
     }
 
+    let upgrade = upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
     // Buffer small bodies so the request can be retried; stream large ones.
     let has_body_flag = has_body(&req);
     let replayable = !has_body_flag || length.is_some_and(|n| n <= cfg.limits.replay_buffer_bytes);
     let (parts, body) = req.into_parts();
+    let grpc = is_grpc(&parts);
+    let mut upgrade = upgrade;
     let (buffered, mut streaming): (Option<Bytes>, Option<Body>) = if !has_body_flag {
         (Some(Bytes::new()), None)
     } else if replayable {
@@ -399,19 +432,28 @@ pub async fn handle(
         let upstream = match upstream_request(
             &parts,
             body,
-            authority,
-            peer,
-            &cv.name_header,
-            d.slot,
-            d.epoch,
+            Target {
+                authority,
+                peer,
+                cell: &cv.name_header,
+                slot: d.slot,
+                epoch: d.epoch,
+                upgrade: upgrade.as_ref().map(|(p, _)| p),
+                grpc,
+            },
         ) {
             Ok(r) => r,
             Err(msg) => return reply(m, StatusCode::BAD_REQUEST, "bad_request", &msg, None),
         };
         let started = Instant::now();
+        let client = if grpc {
+            &router.h2_client
+        } else {
+            &router.client
+        };
         let result = tokio::time::timeout(
             Duration::from_millis(cfg.timeouts.request_ms),
-            router.client.request(upstream),
+            client.request(upstream),
         )
         .await;
         match result {
@@ -439,6 +481,8 @@ pub async fn handle(
                     m.retries
                         .get_or_create(&ReasonLabel { reason: "connect" })
                         .inc();
+                    let pause = Duration::from_millis(cfg.limits.retry_backoff_ms);
+                    tokio::time::sleep(jittered(pause, rand::random::<f64>())).await;
                     continue;
                 }
                 tracing::debug!(error = %e, addr = %endpoint.addr, "upstream failed");
@@ -450,7 +494,7 @@ pub async fn handle(
                     Some(Duration::from_secs(1)),
                 );
             }
-            Ok(Ok(resp)) => {
+            Ok(Ok(mut resp)) => {
                 let status = resp.status();
                 if status == StatusCode::MISDIRECTED_REQUEST
                     && !refreshed
@@ -481,8 +525,24 @@ pub async fn handle(
                         slot = d.slot, status = status.as_u16(), ms = elapsed.as_secs_f64() * 1000.0, "request");
                 }
                 cv.requests[usize::from(status.as_u16() / 100).clamp(1, 5) - 1].inc();
+                let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+                if let (true, Some((_, client_side))) = (switched, upgrade.take()) {
+                    tunnel(
+                        client_side,
+                        hyper::upgrade::on(&mut resp),
+                        d.cell.name.clone(),
+                    );
+                }
                 let (mut rparts, rbody) = resp.into_parts();
+                let kept_upgrade = rparts.headers.get(http::header::UPGRADE).cloned();
                 strip_hop_by_hop(&mut rparts.headers);
+                if let (true, Some(p)) = (switched, kept_upgrade) {
+                    rparts.headers.insert(http::header::UPGRADE, p);
+                    rparts.headers.insert(
+                        http::header::CONNECTION,
+                        HeaderValue::from_static("upgrade"),
+                    );
+                }
                 rparts
                     .headers
                     .insert(HeaderName::from_static(H_CELL), cv.name_header.clone());
@@ -517,15 +577,47 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Once both sides have switched protocols, copies bytes both ways until either closes.
+fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, cell: String) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(%cell, error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => tracing::debug!(%cell, error = %e, "protocol upgrade failed"),
+        }
+    });
+}
+
+/// Where and how a request goes upstream.
+struct Target<'a> {
+    authority: Authority,
+    peer: SocketAddr,
+    cell: &'a HeaderValue,
+    slot: u32,
+    epoch: u64,
+    /// The protocol of an HTTP/1.1 upgrade to pass through.
+    upgrade: Option<&'a HeaderValue>,
+    grpc: bool,
+}
+
 fn upstream_request(
     parts: &http::request::Parts,
     body: Body,
-    authority: Authority,
-    peer: SocketAddr,
-    cell: &HeaderValue,
-    slot: u32,
-    epoch: u64,
+    t: Target<'_>,
 ) -> Result<Request<Body>, String> {
+    let Target {
+        authority,
+        peer,
+        cell,
+        slot,
+        epoch,
+        upgrade,
+        grpc,
+    } = t;
     let path = parts
         .uri
         .path_and_query()
@@ -539,6 +631,17 @@ fn upstream_request(
         .map_err(|_| "request target is not a valid path".to_string())?;
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
+    if let Some(p) = upgrade {
+        headers.insert(http::header::UPGRADE, p.clone());
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    }
+    if grpc {
+        // The one TE value HTTP/2 allows, and gRPC servers require it.
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
     for h in [H_CELL, H_SLOT, H_EPOCH] {
         headers.remove(h);
     }
@@ -563,7 +666,11 @@ fn upstream_request(
     let mut req = Request::builder()
         .method(parts.method.clone())
         .uri(uri)
-        .version(http::Version::HTTP_11)
+        .version(if grpc {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        })
         .body(body)
         .map_err(|e| e.to_string())?;
     *req.headers_mut() = headers;
