@@ -149,6 +149,11 @@ impl Backend {
                                 .and_then(|v| v.to_str().ok())
                                 .and_then(|v| v.parse().ok())
                                 .unwrap_or(0);
+                            let proto = req
+                                .headers()
+                                .get("x-forwarded-proto")
+                                .cloned()
+                                .unwrap_or(http::HeaderValue::from_static("-"));
                             let slot = req
                                 .headers()
                                 .get("x-cellplane-slot")
@@ -170,6 +175,7 @@ impl Backend {
                                 http::Response::builder()
                                     .header("x-backend", n.as_str())
                                     .header("x-seen-slot", slot)
+                                    .header("x-seen-proto", proto)
                                     .body(Full::new(Bytes::from(format!("{n} {body}"))))
                             };
                             Ok::<_, std::convert::Infallible>(resp.expect("valid"))

@@ -196,3 +196,83 @@ async fn grpc_calls_reach_the_cell_over_http2_with_trailers() -> anyhow::Result<
     assert_eq!(headers["x-cellplane-cell"], "a");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_terminates_http1_and_http2_and_bad_key_files_are_named() -> anyhow::Result<()> {
+    let dir = test_dir("tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    assert!(ok.success(), "openssl made a certificate");
+    let backend = cellplane_e2e::net::Backend::start("a1").await?;
+    let tls = format!(
+        "{NO_CHECKS}tls: {{certFile: {}, keyFile: {}}}\n",
+        cert.display(),
+        key.display()
+    );
+    let (router, _) = RouterProc::start_on_file(&one_cell(&backend.addr), "", &tls, &dir).await?;
+
+    for (flag, status_line) in [("--http1.1", "HTTP/1.1 200"), ("--http2", "HTTP/2 200")] {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-D", "-", "-o", "/dev/null", flag, "--cacert"])
+            .arg(&cert)
+            .args([
+                "-H",
+                "x-user-id: alice",
+                &format!("https://{}/shop/cart", router.addr),
+            ])
+            .output()?;
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(
+            head.starts_with(&status_line.to_ascii_lowercase()),
+            "{flag}: {head}"
+        );
+        assert!(
+            head.contains("x-seen-proto: https"),
+            "the cell learns the client used TLS: {head}"
+        );
+        assert!(head.contains("x-backend: a1"), "{head}");
+    }
+    // Plain HTTP on the TLS port gets no answer.
+    assert!(cellplane_e2e::net::get(
+        &format!("http://{}/", router.addr),
+        &[("x-user-id", "alice")]
+    )
+    .await
+    .is_err());
+
+    // A missing key file stops the router at start, naming the field.
+    std::fs::write(
+        dir.join("bad.yaml"),
+        format!(
+            "table: {{file: {}}}\ntls: {{certFile: {}, keyFile: /nonexistent.pem}}\n",
+            dir.join("table.json").display(),
+            cert.display()
+        ),
+    )?;
+    let out = std::process::Command::new(cellplane_e2e::workspace_bin("cellplane-router"))
+        .arg("--config")
+        .arg(dir.join("bad.yaml"))
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.keyFile"), "{err}");
+    Ok(())
+}

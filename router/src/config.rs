@@ -33,6 +33,17 @@ pub struct Config {
     pub ejection: Ejection,
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) instead of plain HTTP on `listen`.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// PEM files: the certificate chain (leaf first) and its private key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// Active health checks: `GET <path>` on every endpoint of the table.

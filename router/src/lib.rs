@@ -9,6 +9,7 @@ pub mod key;
 pub mod limit;
 pub mod metrics;
 pub mod proxy;
+pub mod tls;
 
 /// Errors of the router; user-facing ones name the field and the fix.
 #[derive(Debug, thiserror::Error)]

@@ -216,6 +216,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     builder
         .http2()
         .max_header_list_size(cfg.limits.max_header_bytes as u32);
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(cellplane_router::tls::acceptor)
+        .transpose()?;
+    let handshake_timeout = Duration::from_millis(cfg.timeouts.header_read_ms);
     let graceful = GracefulShutdown::new();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -232,9 +238,27 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     let router = router.clone();
                     async move { Ok::<_, std::convert::Infallible>(proxy::handle(router, req, peer).await) }
                 });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move { let _ = conn.await; });
+                match &tls {
+                    None => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        let conn = graceful.watch(conn.into_owned());
+                        tokio::spawn(async move { let _ = conn.await; });
+                    }
+                    Some(acceptor) => {
+                        // The handshake is bounded like a request head: a slow client
+                        // cannot hold a task open forever.
+                        let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                        tokio::spawn(async move {
+                            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => { tracing::debug!(%peer, error = %e, "TLS handshake failed"); return; }
+                                Err(_) => { tracing::debug!(%peer, "TLS handshake timed out"); return; }
+                            };
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                            let _ = watcher.watch(conn.into_owned()).await;
+                        });
+                    }
+                }
             }
             _ = &mut shutdown => break,
         }

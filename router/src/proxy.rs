@@ -440,6 +440,7 @@ pub async fn handle(
                 epoch: d.epoch,
                 upgrade: upgrade.as_ref().map(|(p, _)| p),
                 grpc,
+                https: cfg.tls.is_some(),
             },
         ) {
             Ok(r) => r,
@@ -602,6 +603,8 @@ struct Target<'a> {
     /// The protocol of an HTTP/1.1 upgrade to pass through.
     upgrade: Option<&'a HeaderValue>,
     grpc: bool,
+    /// The client came in over TLS (for `X-Forwarded-Proto`).
+    https: bool,
 }
 
 fn upstream_request(
@@ -617,6 +620,7 @@ fn upstream_request(
         epoch,
         upgrade,
         grpc,
+        https,
     } = t;
     let path = parts
         .uri
@@ -659,7 +663,8 @@ fn upstream_request(
     headers.insert(HeaderName::from_static(H_SLOT), HeaderValue::from(slot));
     headers.insert(HeaderName::from_static(H_EPOCH), HeaderValue::from(epoch));
     set(&mut headers, "x-forwarded-for", xff);
-    set(&mut headers, "x-forwarded-proto", "http".into());
+    let proto = if https { "https" } else { "http" };
+    set(&mut headers, "x-forwarded-proto", proto.into());
     if let Some(h) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), h);
     }
