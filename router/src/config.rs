@@ -36,6 +36,17 @@ pub struct Config {
     /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) instead of plain HTTP on `listen`.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// The gRPC admin API; off unless set.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// A file holding the bearer token (e.g. a mounted Secret); at least 16 characters.
+    pub token_file: PathBuf,
 }
 
 /// PEM files: the certificate chain (leaf first) and its private key.

@@ -44,6 +44,13 @@ pub struct EndpointState {
     streak: AtomicU32,
 }
 
+impl EndpointState {
+    /// Taken down by active health checks.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+}
+
 /// Decrements `in_flight` when the request ends, however it ends.
 pub struct InFlight(Arc<EndpointState>);
 

@@ -1,10 +1,12 @@
 //! cellplane-router: the data-plane entry. The decision (key extraction, slot -> cell,
 //! endpoint choice) is pure and benchmarked; table watching, limits and proxying wrap it.
 
+pub mod admin;
 pub mod config;
 pub mod decision;
 pub mod endpoints;
 pub mod health;
+pub mod holds;
 pub mod key;
 pub mod limit;
 pub mod metrics;

@@ -193,6 +193,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let router = Arc::new(Router::new(cfg.clone(), tables, source, metrics)?);
     tokio::spawn(cellplane_router::health::run(router.clone()));
+    if let Some(admin) = cfg.admin.clone() {
+        let token = cellplane_router::admin::load_token(&admin)?;
+        let r = router.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cellplane_router::admin::serve(admin.listen, token, r).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        });
+        tracing::info!(listen = %admin.listen, "admin API (gRPC) serving");
+    }
     tokio::spawn({
         let r = router.clone();
         async move {

@@ -107,6 +107,8 @@ pub struct Router {
     pub endpoints: Endpoints,
     pub limiter: Limiter,
     pub retry_budget: RetryBudget,
+    /// Cells held through the admin API.
+    pub holds: crate::holds::Holds,
     access_log: Option<(Rate, Mutex<Bucket>)>,
     pub metrics: Arc<Metrics>,
     view: ArcSwapOption<View>,
@@ -159,6 +161,7 @@ impl Router {
             endpoints,
             limiter,
             retry_budget,
+            holds: Default::default(),
             access_log,
             metrics,
             view: ArcSwapOption::empty(),
@@ -356,19 +359,30 @@ pub async fn handle(
             );
         };
         let d = decide(&view.table, &key);
-        if d.cell.frozen {
-            // A failover is moving this cell's slots: hold until a table moves them.
+        if d.cell.frozen || router.holds.is_held(&d.cell.name) {
+            // A failover is moving this cell's slots (or an operator holds the cell): wait
+            // until a table moves them or the hold is released.
             let deadline = *hold_deadline.get_or_insert_with(|| {
                 m.held.inc();
                 Instant::now() + Duration::from_millis(cfg.timeouts.hold_ms)
             });
             let mut epochs = router.tables.subscribe();
-            if *epochs.borrow_and_update() != d.epoch {
-                continue; // the table already changed under us
+            let mut holds = router.holds.subscribe();
+            holds.mark_unchanged();
+            if *epochs.borrow_and_update() != d.epoch
+                || !(d.cell.frozen || router.holds.is_held(&d.cell.name))
+            {
+                continue; // the table or the hold changed under us
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, epochs.changed()).await {
-                Ok(Ok(())) => continue,
+            let changed = async {
+                tokio::select! {
+                    r = epochs.changed() => r.is_ok(),
+                    r = holds.changed() => r.is_ok(),
+                }
+            };
+            match tokio::time::timeout(left, changed).await {
+                Ok(true) => continue,
                 _ => {
                     return reply(
                         m,
