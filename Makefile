@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup tools build test unit e2e lint fmt crds demo bench bench-scale clean
+.PHONY: all setup tools build test unit e2e lint fmt fuzz crds demo bench bench-scale clean
 
 all: test
 
@@ -31,6 +31,11 @@ e2e: tools build
 
 test: tools build lint
 	$(CARGO) test --workspace
+	@e2e/bin/fuzz
+
+# cargo-fuzz on the router's parsers (FUZZ_SECS per target; needs a nightly toolchain).
+fuzz:
+	@e2e/bin/fuzz
 
 # Regenerate the CRDs from the Rust types (a test fails when they are stale).
 crds:

@@ -243,7 +243,7 @@ fn has_body(req: &Request<Incoming>) -> bool {
 }
 
 /// An HTTP/1.1 protocol upgrade (WebSocket and the like): `Connection: upgrade` + `Upgrade`.
-fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
+pub fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
     let wants = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -579,7 +579,7 @@ fn eject_on_failure(router: &Router, endpoint: &EndpointState, cell: &CellView, 
     }
 }
 
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
     let named: Vec<String> = headers
         .get_all(http::header::CONNECTION)
