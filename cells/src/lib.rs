@@ -2,6 +2,7 @@
 //! placement of slots onto cells, the routing table and its etcd encoding.
 
 pub mod crd;
+pub mod env;
 pub mod error;
 pub mod etcd_keys;
 pub mod ownership;

@@ -76,19 +76,19 @@ impl CellStores {
 
     /// A pool on the cell's MariaDB as root (for checks and replication control).
     pub fn mysql_admin(&self) -> Result<mysql_async::Pool> {
-        let url = format!(
-            "{}{}",
-            self.var("MYSQL_ADMIN_URL"),
-            self.var("MYSQL_DATABASE")
-        );
-        Ok(mysql_async::Pool::new(mysql_async::Opts::from_url(&url)?))
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(self.var("MYSQL_PORT").parse()?)
+            .user(Some("root"))
+            .pass(Some(self.var("MYSQL_ROOT_PASSWORD")))
+            .db_name(Some(self.var("MYSQL_DATABASE")));
+        Ok(mysql_async::Pool::new(opts))
     }
 
-    /// A pool with the app's own (non-admin) account.
+    /// A pool with the app's own (non-admin) account, from the settings the app reads.
     pub fn mysql_app(&self) -> Result<mysql_async::Pool> {
-        Ok(mysql_async::Pool::new(mysql_async::Opts::from_url(
-            self.var("MYSQL_URL"),
-        )?))
+        let settings = cellplane_cell_sdk::settings::CellSettings::from_vars(&self.env)?;
+        Ok(mysql_async::Pool::new(settings.mysql_opts()))
     }
 }
 

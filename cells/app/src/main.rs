@@ -1,6 +1,7 @@
 //! `cellplane-cell-app`: the reference cell app. Store settings come from the env the
-//! operator injects (CELL_NAME, REDIS_URL, MYSQL_URL, KAFKA_BROKERS); the routing table from
-//! etcd or a file.
+//! operator injects (`cellplane_cells::env`: CELL_NAME, REDIS_ADDR, MYSQL_ADDR, MYSQL_USER,
+//! MYSQL_PASSWORD, MYSQL_DATABASE, KAFKA_BOOTSTRAP, ...); the routing table from etcd or a
+//! file.
 
 use anyhow::{bail, Context as _};
 use cellplane_cell_app::config::AppConfig;

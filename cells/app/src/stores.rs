@@ -59,7 +59,7 @@ pub struct Redis {
 impl Redis {
     pub fn new(url: &str, timeout: Duration) -> AppResult<Self> {
         let client = redis::Client::open(url)
-            .map_err(|e| AppError::BadRequest(format!("REDIS_URL: {e}")))?;
+            .map_err(|e| AppError::BadRequest(format!("REDIS_ADDR/REDIS_PASSWORD: {e}")))?;
         Ok(Self {
             client,
             manager: tokio::sync::Mutex::new(None),
@@ -116,14 +116,13 @@ pub struct Stores {
 
 impl Stores {
     pub fn connect(settings: &CellSettings, cfg: AppConfig) -> AppResult<Self> {
-        let redis = Redis::new(&settings.redis_url, cfg.store_timeout)?;
-        let opts = mysql_async::Opts::from_url(&settings.mysql_url)
-            .map_err(|e| AppError::BadRequest(format!("MYSQL_URL: {e}")))?;
+        let redis = Redis::new(&settings.redis_url(), cfg.store_timeout)?;
+        let opts = settings.mysql_opts();
         let pool_opts = mysql_async::PoolOpts::default()
             .with_constraints(mysql_async::PoolConstraints::new(0, 32).expect("0 <= 32"));
         let mysql =
             mysql_async::Pool::new(mysql_async::OptsBuilder::from_opts(opts).pool_opts(pool_opts));
-        let producer = kafka_config(&settings.kafka_brokers)
+        let producer = kafka_config(&settings.kafka_bootstrap)
             // Accepted means on the broker's log (all in-sync replicas). Producer
             // idempotence is off on purpose: with it, librdkafka holds messages without
             // timing them out while no broker is up, so a Kafka outage would hang orders
@@ -134,13 +133,13 @@ impl Stores {
             .set("message.timeout.ms", "3000")
             .set("linger.ms", "1")
             .create()
-            .map_err(|e| AppError::BadRequest(format!("KAFKA_BROKERS: {e}")))?;
+            .map_err(|e| AppError::BadRequest(format!("KAFKA_BOOTSTRAP: {e}")))?;
         Ok(Self {
             cell: settings.cell.clone(),
             redis,
             mysql,
             producer,
-            kafka_brokers: settings.kafka_brokers.clone(),
+            kafka_brokers: settings.kafka_bootstrap.clone(),
             cfg,
         })
     }

@@ -5,9 +5,6 @@ use super::CellContext;
 use k8s_openapi::api::core::v1::ConfigMap;
 use std::collections::BTreeMap;
 
-/// Database the app uses inside its shard.
-pub const MYSQL_DATABASE: &str = "cell";
-
 /// Address of a store: the in-cluster Service, or the external endpoint.
 pub fn store_address(ctx: &CellContext, store: Store) -> String {
     match &ctx.store(store).external {
@@ -55,10 +52,12 @@ pub fn store(ctx: &CellContext, store: Store) -> Option<ConfigMap> {
         ),
         Store::Mysql => (
             "cellplane.cnf",
-            // Binary log with GTIDs so the standby cell in another region can replicate.
+            // Binary log with GTIDs so the standby cell in another region can replicate;
+            // one GTID domain per cell keeps positions apart on a standby that also
+            // replicates (multi-source) while writing its own schema.
             format!(
-                "[mariadb]\nserver_id={}\nlog_bin=mysql-bin\nbinlog_format=ROW\ngtid_strict_mode=ON\nlog_slave_updates=ON\nbind_address=0.0.0.0\nskip_name_resolve=ON\n",
-                mysql_server_id(ctx.name)
+                "[mariadb]\nserver_id={id}\ngtid_domain_id={id}\nlog_bin=mysql-bin\nbinlog_format=ROW\ngtid_strict_mode=ON\nlog_slave_updates=ON\nbind_address=0.0.0.0\nskip_name_resolve=ON\n",
+                id = mysql_server_id(ctx.name)
             ),
         ),
         Store::Kafka => return None,

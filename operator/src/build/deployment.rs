@@ -9,19 +9,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-/// Env variable names the app reads (the contract of `cells`' connection settings).
-pub mod env {
-    pub const CELL_NAME: &str = "CELL_NAME";
-    pub const CELL_REGION: &str = "CELL_REGION";
-    pub const CELL_PLATFORM: &str = "CELL_PLATFORM";
-    pub const REDIS_ADDR: &str = "REDIS_ADDR";
-    pub const REDIS_PASSWORD: &str = "REDIS_PASSWORD";
-    pub const MYSQL_ADDR: &str = "MYSQL_ADDR";
-    pub const MYSQL_USER: &str = "MYSQL_USER";
-    pub const MYSQL_PASSWORD: &str = "MYSQL_PASSWORD";
-    pub const MYSQL_DATABASE: &str = "MYSQL_DATABASE";
-    pub const KAFKA_BOOTSTRAP: &str = "KAFKA_BOOTSTRAP";
-}
+/// Env variable names the app reads (the contract shared with the cell SDK).
+pub use cellplane_cells::env;
 
 /// The env the app gets: identity from the info ConfigMap, addresses, and credentials
 /// straight from Secrets (never copied into the pod spec).
@@ -34,7 +23,7 @@ pub fn connection_env(ctx: &CellContext) -> Vec<EnvVar> {
         pod::env_from_config_map(env::REDIS_ADDR, &info, "redisAddr"),
         pod::env_from_config_map(env::MYSQL_ADDR, &info, "mysqlAddr"),
         pod::env_from_config_map(env::KAFKA_BOOTSTRAP, &info, "kafkaBootstrap"),
-        pod::env_value(env::MYSQL_DATABASE, super::config_map::MYSQL_DATABASE),
+        pod::env_value(env::MYSQL_DATABASE, env::mysql_database(ctx.name)),
     ];
     match &ctx.spec.redis.external {
         Some(ext) => vars.push(pod::env_from_secret(

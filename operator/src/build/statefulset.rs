@@ -81,7 +81,10 @@ fn process(ctx: &CellContext, store: Store) -> StoreProcess {
                 pod::env_from_secret("MARIADB_ROOT_PASSWORD", &secret, "root-password"),
                 pod::env_value("MARIADB_USER", super::secret::MYSQL_APP_USER),
                 pod::env_from_secret("MARIADB_PASSWORD", &secret, "app-password"),
-                pod::env_value("MARIADB_DATABASE", super::config_map::MYSQL_DATABASE),
+                pod::env_value(
+                    "MARIADB_DATABASE",
+                    cellplane_cells::env::mysql_database(ctx.name),
+                ),
                 pod::env_value("MARIADB_AUTO_UPGRADE", "1"),
             ],
             mounts: vec![

@@ -1,0 +1,34 @@
+//! The env contract between the operator (which injects these into a cell's app pods) and
+//! the cell SDK (which reads them). One list, so the two cannot drift apart.
+
+pub const CELL_NAME: &str = "CELL_NAME";
+pub const CELL_REGION: &str = "CELL_REGION";
+pub const CELL_PLATFORM: &str = "CELL_PLATFORM";
+/// `host:port` of the cell's Redis.
+pub const REDIS_ADDR: &str = "REDIS_ADDR";
+pub const REDIS_PASSWORD: &str = "REDIS_PASSWORD";
+/// `host:port` of the cell's MySQL shard.
+pub const MYSQL_ADDR: &str = "MYSQL_ADDR";
+pub const MYSQL_USER: &str = "MYSQL_USER";
+pub const MYSQL_PASSWORD: &str = "MYSQL_PASSWORD";
+pub const MYSQL_DATABASE: &str = "MYSQL_DATABASE";
+/// Comma-separated `host:port` list of the cell's Kafka brokers.
+pub const KAFKA_BOOTSTRAP: &str = "KAFKA_BOOTSTRAP";
+
+/// The schema holding a cell's users in its MySQL shard: `cell_<name>` with `-` as `_`.
+/// Per cell, so a standby's MariaDB can hold its own schema and, replicated, the schema of
+/// the cell it stands by for.
+pub fn mysql_database(cell: &str) -> String {
+    format!("cell_{}", cell.replace('-', "_"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn schema_names_are_per_cell_identifiers() {
+        assert_eq!(
+            super::mysql_database("shop-us-east-0"),
+            "cell_shop_us_east_0"
+        );
+    }
+}
