@@ -1,8 +1,8 @@
 //! A cell's data plane for tests: its real stores (started by `e2e/bin/stores`) and the
 //! reference app as a separate process. Everything stops on drop, also when a test fails.
 
-use crate::net::{get, send, Reply};
-use crate::{free_port, repo_root, wait_for, workspace_bin};
+use crate::net::{get, metric_value, send, wait_ok, Reply};
+use crate::{free_port, repo_root, workspace_bin};
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -162,18 +162,7 @@ impl CellApp {
             .stderr(Stdio::null())
             .spawn()?;
         self.child = Some(child);
-        let url = format!("http://{}/livez", self.addr);
-        wait_for("cell app up", Duration::from_secs(60), || {
-            let u = url.clone();
-            async move {
-                Ok(get(&u, &[])
-                    .await
-                    .ok()
-                    .filter(|r| r.status == 200)
-                    .map(|_| ()))
-            }
-        })
-        .await
+        wait_ok("cell app up", &self.url("/livez"), Duration::from_secs(60)).await
     }
 
     /// `kill -9` (a crash), then start again with the same settings and port.
@@ -249,17 +238,10 @@ impl CellApp {
 
     /// A counter or gauge from /metrics (0 when absent).
     pub async fn metric(&self, name_and_labels: &str) -> Result<f64> {
-        let text = self.get("/metrics").await?.body;
-        Ok(text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name_and_labels)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0))
+        Ok(metric_value(
+            &self.get("/metrics").await?.body,
+            name_and_labels,
+        ))
     }
 }
 

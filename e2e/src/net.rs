@@ -243,17 +243,7 @@ impl RouterProc {
             log,
         };
         let ready = format!("http://{}/readyz", r.metrics_addr);
-        wait_for("router ready", Duration::from_secs(30), || {
-            let u = ready.clone();
-            async move {
-                Ok(get(&u, &[])
-                    .await
-                    .ok()
-                    .filter(|r| r.status == 200)
-                    .map(|_| ()))
-            }
-        })
-        .await?;
+        wait_ok("router ready", &ready, Duration::from_secs(30)).await?;
         Ok(r)
     }
 
@@ -275,15 +265,22 @@ impl RouterProc {
         let text = get(&format!("http://{}/metrics", self.metrics_addr), &[])
             .await?
             .body;
-        for line in text.lines() {
-            if let Some(v) = line
-                .strip_prefix(name_and_labels)
-                .and_then(|rest| rest.strip_prefix(' '))
-            {
-                return Ok(v.trim().parse()?);
-            }
+        Ok(metric_value(&text, name_and_labels))
+    }
+
+    /// Runs the router on `config_yaml`, expecting it to refuse to start; returns what it
+    /// printed on stderr.
+    pub fn refuses(config_yaml: &str, dir: &std::path::Path) -> Result<String> {
+        let cfg = dir.join("refused.yaml");
+        std::fs::write(&cfg, config_yaml)?;
+        let out = Command::new(workspace_bin("cellplane-router"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()?;
+        if out.status.success() {
+            bail!("the router accepted {config_yaml}");
         }
-        Ok(0.0)
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     pub async fn request(&self, user: &str) -> Result<Reply> {
@@ -349,6 +346,31 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Bytes
         headers,
         body,
     })
+}
+
+/// Waits until `url` answers 200.
+pub async fn wait_ok(what: &str, url: &str, timeout: Duration) -> Result<()> {
+    wait_for(what, timeout, || async {
+        Ok(get(url, &[])
+            .await
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|_| ()))
+    })
+    .await
+}
+
+/// One sample from Prometheus text exposition (0 when absent).
+pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }
 
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<Reply> {

@@ -145,19 +145,12 @@ async fn the_admin_api_authenticates_looks_up_shows_and_holds() -> anyhow::Resul
 
     // A short token is refused at start, naming the field.
     std::fs::write(dir.join("short"), "abc")?;
-    std::fs::write(
-        dir.join("bad.yaml"),
-        format!(
-            "table: {{file: {}}}\nadmin: {{listen: 127.0.0.1:0, tokenFile: {}}}\n",
-            dir.join("table.json").display(),
-            dir.join("short").display()
-        ),
-    )?;
-    let out = std::process::Command::new(cellplane_e2e::workspace_bin("cellplane-router"))
-        .arg("--config")
-        .arg(dir.join("bad.yaml"))
-        .output()?;
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("admin.tokenFile"));
+    let cfg = format!(
+        "table: {{file: {}}}\nadmin: {{listen: 127.0.0.1:0, tokenFile: {}}}\n",
+        dir.join("table.json").display(),
+        dir.join("short").display()
+    );
+    let err = RouterProc::refuses(&cfg, &dir)?;
+    assert!(err.contains("admin.tokenFile"), "{err}");
     Ok(())
 }

@@ -259,20 +259,12 @@ async fn tls_terminates_http1_and_http2_and_bad_key_files_are_named() -> anyhow:
     .is_err());
 
     // A missing key file stops the router at start, naming the field.
-    std::fs::write(
-        dir.join("bad.yaml"),
-        format!(
-            "table: {{file: {}}}\ntls: {{certFile: {}, keyFile: /nonexistent.pem}}\n",
-            dir.join("table.json").display(),
-            cert.display()
-        ),
-    )?;
-    let out = std::process::Command::new(cellplane_e2e::workspace_bin("cellplane-router"))
-        .arg("--config")
-        .arg(dir.join("bad.yaml"))
-        .output()?;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let cfg = format!(
+        "table: {{file: {}}}\ntls: {{certFile: {}, keyFile: /nonexistent.pem}}\n",
+        dir.join("table.json").display(),
+        cert.display()
+    );
+    let err = RouterProc::refuses(&cfg, &dir)?;
     assert!(err.contains("tls.keyFile"), "{err}");
     Ok(())
 }
