@@ -31,20 +31,24 @@ use std::time::{Duration, Instant};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
-pub const H_CELL: &str = "x-cellplane-cell";
-pub const H_SLOT: &str = "x-cellplane-slot";
-pub const H_EPOCH: &str = "x-cellplane-epoch";
+// Header names as constants: built once, no parsing or hashing of strings per request.
+pub const H_CELL: HeaderName = HeaderName::from_static("x-cellplane-cell");
+pub const H_SLOT: HeaderName = HeaderName::from_static("x-cellplane-slot");
+pub const H_EPOCH: HeaderName = HeaderName::from_static("x-cellplane-epoch");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Hop-by-hop headers are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
 /// What the hot path needs about one routing table, resolved once when the table changes:
@@ -558,9 +562,7 @@ pub async fn handle(
                         HeaderValue::from_static("upgrade"),
                     );
                 }
-                rparts
-                    .headers
-                    .insert(HeaderName::from_static(H_CELL), cv.name_header.clone());
+                rparts.headers.insert(H_CELL, cv.name_header.clone());
                 // The in-flight guard lives until the body is handed over; streaming the
                 // rest is bounded by the client connection's own timeouts.
                 return Response::from_parts(
@@ -580,15 +582,18 @@ fn eject_on_failure(router: &Router, endpoint: &EndpointState, cell: &CellView, 
 }
 
 pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<String> = headers
+    // Headers named in Connection are hop-by-hop too. Usually it names only standard ones
+    // ("keep-alive", "close", "upgrade"), so nothing is allocated then.
+    let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !HOP_BY_HOP.contains(n))
         .collect();
-    for h in HOP_BY_HOP.iter().copied().map(String::from).chain(named) {
-        headers.remove(h.as_str());
+    for h in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(h);
     }
 }
 
@@ -660,27 +665,24 @@ fn upstream_request(
         // The one TE value HTTP/2 allows, and gRPC servers require it.
         headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
     }
-    for h in [H_CELL, H_SLOT, H_EPOCH] {
+    for h in [&H_CELL, &H_SLOT, &H_EPOCH] {
         headers.remove(h);
     }
     let host = parts.headers.get(HOST).cloned();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
-    let set = |h: &mut http::HeaderMap, name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(HeaderName::from_static(name), v);
-        }
-    };
-    headers.insert(HeaderName::from_static(H_CELL), cell.clone());
-    headers.insert(HeaderName::from_static(H_SLOT), HeaderValue::from(slot));
-    headers.insert(HeaderName::from_static(H_EPOCH), HeaderValue::from(epoch));
-    set(&mut headers, "x-forwarded-for", xff);
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(H_CELL, cell.clone());
+    headers.insert(H_SLOT, HeaderValue::from(slot));
+    headers.insert(H_EPOCH, HeaderValue::from(epoch));
     let proto = if https { "https" } else { "http" };
-    set(&mut headers, "x-forwarded-proto", proto.into());
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(h) = host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), h);
+        headers.insert(X_FORWARDED_HOST, h);
     }
     let mut req = Request::builder()
         .method(parts.method.clone())
