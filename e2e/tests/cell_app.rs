@@ -288,6 +288,11 @@ async fn the_fence_answers_421_for_foreign_slots_and_for_a_frozen_cell() -> anyh
     .await?;
     // Health endpoints are not user data: never fenced.
     assert_eq!(app.get("/livez").await?.status, 200);
+    // Requests are counted by route pattern (not raw path) and status class.
+    let fenced = app
+        .metric(r#"cellplane_app_requests_total{route="/users/{user}/profile",method="GET",class="4xx"}"#)
+        .await?;
+    assert!(fenced >= 2.0, "421s counted: {fenced}");
     Ok(())
 }
 

@@ -53,6 +53,30 @@ pub fn router(app: App) -> Router {
             r
         }
     });
+    let recorder = app.metrics.clone();
+    let measure = axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let recorder = recorder.clone();
+            async move {
+                // Unmatched paths share one label so scanners cannot blow up the series count.
+                let route = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "unmatched".into());
+                let method = req.method().as_str().to_string();
+                let started = std::time::Instant::now();
+                let resp = next.run(req).await;
+                recorder.observe(
+                    &route,
+                    &method,
+                    resp.status().as_u16(),
+                    started.elapsed().as_secs_f64(),
+                );
+                resp
+            }
+        },
+    );
     Router::new()
         .merge(users)
         .route("/admin/stock/{sku}", put(set_stock).get(get_stock))
@@ -61,6 +85,7 @@ pub fn router(app: App) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body))
+        .route_layer(measure)
         .layer(stamp)
         .with_state(app)
 }

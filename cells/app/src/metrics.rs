@@ -4,11 +4,21 @@ use cellplane_cell_sdk::table_metrics::TableMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The route pattern (`/users/{user}/profile`), never the raw path: bounded cardinality.
+    pub route: String,
+    pub method: String,
+    /// "2xx", "4xx", ...
+    pub class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -22,6 +32,8 @@ pub struct StoreLabel {
 }
 
 pub struct Metrics {
+    pub requests: Family<RouteLabels, Counter>,
+    pub latency: Family<RouteLabels, Histogram>,
     pub profile_reads: Family<SourceLabel, Counter>,
     pub orders_accepted: Counter,
     pub orders_rejected: Family<ReasonLabel, Counter>,
@@ -37,6 +49,10 @@ impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("cellplane_app");
         let m = Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0002, 2.0, 16))
+            }),
             profile_reads: Family::default(),
             orders_accepted: Counter::default(),
             orders_rejected: Family::default(),
@@ -82,6 +98,16 @@ impl Metrics {
             "Operations served or retried in a degraded mode, by the store that was down",
             m.degraded.clone(),
         );
+        r.register(
+            "requests",
+            "HTTP requests by route, method and status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "HTTP request duration by route, method and status class",
+            m.latency.clone(),
+        );
         m.table.register(&mut r);
         Self { registry: r, ..m }
     }
@@ -91,6 +117,22 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("String encoding");
         out
+    }
+
+    pub fn observe(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        let labels = RouteLabels {
+            route: route.to_string(),
+            method: method.to_string(),
+            class: match status {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.latency.get_or_create(&labels).observe(seconds);
     }
 
     pub fn profile_read(&self, source: &'static str) {
