@@ -268,3 +268,85 @@ async fn tls_terminates_http1_and_http2_and_bad_key_files_are_named() -> anyhow:
     assert!(err.contains("tls.keyFile"), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_broken_before_any_answer_is_retried_for_idempotent_methods_only(
+) -> anyhow::Result<()> {
+    // One endpoint reads each request and hangs up without answering; the other is fine.
+    let broken = TcpListener::bind("127.0.0.1:0").await?;
+    let broken_addr = broken.local_addr()?.to_string();
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = broken.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                if read_head(&mut s).await.is_ok() {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut body = [0u8; 4];
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_millis(20),
+                        s.read(&mut body),
+                    )
+                    .await;
+                } // dropped: the connection closes without an answer
+            });
+        }
+    });
+    let good = cellplane_e2e::net::Backend::start("good").await?;
+    let t = RoutingTable::placed(
+        "shop",
+        1,
+        16384,
+        vec![(
+            CellEntry::active("a", "us", vec![broken_addr, good.addr.clone()]),
+            1,
+        )],
+    )?;
+    let dir = test_dir("idempotent");
+    // Keep the broken endpoint in rotation (no checks, no ejection) so every request can hit it.
+    let extra = format!("{NO_CHECKS}ejection: {{consecutiveFailures: 100000}}\nlimits: {{retryBudgetMinPerSec: 10000}}\n");
+    let (router, _) = RouterProc::start_on_file(&t, "", &extra, &dir).await?;
+    let url = format!("http://{}/shop/cart", router.addr);
+    for _ in 0..20 {
+        let r = cellplane_e2e::net::get(&url, &[("x-user-id", "alice")]).await?;
+        assert_eq!(
+            r.status, 200,
+            "a GET is retried on the good endpoint: {}",
+            r.body
+        );
+    }
+    let after_gets = seen.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        after_gets > 0,
+        "the broken endpoint was tried (so retries happened)"
+    );
+    let mut failed_posts = 0;
+    for _ in 0..20 {
+        let r = cellplane_e2e::net::send(
+            "POST",
+            &url,
+            &[("x-user-id", "alice")],
+            Bytes::from_static(b"order"),
+        )
+        .await?;
+        if r.status == 502 {
+            failed_posts += 1;
+        } else {
+            assert_eq!(r.status, 200);
+        }
+    }
+    let post_hits = seen.load(std::sync::atomic::Ordering::SeqCst) - after_gets;
+    assert_eq!(
+        failed_posts, post_hits,
+        "every POST that reached the broken endpoint failed, none was replayed"
+    );
+    assert!(post_hits > 0);
+    assert!(
+        router
+            .metric(r#"cellplane_router_retries_total{reason="idempotent"}"#)
+            .await?
+            >= after_gets as f64
+    );
+    Ok(())
+}

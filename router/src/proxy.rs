@@ -259,6 +259,20 @@ pub fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
         .flatten()
 }
 
+/// Methods RFC 9110 defines as idempotent: sending them twice has the effect of once.
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(method)
+}
+
 /// gRPC over HTTP/2: forwarded over HTTP/2 with its `te: trailers`.
 fn is_grpc(parts: &http::request::Parts) -> bool {
     parts.version == http::Version::HTTP_2
@@ -349,7 +363,7 @@ pub async fn handle(
     };
 
     let mut exclude: Option<usize> = None;
-    let mut retried_connect = false;
+    let mut retried_elsewhere = false;
     let mut refreshed = false;
     let mut hold_deadline: Option<Instant> = None;
     loop {
@@ -489,17 +503,24 @@ pub async fn handle(
             }
             Ok(Err(e)) => {
                 eject_on_failure(&router, endpoint, cv, &d.cell.name);
-                // A refused connection never reached the app: safe to retry elsewhere once.
-                if e.is_connect()
+                // A refused connection never reached the app, and an idempotent request may
+                // be sent again whatever happened to it (the connection broke before any
+                // answer): retry once on another endpoint. Never upgrades: their bytes are
+                // not ours to replay.
+                let safe = e.is_connect() || (idempotent(&parts.method) && upgrade.is_none());
+                if safe
                     && buffered.is_some()
-                    && !retried_connect
+                    && !retried_elsewhere
                     && router.retry_budget.try_withdraw(Instant::now())
                 {
-                    retried_connect = true;
+                    retried_elsewhere = true;
                     exclude = Some(ep);
-                    m.retries
-                        .get_or_create(&ReasonLabel { reason: "connect" })
-                        .inc();
+                    let reason = if e.is_connect() {
+                        "connect"
+                    } else {
+                        "idempotent"
+                    };
+                    m.retries.get_or_create(&ReasonLabel { reason }).inc();
                     let pause = Duration::from_millis(cfg.limits.retry_backoff_ms);
                     tokio::time::sleep(jittered(pause, rand::random::<f64>())).await;
                     continue;
