@@ -1,5 +1,7 @@
-//! The operator's Helm chart: lints, refuses bad values naming the field, installs into a
-//! real region (kwok runs the pod), and its RBAC grants only what the operator needs.
+//! The Helm charts: they lint, refuse bad values naming the field, and install into a real
+//! region (kwok runs the pods). The operator's RBAC grants only what it needs; the router's
+//! rendered config is accepted by the router binary itself, and its admin token survives
+//! upgrades.
 
 use cellplane_e2e::{repo_root, tools_bin, wait_for, Region};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -24,11 +26,12 @@ fn helm(args: &[&str], kubeconfig: Option<&std::path::Path>) -> (bool, String) {
     )
 }
 
+fn chart_dir(name: &str) -> String {
+    repo_root().join("charts").join(name).display().to_string()
+}
+
 fn chart() -> String {
-    repo_root()
-        .join("charts/cellplane-operator")
-        .display()
-        .to_string()
+    chart_dir("cellplane-operator")
 }
 
 #[test]
@@ -124,5 +127,146 @@ async fn chart_installs_into_a_region_with_least_privilege() -> anyhow::Result<(
         !can("update", "leases.coordination.k8s.io", "default"),
         "leases only in its own namespace"
     );
+    Ok(())
+}
+
+/// The router's config as the chart renders it, checked by `cellplane-router --check`.
+fn router_config_is_valid(extra: &[&str]) -> anyhow::Result<()> {
+    let router_chart = chart_dir("cellplane-router");
+    let ci_values = format!("{router_chart}/ci-values.yaml");
+    let mut args = vec![
+        "template",
+        "t",
+        &router_chart,
+        "-f",
+        &ci_values,
+        "--show-only",
+        "templates/configmap.yaml",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out) = helm(&args, None);
+    anyhow::ensure!(ok, "{out}");
+    let cm: serde_yaml::Value = serde_yaml::from_str(&out)?;
+    let config = cm["data"]["router.yaml"]
+        .as_str()
+        .expect("router.yaml in the ConfigMap");
+    let file = cellplane_e2e::test_dir("router-chart").join(format!("router-{}.yaml", extra.len()));
+    std::fs::write(&file, config)?;
+    let check = Command::new(cellplane_e2e::workspace_bin("cellplane-router"))
+        .arg("--config")
+        .arg(&file)
+        .arg("--check")
+        .output()?;
+    anyhow::ensure!(
+        check.status.success(),
+        "the router refuses the chart's config: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn router_chart_lints_refuses_bad_values_and_renders_a_config_the_router_accepts(
+) -> anyhow::Result<()> {
+    let router_chart = chart_dir("cellplane-router");
+    let ci_values = format!("{router_chart}/ci-values.yaml");
+    let (ok, out) = helm(&["lint", "--strict", &router_chart, "-f", &ci_values], None);
+    assert!(ok, "{out}");
+    let (ok, out) = helm(&["lint", &router_chart], None);
+    assert!(
+        !ok && out.contains("/table/etcd/endpoints") && out.contains("/table/platform"),
+        "{out}"
+    );
+    let (ok, out) = helm(
+        &[
+            "template",
+            "t",
+            &router_chart,
+            "-f",
+            &ci_values,
+            "--set",
+            "noKey=maybe",
+        ],
+        None,
+    );
+    assert!(!ok && out.contains("/noKey"), "{out}");
+    router_config_is_valid(&[])?;
+    router_config_is_valid(&[
+        "--set",
+        "tls.secretName=edge-tls",
+        "--set",
+        "admin.enabled=false",
+        "--set",
+        "noKey=clientAddress",
+    ])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn router_chart_installs_and_keeps_its_admin_token_across_upgrades() -> anyhow::Result<()> {
+    let region = Region::up("helm-router")?;
+    let kc = region.kubeconfig();
+    let router_chart = chart_dir("cellplane-router");
+    let ci_values = format!("{router_chart}/ci-values.yaml");
+    let install = |verb: &str| {
+        helm(
+            &[
+                verb,
+                "edge",
+                &router_chart,
+                "--namespace",
+                "edge",
+                "--create-namespace",
+                "-f",
+                &ci_values,
+                "--wait",
+                "--timeout",
+                "120s",
+            ],
+            Some(&kc),
+        )
+    };
+    let (ok, out) = install("install");
+    assert!(ok, "{out}");
+    let client = region.client().await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "edge");
+    let d = deployments.get("edge-cellplane-router").await?;
+    let pod = d.spec.template.spec.expect("pod spec");
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(false),
+        "no API token in router pods"
+    );
+    assert_eq!(
+        pod.security_context.and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+    wait_for(
+        "router Deployment available",
+        Duration::from_secs(90),
+        || async {
+            let d = deployments.get("edge-cellplane-router").await?;
+            Ok(d.status
+                .and_then(|s| s.available_replicas)
+                .filter(|n| *n >= 2))
+        },
+    )
+    .await?;
+    let token = || {
+        region.kubectl(&[
+            "-n",
+            "edge",
+            "get",
+            "secret",
+            "edge-cellplane-router-admin",
+            "-o",
+            "jsonpath={.data.token}",
+        ])
+    };
+    let first = token()?;
+    assert!(first.len() >= 40, "a generated token: {first:?}");
+    let (ok, out) = install("upgrade");
+    assert!(ok, "{out}");
+    assert_eq!(token()?, first, "an upgrade keeps the admin token");
     Ok(())
 }

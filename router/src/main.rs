@@ -64,6 +64,10 @@ struct Cli {
     /// Worker threads (default: one per core); 1 runs everything on one thread.
     #[arg(long, env = "CELLPLANE_ROUTER_WORKERS")]
     workers: Option<usize>,
+    /// Validate the configuration and exit (0 when valid); files it names (TLS, admin
+    /// token, tables) are read only when serving.
+    #[arg(long)]
+    check: bool,
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
@@ -154,6 +158,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let cfg = load_config(&cli)?;
+    if cli.check {
+        println!("config is valid");
+        return Ok(());
+    }
     let workers = cli.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
