@@ -38,3 +38,26 @@ resource "kubernetes_manifest" "cellset" {
   manifest   = yamldecode(var.cellset_yaml)
   depends_on = [helm_release.operator]
 }
+
+# The edge router follows the routing table in the global etcd, so it needs its endpoints.
+resource "helm_release" "router" {
+  count            = var.router_enabled && length(var.etcd_endpoints) > 0 ? 1 : 0
+  name             = "edge"
+  chart            = "${path.module}/../../../charts/cellplane-router"
+  namespace        = var.router_namespace
+  create_namespace = true
+  wait             = true
+
+  set {
+    name  = "table.etcd.endpoints"
+    value = "{${join(",", var.etcd_endpoints)}}"
+  }
+  set {
+    name  = "table.platform"
+    value = var.platform
+  }
+  set {
+    name  = "replicas"
+    value = var.router_replicas
+  }
+}

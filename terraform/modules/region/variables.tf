@@ -35,3 +35,31 @@ variable "cellset_yaml" {
   type        = string
   default     = ""
 }
+
+variable "platform" {
+  description = "Platform name (spec.platform of the CellSets); the router follows /cellplane/<platform>/routing."
+  type        = string
+  default     = "shop"
+  validation {
+    condition     = can(regex("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", var.platform))
+    error_message = "platform must be a DNS label, e.g. shop."
+  }
+}
+
+variable "router_enabled" {
+  description = "Install the edge router in this region (needs etcd_endpoints: it follows the routing table there)."
+  type        = bool
+  default     = true
+}
+
+variable "router_namespace" {
+  description = "Namespace of the edge router."
+  type        = string
+  default     = "edge"
+}
+
+variable "router_replicas" {
+  description = "Router replicas (spread over zones)."
+  type        = number
+  default     = 2
+}
