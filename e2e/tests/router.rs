@@ -223,7 +223,8 @@ async fn a_421_refreshes_the_table_and_retries_once() -> anyhow::Result<()> {
 async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
     let dir = test_dir("4xx");
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
-    let limits = "limits: {perKeyRps: 1, perKeyBurst: 2, maxBodyBytes: 1024}\n";
+    let limits =
+        "limits: {perKeyRps: 1, perKeyBurst: 2, maxBodyBytes: 1024}\ntimeouts: {headerReadMs: 800}\n";
     let (r, _) = RouterProc::start_on_file(&table(1, &[&a1], &[&b1]), "", limits, &dir).await?;
     let url = format!("http://{}/x", r.addr);
     let no_key = send("GET", &url, &[], bytes::Bytes::new()).await?;
@@ -250,6 +251,23 @@ async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
         ok.body.ends_with(" 100"),
         "the body reached the cell: {}",
         ok.body
+    );
+
+    // A client that announces a body and then stalls gets 408, and nothing reaches a cell.
+    let hits_before = a1.hits.load(Ordering::SeqCst) + b1.hits.load(Ordering::SeqCst);
+    let mut slow = tokio::net::TcpStream::connect(&r.addr).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    slow.write_all(
+        b"POST /x HTTP/1.1\r\nhost: x\r\nx-user-id: slow\r\ncontent-length: 100\r\n\r\nonly-a-few",
+    )
+    .await?;
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(T, slow.read(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(
+        a1.hits.load(Ordering::SeqCst) + b1.hits.load(Ordering::SeqCst),
+        hits_before
     );
 
     let mut statuses = vec![];

@@ -124,7 +124,8 @@ pub struct Timeouts {
     /// Until the upstream's response headers.
     pub request_ms: u64,
     pub idle_ms: u64,
-    /// A client must send its request headers within this time (slow-client guard).
+    /// A client must send its request headers, and a body the router buffers, within this
+    /// time (slow-client guard).
     pub header_read_ms: u64,
     /// Requests for a frozen cell (failover in progress) wait this long for the table to
     /// move its slots, then get 503 with Retry-After.

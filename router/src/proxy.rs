@@ -336,17 +336,29 @@ pub async fn handle(
     let (buffered, mut streaming): (Option<Bytes>, Option<Body>) = if !has_body_flag {
         (Some(Bytes::new()), None)
     } else if replayable {
-        match Limited::new(body, cfg.limits.replay_buffer_bytes as usize)
-            .collect()
-            .await
-        {
-            Ok(c) => (Some(c.to_bytes()), None),
-            Err(_) => {
+        // A slow client trickling its body must not hold the buffer forever.
+        let read = tokio::time::timeout(
+            Duration::from_millis(cfg.timeouts.header_read_ms),
+            Limited::new(body, cfg.limits.replay_buffer_bytes as usize).collect(),
+        )
+        .await;
+        match read {
+            Ok(Ok(c)) => (Some(c.to_bytes()), None),
+            Ok(Err(_)) => {
                 return reply(
                     m,
                     StatusCode::BAD_REQUEST,
                     "bad_body",
                     "could not read the request body",
+                    None,
+                )
+            }
+            Err(_) => {
+                return reply(
+                    m,
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body did not arrive in time (timeouts.headerReadMs)",
                     None,
                 )
             }
