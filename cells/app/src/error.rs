@@ -23,6 +23,10 @@ pub enum AppError {
 
     #[error("forbidden: {0}")]
     Forbidden(String),
+
+    /// Settings the app cannot start with (at start only, never for a request).
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl AppError {
@@ -40,6 +44,7 @@ impl AppError {
             AppError::SoldOut { .. } | AppError::NoSale(_) => StatusCode::CONFLICT,
             AppError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

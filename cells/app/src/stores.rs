@@ -59,7 +59,7 @@ pub struct Redis {
 impl Redis {
     pub fn new(url: &str, timeout: Duration) -> AppResult<Self> {
         let client = redis::Client::open(url)
-            .map_err(|e| AppError::BadRequest(format!("REDIS_ADDR/REDIS_PASSWORD: {e}")))?;
+            .map_err(|e| AppError::Config(format!("REDIS_ADDR/REDIS_PASSWORD: {e}")))?;
         Ok(Self {
             client,
             manager: tokio::sync::Mutex::new(None),
@@ -133,7 +133,7 @@ impl Stores {
             .set("message.timeout.ms", "3000")
             .set("linger.ms", "1")
             .create()
-            .map_err(|e| AppError::BadRequest(format!("KAFKA_BOOTSTRAP: {e}")))?;
+            .map_err(|e| AppError::Config(format!("KAFKA_BOOTSTRAP: {e}")))?;
         Ok(Self {
             cell: settings.cell.clone(),
             redis,
