@@ -51,8 +51,9 @@ bench: tools
 	@bash e2e/bin/setup --bench
 	$(CARGO) bench -p cellplane-cells --bench slot_lookup
 	$(CARGO) bench -p cellplane-router --bench decision
-	$(CARGO) build --release -p cellplane-operator -p cellplane-router
+	$(CARGO) build --release -p cellplane-operator -p cellplane-router -p cellplane-cell-app
 	@e2e/bin/bench-router
+	@e2e/bin/bench-cell
 	$(CARGO) build -p cellplane-router
 	$(CARGO) bench -p cellplane-e2e --bench propagation
 	@e2e/bin/bench-scale
