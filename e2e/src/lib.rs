@@ -227,9 +227,20 @@ pub fn test_dir(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(free_ports::<1>()?[0])
+}
+
+/// `N` distinct free ports: all are held at once while they are picked, so the OS cannot
+/// hand the same one out twice (it readily does between two single picks).
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&listeners) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// Polls `check` until it returns Some or `timeout` passes; the error names `what`.

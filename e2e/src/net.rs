@@ -1,7 +1,7 @@
 //! Real HTTP pieces for router tests (I/O): an etcd server, backend cells that report who
 //! answered and can fence by epoch, a router process, and a small HTTP client.
 
-use crate::{free_port, tools_bin, wait_for, workspace_bin};
+use crate::{free_port, free_ports, tools_bin, wait_for, workspace_bin};
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -27,7 +27,7 @@ impl Etcd {
             std::process::id(),
             free_port()?
         ));
-        let (client, peer) = (free_port()?, free_port()?);
+        let [client, peer] = free_ports()?;
         let child = Command::new(tools_bin().join("etcd"))
             .args(["--name", "t", "--data-dir"])
             .arg(&dir)
@@ -222,7 +222,7 @@ impl RouterProc {
     /// Starts the router with `config_yaml` (listen addresses are filled in) and waits
     /// until it has a table (`/readyz`).
     pub async fn start(config_yaml: &str, dir: &std::path::Path) -> Result<Self> {
-        let (port, mport) = (free_port()?, free_port()?);
+        let [port, mport] = free_ports()?;
         let cfg = dir.join(format!("router-{port}.yaml"));
         std::fs::write(
             &cfg,

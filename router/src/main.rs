@@ -111,10 +111,7 @@ async fn shutdown_signal() {
     tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
 }
 
-async fn serve_admin(addr: SocketAddr, router: Arc<Router>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding metricsListen {addr}"))?;
+async fn serve_admin(listener: TcpListener, router: Arc<Router>) -> anyhow::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let router = router.clone();
@@ -216,11 +213,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         });
         tracing::info!(listen = %admin.listen, "admin API (gRPC) serving");
     }
+    // Bound before serving: a router whose health and metrics port is taken must not run
+    // blind, it stops with the reason.
+    let metrics_listener = TcpListener::bind(cfg.metrics_listen)
+        .await
+        .with_context(|| format!("binding metricsListen {}", cfg.metrics_listen))?;
     tokio::spawn({
         let r = router.clone();
         async move {
-            if let Err(e) = serve_admin(r.config.metrics_listen, r.clone()).await {
-                tracing::error!(error = %e, "admin server stopped");
+            if let Err(e) = serve_admin(metrics_listener, r).await {
+                tracing::error!(error = %e, "metrics server stopped");
             }
         }
     });
