@@ -4,6 +4,7 @@
 use crate::config::AdminConfig;
 use crate::proxy::Router;
 use crate::Error;
+use cellplane_cell_sdk::auth::bearer_matches;
 use cellplane_cells::slot::slot_for_key;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -34,19 +35,13 @@ pub fn load_token(cfg: &AdminConfig) -> Result<String, Error> {
     Ok(token)
 }
 
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Rejects calls without `authorization: Bearer <token>`.
 pub fn check_token(token: &str, req: &Request<()>) -> Result<(), Status> {
     let presented = req
         .metadata()
         .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if same(presented.as_bytes(), token.as_bytes()) {
+        .and_then(|v| v.to_str().ok());
+    if bearer_matches(presented, token) {
         Ok(())
     } else {
         Err(Status::unauthenticated(

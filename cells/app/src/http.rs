@@ -12,7 +12,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use cellplane_cell_sdk::auth::bearer_matches;
 use cellplane_cell_sdk::ownership::{key_from_path, OwnershipLayer};
+use cellplane_cell_sdk::replication;
 use cellplane_cell_sdk::table::TableStore;
 use mysql_async::prelude::Queryable;
 use rdkafka::consumer::StreamConsumer;
@@ -153,17 +155,8 @@ fn authorize(app: &App, headers: &HeaderMap) -> AppResult<()> {
     };
     let presented = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Constant-time comparison: the token must not leak through response timing.
-    let same = presented.len() == token.len()
-        && presented
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if same {
+        .and_then(|v| v.to_str().ok());
+    if bearer_matches(presented, token) {
         Ok(())
     } else {
         Err(AppError::Forbidden("missing or wrong bearer token".into()))
@@ -269,28 +262,6 @@ async fn readyz(State(app): State<App>) -> Response {
     (code, Json(body)).into_response()
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct MysqlPosition {
-    gtid_binlog_pos: String,
-    read_only: bool,
-}
-
-async fn mysql_position(app: &App) -> AppResult<MysqlPosition> {
-    let mut c = app.stores.mysql_conn().await?;
-    let row: Option<(String, i64)> = timed(
-        "mysql",
-        app.stores.cfg.store_timeout,
-        c.query_first("SELECT @@GLOBAL.gtid_binlog_pos, @@GLOBAL.read_only"),
-    )
-    .await?;
-    let (gtid_binlog_pos, read_only) = row.unwrap_or_default();
-    Ok(MysqlPosition {
-        gtid_binlog_pos,
-        read_only: read_only != 0,
-    })
-}
-
 /// Kafka consumer lag and MySQL replication position: what a failover waits on.
 async fn status(State(app): State<App>) -> Json<serde_json::Value> {
     let lag = tokio::time::timeout(
@@ -303,7 +274,12 @@ async fn status(State(app): State<App>) -> Json<serde_json::Value> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("no answer within 3s".into()),
     };
-    let mysql = mysql_position(&app).await;
+    let mysql = timed(
+        "mysql",
+        app.stores.cfg.store_timeout,
+        replication::position(&app.stores.mysql),
+    )
+    .await;
     Json(serde_json::json!({
         "cell": app.stores.cell,
         "tableEpoch": app.tables.get().map(|t| t.epoch),

@@ -9,6 +9,7 @@
 //! - [`replication`]: MariaDB GTID replication from a home cell to its standby: configure,
 //!   measure, promote, demote (fence). The failover controller calls these.
 
+pub mod auth;
 pub mod ownership;
 pub mod replication;
 pub mod settings;

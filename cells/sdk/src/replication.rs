@@ -85,7 +85,8 @@ pub async fn start_replica(replica: &Pool, name: &str, source: &ReplicationSourc
 }
 
 /// A server's own position: what it has written (binlog) and whether it accepts writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Position {
     pub gtid_binlog_pos: String,
     pub read_only: bool,
