@@ -39,6 +39,15 @@ pub struct Config {
     /// The gRPC admin API; off unless set.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// Serve plain HTTP/1.1 requests on the router's own direct path (see `h1`); false
+    /// sends every request through hyper. On by default; HTTP/2, upgrades and streamed
+    /// bodies always go through hyper.
+    #[serde(default = "default_true")]
+    pub direct_http1: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -42,6 +42,8 @@ pub struct EndpointState {
     /// Consecutive active-check results in the current direction (failures while up,
     /// successes while down).
     streak: AtomicU32,
+    /// Idle connections of the direct HTTP/1.1 path.
+    pub idle: crate::h1::Idle,
 }
 
 impl EndpointState {
@@ -97,6 +99,7 @@ impl Endpoints {
                     ejected_until_ms: AtomicU64::new(0),
                     down: AtomicBool::new(false),
                     streak: AtomicU32::new(0),
+                    idle: Default::default(),
                 })
             })
             .clone()

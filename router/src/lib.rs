@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod decision;
 pub mod endpoints;
+pub mod h1;
 pub mod health;
 pub mod holds;
 pub mod key;

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use cellplane_cell_sdk::table::TableStore;
 use cellplane_cell_sdk::watch::TableSource;
 use cellplane_router::config::{Config, EtcdConfig};
+use cellplane_router::h1;
 use cellplane_router::metrics::Metrics;
 use cellplane_router::proxy::{self, Router};
 use clap::Parser;
@@ -64,6 +65,10 @@ struct Cli {
     /// Worker threads (default: one per core); 1 runs everything on one thread.
     #[arg(long, env = "CELLPLANE_ROUTER_WORKERS")]
     workers: Option<usize>,
+    /// Serve plain HTTP/1.1 on the direct path (true, the default) or everything through
+    /// hyper (false).
+    #[arg(long, env = "CELLPLANE_ROUTER_DIRECT_HTTP1")]
+    direct_http1: Option<bool>,
     /// Validate the configuration and exit (0 when valid); files it names (TLS, admin
     /// token, tables) are read only when serving.
     #[arg(long)]
@@ -100,6 +105,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     }
     if let Some(c) = &cli.cache_file {
         cfg.table.cache_file = Some(c.clone());
+    }
+    if let Some(d) = cli.direct_http1 {
+        cfg.direct_http1 = d;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -177,6 +185,68 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(serve(cfg))
 }
 
+/// Whether TLS negotiated HTTP/2 (ALPN `h2`): such a connection goes straight to hyper.
+trait AlpnH2 {
+    fn alpn_h2(&self) -> bool;
+}
+
+impl AlpnH2 for tokio::net::TcpStream {
+    fn alpn_h2(&self) -> bool {
+        false
+    }
+}
+
+impl AlpnH2 for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn alpn_h2(&self) -> bool {
+        self.get_ref().1.alpn_protocol() == Some(b"h2")
+    }
+}
+
+/// One accepted client connection and what serving it needs.
+struct Connection {
+    router: Arc<Router>,
+    peer: SocketAddr,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    /// Some: the direct HTTP/1.1 path serves it first (with its shutdown signal).
+    direct: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Connection {
+    /// The direct path first (unless off, or TLS negotiated HTTP/2), then hyper for what
+    /// the direct path hands over.
+    async fn serve<S>(self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static + AlpnH2,
+    {
+        let Connection {
+            router,
+            peer,
+            builder,
+            watcher,
+            direct,
+        } = self;
+        let direct_router = router.clone();
+        let svc = service_fn(move |req| {
+            let router = router.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy::handle(router, req, peer).await) }
+        });
+        match direct.filter(|_| !stream.alpn_h2()) {
+            Some(shutdown) => match h1::serve(&direct_router, stream, peer, shutdown).await {
+                h1::Outcome::Closed => {}
+                h1::Outcome::HandOff(io) => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+            },
+            None => {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let _ = watcher.watch(conn.into_owned()).await;
+            }
+        }
+    }
+}
+
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let tables = Arc::new(TableStore::new(
@@ -248,6 +318,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .transpose()?;
     let handshake_timeout = Duration::from_millis(cfg.timeouts.header_read_ms);
     let graceful = GracefulShutdown::new();
+    // The direct path's connections close between requests when this turns true; the
+    // drain waits until every one of them has dropped its receiver.
+    let (direct_shutdown, _) = tokio::sync::watch::channel(false);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -258,29 +331,26 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
                 };
                 let _ = stream.set_nodelay(true);
-                let router = router.clone();
-                let svc = service_fn(move |req| {
-                    let router = router.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy::handle(router, req, peer).await) }
-                });
+                let conn = Connection {
+                    router: router.clone(),
+                    peer,
+                    builder: builder.clone(),
+                    watcher: graceful.watcher(),
+                    direct: cfg.direct_http1.then(|| direct_shutdown.subscribe()),
+                };
                 match &tls {
-                    None => {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        let conn = graceful.watch(conn.into_owned());
-                        tokio::spawn(async move { let _ = conn.await; });
-                    }
+                    None => { tokio::spawn(conn.serve(stream)); }
                     Some(acceptor) => {
                         // The handshake is bounded like a request head: a slow client
                         // cannot hold a task open forever.
-                        let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                        let acceptor = acceptor.clone();
                         tokio::spawn(async move {
                             let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => { tracing::debug!(%peer, error = %e, "TLS handshake failed"); return; }
                                 Err(_) => { tracing::debug!(%peer, "TLS handshake timed out"); return; }
                             };
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                            let _ = watcher.watch(conn.into_owned()).await;
+                            conn.serve(stream).await;
                         });
                     }
                 }
@@ -289,8 +359,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!("draining in-flight requests");
+    let _ = direct_shutdown.send(true);
+    let drained = async { tokio::join!(graceful.shutdown(), direct_shutdown.closed()) };
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("drained"),
+        _ = drained => tracing::info!("drained"),
         _ = tokio::time::sleep(Duration::from_secs(30)) => tracing::warn!("drain timed out"),
     }
     Ok(())

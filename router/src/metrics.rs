@@ -32,6 +32,8 @@ pub struct Metrics {
     pub retries: Family<ReasonLabel, Counter>,
     pub held: Counter,
     pub health_transitions: Family<ReasonLabel, Counter>,
+    /// Client connections the direct HTTP/1.1 path handed to hyper, by reason.
+    pub handoffs: Family<ReasonLabel, Counter>,
     pub table: TableMetrics,
     registry: Registry,
 }
@@ -48,6 +50,7 @@ impl Metrics {
         let retries = Family::<ReasonLabel, Counter>::default();
         let held = Counter::default();
         let health_transitions = Family::<ReasonLabel, Counter>::default();
+        let handoffs = Family::<ReasonLabel, Counter>::default();
         let table = TableMetrics::default();
         table.register(&mut r);
         r.register(
@@ -81,6 +84,11 @@ impl Metrics {
             "Endpoints taken down or brought up by active health checks",
             health_transitions.clone(),
         );
+        r.register(
+            "http1_handoffs",
+            "Client connections the direct HTTP/1.1 path handed to hyper, by reason",
+            handoffs.clone(),
+        );
         Self {
             requests,
             latency,
@@ -89,6 +97,7 @@ impl Metrics {
             retries,
             held,
             health_transitions,
+            handoffs,
             table,
             registry: r,
         }

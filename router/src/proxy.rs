@@ -3,7 +3,7 @@
 
 use crate::config::{Config, NoKeyPolicy};
 use crate::decision::decide;
-use crate::endpoints::{EndpointState, Endpoints};
+use crate::endpoints::{EndpointState, Endpoints, InFlight};
 use crate::key;
 use crate::limit::{jittered, Bucket, Limiter, Rate, RetryBudget};
 use crate::metrics::{CellLabel, Metrics, ReasonLabel, RequestLabels};
@@ -22,6 +22,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -212,24 +213,53 @@ fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-/// The router's own answers: a JSON error naming the problem and the fix.
-fn reply(
-    metrics: &Metrics,
-    status: StatusCode,
-    reason: &'static str,
-    message: &str,
-    retry_after: Option<Duration>,
-) -> Response<Body> {
-    metrics.reject(reason);
-    let body = serde_json::json!({ "error": reason, "message": message }).to_string();
-    let mut resp = Response::builder()
-        .status(status)
-        .header("content-type", "application/json");
-    if let Some(d) = retry_after {
-        resp = resp.header(RETRY_AFTER, d.as_secs_f64().ceil().max(1.0).to_string());
+/// An answer the router gives itself: a status and a JSON error naming the problem and the
+/// fix. Counted when made; rendered by whichever path serves the request.
+#[derive(Debug)]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub reason: &'static str,
+    pub message: Cow<'static, str>,
+    pub retry_after: Option<Duration>,
+}
+
+impl Rejection {
+    pub fn new(
+        metrics: &Metrics,
+        status: StatusCode,
+        reason: &'static str,
+        message: impl Into<Cow<'static, str>>,
+        retry_after: Option<Duration>,
+    ) -> Self {
+        metrics.reject(reason);
+        Self {
+            status,
+            reason,
+            message: message.into(),
+            retry_after,
+        }
     }
-    resp.body(full(body))
-        .expect("static response parts are valid")
+
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.reason, "message": self.message }).to_string()
+    }
+
+    /// Whole seconds, at least one.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after
+            .map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = Response::builder()
+            .status(self.status)
+            .header("content-type", "application/json");
+        if let Some(secs) = self.retry_after_secs() {
+            resp = resp.header(RETRY_AFTER, secs);
+        }
+        resp.body(full(self.body()))
+            .expect("static response parts are valid")
+    }
 }
 
 fn content_length(req: &Request<Incoming>) -> Option<u64> {
@@ -252,25 +282,25 @@ pub fn upgrade_protocol(headers: &http::HeaderMap) -> Option<HeaderValue> {
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        .any(|v| connection_has(v, "upgrade"));
     wants
         .then(|| headers.get(http::header::UPGRADE).cloned())
         .flatten()
 }
 
+/// Whether a `Connection` header value lists `token`.
+pub fn connection_has(value: &str, token: &str) -> bool {
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 /// Methods RFC 9110 defines as idempotent: sending them twice has the effect of once.
-fn idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-        Method::TRACE,
-    ]
-    .contains(method)
+pub fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+    )
 }
 
 /// gRPC over HTTP/2: forwarded over HTTP/2 with its `te: trailers`.
@@ -283,116 +313,133 @@ fn is_grpc(parts: &http::request::Parts) -> bool {
             .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-pub async fn handle(
-    router: Arc<Router>,
-    mut req: Request<Incoming>,
+/// The first steps of every request, whichever path serves it: the user key (or the
+/// no-key policy), rate limits, the retry budget's deposit and the body cap.
+pub fn admit(
+    router: &Router,
+    headers: &(impl key::Headers + ?Sized),
+    target: &str,
+    content_length: Option<u64>,
     peer: SocketAddr,
-) -> Response<Body> {
+) -> Result<String, Rejection> {
     let cfg = &router.config;
     let m = &router.metrics;
-    let key = match key::extract(&cfg.keys, req.headers(), req.uri()) {
+    let key = match key::extract(&cfg.keys, headers, target) {
         Some(k) => k,
         None => match cfg.no_key {
             NoKeyPolicy::Reject => {
-                return reply(
+                return Err(Rejection::new(
                     m,
                     StatusCode::BAD_REQUEST,
                     "no_user_key",
                     "no user key: send the X-User-Id header (or the configured key source)",
                     None,
-                )
+                ))
             }
             NoKeyPolicy::ClientAddress => peer.ip().to_string(),
         },
     };
     if let Err(wait) = router.limiter.check(&key, Instant::now()) {
-        return reply(
+        return Err(Rejection::new(
             m,
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             "rate limit reached; retry after the given delay",
             Some(wait),
-        );
+        ));
     }
     router.retry_budget.deposit();
-    let length = content_length(&req);
-    if length.is_some_and(|n| n > cfg.limits.max_body_bytes) {
-        return reply(
+    if content_length.is_some_and(|n| n > cfg.limits.max_body_bytes) {
+        return Err(Rejection::new(
             m,
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            &format!("request body exceeds {} bytes", cfg.limits.max_body_bytes),
+            format!("request body exceeds {} bytes", cfg.limits.max_body_bytes),
             None,
-        );
+        ));
+    }
+    Ok(key)
+}
+
+/// Where one attempt of a request goes: the table view it was decided on, the cell and the
+/// endpoint, with the endpoint's in-flight count held until the attempt ends.
+pub struct Routed {
+    pub view: Arc<View>,
+    pub slot: u32,
+    pub epoch: u64,
+    pub cell_index: usize,
+    pub endpoint: usize,
+    _in_flight: InFlight,
+}
+
+impl Routed {
+    fn cell(&self) -> &CellView {
+        &self.view.cells[self.cell_index]
     }
 
-    let upgrade = upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
-    // Buffer small bodies so the request can be retried; stream large ones.
-    let has_body_flag = has_body(&req);
-    let replayable = !has_body_flag || length.is_some_and(|n| n <= cfg.limits.replay_buffer_bytes);
-    let (parts, body) = req.into_parts();
-    let grpc = is_grpc(&parts);
-    let mut upgrade = upgrade;
-    let (buffered, mut streaming): (Option<Bytes>, Option<Body>) = if !has_body_flag {
-        (Some(Bytes::new()), None)
-    } else if replayable {
-        // A slow client trickling its body must not hold the buffer forever.
-        let read = tokio::time::timeout(
-            Duration::from_millis(cfg.timeouts.header_read_ms),
-            Limited::new(body, cfg.limits.replay_buffer_bytes as usize).collect(),
-        )
-        .await;
-        match read {
-            Ok(Ok(c)) => (Some(c.to_bytes()), None),
-            Ok(Err(_)) => {
-                return reply(
-                    m,
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    "could not read the request body",
-                    None,
-                )
-            }
-            Err(_) => {
-                return reply(
-                    m,
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    "the request body did not arrive in time (timeouts.headerReadMs)",
-                    None,
-                )
-            }
-        }
-    } else {
-        (
-            None,
-            Some(
-                Limited::new(body, cfg.limits.max_body_bytes as usize)
-                    .map_err(|e| -> BoxError { e })
-                    .boxed(),
-            ),
-        )
-    };
+    pub fn cell_name(&self) -> &str {
+        &self.view.table.cells[self.cell_index].name
+    }
 
-    let mut exclude: Option<usize> = None;
-    let mut retried_elsewhere = false;
-    let mut refreshed = false;
-    let mut hold_deadline: Option<Instant> = None;
+    pub fn cell_header(&self) -> &HeaderValue {
+        &self.cell().name_header
+    }
+
+    pub fn endpoint_state(&self) -> &Arc<EndpointState> {
+        &self.cell().endpoints[self.endpoint]
+    }
+
+    fn authority(&self) -> Option<Authority> {
+        self.cell().authorities[self.endpoint].clone()
+    }
+}
+
+/// The retry state of one request across its attempts.
+#[derive(Default)]
+pub struct Attempts {
+    /// The endpoint a retry moves away from.
+    exclude: Option<usize>,
+    retried_elsewhere: bool,
+    refreshed: bool,
+    hold_deadline: Option<Instant>,
+}
+
+/// How an attempt failed before a response head arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection: the request never reached the app.
+    Connect,
+    /// The connection broke before an answer.
+    Broken,
+    /// No answer within `timeouts.requestMs`.
+    Timeout,
+}
+
+/// Decides where the request for `key` goes now: waits while its cell is frozen or held
+/// (up to `timeouts.holdMs`), then applies the cell state, the circuit breaker and the
+/// endpoint choice.
+pub async fn route(
+    router: &Router,
+    key: &str,
+    attempts: &mut Attempts,
+) -> Result<Routed, Rejection> {
+    let cfg = &router.config;
+    let m = &router.metrics;
     loop {
         let Some(view) = router.view() else {
-            return reply(
+            return Err(Rejection::new(
                 m,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_table",
                 "no routing table loaded yet",
                 Some(Duration::from_secs(1)),
-            );
+            ));
         };
-        let d = decide(&view.table, &key);
+        let d = decide(&view.table, key);
         if d.cell.frozen || router.holds.is_held(&d.cell.name) {
             // A failover is moving this cell's slots (or an operator holds the cell): wait
             // until a table moves them or the hold is released.
-            let deadline = *hold_deadline.get_or_insert_with(|| {
+            let deadline = *attempts.hold_deadline.get_or_insert_with(|| {
                 m.held.inc();
                 Instant::now() + Duration::from_millis(cfg.timeouts.hold_ms)
             });
@@ -414,24 +461,24 @@ pub async fn handle(
             match tokio::time::timeout(left, changed).await {
                 Ok(true) => continue,
                 _ => {
-                    return reply(
+                    return Err(Rejection::new(
                         m,
                         StatusCode::SERVICE_UNAVAILABLE,
                         "hold_timeout",
                         "the user's cell is failing over; retry shortly",
                         Some(Duration::from_secs(1)),
-                    );
+                    ));
                 }
             }
         }
         if !serves_traffic(d.cell.state) {
-            return reply(
+            return Err(Rejection::new(
                 m,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cell_unavailable",
                 "the user's cell is failing over",
                 Some(Duration::from_secs(1)),
-            );
+            ));
         }
         let cv = &view.cells[d.cell_index];
         // Circuit breaker: a cell already holding its maximum of requests fails fast.
@@ -441,55 +488,239 @@ pub async fn handle(
             .map(|e| e.in_flight.load(Ordering::Relaxed))
             .sum();
         if cell_in_flight >= cfg.limits.max_in_flight_per_cell {
-            return reply(
+            return Err(Rejection::new(
                 m,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cell_overloaded",
                 "the user's cell is at its concurrency limit",
                 Some(Duration::from_secs(1)),
-            );
+            ));
         }
-        let Some((ep, _in_flight)) = router.endpoints.choose(&cv.endpoints, exclude) else {
-            return reply(
+        let Some((endpoint, in_flight)) = router.endpoints.choose(&cv.endpoints, attempts.exclude)
+        else {
+            return Err(Rejection::new(
                 m,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_endpoint",
                 "the user's cell has no reachable endpoint",
                 Some(Duration::from_secs(1)),
-            );
+            ));
         };
-        let Some(authority) = cv.authorities[ep].clone() else {
-            return reply(
+        let (slot, epoch, cell_index) = (d.slot, d.epoch, d.cell_index);
+        return Ok(Routed {
+            view,
+            slot,
+            epoch,
+            cell_index,
+            endpoint,
+            _in_flight: in_flight,
+        });
+    }
+}
+
+/// After an attempt failed: Ok to try again (after the jittered pause), else the answer.
+/// A refused connection never reached the app, and an idempotent request may be sent
+/// again whatever happened to it: those are retried once on another endpoint, within the
+/// retry budget and only when the body was kept (`replayable`). A timeout is never
+/// retried: the cell may have acted on the request.
+pub async fn after_failure(
+    router: &Router,
+    routed: &Routed,
+    failure: Failure,
+    idempotent: bool,
+    replayable: bool,
+    attempts: &mut Attempts,
+) -> Result<(), Rejection> {
+    let m = &router.metrics;
+    eject_on_failure(router, routed);
+    if failure == Failure::Timeout {
+        return Err(Rejection::new(
+            m,
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "the cell did not answer in time",
+            None,
+        ));
+    }
+    let safe = failure == Failure::Connect || idempotent;
+    if safe
+        && replayable
+        && !attempts.retried_elsewhere
+        && router.retry_budget.try_withdraw(Instant::now())
+    {
+        attempts.retried_elsewhere = true;
+        attempts.exclude = Some(routed.endpoint);
+        let reason = match failure {
+            Failure::Connect => "connect",
+            _ => "idempotent",
+        };
+        m.retries.get_or_create(&ReasonLabel { reason }).inc();
+        let pause = Duration::from_millis(router.config.limits.retry_backoff_ms);
+        tokio::time::sleep(jittered(pause, rand::random::<f64>())).await;
+        return Ok(());
+    }
+    tracing::debug!(?failure, addr = %routed.endpoint_state().addr, "upstream failed");
+    Err(Rejection::new(
+        m,
+        StatusCode::BAD_GATEWAY,
+        "upstream_unreachable",
+        "the cell could not be reached",
+        Some(Duration::from_secs(1)),
+    ))
+}
+
+/// After a response head arrived: true when it was a 421 (the cell does not own the slot
+/// at our epoch) that may be retried once after refreshing the table; otherwise records
+/// the outcome (ejection or success, latency, counters, the sampled access log).
+pub async fn after_response(
+    router: &Router,
+    routed: &Routed,
+    status: StatusCode,
+    started: Instant,
+    request: (&str, &str),
+    replayable: bool,
+    attempts: &mut Attempts,
+) -> bool {
+    let m = &router.metrics;
+    if status == StatusCode::MISDIRECTED_REQUEST
+        && !attempts.refreshed
+        && replayable
+        && router.retry_budget.try_withdraw(Instant::now())
+    {
+        attempts.refreshed = true;
+        m.retries
+            .get_or_create(&ReasonLabel {
+                reason: "misdirected",
+            })
+            .inc();
+        if let Err(e) = router.source.refresh(&router.tables).await {
+            tracing::warn!(error = %e, "table refresh after 421 failed");
+        }
+        return true;
+    }
+    if status.is_server_error() {
+        eject_on_failure(router, routed);
+    } else {
+        router.endpoints.record_success(routed.endpoint_state());
+    }
+    let cv = routed.cell();
+    let elapsed = started.elapsed();
+    cv.latency.observe(elapsed.as_secs_f64());
+    if router.may_log() {
+        let (method, path) = request;
+        tracing::info!(target: "access", method, path, cell = routed.cell_name(),
+            slot = routed.slot, status = status.as_u16(), ms = elapsed.as_secs_f64() * 1000.0, "request");
+    }
+    cv.requests[usize::from(status.as_u16() / 100).clamp(1, 5) - 1].inc();
+    false
+}
+
+pub async fn handle(
+    router: Arc<Router>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    handle_request(&router, req, peer)
+        .await
+        .unwrap_or_else(Rejection::into_response)
+}
+
+async fn handle_request(
+    router: &Router,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Rejection> {
+    let cfg = &router.config;
+    let m = &router.metrics;
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let length = content_length(&req);
+    let key = admit(router, req.headers(), &target, length, peer)?;
+
+    let upgrade = upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
+    // Buffer small bodies so the request can be retried; stream large ones.
+    let has_body_flag = has_body(&req);
+    let small = !has_body_flag || length.is_some_and(|n| n <= cfg.limits.replay_buffer_bytes);
+    let (parts, body) = req.into_parts();
+    let grpc = is_grpc(&parts);
+    let mut upgrade = upgrade;
+    let (buffered, mut streaming): (Option<Bytes>, Option<Body>) = if !has_body_flag {
+        (Some(Bytes::new()), None)
+    } else if small {
+        // A slow client trickling its body must not hold the buffer forever.
+        let read = tokio::time::timeout(
+            Duration::from_millis(cfg.timeouts.header_read_ms),
+            Limited::new(body, cfg.limits.replay_buffer_bytes as usize).collect(),
+        )
+        .await;
+        match read {
+            Ok(Ok(c)) => (Some(c.to_bytes()), None),
+            Ok(Err(_)) => {
+                return Err(Rejection::new(
+                    m,
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "could not read the request body",
+                    None,
+                ))
+            }
+            Err(_) => {
+                return Err(Rejection::new(
+                    m,
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body did not arrive in time (timeouts.headerReadMs)",
+                    None,
+                ))
+            }
+        }
+    } else {
+        (
+            None,
+            Some(
+                Limited::new(body, cfg.limits.max_body_bytes as usize)
+                    .map_err(|e| -> BoxError { e })
+                    .boxed(),
+            ),
+        )
+    };
+    let replayable = buffered.is_some();
+
+    let mut attempts = Attempts::default();
+    loop {
+        let routed = route(router, &key, &mut attempts).await?;
+        let Some(authority) = routed.authority() else {
+            return Err(Rejection::new(
                 m,
                 StatusCode::BAD_GATEWAY,
                 "bad_endpoint",
                 "the cell's endpoint is not a valid host:port",
                 None,
-            );
+            ));
         };
-        let endpoint = &cv.endpoints[ep];
         let body = match (&buffered, streaming.take()) {
             (Some(b), _) => full(b.clone()),
             (None, Some(s)) => s,
             (None, None) => empty(),
         };
-        let upstream = match upstream_request(
+        let upstream = upstream_request(
             &parts,
             body,
             Target {
                 authority,
                 peer,
-                cell: &cv.name_header,
-                slot: d.slot,
-                epoch: d.epoch,
+                cell: routed.cell_header(),
+                slot: routed.slot,
+                epoch: routed.epoch,
                 upgrade: upgrade.as_ref().map(|(p, _)| p),
                 grpc,
                 https: cfg.tls.is_some(),
             },
-        ) {
-            Ok(r) => r,
-            Err(msg) => return reply(m, StatusCode::BAD_REQUEST, "bad_request", &msg, None),
-        };
+        )
+        .map_err(|msg| Rejection::new(m, StatusCode::BAD_REQUEST, "bad_request", msg, None))?;
         let started = Instant::now();
         let client = if grpc {
             &router.h2_client
@@ -501,116 +732,79 @@ pub async fn handle(
             client.request(upstream),
         )
         .await;
-        match result {
-            Err(_) => {
-                eject_on_failure(&router, endpoint, cv, &d.cell.name);
-                // The upstream may have acted on it: never retried.
-                return reply(
-                    m,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    "the cell did not answer in time",
-                    None,
-                );
+        let resp = match result {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Err(e)) if e.is_connect() => Err(Failure::Connect),
+            Ok(Err(_)) => Err(Failure::Broken),
+            Ok(Ok(resp)) => Ok(resp),
+        };
+        let mut resp = match resp {
+            Err(failure) => {
+                let idempotent = idempotent(parts.method.as_str()) && upgrade.is_none();
+                after_failure(
+                    router,
+                    &routed,
+                    failure,
+                    idempotent,
+                    replayable,
+                    &mut attempts,
+                )
+                .await?;
+                continue;
             }
-            Ok(Err(e)) => {
-                eject_on_failure(&router, endpoint, cv, &d.cell.name);
-                // A refused connection never reached the app, and an idempotent request may
-                // be sent again whatever happened to it (the connection broke before any
-                // answer): retry once on another endpoint. Never upgrades: their bytes are
-                // not ours to replay.
-                let safe = e.is_connect() || (idempotent(&parts.method) && upgrade.is_none());
-                if safe
-                    && buffered.is_some()
-                    && !retried_elsewhere
-                    && router.retry_budget.try_withdraw(Instant::now())
-                {
-                    retried_elsewhere = true;
-                    exclude = Some(ep);
-                    let reason = if e.is_connect() {
-                        "connect"
-                    } else {
-                        "idempotent"
-                    };
-                    m.retries.get_or_create(&ReasonLabel { reason }).inc();
-                    let pause = Duration::from_millis(cfg.limits.retry_backoff_ms);
-                    tokio::time::sleep(jittered(pause, rand::random::<f64>())).await;
-                    continue;
-                }
-                tracing::debug!(error = %e, addr = %endpoint.addr, "upstream failed");
-                return reply(
-                    m,
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unreachable",
-                    "the cell could not be reached",
-                    Some(Duration::from_secs(1)),
-                );
-            }
-            Ok(Ok(mut resp)) => {
-                let status = resp.status();
-                if status == StatusCode::MISDIRECTED_REQUEST
-                    && !refreshed
-                    && buffered.is_some()
-                    && router.retry_budget.try_withdraw(Instant::now())
-                {
-                    // The cell does not own this slot at our epoch: refresh, then retry once.
-                    refreshed = true;
-                    m.retries
-                        .get_or_create(&ReasonLabel {
-                            reason: "misdirected",
-                        })
-                        .inc();
-                    if let Err(e) = router.source.refresh(&router.tables).await {
-                        tracing::warn!(error = %e, "table refresh after 421 failed");
-                    }
-                    continue;
-                }
-                if status.is_server_error() {
-                    eject_on_failure(&router, endpoint, cv, &d.cell.name);
-                } else {
-                    router.endpoints.record_success(endpoint);
-                }
-                let elapsed = started.elapsed();
-                cv.latency.observe(elapsed.as_secs_f64());
-                if router.may_log() {
-                    tracing::info!(target: "access", method = %parts.method, path = %parts.uri.path(), cell = %d.cell.name,
-                        slot = d.slot, status = status.as_u16(), ms = elapsed.as_secs_f64() * 1000.0, "request");
-                }
-                cv.requests[usize::from(status.as_u16() / 100).clamp(1, 5) - 1].inc();
-                let switched = status == StatusCode::SWITCHING_PROTOCOLS;
-                if let (true, Some((_, client_side))) = (switched, upgrade.take()) {
-                    tunnel(
-                        client_side,
-                        hyper::upgrade::on(&mut resp),
-                        d.cell.name.clone(),
-                    );
-                }
-                let (mut rparts, rbody) = resp.into_parts();
-                let kept_upgrade = rparts.headers.get(http::header::UPGRADE).cloned();
-                strip_hop_by_hop(&mut rparts.headers);
-                if let (true, Some(p)) = (switched, kept_upgrade) {
-                    rparts.headers.insert(http::header::UPGRADE, p);
-                    rparts.headers.insert(
-                        http::header::CONNECTION,
-                        HeaderValue::from_static("upgrade"),
-                    );
-                }
-                rparts.headers.insert(H_CELL, cv.name_header.clone());
-                // The in-flight guard lives until the body is handed over; streaming the
-                // rest is bounded by the client connection's own timeouts.
-                return Response::from_parts(
-                    rparts,
-                    rbody.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
-                );
-            }
+            Ok(resp) => resp,
+        };
+        let status = resp.status();
+        let request = (parts.method.as_str(), parts.uri.path());
+        if after_response(
+            router,
+            &routed,
+            status,
+            started,
+            request,
+            replayable,
+            &mut attempts,
+        )
+        .await
+        {
+            continue;
         }
+        let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+        if let (true, Some((_, client_side))) = (switched, upgrade.take()) {
+            tunnel(
+                client_side,
+                hyper::upgrade::on(&mut resp),
+                routed.cell_name().to_owned(),
+            );
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        let kept_upgrade = rparts.headers.get(http::header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut rparts.headers);
+        if let (true, Some(p)) = (switched, kept_upgrade) {
+            rparts.headers.insert(http::header::UPGRADE, p);
+            rparts.headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+        }
+        rparts.headers.insert(H_CELL, routed.cell_header().clone());
+        // The in-flight guard lives until the body is handed over; streaming the rest is
+        // bounded by the client connection's own timeouts.
+        return Ok(Response::from_parts(
+            rparts,
+            rbody.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+        ));
     }
 }
 
-fn eject_on_failure(router: &Router, endpoint: &EndpointState, cell: &CellView, name: &str) {
-    if router.endpoints.record_failure(endpoint, &cell.endpoints) {
-        cell.ejections.inc();
-        tracing::warn!(addr = %endpoint.addr, cell = %name, "endpoint ejected");
+fn eject_on_failure(router: &Router, routed: &Routed) {
+    let endpoint = routed.endpoint_state();
+    if router
+        .endpoints
+        .record_failure(endpoint, &routed.cell().endpoints)
+    {
+        routed.cell().ejections.inc();
+        tracing::warn!(addr = %endpoint.addr, cell = %routed.cell_name(), "endpoint ejected");
     }
 }
 

@@ -1,0 +1,444 @@
+//! The direct HTTP/1.1 path. Plain keep-alive requests with small bodies, the bulk of an
+//! edge router's traffic, are parsed in place (httparse) and forwarded over the router's
+//! own pooled upstream connections from the client connection's task: no header maps, no
+//! per-request allocations, no hand-off to a pool task. It makes the same decisions as the
+//! hyper path through the same functions (`proxy::admit`, `route`, `after_failure`,
+//! `after_response`). Everything else (HTTP/2, upgrades, `Expect`, chunked or large
+//! request bodies, malformed or oversized heads) is handed to hyper with the bytes already
+//! read, and hyper serves the rest of that connection.
+
+mod pool;
+mod rewind;
+pub mod wire;
+
+pub use pool::Idle;
+pub use rewind::Rewind;
+
+use crate::proxy::{self, Attempts, Failure, Rejection, Routed, Router};
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::timeout;
+use wire::{Framing, Plain};
+
+/// Headers per request or response the direct path parses; more goes to hyper (requests)
+/// or is refused (responses).
+const MAX_HEADERS: usize = 64;
+/// Longest response head accepted from a cell.
+const MAX_RESPONSE_HEAD: usize = 64 << 10;
+const READ_CHUNK: usize = 16 << 10;
+
+/// How a client connection served by the direct path ended.
+pub enum Outcome<S> {
+    Closed,
+    /// A request the direct path does not serve: hyper takes the connection from here.
+    HandOff(Rewind<S>),
+}
+
+/// Serves requests on one client connection until it closes, the router shuts down, or a
+/// request needs hyper. `shutdown` turning true closes the connection between requests.
+pub async fn serve<S>(
+    router: &Router,
+    mut client: S,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> Outcome<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = &router.config;
+    let idle = Duration::from_millis(cfg.timeouts.idle_ms);
+    let head_read = Duration::from_millis(cfg.timeouts.header_read_ms);
+    let max_head = cfg.limits.max_header_bytes;
+    let max_body = cfg
+        .limits
+        .replay_buffer_bytes
+        .min(cfg.limits.max_body_bytes) as usize;
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut bufs = Buffers {
+        out: Vec::with_capacity(READ_CHUNK),
+        upstream: BytesMut::with_capacity(READ_CHUNK),
+    };
+    loop {
+        if inbuf.is_empty() {
+            // Between requests: idle up to `idleMs`, or until shutdown.
+            if *shutdown.borrow_and_update() {
+                return Outcome::Closed;
+            }
+            tokio::select! {
+                read = timeout(idle, client.read_buf(&mut inbuf)) => match read {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return Outcome::Closed,
+                },
+                _ = shutdown.changed() => return Outcome::Closed,
+            }
+        }
+        // Once a request has begun, its head and body arrive within `headerReadMs`.
+        let deadline = tokio::time::Instant::now() + head_read;
+        let (used, keep_alive) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            let mut head_done = false;
+            match req.parse(&inbuf) {
+                Ok(httparse::Status::Complete(head)) => match wire::plain(&req, max_body) {
+                    Some(plain) if inbuf.len() >= head + plain.body_len => {
+                        let body = &inbuf[head..head + plain.body_len];
+                        let keep =
+                            respond(router, &mut client, &req, body, &plain, peer, &mut bufs).await;
+                        break (head + plain.body_len, keep);
+                    }
+                    Some(_) => head_done = true,
+                    None => return hand_off(router, client, inbuf, "not_plain"),
+                },
+                Ok(httparse::Status::Partial) if inbuf.len() < max_head => {}
+                // Malformed, too many headers or too long: hyper gives the answer.
+                _ => return hand_off(router, client, inbuf, "unparsed"),
+            }
+            match tokio::time::timeout_at(deadline, client.read_buf(&mut inbuf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Outcome::Closed,
+                Err(_) if head_done => {
+                    let r = Rejection::new(
+                        &router.metrics,
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        "the request body did not arrive in time (timeouts.headerReadMs)",
+                        None,
+                    );
+                    reject(&mut client, &mut bufs.out, &r, true).await;
+                    return Outcome::Closed;
+                }
+                Err(_) => return Outcome::Closed,
+            }
+        };
+        if !keep_alive {
+            let _ = client.shutdown().await;
+            return Outcome::Closed;
+        }
+        inbuf.advance(used);
+    }
+}
+
+fn hand_off<S>(router: &Router, client: S, read: BytesMut, reason: &'static str) -> Outcome<S> {
+    router
+        .metrics
+        .handoffs
+        .get_or_create(&crate::metrics::ReasonLabel { reason })
+        .inc();
+    Outcome::HandOff(Rewind::new(client, read.freeze()))
+}
+
+/// Buffers reused across the requests of one connection.
+struct Buffers {
+    /// What is written next: the upstream request, then the client response.
+    out: Vec<u8>,
+    /// What the cell sent.
+    upstream: BytesMut,
+}
+
+/// Writes the router's own answer; false: the connection ends after it.
+async fn reject<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    out: &mut Vec<u8>,
+    r: &Rejection,
+    close: bool,
+) -> bool {
+    out.clear();
+    wire::write_rejection(out, r, close);
+    client.write_all(out).await.is_ok() && !close
+}
+
+/// Serves one request through the cell and passes the response on; true when the client
+/// connection can carry another request.
+async fn respond<S: AsyncWrite + Unpin>(
+    router: &Router,
+    client: &mut S,
+    req: &httparse::Request<'_, '_>,
+    body: &[u8],
+    plain: &Plain,
+    peer: SocketAddr,
+    bufs: &mut Buffers,
+) -> bool {
+    let cfg = &router.config;
+    let method = req.method.unwrap_or("GET");
+    let target = req.path.unwrap_or("/");
+    let headers: &[httparse::Header<'_>] = req.headers;
+    let key = match proxy::admit(router, headers, target, Some(body.len() as u64), peer) {
+        Ok(k) => k,
+        Err(r) => return reject(client, &mut bufs.out, &r, plain.close).await,
+    };
+    let idempotent = proxy::idempotent(method);
+    let request_timeout = Duration::from_millis(cfg.timeouts.request_ms);
+    let mut attempts = Attempts::default();
+    loop {
+        let routed = match proxy::route(router, &key, &mut attempts).await {
+            Ok(r) => r,
+            Err(r) => return reject(client, &mut bufs.out, &r, plain.close).await,
+        };
+        bufs.out.clear();
+        wire::write_request(
+            &mut bufs.out,
+            req,
+            body,
+            &wire::Forwarding {
+                cell: routed.cell_header().as_bytes(),
+                slot: routed.slot,
+                epoch: routed.epoch,
+                peer: peer.ip(),
+                https: cfg.tls.is_some(),
+            },
+        );
+        let started = Instant::now();
+        let exchange = timeout(
+            request_timeout,
+            exchange(router, &routed, &bufs.out, &mut bufs.upstream, idempotent),
+        )
+        .await
+        .unwrap_or(Err(Failure::Timeout));
+        let (upstream, head_len) = match exchange {
+            Ok(x) => x,
+            Err(failure) => {
+                match proxy::after_failure(
+                    router,
+                    &routed,
+                    failure,
+                    idempotent,
+                    true,
+                    &mut attempts,
+                )
+                .await
+                {
+                    Ok(()) => continue,
+                    Err(r) => return reject(client, &mut bufs.out, &r, plain.close).await,
+                }
+            }
+        };
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let _ = resp.parse(&bufs.upstream[..head_len]);
+        let status = resp.code.unwrap_or(502);
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let path = target.split('?').next().unwrap_or(target);
+        if proxy::after_response(
+            router,
+            &routed,
+            code,
+            started,
+            (method, path),
+            true,
+            &mut attempts,
+        )
+        .await
+        {
+            continue; // 421: the table was refreshed; this connection is dropped
+        }
+        let framing = match wire::framing(method, status, resp.headers) {
+            Ok(f) => f,
+            Err(problem) => {
+                tracing::debug!(?problem, addr = %routed.endpoint_state().addr, "cell sent an unframed response");
+                let r = Rejection::new(
+                    &router.metrics,
+                    StatusCode::BAD_GATEWAY,
+                    "bad_response",
+                    "the cell sent a response the router cannot pass on",
+                    None,
+                );
+                return reject(client, &mut bufs.out, &r, plain.close).await;
+            }
+        };
+        let close = plain.close || framing == Framing::UntilClose;
+        let reusable = wire::upstream_reusable(resp.version.unwrap_or(0), resp.headers, framing);
+        bufs.out.clear();
+        wire::write_response_head(
+            &mut bufs.out,
+            status,
+            resp.reason.unwrap_or(""),
+            resp.headers,
+            routed.cell_header().as_bytes(),
+            close,
+        );
+        let passed = pass_body(
+            client,
+            upstream,
+            framing,
+            head_len,
+            bufs,
+            cfg.timeouts.idle_ms,
+        )
+        .await;
+        return match passed {
+            Ok(Some(conn)) if reusable => {
+                routed.endpoint_state().idle.put(conn);
+                !close
+            }
+            Ok(_) => !close,
+            Err(()) => false,
+        };
+    }
+}
+
+/// Sends the request to the routed endpoint and reads the response head into `upbuf`:
+/// the connection and the head's length. A pooled connection the cell had closed is
+/// replaced by a new one when nothing came back on it and the request may be sent again.
+async fn exchange(
+    router: &Router,
+    routed: &Routed,
+    request: &[u8],
+    upbuf: &mut BytesMut,
+    idempotent: bool,
+) -> Result<(TcpStream, usize), Failure> {
+    let cfg = &router.config;
+    let endpoint = routed.endpoint_state();
+    let max_idle = Duration::from_millis(cfg.timeouts.idle_ms);
+    loop {
+        let pooled = endpoint.idle.take(max_idle);
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => connect(&endpoint.addr, cfg.timeouts.connect_ms).await?,
+        };
+        upbuf.clear();
+        match read_head(&mut conn, request, upbuf).await {
+            Ok(len) => return Ok((conn, len)),
+            Err(_) if reused && upbuf.is_empty() && idempotent => continue,
+            Err(_) => return Err(Failure::Broken),
+        }
+    }
+}
+
+async fn connect(addr: &str, connect_ms: u64) -> Result<TcpStream, Failure> {
+    let conn = timeout(Duration::from_millis(connect_ms), TcpStream::connect(addr))
+        .await
+        .map_err(|_| Failure::Connect)?
+        .map_err(|_| Failure::Connect)?;
+    let _ = conn.set_nodelay(true);
+    Ok(conn)
+}
+
+/// Writes the request, then reads until a whole response head is in `upbuf` (interim 1xx
+/// heads are dropped: the client did not ask for them).
+async fn read_head(
+    conn: &mut TcpStream,
+    request: &[u8],
+    upbuf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    use std::io::{Error, ErrorKind};
+    conn.write_all(request).await?;
+    loop {
+        if upbuf.capacity() - upbuf.len() < 1024 {
+            upbuf.reserve(READ_CHUNK);
+        }
+        if conn.read_buf(upbuf).await? == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(upbuf) {
+                Ok(httparse::Status::Complete(len)) => match resp.code {
+                    Some(101) => return Err(Error::other("unrequested protocol switch")),
+                    Some(100..=199) => upbuf.advance(len),
+                    _ => return Ok(len),
+                },
+                Ok(httparse::Status::Partial) if upbuf.len() < MAX_RESPONSE_HEAD => break,
+                Ok(httparse::Status::Partial) => {
+                    return Err(Error::other("response head too long"))
+                }
+                Err(e) => return Err(Error::other(e)),
+            }
+        }
+    }
+}
+
+/// Passes the response on: the head already in `bufs.out`, then the body as it came. The
+/// upstream connection back when its response ended cleanly; Err when either side broke
+/// (the client connection must close: its response is cut short).
+async fn pass_body<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    mut upstream: TcpStream,
+    framing: Framing,
+    head_len: usize,
+    bufs: &mut Buffers,
+    idle_ms: u64,
+) -> Result<Option<TcpStream>, ()> {
+    let idle = Duration::from_millis(idle_ms);
+    let Buffers {
+        out,
+        upstream: upbuf,
+    } = bufs;
+    upbuf.advance(head_len);
+    // What is left of the body after the bytes already read; None: until close.
+    let mut left: Option<u64>;
+    let mut chunked = wire::ChunkedEnd::default();
+    let mut clean = true;
+    // The first bytes of the body go out with the head, in one write.
+    let first = match framing {
+        Framing::Empty => {
+            left = Some(0);
+            0
+        }
+        Framing::Length(n) => {
+            let take = n.min(upbuf.len() as u64);
+            left = Some(n - take);
+            take as usize
+        }
+        Framing::Chunked => match chunked.feed(upbuf).map_err(|_| ())? {
+            Some(end) => {
+                left = Some(0);
+                end
+            }
+            None => {
+                left = None;
+                upbuf.len()
+            }
+        },
+        Framing::UntilClose => {
+            left = None;
+            upbuf.len()
+        }
+    };
+    out.extend_from_slice(&upbuf[..first]);
+    // Bytes beyond the response: the connection is out of step, never reused.
+    clean &= upbuf.len() == first;
+    client.write_all(out).await.map_err(|_| ())?;
+    while left != Some(0) {
+        upbuf.clear();
+        let want = left.map_or(READ_CHUNK, |l| l.min(READ_CHUNK as u64) as usize);
+        upbuf.reserve(want);
+        let n = match timeout(idle, upstream.read_buf(upbuf)).await {
+            Ok(Ok(n)) => n,
+            _ => return Err(()),
+        };
+        if n == 0 {
+            // The end of an until-close body; anything else was cut short.
+            return if framing == Framing::UntilClose {
+                Ok(None)
+            } else {
+                Err(())
+            };
+        }
+        let pass = match framing {
+            Framing::Length(_) => {
+                let l = left.unwrap_or(0);
+                let take = l.min(n as u64);
+                left = Some(l - take);
+                take as usize
+            }
+            Framing::Chunked => match chunked.feed(upbuf).map_err(|_| ())? {
+                Some(end) => {
+                    left = Some(0);
+                    end
+                }
+                None => n,
+            },
+            _ => n,
+        };
+        clean &= pass == n;
+        client.write_all(&upbuf[..pass]).await.map_err(|_| ())?;
+    }
+    Ok(clean.then_some(upstream))
+}
