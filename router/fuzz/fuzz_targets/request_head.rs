@@ -1,13 +1,17 @@
 //! Arbitrary bytes as an HTTP/1.1 request head (parsed like the server does), then every
-//! key source and the header handling the proxy applies: none may panic, and an extracted
-//! key is never empty or over the length cap.
+//! key source and the header handling both paths apply: none may panic, an extracted key
+//! is never empty or over the length cap and is the same from raw headers as from a header
+//! map, and the direct path's upstream request parses back without hop-by-hop or spoofed
+//! routing headers. The same bytes also go through the chunked-body follower.
 #![no_main]
 
+use cellplane_router::h1::wire;
 use cellplane_router::key::{extract, KeySource, MAX_KEY_LEN};
 use cellplane_router::proxy::{strip_hop_by_hop, upgrade_protocol};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    let _ = wire::ChunkedEnd::default().feed(data);
     let mut raw = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut raw);
     if !matches!(req.parse(data), Ok(httparse::Status::Complete(_))) {
@@ -32,9 +36,37 @@ fuzz_target!(|data: &[u8]| {
         KeySource::Query("user".into()),
         KeySource::JwtClaim("sub".into()),
     ];
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
     for s in &sources {
-        if let Some(k) = extract(std::slice::from_ref(s), &headers, &uri) {
+        let from_map = extract(std::slice::from_ref(s), &headers, target);
+        if let Some(k) = &from_map {
             assert!(!k.is_empty() && k.len() <= MAX_KEY_LEN, "{s:?} gave {k:?}");
+        }
+        if headers.len() == req.headers.len() {
+            assert_eq!(extract(std::slice::from_ref(s), &*req.headers, target), from_map);
+        }
+    }
+    let _ = wire::framing(req.method.unwrap_or("GET"), 200, req.headers);
+    if wire::plain(&req, 1 << 16).is_some() {
+        let mut out = Vec::new();
+        let fw = wire::Forwarding {
+            cell: b"a",
+            slot: 1,
+            epoch: 2,
+            peer: std::net::Ipv4Addr::LOCALHOST.into(),
+            https: false,
+        };
+        wire::write_request(&mut out, &req, &[], &fw);
+        let mut again = [httparse::EMPTY_HEADER; 80];
+        let mut up = httparse::Request::new(&mut again);
+        assert!(
+            matches!(up.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()),
+            "the upstream request parses back"
+        );
+        let named = |n: &str| up.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(n)).count();
+        assert_eq!(named("x-cellplane-cell"), 1);
+        for h in ["connection", "upgrade", "transfer-encoding", "te", "keep-alive"] {
+            assert_eq!(named(h), 0, "{h} reached the cell");
         }
     }
     let _ = upgrade_protocol(&headers);
