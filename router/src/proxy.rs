@@ -177,6 +177,10 @@ impl Router {
 
     /// Whether this request may be written to the access log (a bounded rate).
     fn may_log(&self) -> bool {
+        // Not even the rate limiter's lock when access lines would be filtered out anyway.
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return false;
+        }
         match &self.access_log {
             Some((rate, bucket)) => bucket
                 .lock()

@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
             cell: b"a",
             slot: 1,
             epoch: 2,
-            peer: std::net::Ipv4Addr::LOCALHOST.into(),
+            peer: b"127.0.0.1",
             https: false,
         };
         wire::write_request(&mut out, &req, &[], &fw);

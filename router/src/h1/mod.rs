@@ -62,6 +62,7 @@ where
     let mut bufs = Buffers {
         out: Vec::with_capacity(READ_CHUNK),
         upstream: BytesMut::with_capacity(READ_CHUNK),
+        peer: wire::peer_text(peer.ip()),
     };
     loop {
         if inbuf.is_empty() {
@@ -138,6 +139,8 @@ struct Buffers {
     out: Vec<u8>,
     /// What the cell sent.
     upstream: BytesMut,
+    /// The client's address for `X-Forwarded-For`.
+    peer: Vec<u8>,
 }
 
 /// Writes the router's own answer; false: the connection ends after it.
@@ -188,7 +191,7 @@ async fn respond<S: AsyncWrite + Unpin>(
                 cell: routed.cell_header().as_bytes(),
                 slot: routed.slot,
                 epoch: routed.epoch,
-                peer: peer.ip(),
+                peer: &bufs.peer,
                 https: cfg.tls.is_some(),
             },
         );
@@ -369,6 +372,7 @@ async fn pass_body<S: AsyncWrite + Unpin>(
     let Buffers {
         out,
         upstream: upbuf,
+        ..
     } = bufs;
     upbuf.advance(head_len);
     // What is left of the body after the bytes already read; None: until close.

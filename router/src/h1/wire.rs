@@ -37,8 +37,28 @@ fn named_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
         .any(|h| connection_has(value_str(h.value), name))
 }
 
-fn is_hop_by_hop(headers: &[httparse::Header<'_>], name: &str) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || named_in_connection(headers, name)
+/// Decides which headers are hop-by-hop for one message. Most messages carry no
+/// `Connection` header, and then no header needs to be looked up against it.
+struct HopByHop<'m, 'h> {
+    headers: &'m [httparse::Header<'h>],
+    has_connection: bool,
+}
+
+impl<'m, 'h> HopByHop<'m, 'h> {
+    fn of(headers: &'m [httparse::Header<'h>]) -> Self {
+        let has_connection = headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("connection"));
+        Self {
+            headers,
+            has_connection,
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || (self.has_connection && named_in_connection(self.headers, name))
+    }
 }
 
 fn find<'h>(headers: &'h [httparse::Header<'_>], name: &str) -> Option<&'h [u8]> {
@@ -95,8 +115,25 @@ pub struct Forwarding<'a> {
     pub cell: &'a [u8],
     pub slot: u32,
     pub epoch: u64,
-    pub peer: IpAddr,
+    /// The client's address as text (see `peer_text`: rendered once per connection).
+    pub peer: &'a [u8],
     pub https: bool,
+}
+
+/// The client address as it goes into `X-Forwarded-For`.
+pub fn peer_text(ip: IpAddr) -> Vec<u8> {
+    ip.to_string().into_bytes()
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_number(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// The request head (and body) sent upstream: hop-by-hop and router-set headers removed,
@@ -108,47 +145,40 @@ pub fn write_request(
     body: &[u8],
     fw: &Forwarding<'_>,
 ) {
-    use std::io::Write;
     let headers: &[httparse::Header<'_>] = req.headers;
+    let hop = HopByHop::of(headers);
     let host = find(headers, "host");
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in headers {
-        if is_hop_by_hop(headers, h.name)
+        if hop.contains(h.name)
             || ROUTER_SET.iter().any(|r| h.name.eq_ignore_ascii_case(r))
             || (host.is_some() && h.name.eq_ignore_ascii_case("x-forwarded-host"))
         {
             continue;
         }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        put_header(out, h.name.as_bytes(), h.value);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     if let Some(prev) = find(headers, "x-forwarded-for") {
         out.extend_from_slice(prev);
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{}\r\n", fw.peer);
-    let proto: &[u8] = if fw.https { b"https" } else { b"http" };
-    out.extend_from_slice(b"x-forwarded-proto: ");
-    out.extend_from_slice(proto);
+    out.extend_from_slice(fw.peer);
     out.extend_from_slice(b"\r\n");
+    let proto: &[u8] = if fw.https { b"https" } else { b"http" };
+    put_header(out, b"x-forwarded-proto", proto);
     if let Some(host) = host {
-        out.extend_from_slice(b"x-forwarded-host: ");
-        out.extend_from_slice(host);
-        out.extend_from_slice(b"\r\n");
+        put_header(out, b"x-forwarded-host", host);
     }
-    out.extend_from_slice(b"x-cellplane-cell: ");
-    out.extend_from_slice(fw.cell);
-    let _ = write!(
-        out,
-        "\r\nx-cellplane-slot: {}\r\nx-cellplane-epoch: {}\r\n\r\n",
-        fw.slot, fw.epoch
-    );
+    put_header(out, b"x-cellplane-cell", fw.cell);
+    out.extend_from_slice(b"x-cellplane-slot: ");
+    put_number(out, u64::from(fw.slot));
+    out.extend_from_slice(b"\r\nx-cellplane-epoch: ");
+    put_number(out, fw.epoch);
+    out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body);
 }
 
@@ -220,23 +250,22 @@ pub fn write_response_head(
     cell: &[u8],
     close: bool,
 ) {
-    use std::io::Write;
-    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    let hop = HopByHop::of(headers);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    put_number(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
     for h in headers {
         let framing_header = h.name.eq_ignore_ascii_case("transfer-encoding");
-        if (is_hop_by_hop(headers, h.name) && !framing_header)
+        if (hop.contains(h.name) && !framing_header)
             || h.name.eq_ignore_ascii_case("x-cellplane-cell")
         {
             continue;
         }
-        out.extend_from_slice(h.name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        put_header(out, h.name.as_bytes(), h.value);
     }
-    out.extend_from_slice(b"x-cellplane-cell: ");
-    out.extend_from_slice(cell);
-    out.extend_from_slice(b"\r\n");
+    put_header(out, b"x-cellplane-cell", cell);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -430,7 +459,7 @@ mod tests {
             cell: b"cell-a",
             slot: 7,
             epoch: 3,
-            peer: "10.0.0.9".parse().unwrap(),
+            peer: b"10.0.0.9",
             https: false,
         };
         write_request(&mut out, &req, b"", &fw);
