@@ -210,6 +210,19 @@ impl Drop for Backend {
     }
 }
 
+/// A routing table (platform `shop`, epoch 1) whose one active cell `a` owns every slot,
+/// served at `addr`.
+pub fn one_cell_table(addr: &str) -> cellplane_cells::routing::RoutingTable {
+    use cellplane_cells::routing::{CellEntry, RoutingTable};
+    RoutingTable::placed(
+        "shop",
+        1,
+        16384,
+        vec![(CellEntry::active("a", "us", vec![addr.into()]), 1)],
+    )
+    .expect("one cell owning every slot is a valid table")
+}
+
 /// A `cellplane-router` process, killed on drop.
 pub struct RouterProc {
     child: Child,

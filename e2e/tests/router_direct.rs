@@ -4,24 +4,13 @@
 //! of a connection (chunked and large request bodies). The cell is a real TCP server
 //! started by the test that answers with exact bytes.
 
-use cellplane_cells::routing::{CellEntry, RoutingTable};
-use cellplane_e2e::net::RouterProc;
+use cellplane_e2e::net::{one_cell_table, RouterProc};
 use cellplane_e2e::test_dir;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn one_cell(addr: &str) -> RoutingTable {
-    RoutingTable::placed(
-        "shop",
-        1,
-        16384,
-        vec![(CellEntry::active("a", "us", vec![addr.into()]), 1)],
-    )
-    .unwrap()
-}
 
 const NO_CHECKS: &str = "healthCheck: {enabled: false}\nlimits: {replayBufferBytes: 1024}\n";
 
@@ -190,7 +179,8 @@ fn get(path: &str, extra: &str) -> String {
 async fn keep_alive_pipelining_and_every_response_framing_pass_through() -> anyhow::Result<()> {
     let cell = raw_cell().await?;
     let dir = test_dir("direct-framing");
-    let (router, _) = RouterProc::start_on_file(&one_cell(&cell.addr), "", NO_CHECKS, &dir).await?;
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", NO_CHECKS, &dir).await?;
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
 
@@ -297,7 +287,8 @@ async fn keep_alive_pipelining_and_every_response_framing_pass_through() -> anyh
 async fn pooled_connections_the_cell_closed_are_never_used() -> anyhow::Result<()> {
     let cell = raw_cell().await?;
     let dir = test_dir("direct-stale");
-    let (router, _) = RouterProc::start_on_file(&one_cell(&cell.addr), "", NO_CHECKS, &dir).await?;
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", NO_CHECKS, &dir).await?;
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
     // The cell closes every connection right after answering; POSTs are not idempotent,
@@ -327,7 +318,8 @@ async fn requests_the_direct_path_does_not_serve_are_handed_to_hyper_mid_connect
 ) -> anyhow::Result<()> {
     let cell = raw_cell().await?;
     let dir = test_dir("direct-handoff");
-    let (router, _) = RouterProc::start_on_file(&one_cell(&cell.addr), "", NO_CHECKS, &dir).await?;
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", NO_CHECKS, &dir).await?;
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
     c.write_all(get("/first", "").as_bytes()).await?;
@@ -393,7 +385,8 @@ async fn with_the_direct_path_off_hyper_serves_everything() -> anyhow::Result<()
     let cell = raw_cell().await?;
     let dir = test_dir("direct-off");
     let extra = format!("{NO_CHECKS}directHttp1: false\n");
-    let (router, _) = RouterProc::start_on_file(&one_cell(&cell.addr), "", &extra, &dir).await?;
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", &extra, &dir).await?;
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
     for path in ["/a", "/chunked", "/b"] {

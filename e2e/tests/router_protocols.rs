@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use cellplane_cells::routing::{CellEntry, RoutingTable};
-use cellplane_e2e::net::RouterProc;
+use cellplane_e2e::net::{one_cell_table, RouterProc};
 use cellplane_e2e::test_dir;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
@@ -14,16 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn one_cell(addr: &str) -> RoutingTable {
-    RoutingTable::placed(
-        "shop",
-        1,
-        16384,
-        vec![(CellEntry::active("a", "us", vec![addr.into()]), 1)],
-    )
-    .unwrap()
-}
 
 const NO_CHECKS: &str = "healthCheck: {enabled: false}\n";
 
@@ -67,7 +57,8 @@ async fn websocket_upgrades_tunnel_bytes_both_ways_to_the_users_cell() -> anyhow
         }
     });
     let dir = test_dir("ws");
-    let (router, _) = RouterProc::start_on_file(&one_cell(&addr), "", NO_CHECKS, &dir).await?;
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&addr), "", NO_CHECKS, &dir).await?;
 
     let mut c = TcpStream::connect(&router.addr).await?;
     c.write_all(b"GET /chat HTTP/1.1\r\nhost: shop\r\nx-user-id: alice\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n").await?;
@@ -153,7 +144,8 @@ async fn grpc_calls_reach_the_cell_over_http2_with_trailers() -> anyhow::Result<
         }
     });
     let dir = test_dir("grpc");
-    let (router, _) = RouterProc::start_on_file(&one_cell(&addr), "", NO_CHECKS, &dir).await?;
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&addr), "", NO_CHECKS, &dir).await?;
 
     // The client speaks HTTP/2 with prior knowledge, as gRPC clients do over h2c.
     let tcp = TcpStream::connect(&router.addr).await?;
@@ -227,7 +219,8 @@ async fn tls_terminates_http1_and_http2_and_bad_key_files_are_named() -> anyhow:
         cert.display(),
         key.display()
     );
-    let (router, _) = RouterProc::start_on_file(&one_cell(&backend.addr), "", &tls, &dir).await?;
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&backend.addr), "", &tls, &dir).await?;
 
     for (flag, status_line) in [("--http1.1", "HTTP/1.1 200"), ("--http2", "HTTP/2 200")] {
         let out = std::process::Command::new("curl")

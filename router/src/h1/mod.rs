@@ -375,44 +375,16 @@ async fn pass_body<S: AsyncWrite + Unpin>(
         ..
     } = bufs;
     upbuf.advance(head_len);
-    // What is left of the body after the bytes already read; None: until close.
-    let mut left: Option<u64>;
-    let mut chunked = wire::ChunkedEnd::default();
-    let mut clean = true;
+    let mut end = wire::BodyEnd::new(framing);
     // The first bytes of the body go out with the head, in one write.
-    let first = match framing {
-        Framing::Empty => {
-            left = Some(0);
-            0
-        }
-        Framing::Length(n) => {
-            let take = n.min(upbuf.len() as u64);
-            left = Some(n - take);
-            take as usize
-        }
-        Framing::Chunked => match chunked.feed(upbuf).map_err(|_| ())? {
-            Some(end) => {
-                left = Some(0);
-                end
-            }
-            None => {
-                left = None;
-                upbuf.len()
-            }
-        },
-        Framing::UntilClose => {
-            left = None;
-            upbuf.len()
-        }
-    };
+    let first = end.feed(upbuf).map_err(drop)?;
     out.extend_from_slice(&upbuf[..first]);
     // Bytes beyond the response: the connection is out of step, never reused.
-    clean &= upbuf.len() == first;
-    client.write_all(out).await.map_err(|_| ())?;
-    while left != Some(0) {
+    let mut clean = upbuf.len() == first;
+    client.write_all(out).await.map_err(drop)?;
+    while !end.done() {
         upbuf.clear();
-        let want = left.map_or(READ_CHUNK, |l| l.min(READ_CHUNK as u64) as usize);
-        upbuf.reserve(want);
+        upbuf.reserve(READ_CHUNK);
         let n = match timeout(idle, upstream.read_buf(upbuf)).await {
             Ok(Ok(n)) => n,
             _ => return Err(()),
@@ -425,24 +397,9 @@ async fn pass_body<S: AsyncWrite + Unpin>(
                 Err(())
             };
         }
-        let pass = match framing {
-            Framing::Length(_) => {
-                let l = left.unwrap_or(0);
-                let take = l.min(n as u64);
-                left = Some(l - take);
-                take as usize
-            }
-            Framing::Chunked => match chunked.feed(upbuf).map_err(|_| ())? {
-                Some(end) => {
-                    left = Some(0);
-                    end
-                }
-                None => n,
-            },
-            _ => n,
-        };
+        let pass = end.feed(upbuf).map_err(drop)?;
         clean &= pass == n;
-        client.write_all(&upbuf[..pass]).await.map_err(|_| ())?;
+        client.write_all(&upbuf[..pass]).await.map_err(drop)?;
     }
     Ok(clean.then_some(upstream))
 }

@@ -293,6 +293,59 @@ pub fn write_rejection(out: &mut Vec<u8>, r: &Rejection, close: bool) {
     out.extend_from_slice(body.as_bytes());
 }
 
+/// Where a response body ends, followed as its bytes pass through.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyEnd {
+    framing: Framing,
+    /// Bytes still to come of a `Length` body.
+    left: u64,
+    chunked: ChunkedEnd,
+    done: bool,
+}
+
+impl BodyEnd {
+    pub fn new(framing: Framing) -> Self {
+        Self {
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunked: ChunkedEnd::default(),
+            done: matches!(framing, Framing::Empty | Framing::Length(0)),
+        }
+    }
+
+    /// How many of the next `bytes` belong to the body (the rest do not).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<usize, BadResponse> {
+        if self.done {
+            return Ok(0);
+        }
+        Ok(match self.framing {
+            Framing::Empty => 0,
+            Framing::Length(_) => {
+                let take = self.left.min(bytes.len() as u64);
+                self.left -= take;
+                self.done = self.left == 0;
+                take as usize
+            }
+            Framing::Chunked => match self.chunked.feed(bytes)? {
+                Some(end) => {
+                    self.done = true;
+                    end
+                }
+                None => bytes.len(),
+            },
+            Framing::UntilClose => bytes.len(),
+        })
+    }
+
+    /// The whole body has passed (never, for an until-close body).
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
 /// Follows a chunked body as it passes through, to know where it ends (so both
 /// connections can be reused) without changing a byte of it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -541,6 +594,25 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\
              x-cellplane-cell: a\r\nconnection: close\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn body_end_splits_the_body_from_what_follows() {
+        let mut length = BodyEnd::new(Framing::Length(5));
+        assert_eq!(length.feed(b"hel").unwrap(), 3);
+        assert!(!length.done());
+        assert_eq!(length.feed(b"loEXTRA").unwrap(), 2);
+        assert!(length.done());
+        let mut empty = BodyEnd::new(Framing::Empty);
+        assert!(empty.done());
+        assert_eq!(empty.feed(b"x").unwrap(), 0);
+        let mut chunked = BodyEnd::new(Framing::Chunked);
+        assert_eq!(chunked.feed(b"2\r\nab\r\n").unwrap(), 7);
+        assert_eq!(chunked.feed(b"0\r\n\r\nNEXT").unwrap(), 5);
+        assert!(chunked.done());
+        let mut until_close = BodyEnd::new(Framing::UntilClose);
+        assert_eq!(until_close.feed(b"abc").unwrap(), 3);
+        assert!(!until_close.done());
     }
 
     #[test]
