@@ -404,3 +404,47 @@ async fn with_the_direct_path_off_hyper_serves_everything() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_requests_and_closes_idle_connections() -> anyhow::Result<()> {
+    let cell = cellplane_e2e::net::Backend::start("slow").await?;
+    let dir = test_dir("direct-drain");
+    let (mut router, _) =
+        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", NO_CHECKS, &dir).await?;
+    // A keep-alive connection, idle after one request.
+    let mut idle = TcpStream::connect(&router.addr).await?;
+    let mut buf = Vec::new();
+    idle.write_all(get("/warm", "").as_bytes()).await?;
+    assert!(read_message(&mut idle, &mut buf, Body::Framed)
+        .await?
+        .head
+        .starts_with("http/1.1 200"));
+
+    // A request the cell takes 800 ms to answer, in flight when the router is told to stop.
+    cell.delay_ms.store(800, Ordering::SeqCst);
+    let url = format!("http://{}/slow", router.addr);
+    let in_flight =
+        tokio::spawn(async move { cellplane_e2e::net::get(&url, &[("x-user-id", "alice")]).await });
+    cellplane_e2e::wait_for(
+        "the request to reach the cell",
+        Duration::from_secs(5),
+        || {
+            let arrived = cell.arrived.load(Ordering::SeqCst);
+            async move { Ok((arrived >= 2).then_some(())) }
+        },
+    )
+    .await?;
+    router.terminate()?;
+
+    // The idle connection is closed without an answer being cut.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await??;
+    assert!(rest.is_empty());
+    // The in-flight request completes.
+    let r = in_flight.await??;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.starts_with("slow"), "{}", r.body);
+    let status = router.exited(Duration::from_secs(10)).await?;
+    assert!(status.success(), "graceful stop exits 0: {status}");
+    Ok(())
+}

@@ -318,8 +318,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .transpose()?;
     let handshake_timeout = Duration::from_millis(cfg.timeouts.header_read_ms);
     let graceful = GracefulShutdown::new();
-    // The direct path's connections close between requests when this turns true; the
-    // drain waits until every one of them has dropped its receiver.
+    // The direct path's connections close between requests when this turns true. Every
+    // connection holds a graceful watcher whichever path serves it, so the drain below
+    // waits for direct-path requests in flight too.
     let (direct_shutdown, _) = tokio::sync::watch::channel(false);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -359,10 +360,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!("draining in-flight requests");
-    let _ = direct_shutdown.send(true);
-    let drained = async { tokio::join!(graceful.shutdown(), direct_shutdown.closed()) };
+    direct_shutdown.send_replace(true);
     tokio::select! {
-        _ = drained => tracing::info!("drained"),
+        _ = graceful.shutdown() => tracing::info!("drained"),
         _ = tokio::time::sleep(Duration::from_secs(30)) => tracing::warn!("drain timed out"),
     }
     Ok(())
