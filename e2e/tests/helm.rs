@@ -199,6 +199,7 @@ fn router_chart_lints_refuses_bad_values_and_renders_a_config_the_router_accepts
         "--set",
         "noKey=clientAddress",
     ])?;
+    router_config_is_valid(&["--set", "admin.mtls.secretName=admin-mtls"])?;
     Ok(())
 }
 

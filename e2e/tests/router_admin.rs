@@ -154,3 +154,187 @@ async fn the_admin_api_authenticates_looks_up_shows_and_holds() -> anyhow::Resul
     assert!(err.contains("admin.tokenFile"), "{err}");
     Ok(())
 }
+
+/// Runs openssl with `args` in `dir`, failing with its output when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A CA (`<ca>.crt`/`.key`), then `<name>.crt`/`.key` issued by it with `ext`.
+fn issue(dir: &std::path::Path, ca: &str, name: &str, ext: &str) -> anyhow::Result<()> {
+    if !dir.join(format!("{ca}.crt")).exists() {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                &format!("/CN={ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+            ],
+        )?;
+    }
+    std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_admin_tls_callers_need_a_client_certificate_from_the_ca_and_the_token(
+) -> anyhow::Result<()> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let dir = test_dir("admin-mtls");
+    issue(
+        &dir,
+        "ca",
+        "server",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    issue(&dir, "ca", "operator", "extendedKeyUsage=clientAuth\n")?;
+    issue(
+        &dir,
+        "rogue-ca",
+        "intruder",
+        "extendedKeyUsage=clientAuth\n",
+    )?;
+    let a1 = Backend::start("a1").await?;
+    let t = RoutingTable::placed(
+        "shop",
+        1,
+        16384,
+        vec![(CellEntry::active("a", "us", vec![a1.addr.clone()]), 1)],
+    )?;
+    let token = "0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.join("token"), token)?;
+    let port = free_port()?;
+    let admin = |ca: &str| {
+        format!(
+            "admin: {{listen: 127.0.0.1:{port}, tokenFile: {}, tls: {{certFile: {}, keyFile: {}, clientCaFile: {}}}}}\n",
+            dir.join("token").display(),
+            dir.join("server.crt").display(),
+            dir.join("server.key").display(),
+            dir.join(ca).display()
+        )
+    };
+    let (_router, _) = RouterProc::start_on_file(&t, "", &admin("ca.crt"), &dir).await?;
+    let read = |f: &str| std::fs::read(dir.join(f)).expect("written above");
+    let tls = |who: Option<&str>| {
+        let mut c = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.crt")))
+            .domain_name("localhost");
+        if let Some(who) = who {
+            c = c.identity(Identity::from_pem(
+                read(&format!("{who}.crt")),
+                read(&format!("{who}.key")),
+            ));
+        }
+        c
+    };
+    // Connects and asks for the table: Ok(epoch), or the error's code.
+    let call = |tls: Option<ClientTlsConfig>, with_token: bool| async move {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://127.0.0.1:{port}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let outcome = match endpoint.connect().await {
+            Err(_) => Err(tonic::Code::Unavailable),
+            Ok(channel) => {
+                let req = if with_token {
+                    authed(token, GetTableRequest {})
+                } else {
+                    tonic::Request::new(GetTableRequest {})
+                };
+                RouterAdminClient::new(channel)
+                    .get_table(req)
+                    .await
+                    .map(|r| r.into_inner().epoch)
+                    .map_err(|s| s.code())
+            }
+        };
+        anyhow::Ok(outcome)
+    };
+    let ok = wait_for("admin API up with mTLS", T, || async {
+        Ok(call(Some(tls(Some("operator"))), true).await?.ok())
+    })
+    .await?;
+    assert_eq!(ok, 1, "a certificate from the CA and the token: served");
+    assert_eq!(
+        call(Some(tls(Some("operator"))), false).await?,
+        Err(tonic::Code::Unauthenticated),
+        "the certificate alone is not enough"
+    );
+    assert!(
+        call(Some(tls(None)), true).await?.is_err(),
+        "no client certificate: refused"
+    );
+    assert!(
+        call(Some(tls(Some("intruder"))), true).await?.is_err(),
+        "a certificate from another CA: refused"
+    );
+    assert!(call(None, true).await?.is_err(), "plaintext: refused");
+
+    // A client CA file that is not PEM stops the router at start, naming the field.
+    std::fs::write(dir.join("junk.crt"), "not a certificate")?;
+    let cfg = format!(
+        "table: {{file: {}}}\n{}",
+        dir.join("table.json").display(),
+        admin("junk.crt")
+    );
+    let err = RouterProc::refuses(&cfg, &dir)?;
+    assert!(err.contains("admin.tls.clientCaFile"), "{err}");
+    Ok(())
+}

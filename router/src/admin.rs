@@ -1,5 +1,6 @@
 //! The gRPC admin API (tonic): look up a user, show the table and cell health, hold and
-//! release a cell. Authenticated by a bearer token compared in constant time.
+//! release a cell. Authenticated by a bearer token compared in constant time, and with
+//! `admin.tls` also by a client certificate (mutual TLS).
 
 use crate::config::AdminConfig;
 use crate::proxy::Router;
@@ -187,9 +188,52 @@ impl RouterAdmin for Admin {
     }
 }
 
-/// Serves the admin API on `listen` until the process ends (the token is checked at start
-/// with [`load_token`]).
+fn read_pem(field: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    let pem = std::fs::read(path).map_err(|e| Error::Config {
+        field: field.into(),
+        problem: format!("{}: {e}", path.display()),
+    })?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
+        return Err(Error::Config {
+            field: field.into(),
+            problem: format!("{}: not a PEM file", path.display()),
+        });
+    }
+    Ok(pem)
+}
+
+/// The admin API's listener: plain, or mutual TLS when `admin.tls` is set (callers need a
+/// client certificate from `clientCaFile`, and still the bearer token). Built at start so
+/// bad files stop the router with the field named.
+pub fn listener(cfg: &AdminConfig) -> Result<tonic::transport::Server, Error> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let server = tonic::transport::Server::builder().timeout(std::time::Duration::from_secs(10));
+    let Some(tls) = &cfg.tls else {
+        return Ok(server);
+    };
+    let identity = Identity::from_pem(
+        read_pem("admin.tls.certFile", &tls.cert_file)?,
+        read_pem("admin.tls.keyFile", &tls.key_file)?,
+    );
+    let client_ca = Certificate::from_pem(read_pem("admin.tls.clientCaFile", &tls.client_ca_file)?);
+    server
+        .tls_config(
+            ServerTlsConfig::new()
+                .identity(identity)
+                .client_ca_root(client_ca),
+        )
+        .map_err(|e| Error::Config {
+            field: "admin.tls".into(),
+            problem: format!(
+                "{e}: check that keyFile matches certFile and clientCaFile holds a CA certificate"
+            ),
+        })
+}
+
+/// Serves the admin API until the process ends; `server` comes from [`listener`] and the
+/// token from [`load_token`], both checked at start.
 pub async fn serve(
+    mut server: tonic::transport::Server,
     listen: std::net::SocketAddr,
     token: String,
     router: Arc<Router>,
@@ -197,8 +241,7 @@ pub async fn serve(
     let svc = RouterAdminServer::with_interceptor(Admin { router }, move |req: Request<()>| {
         check_token(&token, &req).map(|()| req)
     });
-    tonic::transport::Server::builder()
-        .timeout(std::time::Duration::from_secs(10))
+    server
         .add_service(svc)
         .serve(listen)
         .await

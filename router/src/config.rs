@@ -56,6 +56,19 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// A file holding the bearer token (e.g. a mounted Secret); at least 16 characters.
     pub token_file: PathBuf,
+    /// Mutual TLS: callers must also present a client certificate issued by `clientCaFile`.
+    #[serde(default)]
+    pub tls: Option<AdminTlsConfig>,
+}
+
+/// The admin API's own certificate and key (PEM) and the CA its callers' certificates must
+/// chain to.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: PathBuf,
 }
 
 /// PEM files: the certificate chain (leaf first) and its private key.

@@ -275,13 +275,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(cellplane_router::health::run(router.clone()));
     if let Some(admin) = cfg.admin.clone() {
         let token = cellplane_router::admin::load_token(&admin)?;
+        let server = cellplane_router::admin::listener(&admin)?;
         let r = router.clone();
         tokio::spawn(async move {
-            if let Err(e) = cellplane_router::admin::serve(admin.listen, token, r).await {
+            if let Err(e) = cellplane_router::admin::serve(server, admin.listen, token, r).await {
                 tracing::error!(error = %e, "admin API stopped");
             }
         });
-        tracing::info!(listen = %admin.listen, "admin API (gRPC) serving");
+        tracing::info!(listen = %admin.listen, mtls = admin.tls.is_some(), "admin API (gRPC) serving");
     }
     // Bound before serving: a router whose health and metrics port is taken must not run
     // blind, it stops with the reason.

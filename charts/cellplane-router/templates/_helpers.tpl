@@ -26,6 +26,11 @@ limits: {{- toYaml .Values.limits | nindent 2 }}
 tls: {certFile: /etc/cellplane/tls/tls.crt, keyFile: /etc/cellplane/tls/tls.key}
 {{- end }}
 {{- if .Values.admin.enabled }}
-admin: {listen: "0.0.0.0:{{ .Values.admin.port }}", tokenFile: /etc/cellplane/admin/token}
+admin:
+  listen: "0.0.0.0:{{ .Values.admin.port }}"
+  tokenFile: /etc/cellplane/admin/token
+  {{- if .Values.admin.mtls.secretName }}
+  tls: {certFile: /etc/cellplane/admin-tls/tls.crt, keyFile: /etc/cellplane/admin-tls/tls.key, clientCaFile: /etc/cellplane/admin-tls/ca.crt}
+  {{- end }}
 {{- end }}
 {{- end -}}
