@@ -4,6 +4,7 @@
 
 pub mod cell;
 pub mod net;
+pub mod pki;
 
 use anyhow::{bail, Context as _, Result};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};

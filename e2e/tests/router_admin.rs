@@ -155,99 +155,15 @@ async fn the_admin_api_authenticates_looks_up_shows_and_holds() -> anyhow::Resul
     Ok(())
 }
 
-/// Runs openssl with `args` in `dir`, failing with its output when it fails.
-fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A CA (`<ca>.crt`/`.key`), then `<name>.crt`/`.key` issued by it with `ext`.
-fn issue(dir: &std::path::Path, ca: &str, name: &str, ext: &str) -> anyhow::Result<()> {
-    if !dir.join(format!("{ca}.crt")).exists() {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                &format!("/CN={ca}"),
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.crt"),
-            ],
-        )?;
-    }
-    std::fs::write(dir.join(format!("{name}.ext")), ext)?;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            &format!("/CN={name}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ],
-    )?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.crt"),
-        ],
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn with_admin_tls_callers_need_a_client_certificate_from_the_ca_and_the_token(
 ) -> anyhow::Result<()> {
+    use cellplane_e2e::pki::{self, issue};
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let dir = test_dir("admin-mtls");
-    issue(
-        &dir,
-        "ca",
-        "server",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )?;
-    issue(&dir, "ca", "operator", "extendedKeyUsage=clientAuth\n")?;
-    issue(
-        &dir,
-        "rogue-ca",
-        "intruder",
-        "extendedKeyUsage=clientAuth\n",
-    )?;
+    issue(&dir, "ca", "server", pki::LOCAL_SERVER)?;
+    issue(&dir, "ca", "operator", pki::CLIENT)?;
+    issue(&dir, "rogue-ca", "intruder", pki::CLIENT)?;
     let a1 = Backend::start("a1").await?;
     let t = RoutingTable::placed(
         "shop",

@@ -192,27 +192,8 @@ async fn grpc_calls_reach_the_cell_over_http2_with_trailers() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_terminates_http1_and_http2_and_bad_key_files_are_named() -> anyhow::Result<()> {
     let dir = test_dir("tls");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()?;
-    assert!(ok.success(), "openssl made a certificate");
+    let (cert, key) =
+        cellplane_e2e::pki::issue(&dir, "ca", "server", cellplane_e2e::pki::LOCAL_SERVER)?;
     let backend = cellplane_e2e::net::Backend::start("a1").await?;
     let tls = format!(
         "{NO_CHECKS}tls: {{certFile: {}, keyFile: {}}}\n",
@@ -225,7 +206,7 @@ async fn tls_terminates_http1_and_http2_and_bad_key_files_are_named() -> anyhow:
     for (flag, status_line) in [("--http1.1", "HTTP/1.1 200"), ("--http2", "HTTP/2 200")] {
         let out = std::process::Command::new("curl")
             .args(["-s", "-D", "-", "-o", "/dev/null", flag, "--cacert"])
-            .arg(&cert)
+            .arg(dir.join("ca.crt"))
             .args([
                 "-H",
                 "x-user-id: alice",
