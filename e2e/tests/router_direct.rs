@@ -147,6 +147,11 @@ async fn raw_cell() -> anyhow::Result<RawCell> {
                             )
                         }
                         "/until-close" => format!("HTTP/1.1 200 OK\r\n\r\n{seen}"),
+                        // As many headers as hyper accepts (the direct path's limit too).
+                        "/many-headers" => {
+                            let many: String = (0..95).map(|i| format!("x-h{i}: {i}\r\n")).collect();
+                            format!("HTTP/1.1 200 OK\r\n{many}content-length: {}\r\n\r\n{seen}", seen.len())
+                        }
                         // The cell says nothing and closes the connection after answering,
                         // as a server whose keep-alive timeout passed would.
                         "/then-close" => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{seen}", seen.len()),
@@ -234,6 +239,11 @@ async fn keep_alive_pipelining_and_every_response_framing_pass_through() -> anyh
         "trailer passed on: {}",
         r.head
     );
+
+    // A response with 95 headers passes whole.
+    c.write_all(get("/many-headers", "").as_bytes()).await?;
+    let r = read_message(&mut c, &mut buf, Body::Framed).await?;
+    assert_eq!(r.header("x-h94"), Some("94"), "{}", r.head);
 
     // HEAD: a length but no body; the connection goes on.
     c.write_all(b"HEAD /h HTTP/1.1\r\nhost: shop.example\r\nx-user-id: alice\r\n\r\n")

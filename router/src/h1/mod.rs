@@ -17,6 +17,7 @@ pub use rewind::Rewind;
 use crate::proxy::{self, Attempts, Failure, Rejection, Routed, Router};
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,12 +26,28 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use wire::{Framing, Plain};
 
-/// Headers per request or response the direct path parses; more goes to hyper (requests)
-/// or is refused (responses).
-const MAX_HEADERS: usize = 64;
+/// Headers per request or response the direct path parses, as many as hyper allows; a
+/// request with more goes to hyper (which refuses it), a response with more is refused.
+const MAX_HEADERS: usize = 100;
 /// Longest response head accepted from a cell.
 const MAX_RESPONSE_HEAD: usize = 64 << 10;
 const READ_CHUNK: usize = 16 << 10;
+
+type HeaderSlots<'b> = [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS];
+
+/// Room for the headers of one message, not initialised: httparse writes what it parses,
+/// so no per-message clearing of 100 slots.
+fn no_headers<'b>() -> HeaderSlots<'b> {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
+fn parse_response<'h, 'b>(
+    resp: &mut httparse::Response<'h, 'b>,
+    buf: &'b [u8],
+    headers: &'h mut HeaderSlots<'b>,
+) -> httparse::Result<usize> {
+    httparse::ParserConfig::default().parse_response_with_uninit_headers(resp, buf, headers)
+}
 
 /// How a client connection served by the direct path ended.
 pub enum Outcome<S> {
@@ -81,10 +98,10 @@ where
         // Once a request has begun, its head and body arrive within `headerReadMs`.
         let deadline = tokio::time::Instant::now() + head_read;
         let (used, keep_alive) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
+            let mut headers = no_headers();
+            let mut req = httparse::Request::new(&mut []);
             let mut head_done = false;
-            match req.parse(&inbuf) {
+            match req.parse_with_uninit_headers(&inbuf, &mut headers) {
                 Ok(httparse::Status::Complete(head)) => match wire::plain(&req, max_body) {
                     Some(plain) if inbuf.len() >= head + plain.body_len => {
                         let body = &inbuf[head..head + plain.body_len];
@@ -220,9 +237,9 @@ async fn respond<S: AsyncWrite + Unpin>(
                 }
             }
         };
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut headers);
-        let _ = resp.parse(&bufs.upstream[..head_len]);
+        let mut headers = no_headers();
+        let mut resp = httparse::Response::new(&mut []);
+        let _ = parse_response(&mut resp, &bufs.upstream[..head_len], &mut headers);
         let status = resp.code.unwrap_or(502);
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
         let path = target.split('?').next().unwrap_or(target);
@@ -339,9 +356,9 @@ async fn read_head(
             return Err(ErrorKind::UnexpectedEof.into());
         }
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(upbuf) {
+            let mut headers = no_headers();
+            let mut resp = httparse::Response::new(&mut []);
+            match parse_response(&mut resp, upbuf, &mut headers) {
                 Ok(httparse::Status::Complete(len)) => match resp.code {
                     Some(101) => return Err(Error::other("unrequested protocol switch")),
                     Some(100..=199) => upbuf.advance(len),
