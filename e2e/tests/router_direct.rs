@@ -458,3 +458,37 @@ async fn sigterm_drains_in_flight_requests_and_closes_idle_connections() -> anyh
     assert!(status.success(), "graceful stop exits 0: {status}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_and_slow_clients_are_cut_off_by_their_timeouts() -> anyhow::Result<()> {
+    let cell = raw_cell().await?;
+    let dir = test_dir("direct-idle");
+    let extra = format!("{NO_CHECKS}timeouts: {{idleMs: 300, headerReadMs: 300}}\n");
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", &extra, &dir).await?;
+    // Idle after a request: closed once idleMs passed.
+    let mut c = TcpStream::connect(&router.addr).await?;
+    let mut buf = Vec::new();
+    c.write_all(get("/a", "").as_bytes()).await?;
+    read_message(&mut c, &mut buf, Body::Framed).await?;
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await??;
+    assert!(rest.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before idleMs"
+    );
+
+    // A body that stops coming: 408 once headerReadMs passed.
+    let mut c = TcpStream::connect(&router.addr).await?;
+    let mut buf = Vec::new();
+    c.write_all(
+        b"POST /slow HTTP/1.1\r\nhost: s\r\nx-user-id: alice\r\ncontent-length: 10\r\n\r\nabc",
+    )
+    .await?;
+    let r = read_message(&mut c, &mut buf, Body::Framed).await?;
+    assert!(r.head.starts_with("http/1.1 408"), "{}", r.head);
+    assert!(String::from_utf8(r.body)?.contains("body_timeout"));
+    Ok(())
+}

@@ -62,7 +62,7 @@ pub async fn serve<S>(
     router: &Router,
     mut client: S,
     peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Outcome<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -81,18 +81,28 @@ where
         upstream: BytesMut::with_capacity(READ_CHUNK),
         peer: wire::peer_text(peer.ip()),
     };
+    if *shutdown.borrow() {
+        return Outcome::Closed;
+    }
+    // One shutdown future and one idle timer for the connection's life, not one of each
+    // per request: the future sees a shutdown signalled while it was not being polled.
+    let mut shutdown = shutdown;
+    let stop = shutdown.changed();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(stop, idle_timer);
     loop {
         if inbuf.is_empty() {
             // Between requests: idle up to `idleMs`, or until shutdown.
-            if *shutdown.borrow_and_update() {
-                return Outcome::Closed;
-            }
+            idle_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle);
             tokio::select! {
-                read = timeout(idle, client.read_buf(&mut inbuf)) => match read {
-                    Ok(Ok(n)) if n > 0 => {}
+                read = client.read_buf(&mut inbuf) => match read {
+                    Ok(n) if n > 0 => {}
                     _ => return Outcome::Closed,
                 },
-                _ = shutdown.changed() => return Outcome::Closed,
+                _ = &mut idle_timer => return Outcome::Closed,
+                _ = &mut stop => return Outcome::Closed,
             }
         }
         // Once a request has begun, its head and body arrive within `headerReadMs`.

@@ -37,27 +37,36 @@ fn named_in_connection(headers: &[httparse::Header<'_>], name: &str) -> bool {
         .any(|h| connection_has(value_str(h.value), name))
 }
 
-/// Decides which headers are hop-by-hop for one message. Most messages carry no
-/// `Connection` header, and then no header needs to be looked up against it.
+/// Decides which headers are hop-by-hop for one message. `Connection` usually names only
+/// `keep-alive`, `close` or `upgrade` (hop-by-hop anyway, or not header names), and then no
+/// header needs to be looked up against it.
 struct HopByHop<'m, 'h> {
     headers: &'m [httparse::Header<'h>],
-    has_connection: bool,
+    /// `Connection` names a header beyond the standard hop-by-hop ones.
+    names_others: bool,
 }
 
 impl<'m, 'h> HopByHop<'m, 'h> {
     fn of(headers: &'m [httparse::Header<'h>]) -> Self {
-        let has_connection = headers
+        let names_others = headers
             .iter()
-            .any(|h| h.name.eq_ignore_ascii_case("connection"));
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| value_str(h.value).split(','))
+            .map(str::trim)
+            .any(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h))
+            });
         Self {
             headers,
-            has_connection,
+            names_others,
         }
     }
 
     fn contains(&self, name: &str) -> bool {
         HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            || (self.has_connection && named_in_connection(self.headers, name))
+            || (self.names_others && named_in_connection(self.headers, name))
     }
 }
 
