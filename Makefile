@@ -50,7 +50,7 @@ demo: tools
 bench: tools
 	@bash e2e/bin/setup --bench
 	$(CARGO) bench -p cellplane-cells --bench slot_lookup
-	$(CARGO) bench -p cellplane-router --bench decision
+	$(CARGO) bench -p cellplane-router --bench decision --bench wire
 	$(CARGO) build --release -p cellplane-operator -p cellplane-router -p cellplane-cell-app
 	@e2e/bin/bench-router
 	@e2e/bin/bench-cell
