@@ -176,16 +176,23 @@ async fn raw_cell() -> anyhow::Result<RawCell> {
     Ok(RawCell { addr, connections })
 }
 
+/// A raw cell and a router (file mode, no health checks, `extra` config) in front of it.
+async fn raw_cell_behind_router(name: &str, extra: &str) -> anyhow::Result<(RawCell, RouterProc)> {
+    let cell = raw_cell().await?;
+    let dir = test_dir(name);
+    let config = format!("{NO_CHECKS}{extra}");
+    let (router, _) =
+        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", &config, &dir).await?;
+    Ok((cell, router))
+}
+
 fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: shop.example\r\nx-user-id: alice\r\n{extra}\r\n")
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn keep_alive_pipelining_and_every_response_framing_pass_through() -> anyhow::Result<()> {
-    let cell = raw_cell().await?;
-    let dir = test_dir("direct-framing");
-    let (router, _) =
-        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", NO_CHECKS, &dir).await?;
+    let (cell, router) = raw_cell_behind_router("direct-framing", "").await?;
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
 
@@ -295,10 +302,7 @@ async fn keep_alive_pipelining_and_every_response_framing_pass_through() -> anyh
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pooled_connections_the_cell_closed_are_never_used() -> anyhow::Result<()> {
-    let cell = raw_cell().await?;
-    let dir = test_dir("direct-stale");
-    let (router, _) =
-        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", NO_CHECKS, &dir).await?;
+    let (cell, router) = raw_cell_behind_router("direct-stale", "").await?;
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
     // The cell closes every connection right after answering; POSTs are not idempotent,
@@ -326,10 +330,7 @@ async fn pooled_connections_the_cell_closed_are_never_used() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_the_direct_path_does_not_serve_are_handed_to_hyper_mid_connection(
 ) -> anyhow::Result<()> {
-    let cell = raw_cell().await?;
-    let dir = test_dir("direct-handoff");
-    let (router, _) =
-        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", NO_CHECKS, &dir).await?;
+    let (_cell, router) = raw_cell_behind_router("direct-handoff", "").await?;
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
     c.write_all(get("/first", "").as_bytes()).await?;
@@ -392,11 +393,7 @@ async fn requests_the_direct_path_does_not_serve_are_handed_to_hyper_mid_connect
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_direct_path_off_hyper_serves_everything() -> anyhow::Result<()> {
-    let cell = raw_cell().await?;
-    let dir = test_dir("direct-off");
-    let extra = format!("{NO_CHECKS}directHttp1: false\n");
-    let (router, _) =
-        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", &extra, &dir).await?;
+    let (_cell, router) = raw_cell_behind_router("direct-off", "directHttp1: false\n").await?;
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
     for path in ["/a", "/chunked", "/b"] {
@@ -461,11 +458,11 @@ async fn sigterm_drains_in_flight_requests_and_closes_idle_connections() -> anyh
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_and_slow_clients_are_cut_off_by_their_timeouts() -> anyhow::Result<()> {
-    let cell = raw_cell().await?;
-    let dir = test_dir("direct-idle");
-    let extra = format!("{NO_CHECKS}timeouts: {{idleMs: 300, headerReadMs: 300}}\n");
-    let (router, _) =
-        RouterProc::start_on_file(&one_cell_table(&cell.addr), "", &extra, &dir).await?;
+    let (_cell, router) = raw_cell_behind_router(
+        "direct-idle",
+        "timeouts: {idleMs: 300, headerReadMs: 300}\n",
+    )
+    .await?;
     // Idle after a request: closed once idleMs passed.
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();
