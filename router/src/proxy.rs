@@ -40,17 +40,23 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Hop-by-hop headers are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    http::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    http::header::PROXY_AUTHENTICATE,
-    http::header::PROXY_AUTHORIZATION,
-    http::header::TE,
-    http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
+/// Hop-by-hop headers are never forwarded (RFC 9110 7.6.1), nor those named in
+/// `Connection`. One list for both paths (hyper's and the direct one).
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
+
+/// Whether `name` is one of the standard hop-by-hop headers.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
 
 /// What the hot path needs about one routing table, resolved once when the table changes:
 /// endpoint handles, URI authorities, header values and metric handles per cell.
@@ -821,9 +827,12 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !HOP_BY_HOP.contains(n))
+        .filter(|n| !is_hop_by_hop(n.as_str()))
         .collect();
-    for h in HOP_BY_HOP.iter().chain(&named) {
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    for h in &named {
         headers.remove(h);
     }
 }

@@ -38,14 +38,6 @@ impl Idle {
             conns.push((conn, Instant::now()));
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.conns.lock().expect("lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// An idle connection with nothing to read: a readable one was closed by its peer (or

@@ -2,20 +2,8 @@
 //! head sent upstream, the response head sent back, and where a response body ends.
 //! The rules (hop-by-hop headers, forwarding headers) are the ones the hyper path applies.
 
-use crate::proxy::{connection_has, Rejection};
+use crate::proxy::{connection_has, is_hop_by_hop, Rejection};
 use std::net::IpAddr;
-
-/// Headers a proxy never forwards (RFC 9110 7.6.1), plus those named in `Connection`.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Headers the router sets itself on the way upstream; a client's own are dropped.
 const ROUTER_SET: [&str; 5] = [
@@ -53,11 +41,7 @@ impl<'m, 'h> HopByHop<'m, 'h> {
             .filter(|h| h.name.eq_ignore_ascii_case("connection"))
             .flat_map(|h| value_str(h.value).split(','))
             .map(str::trim)
-            .any(|t| {
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case("close")
-                    && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h))
-            });
+            .any(|t| !t.is_empty() && !t.eq_ignore_ascii_case("close") && !is_hop_by_hop(t));
         Self {
             headers,
             names_others,
@@ -65,8 +49,7 @@ impl<'m, 'h> HopByHop<'m, 'h> {
     }
 
     fn contains(&self, name: &str) -> bool {
-        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            || (self.names_others && named_in_connection(self.headers, name))
+        is_hop_by_hop(name) || (self.names_others && named_in_connection(self.headers, name))
     }
 }
 
