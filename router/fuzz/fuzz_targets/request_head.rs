@@ -12,6 +12,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = wire::ChunkedEnd::default().feed(data);
+    let _ = wire::head_end(data).map(|n| wire::status_code(&data[..n]));
     let mut raw = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut raw);
     if !matches!(req.parse(data), Ok(httparse::Status::Complete(_))) {

@@ -223,13 +223,22 @@ async fn respond<S: AsyncWrite + Unpin>(
             },
         );
         let started = Instant::now();
-        let exchange = timeout(
+        let exchanged = timeout(
             request_timeout,
             exchange(router, &routed, &bufs.out, &mut bufs.upstream, idempotent),
         )
         .await
         .unwrap_or(Err(Failure::Timeout));
-        let (upstream, head_len) = match exchange {
+        let mut headers = no_headers();
+        let mut resp = httparse::Response::new(&mut []);
+        // A head that does not parse is a broken exchange like a cut connection.
+        let exchanged = exchanged.and_then(|(conn, head_len)| {
+            match parse_response(&mut resp, &bufs.upstream[..head_len], &mut headers) {
+                Ok(httparse::Status::Complete(_)) => Ok((conn, head_len)),
+                _ => Err(Failure::Broken),
+            }
+        });
+        let (upstream, head_len) = match exchanged {
             Ok(x) => x,
             Err(failure) => {
                 match proxy::after_failure(
@@ -247,9 +256,6 @@ async fn respond<S: AsyncWrite + Unpin>(
                 }
             }
         };
-        let mut headers = no_headers();
-        let mut resp = httparse::Response::new(&mut []);
-        let _ = parse_response(&mut resp, &bufs.upstream[..head_len], &mut headers);
         let status = resp.code.unwrap_or(502);
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
         let path = target.split('?').next().unwrap_or(target);
@@ -350,7 +356,8 @@ async fn connect(addr: &str, connect_ms: u64) -> Result<TcpStream, Failure> {
 }
 
 /// Writes the request, then reads until a whole response head is in `upbuf` (interim 1xx
-/// heads are dropped: the client did not ask for them).
+/// heads are dropped: the client did not ask for them). Only the head's end is looked
+/// for here; `respond` parses it, once.
 async fn read_head(
     conn: &mut TcpStream,
     request: &[u8],
@@ -365,21 +372,15 @@ async fn read_head(
         if conn.read_buf(upbuf).await? == 0 {
             return Err(ErrorKind::UnexpectedEof.into());
         }
-        loop {
-            let mut headers = no_headers();
-            let mut resp = httparse::Response::new(&mut []);
-            match parse_response(&mut resp, upbuf, &mut headers) {
-                Ok(httparse::Status::Complete(len)) => match resp.code {
-                    Some(101) => return Err(Error::other("unrequested protocol switch")),
-                    Some(100..=199) => upbuf.advance(len),
-                    _ => return Ok(len),
-                },
-                Ok(httparse::Status::Partial) if upbuf.len() < MAX_RESPONSE_HEAD => break,
-                Ok(httparse::Status::Partial) => {
-                    return Err(Error::other("response head too long"))
-                }
-                Err(e) => return Err(Error::other(e)),
+        while let Some(len) = wire::head_end(upbuf) {
+            match wire::status_code(&upbuf[..len]) {
+                Some(101) => return Err(Error::other("unrequested protocol switch")),
+                Some(100..=199) => upbuf.advance(len),
+                _ => return Ok(len),
             }
+        }
+        if upbuf.len() >= MAX_RESPONSE_HEAD {
+            return Err(Error::other("response head too long"));
         }
     }
 }

@@ -174,6 +174,28 @@ pub fn write_request(
     out.extend_from_slice(body);
 }
 
+/// The length of the message head at the start of `buf` (through the empty line that ends
+/// it, CRLF or bare LF), once it has all arrived. Finding the end is all that is needed
+/// while reading; the head is parsed once, when complete.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = buf[from..].iter().position(|&b| b == b'\n') {
+        let lf = from + i;
+        match buf.get(lf + 1..) {
+            Some([b'\n', ..]) => return Some(lf + 2),
+            Some([b'\r', b'\n', ..]) => return Some(lf + 3),
+            _ => from = lf + 1,
+        }
+    }
+    None
+}
+
+/// The status code of a response head (`HTTP/1.x NNN ...`), if it has one.
+pub fn status_code(head: &[u8]) -> Option<u16> {
+    let digits = head.strip_prefix(b"HTTP/1.")?.get(2..5)?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 /// How a response body is delimited (RFC 9112 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -586,6 +608,18 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\
              x-cellplane-cell: a\r\nconnection: close\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn the_head_end_and_status_are_found_without_a_parse() {
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody"), Some(25));
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\nA: b\n\nbody"), Some(22));
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\r\nA: b\r\n"), None);
+        assert_eq!(head_end(b""), None);
+        assert_eq!(status_code(b"HTTP/1.1 103 Early Hints\r\n"), Some(103));
+        assert_eq!(status_code(b"HTTP/1.0 404 Not Found\r\n"), Some(404));
+        assert_eq!(status_code(b"HTTP/2 200\r\n"), None);
+        assert_eq!(status_code(b"HTTP/1.1 2x0\r\n"), None);
     }
 
     #[test]
