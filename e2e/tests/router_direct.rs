@@ -477,6 +477,19 @@ async fn idle_and_slow_clients_are_cut_off_by_their_timeouts() -> anyhow::Result
         "not before idleMs"
     );
 
+    // A body that follows its head a little later, within headerReadMs: served whole.
+    let mut c = TcpStream::connect(&router.addr).await?;
+    let mut buf = Vec::new();
+    c.write_all(
+        b"POST /late HTTP/1.1\r\nhost: s\r\nx-user-id: alice\r\ncontent-length: 6\r\n\r\nab",
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write_all(b"cdef").await?;
+    let r = read_message(&mut c, &mut buf, Body::Framed).await?;
+    assert!(r.head.starts_with("http/1.1 200"), "{}", r.head);
+    assert!(String::from_utf8(r.body)?.ends_with("body=6"));
+
     // A body that stops coming: 408 once headerReadMs passed.
     let mut c = TcpStream::connect(&router.addr).await?;
     let mut buf = Vec::new();

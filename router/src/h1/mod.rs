@@ -107,29 +107,34 @@ where
         }
         // Once a request has begun, its head and body arrive within `headerReadMs`.
         let deadline = tokio::time::Instant::now() + head_read;
+        // Head plus body length, once the head has been parsed: until that much is in, the
+        // head is not parsed again.
+        let mut whole: Option<usize> = None;
         let (used, keep_alive) = loop {
-            let mut headers = no_headers();
-            let mut req = httparse::Request::new(&mut []);
-            let mut head_done = false;
-            match req.parse_with_uninit_headers(&inbuf, &mut headers) {
-                Ok(httparse::Status::Complete(head)) => match wire::plain(&req, max_body) {
-                    Some(plain) if inbuf.len() >= head + plain.body_len => {
-                        let body = &inbuf[head..head + plain.body_len];
-                        let keep =
-                            respond(router, &mut client, &req, body, &plain, peer, &mut bufs).await;
-                        break (head + plain.body_len, keep);
-                    }
-                    Some(_) => head_done = true,
-                    None => return hand_off(router, client, inbuf, "not_plain"),
-                },
-                Ok(httparse::Status::Partial) if inbuf.len() < max_head => {}
-                // Malformed, too many headers or too long: hyper gives the answer.
-                _ => return hand_off(router, client, inbuf, "unparsed"),
+            if whole.is_none_or(|w| inbuf.len() >= w) {
+                let mut headers = no_headers();
+                let mut req = httparse::Request::new(&mut []);
+                match req.parse_with_uninit_headers(&inbuf, &mut headers) {
+                    Ok(httparse::Status::Complete(head)) => match wire::plain(&req, max_body) {
+                        Some(plain) if inbuf.len() >= head + plain.body_len => {
+                            let body = &inbuf[head..head + plain.body_len];
+                            let keep =
+                                respond(router, &mut client, &req, body, &plain, peer, &mut bufs)
+                                    .await;
+                            break (head + plain.body_len, keep);
+                        }
+                        Some(plain) => whole = Some(head + plain.body_len),
+                        None => return hand_off(router, client, inbuf, "not_plain"),
+                    },
+                    Ok(httparse::Status::Partial) if inbuf.len() < max_head => {}
+                    // Malformed, too many headers or too long: hyper gives the answer.
+                    _ => return hand_off(router, client, inbuf, "unparsed"),
+                }
             }
             match tokio::time::timeout_at(deadline, client.read_buf(&mut inbuf)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return Outcome::Closed,
-                Err(_) if head_done => {
+                Err(_) if whole.is_some() => {
                     let r = Rejection::new(
                         &router.metrics,
                         StatusCode::REQUEST_TIMEOUT,
