@@ -642,13 +642,9 @@ async fn handle_request(
 ) -> Result<Response<Body>, Rejection> {
     let cfg = &router.config;
     let m = &router.metrics;
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
     let length = content_length(&req);
-    let key = admit(router, req.headers(), &target, length, peer)?;
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let key = admit(router, req.headers(), target, length, peer)?;
 
     let upgrade = upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
     // Buffer small bodies so the request can be retried; stream large ones.
