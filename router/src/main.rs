@@ -231,19 +231,15 @@ impl Connection {
             let router = router.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy::handle(router, req, peer).await) }
         });
-        match direct.filter(|_| !stream.alpn_h2()) {
+        let io = match direct.filter(|_| !stream.alpn_h2()) {
             Some(shutdown) => match h1::serve(&direct_router, stream, peer, shutdown).await {
-                h1::Outcome::Closed => {}
-                h1::Outcome::HandOff(io) => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
-                }
+                h1::Outcome::Closed => return,
+                h1::Outcome::HandOff(io) => io,
             },
-            None => {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let _ = watcher.watch(conn.into_owned()).await;
-            }
-        }
+            None => h1::Rewind::new(stream, bytes::Bytes::new()),
+        };
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        let _ = watcher.watch(conn.into_owned()).await;
     }
 }
 
