@@ -3,9 +3,9 @@
 //! `admin.tls` also by a client certificate (mutual TLS).
 
 use crate::config::AdminConfig;
-use crate::proxy::Router;
+use crate::state::Router;
 use crate::Error;
-use cellplane_cell_sdk::auth::bearer_matches;
+use cellplane_cells::auth::bearer_matches;
 use cellplane_cells::slot::slot_for_key;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};

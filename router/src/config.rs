@@ -3,7 +3,7 @@
 
 use crate::endpoints::EjectionPolicy;
 use crate::key::{default_sources, KeySource};
-use crate::limit::Rate;
+use crate::limits::rate::Rate;
 use crate::{Error, Result};
 use serde::Deserialize;
 use std::net::SocketAddr;

@@ -4,9 +4,10 @@
 //! resolved once per routing table: no map lookups, no allocation per request.
 
 use crate::decision::power_of_two;
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -42,8 +43,6 @@ pub struct EndpointState {
     /// Consecutive active-check results in the current direction (failures while up,
     /// successes while down).
     streak: AtomicU32,
-    /// Idle connections of the direct HTTP/1.1 path.
-    pub idle: crate::h1::Idle,
 }
 
 impl EndpointState {
@@ -85,10 +84,10 @@ impl Endpoints {
 
     /// The handle of `addr` (resolved once per table, off the hot path).
     pub fn state(&self, addr: &str) -> Arc<EndpointState> {
-        if let Some(s) = self.states.read().expect("lock").get(addr) {
+        if let Some(s) = self.states.read().get(addr) {
             return s.clone();
         }
-        let mut map = self.states.write().expect("lock");
+        let mut map = self.states.write();
         map.entry(addr.to_string())
             .or_insert_with(|| {
                 Arc::new(EndpointState {
@@ -99,7 +98,6 @@ impl Endpoints {
                     ejected_until_ms: AtomicU64::new(0),
                     down: AtomicBool::new(false),
                     streak: AtomicU32::new(0),
-                    idle: Default::default(),
                 })
             })
             .clone()

@@ -2,7 +2,7 @@
 //! table; consecutive failures take an endpoint out of rotation, consecutive passes bring
 //! it back. Passive ejection (endpoints.rs) covers what happens between checks.
 
-use crate::proxy::Router;
+use crate::state::Router;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;

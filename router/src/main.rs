@@ -6,12 +6,13 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::Context as _;
-use cellplane_cell_sdk::table::TableStore;
-use cellplane_cell_sdk::watch::TableSource;
 use cellplane_router::config::{Config, EtcdConfig};
 use cellplane_router::h1;
+use cellplane_router::hyper_path;
 use cellplane_router::metrics::Metrics;
-use cellplane_router::proxy::{self, Router};
+use cellplane_router::state::Router;
+use cellplane_table::TableSource;
+use cellplane_table::TableStore;
 use clap::Parser;
 use http::{Response, StatusCode};
 use http_body_util::Full;
@@ -229,7 +230,7 @@ impl Connection {
         let direct_router = router.clone();
         let svc = service_fn(move |req| {
             let router = router.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy::handle(router, req, peer).await) }
+            async move { Ok::<_, std::convert::Infallible>(hyper_path::handle(router, req, peer).await) }
         });
         let io = match direct.filter(|_| !stream.alpn_h2()) {
             Some(shutdown) => match h1::serve(&direct_router, stream, peer, shutdown).await {

@@ -1,6 +1,6 @@
 //! Prometheus metrics of the reference app.
 
-use cellplane_cell_sdk::table_metrics::TableMetrics;
+use cellplane_table::TableMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -3,8 +3,8 @@
 //! so a router on a stale table can never make two cells write for one user. The rules are
 //! the pure `cellplane_cells::ownership::check`; this is the I/O wrapper.
 
-use crate::table::TableStore;
 use cellplane_cells::ownership::{check, Verdict};
+use cellplane_table::TableStore;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use std::future::Future;
 use std::pin::Pin;

@@ -7,7 +7,7 @@
 
 use cellplane_router::h1::wire;
 use cellplane_router::key::{extract, KeySource, MAX_KEY_LEN};
-use cellplane_router::proxy::{strip_hop_by_hop, upgrade_protocol};
+use cellplane_router::http_rules::{strip_hop_by_hop, upgrade_protocol};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

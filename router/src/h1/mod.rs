@@ -1,25 +1,26 @@
 //! The direct HTTP/1.1 path. Plain keep-alive requests with small bodies, the bulk of an
 //! edge router's traffic, are parsed in place (httparse) and forwarded over the router's
 //! own pooled upstream connections from the client connection's task: no header maps, no
-//! per-request allocations, no hand-off to a pool task. It makes the same decisions as the
-//! hyper path through the same functions (`proxy::admit`, `route`, `after_failure`,
-//! `after_response`). Everything else (HTTP/2, upgrades, `Expect`, chunked or large
+//! per-request allocations, no hand-off to a pool task. Its decisions are the driver's
+//! (`driver::admit`, `driver::drive`); only its send step (`DirectExchange`) is its own.
+//! Everything else (HTTP/2, upgrades, `Expect`, chunked or large
 //! request bodies, malformed or oversized heads) is handed to hyper with the bytes already
 //! read, and hyper serves the rest of that connection.
 
-mod pool;
 mod rewind;
 pub mod wire;
 
-pub use pool::Idle;
 pub use rewind::Rewind;
 
-use crate::proxy::{self, Attempts, Failure, Rejection, Routed, Router};
+use crate::driver::{self, Exchange, Failure, RequestFacts, Routed, SendError};
+use crate::http_rules::{self, Rejection};
+use crate::state::Router;
+use crate::upstream;
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -136,13 +137,12 @@ where
                 Ok(_) => return Outcome::Closed,
                 Err(_) if whole.is_some() => {
                     let r = Rejection::new(
-                        &router.metrics,
                         StatusCode::REQUEST_TIMEOUT,
                         "body_timeout",
                         "the request body did not arrive in time (timeouts.headerReadMs)",
                         None,
                     );
-                    reject(&mut client, &mut bufs.out, &r, true).await;
+                    reject(router, &mut client, &mut bufs.out, &r, true).await;
                     return Outcome::Closed;
                 }
                 Err(_) => return Outcome::Closed,
@@ -175,16 +175,108 @@ struct Buffers {
     peer: Vec<u8>,
 }
 
-/// Writes the router's own answer; false: the connection ends after it.
+/// Writes (and counts) the router's own answer; false: the connection ends after it.
 async fn reject<S: AsyncWrite + Unpin>(
+    router: &Router,
     client: &mut S,
     out: &mut Vec<u8>,
     r: &Rejection,
     close: bool,
 ) -> bool {
+    router.metrics.reject(r.reason);
     out.clear();
     wire::write_rejection(out, r, close);
     client.write_all(out).await.is_ok() && !close
+}
+
+/// A response head from the cell, checked and already rendered for the client.
+struct Answer {
+    upstream: TcpStream,
+    head_len: usize,
+    status: u16,
+    framing: Result<Framing, wire::BadResponse>,
+    /// The upstream connection may carry another request after this response.
+    reusable: bool,
+    /// The client connection closes after this response.
+    close: bool,
+}
+
+/// The direct path's send step: the request rendered from the parsed head, sent over a
+/// pooled (or new) connection; the response head read, parsed once, and rendered for the
+/// client into `bufs.out`.
+struct DirectExchange<'a, 'h, 'b> {
+    router: &'a Router,
+    req: &'a httparse::Request<'h, 'b>,
+    body: &'a [u8],
+    plain: &'a Plain,
+    idempotent: bool,
+    bufs: &'a mut Buffers,
+}
+
+impl Exchange for DirectExchange<'_, '_, '_> {
+    type Answer = Answer;
+
+    async fn send(&mut self, routed: &Routed) -> Result<Answer, SendError> {
+        let cfg = &self.router.config;
+        let bufs = &mut *self.bufs;
+        bufs.out.clear();
+        wire::write_request(
+            &mut bufs.out,
+            self.req,
+            self.body,
+            &wire::Forwarding {
+                cell: routed.cell_header().as_bytes(),
+                slot: routed.slot,
+                epoch: routed.epoch,
+                peer: &bufs.peer,
+                https: cfg.tls.is_some(),
+            },
+        );
+        let (upstream, head_len) = exchange(
+            self.router,
+            routed,
+            &bufs.out,
+            &mut bufs.upstream,
+            self.idempotent,
+        )
+        .await?;
+        let mut headers = no_headers();
+        let mut resp = httparse::Response::new(&mut []);
+        // A head that does not parse is a broken exchange like a cut connection.
+        match parse_response(&mut resp, &bufs.upstream[..head_len], &mut headers) {
+            Ok(httparse::Status::Complete(_)) => {}
+            _ => return Err(Failure::Broken.into()),
+        }
+        let status = resp.code.unwrap_or(502);
+        let method = self.req.method.unwrap_or("GET");
+        let framing = wire::framing(method, status, resp.headers);
+        let close = self.plain.close || framing == Ok(Framing::UntilClose);
+        let reusable = framing
+            .is_ok_and(|f| wire::upstream_reusable(resp.version.unwrap_or(0), resp.headers, f));
+        bufs.out.clear();
+        if framing.is_ok() {
+            wire::write_response_head(
+                &mut bufs.out,
+                status,
+                resp.reason.unwrap_or(""),
+                resp.headers,
+                routed.cell_header().as_bytes(),
+                close,
+            );
+        }
+        Ok(Answer {
+            upstream,
+            head_len,
+            status,
+            framing,
+            reusable,
+            close,
+        })
+    }
+
+    fn status(answer: &Answer) -> StatusCode {
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY)
+    }
 }
 
 /// Serves one request through the cell and passes the response on; true when the client
@@ -198,127 +290,62 @@ async fn respond<S: AsyncWrite + Unpin>(
     peer: SocketAddr,
     bufs: &mut Buffers,
 ) -> bool {
-    let cfg = &router.config;
     let method = req.method.unwrap_or("GET");
     let target = req.path.unwrap_or("/");
     let headers: &[httparse::Header<'_>] = req.headers;
-    let key = match proxy::admit(router, headers, target, Some(body.len() as u64), peer) {
+    let key = match driver::admit(router, headers, target, Some(body.len() as u64), peer) {
         Ok(k) => k,
-        Err(r) => return reject(client, &mut bufs.out, &r, plain.close).await,
+        Err(r) => return reject(router, client, &mut bufs.out, &r, plain.close).await,
     };
-    let idempotent = proxy::idempotent(method);
-    let request_timeout = Duration::from_millis(cfg.timeouts.request_ms);
-    let mut attempts = Attempts::default();
-    loop {
-        let routed = match proxy::route(router, &key, &mut attempts).await {
-            Ok(r) => r,
-            Err(r) => return reject(client, &mut bufs.out, &r, plain.close).await,
-        };
-        bufs.out.clear();
-        wire::write_request(
-            &mut bufs.out,
-            req,
-            body,
-            &wire::Forwarding {
-                cell: routed.cell_header().as_bytes(),
-                slot: routed.slot,
-                epoch: routed.epoch,
-                peer: &bufs.peer,
-                https: cfg.tls.is_some(),
-            },
-        );
-        let started = Instant::now();
-        let exchanged = timeout(
-            request_timeout,
-            exchange(router, &routed, &bufs.out, &mut bufs.upstream, idempotent),
-        )
-        .await
-        .unwrap_or(Err(Failure::Timeout));
-        let mut headers = no_headers();
-        let mut resp = httparse::Response::new(&mut []);
-        // A head that does not parse is a broken exchange like a cut connection.
-        let exchanged = exchanged.and_then(|(conn, head_len)| {
-            match parse_response(&mut resp, &bufs.upstream[..head_len], &mut headers) {
-                Ok(httparse::Status::Complete(_)) => Ok((conn, head_len)),
-                _ => Err(Failure::Broken),
-            }
-        });
-        let (upstream, head_len) = match exchanged {
-            Ok(x) => x,
-            Err(failure) => {
-                match proxy::after_failure(
-                    router,
-                    &routed,
-                    failure,
-                    idempotent,
-                    true,
-                    &mut attempts,
-                )
-                .await
-                {
-                    Ok(()) => continue,
-                    Err(r) => return reject(client, &mut bufs.out, &r, plain.close).await,
-                }
-            }
-        };
-        let status = resp.code.unwrap_or(502);
-        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-        let path = target.split('?').next().unwrap_or(target);
-        if proxy::after_response(
-            router,
-            &routed,
-            code,
-            started,
-            (method, path),
-            true,
-            &mut attempts,
-        )
-        .await
-        {
-            continue; // 421: the table was refreshed; this connection is dropped
+    let facts = RequestFacts {
+        method,
+        path: target.split('?').next().unwrap_or(target),
+        idempotent: http_rules::idempotent(method),
+        replayable: true,
+    };
+    let mut exchange = DirectExchange {
+        router,
+        req,
+        body,
+        plain,
+        idempotent: facts.idempotent,
+        bufs,
+    };
+    let driven = driver::drive(router, &key, &facts, &mut exchange).await;
+    let (routed, answer) = match driven {
+        Ok(x) => x,
+        Err(r) => return reject(router, client, &mut bufs.out, &r, plain.close).await,
+    };
+    let framing = match answer.framing {
+        Ok(f) => f,
+        Err(problem) => {
+            tracing::debug!(?problem, addr = %routed.endpoint_state().addr, "cell sent an unframed response");
+            let r = Rejection::new(
+                StatusCode::BAD_GATEWAY,
+                "bad_response",
+                "the cell sent a response the router cannot pass on",
+                None,
+            );
+            return reject(router, client, &mut bufs.out, &r, plain.close).await;
         }
-        let framing = match wire::framing(method, status, resp.headers) {
-            Ok(f) => f,
-            Err(problem) => {
-                tracing::debug!(?problem, addr = %routed.endpoint_state().addr, "cell sent an unframed response");
-                let r = Rejection::new(
-                    &router.metrics,
-                    StatusCode::BAD_GATEWAY,
-                    "bad_response",
-                    "the cell sent a response the router cannot pass on",
-                    None,
-                );
-                return reject(client, &mut bufs.out, &r, plain.close).await;
-            }
-        };
-        let close = plain.close || framing == Framing::UntilClose;
-        let reusable = wire::upstream_reusable(resp.version.unwrap_or(0), resp.headers, framing);
-        bufs.out.clear();
-        wire::write_response_head(
-            &mut bufs.out,
-            status,
-            resp.reason.unwrap_or(""),
-            resp.headers,
-            routed.cell_header().as_bytes(),
-            close,
-        );
-        let passed = pass_body(
-            client,
-            upstream,
-            framing,
-            head_len,
-            bufs,
-            cfg.timeouts.idle_ms,
-        )
-        .await;
-        return match passed {
-            Ok(Some(conn)) if reusable => {
-                routed.endpoint_state().idle.put(conn);
-                !close
-            }
-            Ok(_) => !close,
-            Err(()) => false,
-        };
+    };
+    let idle_ms = router.config.timeouts.idle_ms;
+    let passed = pass_body(
+        client,
+        answer.upstream,
+        framing,
+        answer.head_len,
+        bufs,
+        idle_ms,
+    )
+    .await;
+    match passed {
+        Ok(Some(conn)) if answer.reusable => {
+            routed.idle().put(conn);
+            !answer.close
+        }
+        Ok(_) => !answer.close,
+        Err(()) => false,
     }
 }
 
@@ -333,14 +360,15 @@ async fn exchange(
     idempotent: bool,
 ) -> Result<(TcpStream, usize), Failure> {
     let cfg = &router.config;
-    let endpoint = routed.endpoint_state();
     let max_idle = Duration::from_millis(cfg.timeouts.idle_ms);
     loop {
-        let pooled = endpoint.idle.take(max_idle);
+        let pooled = routed.idle().take(max_idle);
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(c) => c,
-            None => connect(&endpoint.addr, cfg.timeouts.connect_ms).await?,
+            None => upstream::connect(&routed.endpoint_state().addr, cfg.timeouts.connect_ms)
+                .await
+                .map_err(|_| Failure::Connect)?,
         };
         upbuf.clear();
         match read_head(&mut conn, request, upbuf).await {
@@ -349,15 +377,6 @@ async fn exchange(
             Err(_) => return Err(Failure::Broken),
         }
     }
-}
-
-async fn connect(addr: &str, connect_ms: u64) -> Result<TcpStream, Failure> {
-    let conn = timeout(Duration::from_millis(connect_ms), TcpStream::connect(addr))
-        .await
-        .map_err(|_| Failure::Connect)?
-        .map_err(|_| Failure::Connect)?;
-    let _ = conn.set_nodelay(true);
-    Ok(conn)
 }
 
 /// Writes the request, then reads until a whole response head is in `upbuf` (interim 1xx

@@ -2,7 +2,7 @@
 //! head sent upstream, the response head sent back, and where a response body ends.
 //! The rules (hop-by-hop headers, forwarding headers) are the ones the hyper path applies.
 
-use crate::proxy::{connection_has, is_hop_by_hop, Rejection};
+use crate::http_rules::{connection_has, is_hop_by_hop, Rejection};
 use std::net::IpAddr;
 
 /// Headers the router sets itself on the way upstream; a client's own are dropped.

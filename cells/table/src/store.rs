@@ -2,7 +2,7 @@
 //! lock), never moved back to an older epoch, and saved to local disk so a router
 //! restarted while etcd is down still routes. The router and cell apps both use it.
 
-use crate::table_metrics::TableMetrics;
+use crate::metrics::TableMetrics;
 use crate::{Error, Result};
 use arc_swap::ArcSwapOption;
 use cellplane_cells::routing::RoutingTable;

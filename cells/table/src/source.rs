@@ -1,7 +1,7 @@
 //! Where tables come from (I/O): a static file, or etcd (read, then watch; reconnect with
 //! backoff; keep routing on the last table while etcd is away).
 
-use crate::table::{read_file, TableStore};
+use crate::store::{read_file, TableStore};
 use crate::Result;
 use cellplane_cells::etcd_keys::routing_key;
 use etcd_client::{Client, ConnectOptions, EventType, WatchOptions};

@@ -1,4 +1,5 @@
-//! Bearer-token checks for admin endpoints (the router's gRPC API, cell apps' admin routes).
+//! Bearer-token checks for admin endpoints (the router's gRPC API, cell apps' admin routes),
+//! pure.
 
 /// Whether an `Authorization` header value carries `Bearer <token>`. The comparison takes
 /// the same time wherever the first difference is, so the token cannot be guessed byte by
