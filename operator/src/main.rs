@@ -233,13 +233,13 @@ fn render(file: &PathBuf, user: Option<&str>) -> anyhow::Result<()> {
     let set: CellSet = serde_yaml::from_str(&text)
         .with_context(|| format!("{} is not a valid CellSet", file.display()))?;
     if let Some(user) = user {
-        let placement =
-            controller::cellset::placement(&set)?.context("the CellSet has no cells")?;
+        let placement = cellplane_operator::build::cellset::placement(&set)?
+            .context("the CellSet has no cells")?;
         let slot = cellplane_cells::slot::slot_for_key(user, cellplane_cells::slot::DEFAULT_SLOTS);
         println!("slot {slot:>5} -> {}", placement.owner_of(slot));
         return Ok(());
     }
-    let counts = controller::cellset::placement_counts(&set)?;
+    let counts = cellplane_operator::build::cellset::placement_counts(&set)?;
     let cells = set.spec.stamp(&kube::ResourceExt::name_any(&set));
     println!(
         "{:<28} {:<10} {:<28} {:>6} {:>7}",

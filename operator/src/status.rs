@@ -140,6 +140,47 @@ pub fn set_condition(
     }
 }
 
+/// The cell's `Ready`: the app and every store ready (registration is reported apart).
+pub fn readiness(o: &Observed) -> Readiness {
+    let parts = [
+        (condition::APP_READY, &o.app),
+        (condition::REDIS_READY, &o.redis),
+        (condition::MYSQL_READY, &o.mysql),
+        (condition::KAFKA_READY, &o.kafka),
+    ];
+    let not_ready: Vec<&str> = parts
+        .iter()
+        .filter(|(_, r)| !r.ready)
+        .map(|(n, _)| *n)
+        .collect();
+    if not_ready.is_empty() {
+        Readiness {
+            ready: true,
+            reason: "AllReady",
+            message: "app and all stores are ready".into(),
+        }
+    } else {
+        Readiness {
+            ready: false,
+            reason: "ComponentsNotReady",
+            message: format!("waiting for {}", not_ready.join(", ")),
+        }
+    }
+}
+
+/// The cell's phase: a cell that is not ready keeps any phase but `Active`.
+pub fn phase(spec: &CellSpec, previous: Option<&CellStatus>, o: &Observed) -> CellPhase {
+    match (readiness(o).ready, spec.desired_state) {
+        (false, _) => previous
+            .and_then(|p| p.phase)
+            .filter(|p| *p != CellPhase::Active)
+            .unwrap_or(CellPhase::Pending),
+        (true, DesiredState::Active) => CellPhase::Active,
+        (true, DesiredState::Draining) if o.slots == 0 => CellPhase::Drained,
+        (true, DesiredState::Draining) => CellPhase::Draining,
+    }
+}
+
 /// The new status: `previous` is what the Cell has now; conditions keep their times
 /// unless they change.
 pub fn compute(
@@ -154,30 +195,7 @@ pub fn compute(
     set_condition(&mut conds, condition::REDIS_READY, &o.redis, g, now);
     set_condition(&mut conds, condition::MYSQL_READY, &o.mysql, g, now);
     set_condition(&mut conds, condition::KAFKA_READY, &o.kafka, g, now);
-    let parts = [
-        (condition::APP_READY, &o.app),
-        (condition::REDIS_READY, &o.redis),
-        (condition::MYSQL_READY, &o.mysql),
-        (condition::KAFKA_READY, &o.kafka),
-    ];
-    let not_ready: Vec<&str> = parts
-        .iter()
-        .filter(|(_, r)| !r.ready)
-        .map(|(n, _)| *n)
-        .collect();
-    let ready = if not_ready.is_empty() {
-        Readiness {
-            ready: true,
-            reason: "AllReady",
-            message: "app and all stores are ready".into(),
-        }
-    } else {
-        Readiness {
-            ready: false,
-            reason: "ComponentsNotReady",
-            message: format!("waiting for {}", not_ready.join(", ")),
-        }
-    };
+    let ready = readiness(o);
     set_condition(&mut conds, condition::READY, &ready, g, now);
     match &o.registered {
         Some(r) => set_condition(&mut conds, condition::REGISTERED, r, g, now),
@@ -193,17 +211,8 @@ pub fn compute(
             now,
         ),
     }
-    let phase = match (ready.ready, spec.desired_state) {
-        (false, _) => previous
-            .and_then(|p| p.phase)
-            .filter(|p| *p != CellPhase::Active)
-            .unwrap_or(CellPhase::Pending),
-        (true, DesiredState::Active) => CellPhase::Active,
-        (true, DesiredState::Draining) if o.slots == 0 => CellPhase::Drained,
-        (true, DesiredState::Draining) => CellPhase::Draining,
-    };
     CellStatus {
-        phase: Some(phase),
+        phase: Some(phase(spec, previous, o)),
         conditions: conds,
         observed_generation: g,
         slots: o.slots,

@@ -1,6 +1,7 @@
 //! Cell -> desired Kubernetes objects. Pure: no client, no clock, no randomness (generated
 //! secrets come in as arguments), so every object is unit-tested as a plain function.
 
+pub mod cellset;
 pub mod config_map;
 pub mod deployment;
 pub mod names;
@@ -14,7 +15,7 @@ pub mod statefulset;
 use crate::{Error, Result};
 use cellplane_cells::crd::{Cell, CellSpec, StoreSpec};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -104,15 +105,20 @@ impl<'a> CellContext<'a> {
     }
 }
 
-/// Every object a Cell owns except Secrets (those are created once, see [`secret`]).
+/// Everything a Cell should have: its objects, and the endpoints it registers.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
+    /// Only the Secrets that do not exist yet: a Secret is created once and never
+    /// overwritten (see [`secret`]).
+    pub secrets: Vec<Secret>,
     pub deployments: Vec<Deployment>,
     pub statefulsets: Vec<StatefulSet>,
     pub services: Vec<Service>,
     pub config_maps: Vec<ConfigMap>,
     pub pdbs: Vec<PodDisruptionBudget>,
     pub network_policies: Vec<NetworkPolicy>,
+    /// Where the app and each store are reached: `app`, `redis`, `mysql`, `kafka`.
+    pub endpoints: BTreeMap<String, String>,
 }
 
 /// Checks what the schema cannot express; the API server already enforced the rest.
@@ -142,10 +148,46 @@ pub fn validate(spec: &CellSpec) -> Result<()> {
     Ok(())
 }
 
-/// Renders every object of the cell.
-pub fn render(ctx: &CellContext) -> Result<Desired> {
+/// The stores whose credentials Secret is missing (`existing`: the cell's Secrets by
+/// name): the caller generates passwords for exactly these.
+pub fn missing_secrets(
+    ctx: &CellContext,
+    existing: &std::collections::BTreeSet<String>,
+) -> Vec<Store> {
+    Store::ALL
+        .into_iter()
+        .filter(|s| s.has_secret() && ctx.store(*s).in_cluster.is_some())
+        .filter(|s| !existing.contains(&names::secret(ctx.name, *s)))
+        .collect()
+}
+
+/// Where the app and each store of the cell are reached.
+pub fn endpoints(ctx: &CellContext) -> BTreeMap<String, String> {
+    let mut endpoints = BTreeMap::from([(
+        "app".to_string(),
+        names::app_address(ctx.name, ctx.namespace, ctx.spec.app.port),
+    )]);
+    for store in Store::ALL {
+        endpoints.insert(
+            store.component().into(),
+            config_map::store_address(ctx, store),
+        );
+    }
+    endpoints
+}
+
+/// Renders every object of the cell; `new_secrets` are the passwords of the Secrets to
+/// create (those [`missing_secrets`] named).
+pub fn render(ctx: &CellContext, new_secrets: &[(Store, secret::Passwords)]) -> Result<Desired> {
     validate(ctx.spec)?;
-    let mut d = Desired::default();
+    let mut d = Desired {
+        secrets: new_secrets
+            .iter()
+            .filter_map(|(store, pw)| secret::store(ctx, *store, pw))
+            .collect(),
+        endpoints: endpoints(ctx),
+        ..Desired::default()
+    };
     d.deployments.push(deployment::app(ctx));
     d.services.push(service::app(ctx));
     d.pdbs.push(pdb::app(ctx));
@@ -229,13 +271,19 @@ mod tests {
     #[test]
     fn full_in_cluster_cell_renders_every_object() {
         let spec = fixtures::spec();
-        let d = render(&fixtures::ctx(&spec)).unwrap();
+        let d = render(&fixtures::ctx(&spec), &[]).unwrap();
         assert_eq!(d.deployments.len(), 1);
         assert_eq!(d.statefulsets.len(), 3);
         assert_eq!(d.services.len(), 7, "app + headless and client per store");
         assert_eq!(d.pdbs.len(), 4);
         assert_eq!(d.network_policies.len(), 2);
         assert_eq!(d.config_maps.len(), 3, "cell info + redis + mysql config");
+        assert!(
+            d.secrets.is_empty(),
+            "no passwords given: no Secret to create"
+        );
+        assert_eq!(d.endpoints.len(), 4, "{:?}", d.endpoints);
+        assert_eq!(d.endpoints["app"], "shop-us-0-app.shop.svc:8080");
         // Every object is owned by the Cell, so deleting the Cell cascades.
         let metas = d
             .deployments
@@ -259,6 +307,33 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_created_only_for_missing_in_cluster_stores() {
+        let spec = fixtures::spec();
+        let ctx = fixtures::ctx(&spec);
+        let none = std::collections::BTreeSet::new();
+        assert_eq!(missing_secrets(&ctx, &none), [Store::Redis, Store::Mysql]);
+        let redis_exists = [names::secret("shop-us-0", Store::Redis)].into();
+        let missing = missing_secrets(&ctx, &redis_exists);
+        assert_eq!(missing, [Store::Mysql]);
+        let pw = secret::Passwords(vec!["r".into(), "a".into(), "p".into()]);
+        let d = render(&ctx, &[(Store::Mysql, pw)]).unwrap();
+        assert_eq!(d.secrets.len(), 1);
+        assert_eq!(
+            d.secrets[0].metadata.name.as_deref(),
+            Some(names::secret("shop-us-0", Store::Mysql).as_str())
+        );
+        let mut ext = spec.clone();
+        ext.mysql = StoreSpec {
+            in_cluster: None,
+            external: Some(ExternalStore {
+                endpoint: "db.example:3306".into(),
+                secret_ref: SecretRef { name: "rds".into() },
+            }),
+        };
+        assert_eq!(missing_secrets(&fixtures::ctx(&ext), &none), [Store::Redis]);
+    }
+
+    #[test]
     fn external_stores_render_no_workloads() {
         let mut spec = fixtures::spec();
         let ext = StoreSpec {
@@ -271,7 +346,7 @@ mod tests {
         spec.redis = ext.clone();
         spec.mysql = ext.clone();
         spec.kafka = ext;
-        let d = render(&fixtures::ctx(&spec)).unwrap();
+        let d = render(&fixtures::ctx(&spec), &[]).unwrap();
         assert!(d.statefulsets.is_empty());
         assert_eq!(d.services.len(), 1);
         assert_eq!(
@@ -288,11 +363,11 @@ mod tests {
             endpoint: "x:1".into(),
             secret_ref: SecretRef { name: "s".into() },
         });
-        let e = render(&fixtures::ctx(&spec)).unwrap_err().to_string();
+        let e = render(&fixtures::ctx(&spec), &[]).unwrap_err().to_string();
         assert!(e.contains("spec.mysql"), "{e}");
         let mut spec = fixtures::spec();
         spec.standby.as_mut().unwrap().region = "us-east".into();
-        assert!(render(&fixtures::ctx(&spec))
+        assert!(render(&fixtures::ctx(&spec), &[])
             .unwrap_err()
             .to_string()
             .contains("spec.standby.region"));

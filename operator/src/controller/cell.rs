@@ -1,11 +1,13 @@
-//! The Cell reconciler (I/O): fetch -> validate -> build -> apply -> status, with a
-//! finalizer that removes the cell's etcd registration before deletion completes.
+//! The Cell reconciler (I/O): fetch (its Secrets, its set's placement from a reflector)
+//! -> build the whole desired state (pure, `build::render`: Secrets to create and the
+//! endpoint map included) -> apply -> status, computed once (pure, `status::compute`) ->
+//! report. A finalizer removes the cell's etcd registration before deletion completes.
 
 use super::{apply, error_action, Context};
 use crate::build::{self, names, secret, CellContext, Store, CELL_FINALIZER};
 use crate::status::{self, Observed, Readiness};
 use crate::{Error, Result};
-use cellplane_cells::crd::{condition, Cell, CellPhase, CellSet, CellStatus};
+use cellplane_cells::crd::{Cell, CellPhase, CellSet, CellStatus};
 use cellplane_cells::etcd_keys::Registration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -16,9 +18,11 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::{self, reflector, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use rand::distr::{Alphanumeric, SampleString};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,30 +30,68 @@ pub const CONTROLLER: &str = "cell";
 /// Re-check period when nothing changes (status drift, registration refresh).
 const RESYNC: Duration = Duration::from_secs(60);
 
-fn fresh_password() -> String {
-    Alphanumeric.sample_string(&mut rand::rng(), secret::PASSWORD_LEN)
+/// The Cell reconciler's context: the shared one plus a reflector of CellSets (a cell's
+/// placement comes from its set's status, read from memory, not from the API server).
+pub struct CellReconciler {
+    pub ctx: Arc<Context>,
+    pub cellsets: reflector::Store<CellSet>,
 }
 
-/// Creates each store's credentials Secret if it is missing; never overwrites one.
-async fn ensure_secrets(cell: &Cell, cx: &CellContext<'_>, ctx: &Context) -> Result<()> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), cx.namespace);
-    for store in Store::ALL {
-        if !store.has_secret() || cx.store(store).in_cluster.is_none() {
-            continue;
-        }
+/// What a reconcile reads before it builds anything.
+struct Fetched {
+    /// The cell's Secrets that exist, by name.
+    secrets: BTreeSet<String>,
+    /// Slots and epoch from the owning CellSet's placement.
+    placement: (u32, u64),
+}
+
+async fn fetch(cell: &Cell, cx: &CellContext<'_>, r: &CellReconciler) -> Result<Fetched> {
+    let api: Api<Secret> = Api::namespaced(r.ctx.client.clone(), cx.namespace);
+    let mut secrets = BTreeSet::new();
+    for store in Store::ALL.into_iter().filter(|s| s.has_secret()) {
         let name = names::secret(cx.name, store);
         if api.get_metadata_opt(&name).await?.is_some() {
-            continue;
+            secrets.insert(name);
         }
-        let pw = secret::Passwords(
-            (0..secret::passwords_needed(store))
-                .map(|_| fresh_password())
-                .collect(),
+    }
+    let set = cell
+        .labels()
+        .get(names::LABEL_CELLSET)
+        .and_then(|set| r.cellsets.get(&ObjectRef::new(set).within(cx.namespace)));
+    Ok(Fetched {
+        secrets,
+        placement: build::cellset::placement_of(set.as_deref(), cx.name),
+    })
+}
+
+/// Fresh passwords for the Secrets to create (the one source of randomness).
+fn new_passwords(missing: Vec<Store>) -> Vec<(Store, secret::Passwords)> {
+    let mut rng = rand::rng();
+    missing
+        .into_iter()
+        .map(|store| {
+            let pw = (0..secret::passwords_needed(store))
+                .map(|_| Alphanumeric.sample_string(&mut rng, secret::PASSWORD_LEN))
+                .collect();
+            (store, secret::Passwords(pw))
+        })
+        .collect()
+}
+
+/// Applies the desired state; returns the workloads as the API server has them.
+async fn apply_all(
+    cell: &Cell,
+    ctx: &Context,
+    desired: &build::Desired,
+) -> Result<(Vec<Deployment>, Vec<StatefulSet>)> {
+    let client = &ctx.client;
+    for o in &desired.secrets {
+        let name = o.metadata.name.clone().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(
+            client.clone(),
+            o.metadata.namespace.as_deref().unwrap_or_default(),
         );
-        let Some(obj) = secret::store(cx, store, &pw) else {
-            continue;
-        };
-        match api.create(&PostParams::default(), &obj).await {
+        match api.create(&PostParams::default(), o).await {
             Ok(_) => {
                 ctx.event(
                     cell,
@@ -64,13 +106,6 @@ async fn ensure_secrets(cell: &Cell, cx: &CellContext<'_>, ctx: &Context) -> Res
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
-}
-
-async fn apply_all(
-    client: &kube::Client,
-    desired: &build::Desired,
-) -> Result<(Vec<Deployment>, Vec<StatefulSet>)> {
     for o in &desired.config_maps {
         apply::<ConfigMap>(client, o).await?;
     }
@@ -94,25 +129,6 @@ async fn apply_all(
     Ok((deps, sts))
 }
 
-/// Slots and epoch as the owning CellSet's placement says (0 for standalone cells
-/// until the routing table in etcd takes over).
-async fn placement_of(cell: &Cell, ctx: &Context) -> (u32, u64) {
-    let (Some(set), Some(ns)) = (cell.labels().get(names::LABEL_CELLSET), cell.namespace()) else {
-        return (0, 0);
-    };
-    let api: Api<CellSet> = Api::namespaced(ctx.client.clone(), &ns);
-    match api.get_opt(set).await {
-        Ok(Some(s)) => {
-            let st = s.status.unwrap_or_default();
-            (
-                st.slots.get(&cell.name_any()).copied().unwrap_or(0),
-                st.epoch,
-            )
-        }
-        _ => (0, 0),
-    }
-}
-
 fn store_readiness(cx: &CellContext, store: Store, sts: &[StatefulSet]) -> Readiness {
     if cx.store(store).external.is_some() {
         return status::external();
@@ -124,13 +140,64 @@ fn store_readiness(cx: &CellContext, store: Store, sts: &[StatefulSet]) -> Readi
     )
 }
 
-async fn apply_cell(cell: Arc<Cell>, ctx: &Context) -> Result<Action> {
-    if ctx.region.as_ref().is_some_and(|r| r != &cell.spec.region) {
+/// Registers a Ready cell in etcd (kept alive on a lease); None without a registrar.
+async fn register(
+    cell: &Cell,
+    ctx: &Context,
+    observed: &Observed,
+    endpoints: &BTreeMap<String, String>,
+) -> Option<Readiness> {
+    let registrar = ctx.registrar.as_ref()?;
+    if !status::readiness(observed).ready {
+        return Some(Readiness {
+            ready: false,
+            reason: "NotReady",
+            message: "registers once Ready".into(),
+        });
+    }
+    let reg = Registration {
+        region: cell.spec.region.clone(),
+        zone: cell.spec.zone.clone(),
+        state: status::phase(&cell.spec, cell.status.as_ref(), observed),
+        capacity_weight: cell.spec.capacity_weight,
+        standby: cell.spec.standby.as_ref().map(|s| s.cell.clone()),
+        endpoints: endpoints.clone(),
+        healthy: true,
+    };
+    Some(
+        match registrar
+            .register(&cell.spec.platform, &cell.name_any(), &reg)
+            .await
+        {
+            Ok(()) => Readiness {
+                ready: true,
+                reason: "Registered",
+                message: "registration kept alive in etcd".into(),
+            },
+            Err(e) => Readiness {
+                ready: false,
+                reason: "EtcdUnavailable",
+                message: e.to_string(),
+            },
+        },
+    )
+}
+
+/// fetch -> build (pure) -> apply -> status (computed once) -> report.
+async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
+    let ctx = r.ctx.as_ref();
+    if ctx
+        .region
+        .as_ref()
+        .is_some_and(|reg| reg != &cell.spec.region)
+    {
         // Another region's operator runs this cell.
         return Ok(Action::await_change());
     }
     let cx = CellContext::from_cell(&cell)?;
-    let desired = match build::render(&cx) {
+    let fetched = fetch(&cell, &cx, r).await?;
+    let passwords = new_passwords(build::missing_secrets(&cx, &fetched.secrets));
+    let desired = match build::render(&cx, &passwords) {
         Ok(d) => d,
         Err(e) => {
             ctx.event(
@@ -143,20 +210,8 @@ async fn apply_cell(cell: Arc<Cell>, ctx: &Context) -> Result<Action> {
             return Err(e);
         }
     };
-    ensure_secrets(&cell, &cx, ctx).await?;
-    let (deployments, statefulsets) = apply_all(&ctx.client, &desired).await?;
-    let (slots, epoch) = placement_of(&cell, ctx).await;
-
-    let mut endpoints = BTreeMap::from([(
-        "app".to_string(),
-        names::app_address(cx.name, cx.namespace, cell.spec.app.port),
-    )]);
-    for store in Store::ALL {
-        endpoints.insert(
-            store.component().into(),
-            build::config_map::store_address(&cx, store),
-        );
-    }
+    let (deployments, statefulsets) = apply_all(&cell, ctx, &desired).await?;
+    let (slots, epoch) = fetched.placement;
     let mut observed = Observed {
         generation: cell.metadata.generation,
         app: status::deployment(deployments.first()),
@@ -166,47 +221,11 @@ async fn apply_cell(cell: Arc<Cell>, ctx: &Context) -> Result<Action> {
         registered: None,
         slots,
         epoch,
-        endpoints: endpoints.clone(),
+        endpoints: desired.endpoints.clone(),
     };
+    observed.registered = register(&cell, ctx, &observed, &desired.endpoints).await;
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let mut next = status::compute(&cell.spec, cell.status.as_ref(), &observed, &now);
-    let ready = next
-        .conditions
-        .iter()
-        .any(|c| c.type_ == condition::READY && c.status == "True");
-
-    if let Some(registrar) = &ctx.registrar {
-        observed.registered = Some(if ready {
-            let reg = Registration {
-                region: cell.spec.region.clone(),
-                zone: cell.spec.zone.clone(),
-                state: next.phase.unwrap_or(CellPhase::Pending),
-                capacity_weight: cell.spec.capacity_weight,
-                standby: cell.spec.standby.as_ref().map(|s| s.cell.clone()),
-                endpoints,
-                healthy: true,
-            };
-            match registrar.register(&cell.spec.platform, cx.name, &reg).await {
-                Ok(()) => Readiness {
-                    ready: true,
-                    reason: "Registered",
-                    message: "registration kept alive in etcd".into(),
-                },
-                Err(e) => Readiness {
-                    ready: false,
-                    reason: "EtcdUnavailable",
-                    message: e.to_string(),
-                },
-            }
-        } else {
-            Readiness {
-                ready: false,
-                reason: "NotReady",
-                message: "registers once Ready".into(),
-            }
-        });
-        next = status::compute(&cell.spec, cell.status.as_ref(), &observed, &now);
-    }
+    let next = status::compute(&cell.spec, cell.status.as_ref(), &observed, &now);
     update_status(&cell, ctx, next).await?;
     Ok(Action::requeue(RESYNC))
 }
@@ -253,16 +272,18 @@ async fn cleanup_cell(cell: Arc<Cell>, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-pub async fn reconcile(cell: Arc<Cell>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(cell: Arc<Cell>, r: Arc<CellReconciler>) -> Result<Action> {
+    let ctx = &r.ctx;
     let timer = ctx.metrics.start(CONTROLLER);
     let ns = cell
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
+    let key = ObjectRef::from_obj(cell.as_ref()).erase();
     let api: Api<Cell> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, CELL_FINALIZER, cell, |event| async {
         match event {
-            Finalizer::Apply(c) => apply_cell(c, &ctx).await,
-            Finalizer::Cleanup(c) => cleanup_cell(c, &ctx).await,
+            Finalizer::Apply(c) => apply_cell(c, &r).await,
+            Finalizer::Cleanup(c) => cleanup_cell(c, ctx).await,
         }
     })
     .await
@@ -271,13 +292,20 @@ pub async fn reconcile(cell: Arc<Cell>, ctx: Arc<Context>) -> Result<Action> {
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
     });
+    if result.is_ok() {
+        ctx.retries.succeeded(&key);
+    }
     timer.done(&result);
     result
 }
 
-pub fn error_policy(cell: Arc<Cell>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(cell = %cell.name_any(), error = %error, "reconcile failed");
-    error_action(error, 1)
+pub fn error_policy(cell: Arc<Cell>, error: &Error, r: Arc<CellReconciler>) -> Action {
+    let retries = r
+        .ctx
+        .retries
+        .failed(&ObjectRef::from_obj(cell.as_ref()).erase());
+    tracing::warn!(cell = %cell.name_any(), error = %error, retries, "reconcile failed");
+    error_action(error, retries)
 }
 
 /// Runs the Cell controller until `shutdown` resolves.
@@ -300,7 +328,35 @@ pub async fn run(
             }
         };
     }
+    // CellSets from memory: one reflector, ready before the first reconcile (a cell must
+    // never be reported with zero slots just because its set was not read yet).
+    let (cellsets, writer) = reflector::store::<CellSet>();
+    let reflect = reflector(writer, watcher(owned_api!(CellSet), super::watch_config()))
+        .default_backoff()
+        .for_each(|_| async {});
+    let reflect = tokio::spawn(reflect);
+    if cellsets.wait_until_ready().await.is_err() {
+        tracing::error!("CellSet reflector stopped before it was ready");
+        return;
+    }
+    let reconciler = Arc::new(CellReconciler { ctx, cellsets });
+    // A set's placement changes: its cells' status follows at once.
+    let cells_of_set = |set: CellSet| {
+        let ns = set.namespace();
+        set.status
+            .map(|s| s.slots.into_keys().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .map(move |cell| {
+                let r = ObjectRef::<Cell>::new(&cell);
+                match &ns {
+                    Some(ns) => r.within(ns),
+                    None => r,
+                }
+            })
+    };
     Controller::new(owned_api!(Cell), super::watch_config())
+        .watches(owned_api!(CellSet), super::watch_config(), cells_of_set)
         .owns(owned_api!(Deployment), owned.clone())
         .owns(owned_api!(StatefulSet), owned.clone())
         .owns(owned_api!(Service), owned.clone())
@@ -310,11 +366,12 @@ pub async fn run(
         .owns(owned_api!(Secret), owned)
         .trigger_backoff(super::WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, reconciler)
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "cell controller event");
             }
         })
         .await;
+    reflect.abort();
 }

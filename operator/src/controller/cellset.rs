@@ -1,83 +1,51 @@
-//! The CellSet reconciler (I/O): stamps out Cells from the template (pure:
-//! `CellSetSpec::stamp`), removes the ones scaled away, and publishes the placement.
+//! The CellSet reconciler (I/O): fetch its cells -> build (pure, `build::cellset`: the
+//! cells it wants, the placement, the status) -> apply them and delete the ones scaled
+//! away -> write the status when it changed.
 
 use super::{apply, error_action, Context};
-use crate::build::{names, FIELD_MANAGER};
+use crate::build::{cellset, names};
 use crate::{Error, Result};
-use cellplane_cells::crd::{condition, Cell, CellSet, CellSetStatus};
-use cellplane_cells::placement::{place, Placement, WeightedCell};
-use cellplane_cells::slot::DEFAULT_SLOTS;
+use cellplane_cells::crd::{Cell, CellSet};
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
-use std::collections::BTreeMap;
+use kube::runtime::reflector::ObjectRef;
+use kube::ResourceExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub const CONTROLLER: &str = "cellset";
-
-/// The Cell objects `set` wants in this operator's scope.
-pub fn desired_cells(set: &CellSet, region: Option<&str>) -> Result<Vec<Cell>> {
-    let name = set.name_any();
-    let owner = set
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingField("metadata.uid"))?;
-    Ok(set
-        .spec
-        .stamp(&name)
-        .into_iter()
-        .filter(|c| region.is_none_or(|r| r == c.spec.region))
-        .map(|c| {
-            let mut cell = Cell::new(&c.name, c.spec);
-            cell.metadata.namespace = set.namespace();
-            cell.metadata.owner_references = Some(vec![owner.clone()]);
-            cell.metadata.labels = Some(BTreeMap::from([
-                (names::LABEL_CELLSET.to_string(), name.clone()),
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    FIELD_MANAGER.to_string(),
-                ),
-            ]));
-            cell
-        })
-        .collect())
-}
-
-/// The placement over every region's cells (the placement is global); None without cells.
-pub fn placement(set: &CellSet) -> Result<Option<Placement>> {
-    let cells: Vec<WeightedCell> = set
-        .spec
-        .stamp(&set.name_any())
-        .into_iter()
-        .map(|c| WeightedCell::new(c.name, c.spec.capacity_weight))
-        .collect();
-    if cells.is_empty() {
-        return Ok(None);
-    }
-    place(&cells, DEFAULT_SLOTS)
-        .map(Some)
-        .map_err(|e| Error::InvalidSpec(e.to_string()))
-}
-
-/// Slots per cell.
-pub fn placement_counts(set: &CellSet) -> Result<BTreeMap<String, u32>> {
-    Ok(placement(set)?.map(|p| p.counts()).unwrap_or_default())
-}
 
 async fn apply_set(set: Arc<CellSet>, ctx: &Context) -> Result<Action> {
     let ns = set
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Cell> = Api::namespaced(ctx.client.clone(), &ns);
-    let desired = desired_cells(&set, ctx.region.as_deref())?;
+    // Fetch: the cells the set has now.
+    let selector = format!("{}={}", names::LABEL_CELLSET, set.name_any());
+    let existing = api.list(&ListParams::default().labels(&selector)).await?;
+    // Build (pure): the cells it wants, the placement, the status.
+    let built = cellset::desired_cells(&set, ctx.region.as_deref())
+        .and_then(|desired| Ok((desired, cellset::placement_counts(&set)?)));
+    let (desired, slots) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            ctx.event(
+                set.as_ref(),
+                EventType::Warning,
+                "InvalidSpec",
+                e.to_string(),
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let next = cellset::status(&set, desired.len(), slots, &existing.items);
+    // Apply: every wanted cell; scale down: delete ours that are no longer wanted.
     for cell in &desired {
         apply::<Cell>(&ctx.client, cell).await?;
     }
-    // Scale down: delete our cells that are no longer wanted.
-    let selector = format!("{}={}", names::LABEL_CELLSET, set.name_any());
-    let existing = api.list(&ListParams::default().labels(&selector)).await?;
     for cell in &existing.items {
         if !desired.iter().any(|d| d.name_any() == cell.name_any()) {
             api.delete(&cell.name_any(), &DeleteParams::default())
@@ -91,32 +59,8 @@ async fn apply_set(set: Arc<CellSet>, ctx: &Context) -> Result<Action> {
             .await;
         }
     }
-    let slots = placement_counts(&set)?;
+    // Status, written only when it changed.
     let previous = set.status.clone().unwrap_or_default();
-    // Ownership changed: a new epoch (DESIGN.md: every change of ownership bumps it).
-    let epoch = if previous.slots != slots {
-        previous.epoch + 1
-    } else {
-        previous.epoch
-    };
-    let ready_cells = existing
-        .items
-        .iter()
-        .filter(|c| {
-            c.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|k| k.type_ == condition::READY && k.status == "True")
-            })
-        })
-        .count() as u32;
-    let next = CellSetStatus {
-        cells: desired.len() as u32,
-        ready_cells,
-        epoch,
-        slots,
-        observed_generation: set.metadata.generation,
-    };
     if previous != next {
         if previous.epoch != next.epoch {
             ctx.event(
@@ -141,14 +85,21 @@ async fn apply_set(set: Arc<CellSet>, ctx: &Context) -> Result<Action> {
 
 pub async fn reconcile(set: Arc<CellSet>, ctx: Arc<Context>) -> Result<Action> {
     let timer = ctx.metrics.start(CONTROLLER);
+    let key = ObjectRef::from_obj(set.as_ref()).erase();
     let result = apply_set(set, &ctx).await;
+    if result.is_ok() {
+        ctx.retries.succeeded(&key);
+    }
     timer.done(&result);
     result
 }
 
-pub fn error_policy(set: Arc<CellSet>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(cellset = %set.name_any(), error = %error, "reconcile failed");
-    error_action(error, 1)
+pub fn error_policy(set: Arc<CellSet>, error: &Error, ctx: Arc<Context>) -> Action {
+    let retries = ctx
+        .retries
+        .failed(&ObjectRef::from_obj(set.as_ref()).erase());
+    tracing::warn!(cellset = %set.name_any(), error = %error, retries, "reconcile failed");
+    error_action(error, retries)
 }
 
 pub async fn run(

@@ -8,9 +8,11 @@ use crate::metrics::Metrics;
 use crate::registration::Registrar;
 use crate::{Error, Result};
 use k8s_openapi::NamespaceResourceScope;
+use kube::api::DynamicObject;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -28,6 +30,29 @@ pub struct Context {
     /// Only this region's cells get workloads (and CellSets stamp only this region's
     /// cells); None handles every region (single-cluster setups, demos, tests).
     pub region: Option<String>,
+    /// Consecutive failed reconciles per object, for its backoff.
+    pub retries: Retries,
+}
+
+/// Consecutive failures per object: each object backs off on its own, and one success
+/// starts it over.
+#[derive(Default)]
+pub struct Retries {
+    failed: parking_lot::Mutex<std::collections::HashMap<ObjectRef<DynamicObject>, u32>>,
+}
+
+impl Retries {
+    /// Records a failure of `obj`; returns how many in a row (1 for the first).
+    pub fn failed(&self, obj: &ObjectRef<DynamicObject>) -> u32 {
+        let mut failed = self.failed.lock();
+        let n = failed.entry(obj.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    pub fn succeeded(&self, obj: &ObjectRef<DynamicObject>) {
+        self.failed.lock().remove(obj);
+    }
 }
 
 impl Context {
@@ -44,6 +69,7 @@ impl Context {
             metrics,
             registrar,
             region,
+            retries: Retries::default(),
         }
     }
 
@@ -130,12 +156,15 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-/// Invalid specs wait for the user to edit the object; transient errors retry with backoff.
+/// Invalid specs wait for the user to edit the object; transient errors retry after
+/// 1 s, 2 s, 4 s, ... up to 5 minutes (`retries` in a row, 1 for the first failure).
 pub fn error_action(error: &Error, retries: u32) -> Action {
     if error.is_permanent() {
         Action::await_change()
     } else {
-        let secs = 2u64.saturating_pow(retries.min(8)).min(300);
+        let secs = 2u64
+            .saturating_pow(retries.saturating_sub(1).min(9))
+            .min(300);
         Action::requeue(Duration::from_secs(secs))
     }
 }
@@ -160,9 +189,29 @@ mod tests {
             error_action(&Error::InvalidSpec("x".into()), 3),
             Action::await_change()
         );
-        assert_eq!(
-            error_action(&Error::MissingField("m"), 1),
-            Action::requeue(Duration::from_secs(2))
-        );
+        let backoff: Vec<Action> = (1..=11)
+            .map(|n| error_action(&Error::MissingField("m"), n))
+            .collect();
+        let secs = [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300];
+        let expected: Vec<Action> = secs
+            .iter()
+            .map(|s| Action::requeue(Duration::from_secs(*s)))
+            .collect();
+        assert_eq!(backoff, expected);
+    }
+
+    #[test]
+    fn each_object_backs_off_on_its_own_and_success_starts_over() {
+        let r = Retries::default();
+        let cell = |name: &str| {
+            ObjectRef::<cellplane_cells::crd::CellSet>::new(name)
+                .within("ns")
+                .erase()
+        };
+        let (a, b) = (cell("a"), cell("b"));
+        assert_eq!((r.failed(&a), r.failed(&a), r.failed(&a)), (1, 2, 3));
+        assert_eq!(r.failed(&b), 1, "another object starts at one");
+        r.succeeded(&a);
+        assert_eq!(r.failed(&a), 1);
     }
 }

@@ -1,0 +1,176 @@
+//! CellSet -> the Cells it stamps out, its placement and its status. Pure.
+
+use super::{names, FIELD_MANAGER};
+use crate::{Error, Result};
+use cellplane_cells::crd::{condition, Cell, CellSet, CellSetStatus};
+use cellplane_cells::placement::{place, Placement, WeightedCell};
+use cellplane_cells::slot::DEFAULT_SLOTS;
+use kube::{Resource, ResourceExt};
+use std::collections::BTreeMap;
+
+/// The Cell objects `set` wants in this operator's scope (`region`; None: every region).
+pub fn desired_cells(set: &CellSet, region: Option<&str>) -> Result<Vec<Cell>> {
+    let name = set.name_any();
+    let owner = set
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    Ok(set
+        .spec
+        .stamp(&name)
+        .into_iter()
+        .filter(|c| region.is_none_or(|r| r == c.spec.region))
+        .map(|c| {
+            let mut cell = Cell::new(&c.name, c.spec);
+            cell.metadata.namespace = set.namespace();
+            cell.metadata.owner_references = Some(vec![owner.clone()]);
+            cell.metadata.labels = Some(BTreeMap::from([
+                (names::LABEL_CELLSET.to_string(), name.clone()),
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    FIELD_MANAGER.to_string(),
+                ),
+            ]));
+            cell
+        })
+        .collect())
+}
+
+/// The placement over every region's cells (the placement is global); None without cells.
+pub fn placement(set: &CellSet) -> Result<Option<Placement>> {
+    let cells: Vec<WeightedCell> = set
+        .spec
+        .stamp(&set.name_any())
+        .into_iter()
+        .map(|c| WeightedCell::new(c.name, c.spec.capacity_weight))
+        .collect();
+    if cells.is_empty() {
+        return Ok(None);
+    }
+    place(&cells, DEFAULT_SLOTS)
+        .map(Some)
+        .map_err(|e| Error::InvalidSpec(e.to_string()))
+}
+
+/// Slots per cell.
+pub fn placement_counts(set: &CellSet) -> Result<BTreeMap<String, u32>> {
+    Ok(placement(set)?.map(|p| p.counts()).unwrap_or_default())
+}
+
+/// The set's next status: `desired` cells in scope, the placement's `slots`, and the
+/// cells that exist now (counted when Ready). A changed placement is a new epoch (every
+/// change of ownership bumps it).
+pub fn status(
+    set: &CellSet,
+    desired: usize,
+    slots: BTreeMap<String, u32>,
+    existing: &[Cell],
+) -> CellSetStatus {
+    let previous = set.status.clone().unwrap_or_default();
+    let epoch = if previous.slots != slots {
+        previous.epoch + 1
+    } else {
+        previous.epoch
+    };
+    let ready_cells = existing
+        .iter()
+        .filter(|c| {
+            c.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|k| k.type_ == condition::READY && k.status == "True")
+            })
+        })
+        .count() as u32;
+    CellSetStatus {
+        cells: desired as u32,
+        ready_cells,
+        epoch,
+        slots,
+        observed_generation: set.metadata.generation,
+    }
+}
+
+/// Slots and epoch of `cell` in its set's published placement ((0, 0) before the set
+/// published one, or for a cell the set no longer places).
+pub fn placement_of(set: Option<&CellSet>, cell: &str) -> (u32, u64) {
+    let Some(st) = set.and_then(|s| s.status.as_ref()) else {
+        return (0, 0);
+    };
+    (st.slots.get(cell).copied().unwrap_or(0), st.epoch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellplane_cells::crd::{CellStatus, Condition};
+
+    fn set() -> CellSet {
+        let text = include_str!("../../../examples/demo-cellset.yaml");
+        let mut set: CellSet = serde_yaml::from_str(text).unwrap();
+        set.metadata.uid = Some("uid-1".into());
+        set.metadata.generation = Some(3);
+        set
+    }
+
+    fn ready(mut cell: Cell, is_ready: bool) -> Cell {
+        cell.status = Some(CellStatus {
+            conditions: vec![Condition {
+                type_: condition::READY.into(),
+                status: if is_ready { "True" } else { "False" }.into(),
+                reason: String::new(),
+                message: String::new(),
+                last_transition_time: String::new(),
+                observed_generation: None,
+            }],
+            ..Default::default()
+        });
+        cell
+    }
+
+    #[test]
+    fn cells_in_scope_are_owned_and_labelled() {
+        let s = set();
+        let all = desired_cells(&s, None).unwrap();
+        assert_eq!(all.len(), 4);
+        let us = desired_cells(&s, Some("us-east")).unwrap();
+        let names: Vec<String> = us.iter().map(|c| c.name_any()).collect();
+        assert_eq!(names, ["shop-us-east-0", "shop-us-east-1"]);
+        let c = &us[0];
+        assert_eq!(
+            c.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
+        assert_eq!(c.labels()[names::LABEL_CELLSET], "shop");
+        assert_eq!(c.namespace().as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn a_new_placement_is_a_new_epoch_and_ready_cells_are_counted() {
+        let mut s = set();
+        let slots = placement_counts(&s).unwrap();
+        assert_eq!(slots.values().sum::<u32>(), DEFAULT_SLOTS);
+        let cells = desired_cells(&s, None).unwrap();
+        let existing = [
+            ready(cells[0].clone(), true),
+            ready(cells[1].clone(), false),
+        ];
+        let first = status(&s, 4, slots.clone(), &existing);
+        assert_eq!((first.epoch, first.cells, first.ready_cells), (1, 4, 1));
+        assert_eq!(first.observed_generation, Some(3));
+        s.status = Some(first.clone());
+        assert_eq!(
+            status(&s, 4, slots.clone(), &existing).epoch,
+            1,
+            "same placement"
+        );
+        s.spec.regions[0].cells = 3;
+        let moved = status(&s, 5, placement_counts(&s).unwrap(), &existing);
+        assert_eq!(moved.epoch, 2);
+        assert_eq!(
+            placement_of(Some(&s), "shop-us-east-0"),
+            (slots["shop-us-east-0"], 1)
+        );
+        assert_eq!(placement_of(Some(&s), "gone"), (0, 1));
+        assert_eq!(placement_of(None, "shop-us-east-0"), (0, 0));
+    }
+}
