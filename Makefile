@@ -22,6 +22,8 @@ build:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) deny --offline check licenses bans
+	@e2e/bin/check-deps
 
 unit:
 	$(CARGO) test --workspace --exclude cellplane-e2e

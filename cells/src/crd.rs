@@ -292,7 +292,7 @@ pub struct CellStatus {
     pub endpoints: BTreeMap<String, String>,
 }
 
-/// Lifecycle of a cell (DESIGN.md "Cell states").
+/// Lifecycle of a cell (docs/architecture.md, "A cell's life").
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum CellPhase {
     Pending,

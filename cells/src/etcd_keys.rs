@@ -1,4 +1,4 @@
-//! The etcd layout (DESIGN.md) and the registration record a cell keeps alive. Pure.
+//! The etcd layout (docs/architecture.md, "etcd layout") and the registration record a cell keeps alive. Pure.
 
 use crate::crd::CellPhase;
 use serde::{Deserialize, Serialize};

@@ -152,3 +152,46 @@ async fn invalid_cells_are_rejected_by_the_api_server() -> anyhow::Result<()> {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
+
+/// Every file in `examples/`: the good ones are admitted as they are, and each one under
+/// `examples/invalid/` is refused with the message its `# refused:` line documents.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_example_is_admitted_or_refused_as_documented() -> anyhow::Result<()> {
+    let region = Region::up("examples")?;
+    region.install_crds()?;
+    let client = region.client().await?;
+    let root = cellplane_e2e::repo_root().join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&root)?
+        .chain(std::fs::read_dir(root.join("invalid"))?)
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
+    files.sort();
+    assert!(files.len() >= 5, "examples found: {files:?}");
+    let mut failures = vec![];
+    for path in &files {
+        let text = std::fs::read_to_string(path)?;
+        let refused = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# refused: "))
+            .map(str::to_owned);
+        let shown = path.strip_prefix(&root)?.display().to_string();
+        let invalid = path.parent().is_some_and(|p| p.ends_with("invalid"));
+        assert_eq!(
+            invalid,
+            refused.is_some(),
+            "{shown}: files under invalid/ (and only those) say `# refused:`"
+        );
+        let outcome = apply_yaml(&client, "default", &text).await;
+        match (refused, outcome) {
+            (None, Ok(_)) => {}
+            (None, Err(e)) => failures.push(format!("{shown}: refused: {e}")),
+            (Some(want), Err(kube::Error::Api(e))) if e.message.contains(&want) => {}
+            (Some(want), other) => failures.push(format!(
+                "{shown}: expected refusal with {want:?}, got {other:?}"
+            )),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}

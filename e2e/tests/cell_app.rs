@@ -7,10 +7,11 @@ use cellplane_cells::routing::{CellEntry, RoutingTable};
 use cellplane_e2e::cell::{CellApp, CellStores};
 use cellplane_e2e::wait_for;
 use mysql_async::prelude::Queryable;
+use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
@@ -89,7 +90,7 @@ async fn cache_aside_never_serves_a_stale_profile_to_a_read_that_starts_after_th
                 let r = app.get("/users/alice/profile").await.unwrap();
                 assert_eq!(r.status, 200, "{}", r.body);
                 let v = body(&r)["version"].as_u64().unwrap();
-                reads.lock().unwrap().push((started, v));
+                reads.lock().push((started, v));
             }
         });
     }
@@ -112,7 +113,7 @@ async fn cache_aside_never_serves_a_stale_profile_to_a_read_that_starts_after_th
     while let Some(r) = readers.join_next().await {
         r?;
     }
-    let reads = std::mem::take(&mut *reads.lock().unwrap());
+    let reads = std::mem::take(&mut *reads.lock());
     let mut stale = 0;
     for (done, version) in &updates {
         stale += reads

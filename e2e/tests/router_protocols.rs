@@ -9,8 +9,9 @@ use cellplane_e2e::test_dir;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,7 +44,7 @@ async fn websocket_upgrades_tunnel_bytes_both_ways_to_the_users_cell() -> anyhow
             let seen = seen.clone();
             tokio::spawn(async move {
                 let head = read_head(&mut s).await?;
-                seen.lock().unwrap().push(head.clone());
+                seen.lock().push(head.clone());
                 s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: x\r\n\r\n").await?;
                 let mut buf = [0u8; 1024];
                 loop {
@@ -72,7 +73,7 @@ async fn websocket_upgrades_tunnel_bytes_both_ways_to_the_users_cell() -> anyhow
         c.read_exact(&mut back).await?;
         assert_eq!(back, msg);
     }
-    let head = heads.lock().unwrap()[0].clone();
+    let head = heads.lock()[0].clone();
     assert!(
         head.contains("upgrade: websocket") && head.contains("connection: upgrade"),
         "{head}"
@@ -118,9 +119,7 @@ async fn grpc_calls_reach_the_cell_over_http2_with_trailers() -> anyhow::Result<
                 let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                     let seen = seen.clone();
                     async move {
-                        seen.lock()
-                            .unwrap()
-                            .push((req.version(), req.headers().clone()));
+                        seen.lock().push((req.version(), req.headers().clone()));
                         let msg = req.into_body().collect().await?.to_bytes();
                         let mut trailers = http::HeaderMap::new();
                         trailers.insert("grpc-status", "0".parse().unwrap());
@@ -178,7 +177,7 @@ async fn grpc_calls_reach_the_cell_over_http2_with_trailers() -> anyhow::Result<
         "the message went through and back"
     );
 
-    let (version, headers) = seen.lock().unwrap()[0].clone();
+    let (version, headers) = seen.lock()[0].clone();
     assert_eq!(
         version,
         http::Version::HTTP_2,

@@ -79,13 +79,18 @@ pub fn crds_yaml() -> std::result::Result<String, serde_yaml::Error> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn checked_in_crds_are_fresh() {
+    fn checked_in_crds_and_the_charts_copy_are_fresh() {
         let fresh = super::crds_yaml().unwrap();
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/cellplane.yaml");
-        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            on_disk == fresh,
-            "crds/cellplane.yaml is stale: run `make crds` and commit the result"
-        );
+        for copy in [
+            "crds/cellplane.yaml",
+            "charts/cellplane-operator/crds/cellplane.yaml",
+        ] {
+            let path = format!("{}/../{copy}", env!("CARGO_MANIFEST_DIR"));
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == fresh,
+                "{copy} is stale: run `make crds` and commit the result"
+            );
+        }
     }
 }

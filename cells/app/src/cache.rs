@@ -8,8 +8,8 @@
 //! is one pure function ([`fill_allowed`]) used by the in-process cache and mirrored in the
 //! Redis Lua scripts below (Redis runs them atomically).
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// What a cache key holds.
@@ -138,10 +138,10 @@ impl HotCache {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HotInner> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way
-        // that matters for a cache; keep serving.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HotInner> {
+        // No poisoning: a panic while holding the lock cannot leave the maps half-updated
+        // in a way that matters for a cache; keep serving.
+        self.inner.lock()
     }
 
     /// A live value, counting the read towards hotness.

@@ -128,7 +128,7 @@ async fn main() -> Result<()> {
     say(&format!(
         "load: {users} users, each: update profile, read it 3 times, buy one flash-sale unit"
     ));
-    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let seen = Arc::new(parking_lot::Mutex::new(Seen::default()));
     let gate = Arc::new(tokio::sync::Semaphore::new(32));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -166,7 +166,7 @@ async fn main() -> Result<()> {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("router")
                     .to_string();
-                let mut s = seen.lock().unwrap();
+                let mut s = seen.lock();
                 s.cells
                     .entry(user.clone())
                     .or_default()
@@ -187,11 +187,7 @@ async fn main() -> Result<()> {
         r??;
     }
     let elapsed = started.elapsed();
-    let seen = Arc::try_unwrap(seen)
-        .ok()
-        .expect("tasks done")
-        .into_inner()
-        .unwrap();
+    let seen = Arc::try_unwrap(seen).ok().expect("tasks done").into_inner();
     println!("  {} requests in {:.1}s", users * 5, elapsed.as_secs_f64());
 
     say("orders persisted (Kafka -> MySQL, exactly once per order)");
