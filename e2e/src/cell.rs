@@ -238,10 +238,7 @@ impl CellApp {
 
     /// A counter or gauge from /metrics (0 when absent).
     pub async fn metric(&self, name_and_labels: &str) -> Result<f64> {
-        Ok(metric_value(
-            &self.get("/metrics").await?.body,
-            name_and_labels,
-        ))
+        metric_value(&self.get("/metrics").await?.body, name_and_labels)
     }
 }
 

@@ -117,6 +117,37 @@ impl Region {
         Ok(String::from_utf8_lossy(&out.stdout).into())
     }
 
+    /// `kubectl auth can-i VERB RESOURCE --as USER [-n NS]` (no namespace: a cluster-scoped
+    /// resource): Ok(true) for "yes", Ok(false)
+    /// for a plain "no", and an error for anything else (a resource the API server does
+    /// not know, a failed call), so a misspelt resource never passes as "not allowed".
+    pub fn can_i(&self, user: &str, verb: &str, resource: &str, ns: Option<&str>) -> Result<bool> {
+        let mut args = vec!["auth", "can-i", verb, resource, "--as", user];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        let out = Command::new(tools_bin().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(&args)
+            .output()?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        // kubectl notes that a cluster-scoped resource ignores the context's namespace;
+        // that is not a problem with the question.
+        let stderr: String = stderr
+            .lines()
+            .filter(|l| !l.contains("is not namespace scoped"))
+            .collect();
+        match (stdout.trim(), stderr.trim()) {
+            ("yes", "") if out.status.success() => Ok(true),
+            ("no", "") if out.status.code() == Some(1) => Ok(false),
+            _ => bail!("kubectl {}: {stdout} {stderr}", args.join(" ")),
+        }
+    }
+
     /// Installs `crds/` and waits until the API server serves them.
     pub fn install_crds(&self) -> Result<()> {
         let crds = repo_root().join("crds/cellplane.yaml");

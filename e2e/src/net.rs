@@ -107,7 +107,12 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(name, "127.0.0.1:0").await
+    }
+
+    /// A backend on `addr` (a killed backend's address brings it back at the same place).
+    pub async fn start_on(name: &str, addr: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?.to_string();
         let min_epoch = Arc::new(AtomicU64::new(0));
         let hits = Arc::new(AtomicU64::new(0));
@@ -235,6 +240,19 @@ impl RouterProc {
     /// Starts the router with `config_yaml` (listen addresses are filled in) and waits
     /// until it has a table (`/readyz`).
     pub async fn start(config_yaml: &str, dir: &std::path::Path) -> Result<Self> {
+        Self::start_waiting_for(config_yaml, dir, "/readyz").await
+    }
+
+    /// Starts the router and waits only until it serves (`/healthz`): it may have no table.
+    pub async fn start_without_table(config_yaml: &str, dir: &std::path::Path) -> Result<Self> {
+        Self::start_waiting_for(config_yaml, dir, "/healthz").await
+    }
+
+    async fn start_waiting_for(
+        config_yaml: &str,
+        dir: &std::path::Path,
+        path: &str,
+    ) -> Result<Self> {
         let [port, mport] = free_ports()?;
         let cfg = dir.join(format!("router-{port}.yaml"));
         std::fs::write(
@@ -255,8 +273,8 @@ impl RouterProc {
             metrics_addr: format!("127.0.0.1:{mport}"),
             log,
         };
-        let ready = format!("http://{}/readyz", r.metrics_addr);
-        wait_ok("router ready", &ready, Duration::from_secs(30)).await?;
+        let ready = format!("http://{}{path}", r.metrics_addr);
+        wait_ok("router up", &ready, Duration::from_secs(30)).await?;
         Ok(r)
     }
 
@@ -278,7 +296,7 @@ impl RouterProc {
         let text = get(&format!("http://{}/metrics", self.metrics_addr), &[])
             .await?
             .body;
-        Ok(metric_value(&text, name_and_labels))
+        metric_value(&text, name_and_labels)
     }
 
     /// Runs the router on `config_yaml`, expecting it to refuse to start; returns what it
@@ -393,18 +411,57 @@ pub async fn wait_ok(what: &str, url: &str, timeout: Duration) -> Result<()> {
 }
 
 /// One sample from Prometheus text exposition (0 when absent).
-pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+/// The value of one series (`name{labels}` exactly as exposed) in a Prometheus text
+/// exposition. A series not exposed yet counts 0, but only when its metric family is
+/// exposed at all: a misspelt name is an error, so `== 0` checks cannot pass on it.
+pub fn metric_value(text: &str, name_and_labels: &str) -> Result<f64> {
+    let found = text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    });
+    if let Some(v) = found {
+        return Ok(v);
+    }
+    let name = name_and_labels.split('{').next().unwrap_or_default();
+    let family = ["_total", "_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    let exposed = text
+        .lines()
+        .any(|l| l.strip_prefix("# TYPE ").and_then(|t| t.split(' ').next()) == Some(family));
+    anyhow::ensure!(
+        exposed,
+        "no metric family {family:?} is exposed (is {name_and_labels:?} misspelt?)"
+    );
+    Ok(0.0)
 }
 
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<Reply> {
     send("GET", url, headers, Bytes::new()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_value;
+
+    const TEXT: &str = "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests_total{cell=\"a\"} 3\n# TYPE x_up gauge\nx_up 1\n";
+
+    #[test]
+    fn series_values_absent_series_and_misspelt_names() {
+        assert_eq!(
+            metric_value(TEXT, "x_requests_total{cell=\"a\"}").unwrap(),
+            3.0
+        );
+        assert_eq!(metric_value(TEXT, "x_up").unwrap(), 1.0);
+        assert_eq!(
+            metric_value(TEXT, "x_requests_total{cell=\"b\"}").unwrap(),
+            0.0
+        );
+        assert!(metric_value(TEXT, "x_request_total{cell=\"a\"}").is_err());
+        assert!(metric_value(TEXT, "x_upp").is_err());
+    }
 }

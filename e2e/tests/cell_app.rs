@@ -324,6 +324,38 @@ async fn a_standby_replica_catches_up_reports_lag_and_is_promoted_after_the_prim
         .await?
         .query_drop("CREATE TABLE burst (id INT PRIMARY KEY, v VARCHAR(64))")
         .await?;
+    // Lag is measured exactly: with the standby's SQL thread stopped, 10 commits on the
+    // home are 10 transactions behind, then none once it applies them.
+    let primary = replication::position(&home_admin).await?;
+    assert!(replication::wait_caught_up(&standby_admin, &primary.gtid_binlog_pos, T).await?);
+    standby_admin
+        .get_conn()
+        .await?
+        .query_drop("STOP SLAVE 'repl-home' SQL_THREAD")
+        .await?;
+    for i in 0..10 {
+        app_pool
+            .get_conn()
+            .await?
+            .exec_drop("INSERT INTO burst VALUES (?, 'held')", (100_000 + i,))
+            .await?;
+    }
+    let primary = replication::position(&home_admin).await?;
+    let s = replication::replica_status(&standby_admin, "repl-home")
+        .await?
+        .expect("connection exists");
+    assert_eq!(
+        replication::gtid_lag(&primary.gtid_binlog_pos, &s.gtid_slave_pos),
+        10,
+        "10 commits not applied: {s:?}"
+    );
+    standby_admin
+        .get_conn()
+        .await?
+        .query_drop("START SLAVE 'repl-home' SQL_THREAD")
+        .await?;
+    assert!(replication::wait_caught_up(&standby_admin, &primary.gtid_binlog_pos, T).await?);
+
     let started = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..8 {
@@ -368,7 +400,11 @@ async fn a_standby_replica_catches_up_reports_lag_and_is_promoted_after_the_prim
         .await?
         .query_first("SELECT COUNT(*) FROM cell_repl_home.burst")
         .await?;
-    assert_eq!(replicated, Some(2000));
+    assert_eq!(
+        replicated,
+        Some(2010),
+        "the 10 held rows and the burst of 2000"
+    );
     eprintln!("replication: 2000 writes caught up {caught_up:?} after the burst began; max lag seen {max_lag} transactions");
 
     // Failover order: fence the old primary, wait for its final position, promote.

@@ -101,10 +101,15 @@ async fn chart_installs_into_a_region_with_least_privilege() -> anyhow::Result<(
     let sa = "system:serviceaccount:cellplane:cp-cellplane-operator";
     let can = |verb: &str, resource: &str, ns: &str| -> bool {
         region
-            .kubectl(&["auth", "can-i", verb, resource, "--as", sa, "-n", ns])
-            .map(|o| o.trim() == "yes")
-            .unwrap_or(false)
+            .can_i(sa, verb, resource, Some(ns))
+            .unwrap_or_else(|e| panic!("{e}"))
     };
+    // The check itself can fail: an unknown resource is an error, not a "no".
+    let misspelt = region.can_i(sa, "get", "secretz", Some("default"));
+    assert!(
+        misspelt.is_err(),
+        "a misspelt resource must not read as not allowed: {misspelt:?}"
+    );
     for (verb, res) in [
         ("create", "cells.cellplane.io"),
         ("patch", "deployments.apps"),

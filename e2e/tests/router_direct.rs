@@ -14,9 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 const NO_CHECKS: &str = "healthCheck: {enabled: false}\nlimits: {replayBufferBytes: 1024}\n";
 
-/// One HTTP/1.1 message read off a stream: its head (lower-cased) and body.
+/// One HTTP/1.1 message read off a stream: its head (lower-cased, and as it came) and
+/// body.
 struct Message {
     head: String,
+    raw_head: String,
     body: Vec<u8>,
 }
 
@@ -49,10 +51,11 @@ async fn read_message(s: &mut TcpStream, buf: &mut Vec<u8>, body: Body) -> anyho
         }
         read_more(s, buf).await?;
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let raw_head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     buf.drain(..head_end);
     let mut m = Message {
-        head,
+        head: raw_head.to_ascii_lowercase(),
+        raw_head,
         body: Vec::new(),
     };
     if body == Body::Absent || m.head.starts_with("head ") {
@@ -123,16 +126,20 @@ async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
 struct RawCell {
     addr: String,
     connections: Arc<AtomicU64>,
+    /// Connections the cell has closed.
+    closed: Arc<AtomicU64>,
 }
 
 async fn raw_cell() -> anyhow::Result<RawCell> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let connections = Arc::new(AtomicU64::new(0));
-    let count = connections.clone();
+    let closed = Arc::new(AtomicU64::new(0));
+    let (count, closes) = (connections.clone(), closed.clone());
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            let closes = closes.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 while let Ok(req) = read_message(&mut s, &mut buf, Body::Framed).await {
@@ -158,8 +165,11 @@ async fn raw_cell() -> anyhow::Result<RawCell> {
                         _ if req.head.starts_with("head ") => {
                             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_string()
                         }
+                        // A mixed-case header name: the direct path passes names as they
+                        // came, hyper writes them lower-cased (how a test tells the paths
+                        // apart).
                         _ => format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\n{seen}",
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\nX-Cell-Case: Kept\r\n\r\n{seen}",
                             seen.len()
                         ),
                     };
@@ -170,10 +180,16 @@ async fn raw_cell() -> anyhow::Result<RawCell> {
                         break;
                     }
                 }
+                drop(s);
+                closes.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    Ok(RawCell { addr, connections })
+    Ok(RawCell {
+        addr,
+        connections,
+        closed,
+    })
 }
 
 /// A raw cell and a router (file mode, no health checks, `extra` config) in front of it.
@@ -207,6 +223,11 @@ async fn keep_alive_pipelining_and_every_response_framing_pass_through() -> anyh
     .await?;
     let r = read_message(&mut c, &mut buf, Body::Framed).await?;
     assert!(r.head.starts_with("http/1.1 200"), "{}", r.head);
+    assert!(
+        r.raw_head.contains("\r\nX-Cell-Case: Kept\r\n"),
+        "the direct path served it (hyper would lower-case the name): {}",
+        r.raw_head
+    );
     assert_eq!(r.header("x-cellplane-cell"), Some("a"));
     assert_eq!(
         r.header("keep-alive"),
@@ -320,8 +341,17 @@ async fn pooled_connections_the_cell_closed_are_never_used() -> anyhow::Result<(
             r.head
         );
         assert!(String::from_utf8(r.body)?.ends_with("body=2"));
-        // Give the cell's close time to arrive before the next request.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The next request goes out once the cell has closed this connection.
+        let closed = cell.closed.clone();
+        cellplane_e2e::wait_for(
+            "the cell to close the connection",
+            Duration::from_secs(5),
+            || {
+                let n = closed.load(Ordering::SeqCst);
+                async move { Ok((n > i).then_some(())) }
+            },
+        )
+        .await?;
     }
     assert_eq!(cell.connections.load(Ordering::SeqCst), 20);
     Ok(())
@@ -401,14 +431,26 @@ async fn with_the_direct_path_off_hyper_serves_everything() -> anyhow::Result<()
         let r = read_message(&mut c, &mut buf, Body::Framed).await?;
         assert!(r.head.starts_with("http/1.1 200"), "{}", r.head);
         assert!(String::from_utf8(r.body)?.starts_with(&format!("get {path} ")));
+        if path != "/chunked" {
+            // hyper wrote the head: names lower-cased (the direct path keeps their case).
+            assert!(
+                r.raw_head.contains("\r\nx-cell-case: Kept\r\n"),
+                "hyper served {path}: {}",
+                r.raw_head
+            );
+        }
     }
-    let text = cellplane_e2e::net::get(&format!("http://{}/metrics", router.metrics_addr), &[])
-        .await?
-        .body;
-    assert!(
-        !text.contains("cellplane_router_http1_handoffs_total{"),
-        "nothing went through the direct path"
-    );
+    for reason in ["not_plain", "unparsed"] {
+        let handed = router
+            .metric(&format!(
+                "cellplane_router_http1_handoffs_total{{reason=\"{reason}\"}}"
+            ))
+            .await?;
+        assert_eq!(
+            handed, 0.0,
+            "nothing went through the direct path ({reason})"
+        );
+    }
     Ok(())
 }
 

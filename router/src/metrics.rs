@@ -24,6 +24,31 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Every reason the router answers a request itself with (`rejected_total{reason}`).
+pub const REJECT_REASONS: [&str; 15] = [
+    "no_user_key",
+    "rate_limited",
+    "body_too_large",
+    "bad_body",
+    "body_timeout",
+    "bad_request",
+    "no_table",
+    "hold_timeout",
+    "cell_unavailable",
+    "cell_overloaded",
+    "no_endpoint",
+    "bad_endpoint",
+    "upstream_timeout",
+    "upstream_unreachable",
+    "bad_response",
+];
+/// Why a request was sent again (`retries_total{reason}`).
+pub const RETRY_REASONS: [&str; 3] = ["connect", "idempotent", "misdirected"];
+/// Active health-check transitions (`health_transitions_total{reason}`).
+pub const HEALTH_TRANSITIONS: [&str; 2] = ["down", "up"];
+/// Why the direct path handed a connection to hyper (`http1_handoffs_total{reason}`).
+pub const HANDOFF_REASONS: [&str; 2] = ["not_plain", "unparsed"];
+
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<CellLabel, Histogram>,
@@ -89,6 +114,18 @@ impl Metrics {
             "Client connections the direct HTTP/1.1 path handed to hyper, by reason",
             handoffs.clone(),
         );
+        // Every series of a known label value exists from the start, at 0: `rate()` and
+        // alerts see it before its first event, and a missing series means a wrong name.
+        for (family, reasons) in [
+            (&rejected, &REJECT_REASONS[..]),
+            (&retries, &RETRY_REASONS[..]),
+            (&health_transitions, &HEALTH_TRANSITIONS[..]),
+            (&handoffs, &HANDOFF_REASONS[..]),
+        ] {
+            for &reason in reasons {
+                drop(family.get_or_create(&ReasonLabel { reason }));
+            }
+        }
         Self {
             requests,
             latency,
@@ -111,6 +148,10 @@ impl Metrics {
     }
 
     pub fn reject(&self, reason: &'static str) {
+        debug_assert!(
+            REJECT_REASONS.contains(&reason),
+            "add {reason} to REJECT_REASONS"
+        );
         self.rejected.get_or_create(&ReasonLabel { reason }).inc();
     }
 }
@@ -118,5 +159,25 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_reason_is_exposed_at_zero_from_the_start() {
+        let text = Metrics::new().encode();
+        for reason in REJECT_REASONS {
+            let series = format!("cellplane_router_rejected_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+        for reason in HANDOFF_REASONS {
+            let series = format!("cellplane_router_http1_handoffs_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&series), "{series}");
+        }
+        assert!(text.contains("cellplane_router_retries_total{reason=\"misdirected\"} 0"));
+        assert!(text.contains("cellplane_router_health_transitions_total{reason=\"up\"} 0"));
     }
 }
