@@ -236,6 +236,16 @@ impl Operator {
         self.child.id()
     }
 
+    /// Asks for a graceful stop (SIGTERM) without waiting.
+    pub fn terminate(&self) -> Result<()> {
+        sigterm(&self.child)
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub async fn exited(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        exited(&mut self.child, "operator", timeout).await
+    }
+
     /// Its /metrics text.
     pub fn metrics(&self) -> Result<String> {
         let out = Command::new("curl")
@@ -249,6 +259,28 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends SIGTERM to a child process (a graceful stop).
+pub fn sigterm(child: &Child) -> Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -TERM {} failed", child.id());
+    Ok(())
+}
+
+/// Waits up to `timeout` for `child` to exit; its exit status.
+pub async fn exited(
+    child: &mut Child,
+    what: &str,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus> {
+    wait_for(&format!("{what} to exit"), timeout, || {
+        let status = child.try_wait();
+        async move { Ok(status?) }
+    })
+    .await
 }
 
 /// A fresh directory for one test's files (unique per test process).

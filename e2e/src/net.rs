@@ -329,21 +329,12 @@ impl RouterProc {
 
     /// Asks for a graceful stop (SIGTERM) without waiting.
     pub fn terminate(&self) -> Result<()> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM failed");
-        Ok(())
+        crate::sigterm(&self.child)
     }
 
     /// Waits up to `timeout` for the process to exit; its exit status.
     pub async fn exited(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let child = &mut self.child;
-        wait_for("router exit", timeout, || {
-            let status = child.try_wait();
-            async move { Ok(status?) }
-        })
-        .await
+        crate::exited(&mut self.child, "router", timeout).await
     }
 }
 

@@ -251,7 +251,7 @@ async fn cellset_stamps_pairs_and_scales_moving_slots_only_to_new_cells() -> any
 #[tokio::test(flavor = "multi_thread")]
 async fn operator_survives_an_api_server_crash() -> anyhow::Result<()> {
     let (region, client) = setup("crash").await?;
-    let op = region.operator("solo", &[])?;
+    let mut op = region.operator("solo", &[])?;
     apply_yaml(&client, "default", &cell_yaml("c2", "example/shop:1")).await?;
     // Crash the API server while the first reconciles are in flight.
     region.restart_apiserver()?;
@@ -261,12 +261,41 @@ async fn operator_survives_an_api_server_crash() -> anyhow::Result<()> {
     // And changes made after the crash still converge.
     apply_yaml(&client, "default", &cell_yaml("c3", "example/shop:1")).await?;
     wait_ready(&cells, "c3").await?;
-    let metrics = op.metrics()?;
+    let reconciles = cellplane_e2e::net::metric_value(
+        &op.metrics()?,
+        "cellplane_operator_reconciles_total{controller=\"cell\"}",
+    )?;
+    assert!(reconciles >= 2.0, "{reconciles}");
+
+    // An operator scoped to region `us` (--region) stamps only us's cells of a CellSet and
+    // leaves a Cell of another region alone: no workloads, no status.
+    op.kill();
+    let _scoped = region.operator("scoped", &["--region", "us", "--lease-name", "scoped"])?;
+    apply_yaml(
+        &client,
+        "default",
+        &cell_yaml("elsewhere", "example/shop:1"),
+    )
+    .await?;
+    apply_yaml(&client, "default", &CELLSET.replace("PER", "1")).await?;
+    wait_ready(&cells, "shop-us-0").await?;
     assert!(
-        metrics.contains("cellplane_operator_reconciles_total{controller=\"cell\"}"),
-        "{metrics}"
+        cells.get_opt("shop-eu-0").await?.is_none(),
+        "eu's cell is eu's operator's"
     );
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    assert!(
+        deployments.get_opt("elsewhere-app").await?.is_none(),
+        "a Cell of region e2e got workloads from the us operator"
+    );
+    let elsewhere = cells.get("elsewhere").await?;
+    assert!(elsewhere.status.is_none(), "{:?}", elsewhere.status);
     Ok(())
+}
+
+/// The operator's `cellplane_operator_leader` gauge (the series itself, not its help text).
+fn leading(metrics: &str) -> anyhow::Result<f64> {
+    cellplane_e2e::net::metric_value(metrics, "cellplane_operator_leader")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -290,8 +319,8 @@ async fn leadership_moves_when_the_leader_dies() -> anyhow::Result<()> {
     } else {
         (&mut b, &mut a)
     };
-    assert!(leader.metrics()?.contains("cellplane_operator_leader 1"));
-    assert!(follower.metrics()?.contains("cellplane_operator_leader 0"));
+    assert_eq!(leading(&leader.metrics()?)?, 1.0);
+    assert_eq!(leading(&follower.metrics()?)?, 0.0);
 
     leader.kill();
     let second = wait_for("a new leader", T, || {
@@ -303,7 +332,48 @@ async fn leadership_moves_when_the_leader_dies() -> anyhow::Result<()> {
     assert_ne!(first, second);
     apply_yaml(&client, "default", &cell_yaml("l2", "example/shop:1")).await?;
     wait_ready(&cells, "l2").await?;
-    assert!(follower.metrics()?.contains("cellplane_operator_leader 1"));
+    assert_eq!(leading(&follower.metrics()?)?, 1.0);
+
+    // Someone else takes the Lease: the leader's next renewal finds it gone, so it steps
+    // down (stops reconciling) without exiting, and leads again once the thief's lease
+    // has expired.
+    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ");
+    let stolen = format!(
+        r#"{{"spec":{{"holderIdentity":"thief","renewTime":"{now}","leaseDurationSeconds":6}}}}"#
+    );
+    region.kubectl(&[
+        "patch",
+        "lease",
+        "cellplane-operator",
+        "-n",
+        "default",
+        "--type",
+        "merge",
+        "-p",
+        &stolen,
+    ])?;
+    wait_for("the leader to step down", T, || {
+        let m = follower.metrics();
+        async move { Ok((leading(&m?)? == 0.0).then_some(())) }
+    })
+    .await?;
+    wait_for("leading again after the stolen lease expired", T, || {
+        let m = follower.metrics();
+        async move { Ok((leading(&m?)? == 1.0).then_some(())) }
+    })
+    .await?;
+
+    // SIGTERM: the Lease is released at once (a standby need not wait out its duration),
+    // and the process exits cleanly.
+    follower.terminate()?;
+    let status = follower.exited(T).await?;
+    assert!(status.success(), "{status:?}");
+    let after = holder(leases.clone()).await?;
+    let log = std::fs::read_to_string(&follower.log).unwrap_or_default();
+    assert_eq!(
+        after, None,
+        "the Lease was released on SIGTERM; operator log:\n{log}"
+    );
     Ok(())
 }
 
@@ -311,7 +381,7 @@ async fn leadership_moves_when_the_leader_dies() -> anyhow::Result<()> {
 async fn ready_cells_register_in_etcd_and_the_finalizer_removes_them() -> anyhow::Result<()> {
     let (region, client) = setup("reg").await?;
     let etcd = region.etcd_endpoint();
-    let _op = region.operator(
+    let mut op = region.operator(
         "solo",
         &["--etcd-endpoints", &etcd, "--registration-ttl", "5"],
     )?;
@@ -337,6 +407,41 @@ async fn ready_cells_register_in_etcd_and_the_finalizer_removes_them() -> anyhow
         got.kvs()[0].lease() != 0,
         "registration is kept alive by a lease"
     );
+
+    // A second cell; its operator then dies without a word (kill -9): the registration
+    // lease expires within the TTL, so a dead region's cells stop being registered.
+    apply_yaml(&client, "default", &cell_yaml("r2", "example/shop:1")).await?;
+    let key2 = cellplane_cells::etcd_keys::cell_key("shop", "r2");
+    wait_for("r2 registered", T, || {
+        let mut kv = kv.clone();
+        let key2 = key2.clone();
+        async move { Ok((!kv.get(key2.as_str(), None).await?.kvs().is_empty()).then_some(())) }
+    })
+    .await?;
+    op.kill();
+    let killed = std::time::Instant::now();
+    wait_for("r2's registration to expire with its lease", T, || {
+        let mut kv = kv.clone();
+        let key2 = key2.clone();
+        async move {
+            Ok(kv
+                .get(key2.as_str(), None)
+                .await?
+                .kvs()
+                .is_empty()
+                .then_some(()))
+        }
+    })
+    .await?;
+    assert!(
+        killed.elapsed() < Duration::from_secs(12),
+        "expired within about the 5 s TTL: {:?}",
+        killed.elapsed()
+    );
+    let _op = region.operator(
+        "solo-again",
+        &["--etcd-endpoints", &etcd, "--registration-ttl", "5"],
+    )?;
 
     cells.delete("r1", &DeleteParams::default()).await?;
     wait_for("registration removed", T, || {
