@@ -37,6 +37,18 @@ fn table(epoch: u64, cells: &[&str]) -> RoutingTable {
     RoutingTable::placed("shop", epoch, 16384, entries).unwrap()
 }
 
+/// `t` with real endpoints for the named cells (what a router dials).
+fn with_endpoints(t: &RoutingTable, endpoints: &[(&str, &str)]) -> RoutingTable {
+    let mut t = t.clone();
+    for c in &mut t.cells {
+        if let Some((_, addr)) = endpoints.iter().find(|(name, _)| *name == c.name) {
+            c.endpoints = vec![addr.to_string()];
+        }
+    }
+    t.validate().expect("still a valid table");
+    t
+}
+
 /// Stores + app of a cell that owns every slot.
 async fn lone_cell(name: &str) -> anyhow::Result<(CellStores, CellApp)> {
     let stores = CellStores::up(name)?;
@@ -281,8 +293,37 @@ async fn the_fence_answers_421_for_foreign_slots_and_for_a_frozen_cell() -> anyh
     .await?;
     assert_eq!(r.status, 503, "{}", r.body);
 
+    // The real app behind a real router (same epoch): the user reaches its home cell.
+    // The router only re-reads its table when a cell answers 421 (no polling here).
+    let other = cellplane_e2e::net::Backend::start("fence-b").await?;
+    let endpoints = [
+        ("fence-a", app.addr.as_str()),
+        ("fence-b", other.addr.as_str()),
+    ];
+    let dir = cellplane_e2e::test_dir("fence-router");
+    let (router, router_file) = cellplane_e2e::net::RouterProc::start_on_file(
+        &with_endpoints(&t1, &endpoints),
+        ", pollMs: 600000",
+        "healthCheck: {path: /readyz}\n",
+        &dir,
+    )
+    .await?;
+    let profile_via_router = || {
+        let url = format!("http://{}/users/{mine}/profile", router.addr);
+        let mine = mine.clone();
+        async move { cellplane_e2e::net::get(&url, &[("x-user-id", &mine)]).await }
+    };
+    let r = profile_via_router().await?;
+    assert_eq!(r.status, 404, "no profile yet: {}", r.body);
+    assert_eq!(r.headers["x-cellplane-cell"], "fence-a");
+    assert_eq!(
+        r.headers["x-cellplane-served-by"], "fence-a",
+        "the real app answered"
+    );
+
     // The cell is frozen for a failover: it serves none of its users.
-    std::fs::write(&file, t1.frozen("fence-a")?.encode())?;
+    let frozen = t1.frozen("fence-a")?;
+    std::fs::write(&file, frozen.encode())?;
     wait_for("frozen table applied", T, || async {
         Ok((app.get(&format!("/users/{mine}/profile")).await?.status == 421).then_some(()))
     })
@@ -294,6 +335,23 @@ async fn the_fence_answers_421_for_foreign_slots_and_for_a_frozen_cell() -> anyh
         .metric(r#"cellplane_app_requests_total{route="/users/{user}/profile",method="GET",class="4xx"}"#)
         .await?;
     assert!(fenced >= 2.0, "421s counted: {fenced}");
+
+    // The whole fence path: the slots moved to fence-b (epoch 3) while the router still
+    // routes by epoch 1. The app answers the router's request with 421, the router re-reads
+    // its table once and sends the request to the new home; the old home wrote nothing.
+    std::fs::write(
+        &router_file,
+        with_endpoints(&frozen.failed_over("fence-a")?, &endpoints).encode(),
+    )?;
+    let r = profile_via_router().await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers["x-cellplane-cell"], "fence-b");
+    assert_eq!(r.backend(), Some("fence-b"));
+    let misdirected = router
+        .metric(r#"cellplane_router_retries_total{reason="misdirected"}"#)
+        .await?;
+    assert_eq!(misdirected, 1.0, "one 421, one refresh, one retry");
+    assert_eq!(router.metric("cellplane_router_table_epoch").await?, 3.0);
     Ok(())
 }
 
