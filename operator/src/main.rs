@@ -130,10 +130,23 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
+    let metrics = Arc::new(Metrics::new());
+    let config = kube::Config::infer()
         .await
         .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
-    let metrics = Arc::new(Metrics::new());
+    // Every request to the API server is counted by verb (`api_requests_total`).
+    let requests = metrics.api_requests.clone();
+    let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        let verb = cellplane_operator::metrics::api_verb(&req);
+        requests
+            .get_or_create(&cellplane_operator::metrics::VerbLabel { verb })
+            .inc();
+        req
+    });
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&count)
+        .build();
     let health = Arc::new(Health {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),

@@ -18,8 +18,33 @@ pub struct ErrorLabel {
     pub error: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabel {
+    pub verb: &'static str,
+}
+
+/// The Kubernetes API verb of a request, from its method and query (a GET with
+/// `watch=true` is a watch).
+pub fn api_verb<B>(req: &http::Request<B>) -> &'static str {
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    match *req.method() {
+        http::Method::GET if watch => "watch",
+        http::Method::GET => "get",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
 pub struct Metrics {
     pub reconciles: Family<ControllerLabel, Counter>,
+    /// Requests this operator sent to the Kubernetes API, by verb.
+    pub api_requests: Family<VerbLabel, Counter>,
     pub errors: Family<ErrorLabel, Counter>,
     pub duration: Family<ControllerLabel, Histogram>,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -35,7 +60,13 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.005, 2.0, 12))
         });
         let leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        let api_requests = Family::<VerbLabel, Counter>::default();
         registry.register("reconciles", "Reconciliations run", reconciles.clone());
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes API, by verb",
+            api_requests.clone(),
+        );
         registry.register(
             "reconcile_errors",
             "Reconciliations that failed, by error kind",
@@ -49,6 +80,7 @@ impl Metrics {
         registry.register("leader", "1 while this replica leads", leader.clone());
         Self {
             reconciles,
+            api_requests,
             errors,
             duration,
             leader,
@@ -124,5 +156,53 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("error=\"invalid_spec\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn requests_are_named_by_their_api_verb() {
+        let req = |method: &str, uri: &str| {
+            http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            api_verb(&req("GET", "/api/v1/namespaces/d/secrets/x")),
+            "get"
+        );
+        assert_eq!(
+            api_verb(&req(
+                "GET",
+                "/apis/cellplane.io/v1alpha1/cells?watch=true&resourceVersion=5"
+            )),
+            "watch"
+        );
+        assert_eq!(
+            api_verb(&req("GET", "/api/v1/pods?labelSelector=watch%3Dtrue")),
+            "get"
+        );
+        assert_eq!(
+            api_verb(&req("PATCH", "/apis/apps/v1/namespaces/d/deployments/x")),
+            "patch"
+        );
+        assert_eq!(
+            api_verb(&req("POST", "/api/v1/namespaces/d/secrets")),
+            "create"
+        );
+        assert_eq!(
+            api_verb(&req(
+                "PUT",
+                "/apis/coordination.k8s.io/v1/namespaces/d/leases/l"
+            )),
+            "update"
+        );
+        assert_eq!(
+            api_verb(&req(
+                "DELETE",
+                "/apis/cellplane.io/v1alpha1/namespaces/d/cells/c"
+            )),
+            "delete"
+        );
     }
 }
