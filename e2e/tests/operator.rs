@@ -377,6 +377,19 @@ async fn leadership_moves_when_the_leader_dies() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until `key` is in etcd (`present`) or gone.
+async fn wait_registered(kv: &etcd_client::Client, key: &str, present: bool) -> anyhow::Result<()> {
+    let what = format!("{key} {}", if present { "registered" } else { "gone" });
+    wait_for(&what, T, || {
+        let mut kv = kv.clone();
+        async move {
+            let found = !kv.get(key, None).await?.kvs().is_empty();
+            Ok((found == present).then_some(()))
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_cells_register_in_etcd_and_the_finalizer_removes_them() -> anyhow::Result<()> {
     let (region, client) = setup("reg").await?;
@@ -412,27 +425,10 @@ async fn ready_cells_register_in_etcd_and_the_finalizer_removes_them() -> anyhow
     // lease expires within the TTL, so a dead region's cells stop being registered.
     apply_yaml(&client, "default", &cell_yaml("r2", "example/shop:1")).await?;
     let key2 = cellplane_cells::etcd_keys::cell_key("shop", "r2");
-    wait_for("r2 registered", T, || {
-        let mut kv = kv.clone();
-        let key2 = key2.clone();
-        async move { Ok((!kv.get(key2.as_str(), None).await?.kvs().is_empty()).then_some(())) }
-    })
-    .await?;
+    wait_registered(&kv, &key2, true).await?;
     op.kill();
     let killed = std::time::Instant::now();
-    wait_for("r2's registration to expire with its lease", T, || {
-        let mut kv = kv.clone();
-        let key2 = key2.clone();
-        async move {
-            Ok(kv
-                .get(key2.as_str(), None)
-                .await?
-                .kvs()
-                .is_empty()
-                .then_some(()))
-        }
-    })
-    .await?;
+    wait_registered(&kv, &key2, false).await?;
     assert!(
         killed.elapsed() < Duration::from_secs(12),
         "expired within about the 5 s TTL: {:?}",
@@ -444,18 +440,6 @@ async fn ready_cells_register_in_etcd_and_the_finalizer_removes_them() -> anyhow
     )?;
 
     cells.delete("r1", &DeleteParams::default()).await?;
-    wait_for("registration removed", T, || {
-        let mut kv = kv.clone();
-        let key = key.clone();
-        async move {
-            Ok(kv
-                .get(key.as_str(), None)
-                .await?
-                .kvs()
-                .is_empty()
-                .then_some(()))
-        }
-    })
-    .await?;
+    wait_registered(&kv, &key, false).await?;
     Ok(())
 }

@@ -25,6 +25,13 @@ fn one_cell(endpoints: &[&Backend]) -> RoutingTable {
     .unwrap()
 }
 
+async fn retries(r: &RouterProc, reason: &str) -> anyhow::Result<f64> {
+    r.metric(&format!(
+        "cellplane_router_retries_total{{reason=\"{reason}\"}}"
+    ))
+    .await
+}
+
 async fn rejected(r: &RouterProc, reason: &str) -> anyhow::Result<f64> {
     r.metric(&format!(
         "cellplane_router_rejected_total{{reason=\"{reason}\"}}"
@@ -52,9 +59,7 @@ async fn an_upstream_timeout_is_504_and_never_retried_even_for_a_get() -> anyhow
     let arrived = a1.arrived.load(Ordering::SeqCst) + a2.arrived.load(Ordering::SeqCst);
     assert_eq!(arrived, 1, "sent once: the cell may have acted on it");
     assert_eq!(rejected(&r, "upstream_timeout").await?, 1.0);
-    let retries = r
-        .metric(r#"cellplane_router_retries_total{reason="idempotent"}"#)
-        .await?;
+    let retries = retries(&r, "idempotent").await?;
     assert_eq!(retries, 0.0);
     Ok(())
 }
@@ -93,9 +98,7 @@ async fn a_dead_only_endpoint_is_retried_once_then_503_no_endpoint() -> anyhow::
     let reply = r.request("alice").await?;
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert!(reply.body.contains("no_endpoint"), "{}", reply.body);
-    let retries = r
-        .metric(r#"cellplane_router_retries_total{reason="connect"}"#)
-        .await?;
+    let retries = retries(&r, "connect").await?;
     assert_eq!(
         retries, 1.0,
         "the connect failure was retried, with nowhere else to go"
@@ -131,9 +134,7 @@ async fn an_exhausted_retry_budget_stops_retries() -> anyhow::Result<()> {
             other => panic!("unexpected {other}: {}", reply.body),
         }
     }
-    let retries = r
-        .metric(r#"cellplane_router_retries_total{reason="connect"}"#)
-        .await?;
+    let retries = retries(&r, "connect").await?;
     assert_eq!(
         retries, 1.0,
         "the budget's one starting token, then no more"

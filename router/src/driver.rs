@@ -236,6 +236,9 @@ async fn route(router: &Router, key: &str, attempts: &mut Attempts) -> Result<Ro
                 }
             }
         }
+        // Defence in depth: a validated table never gives slots to a cell that does not
+        // serve traffic (`RoutingTable::validate`), so this answer needs a table that
+        // bypassed validation.
         if !serves_traffic(d.cell.state) {
             return Err(Rejection::unavailable(
                 "cell_unavailable",
