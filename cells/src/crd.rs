@@ -113,7 +113,7 @@ pub struct StandbyRef {
 }
 
 /// The app's Deployment.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AppSpec {
     /// Container image, e.g. `ghcr.io/acme/shop:1.4.2`.
@@ -133,6 +133,28 @@ pub struct AppSpec {
     pub env: Vec<EnvVar>,
     #[serde(default)]
     pub probes: Probes,
+    /// `host:port` that routers in every region can dial (a load balancer, a node port, a
+    /// routable pod network). Registered in etcd instead of the in-cluster Service name,
+    /// which other regions cannot resolve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 261))]
+    #[x_kube(validation = Rule::new("self.matches('^[^:/ ]+:[0-9]{1,5}$')").message("spec.app.advertise must be host:port, e.g. shop-us-0.example.com:443"))]
+    pub advertise: Option<String>,
+    /// How the app's Service is exposed. `LoadBalancer`: the cell registers the load
+    /// balancer's address (and registers only once it has one), which is how routers in
+    /// other regions reach a cell whose `advertise` is not set, e.g. in a CellSet.
+    #[serde(default)]
+    pub expose: Expose,
+}
+
+/// The app Service's type.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Expose {
+    /// Reachable inside the region only (routers in the same cluster).
+    #[default]
+    ClusterIP,
+    /// A load balancer address that every region's routers can dial.
+    LoadBalancer,
 }
 
 fn default_app_replicas() -> i32 {
@@ -490,6 +512,8 @@ pub(crate) mod fixtures {
                 resources: None,
                 env: vec![],
                 probes: Probes::default(),
+                advertise: None,
+                expose: Expose::ClusterIP,
             },
             redis: StoreSpec::in_cluster(),
             mysql: StoreSpec::in_cluster(),

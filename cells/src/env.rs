@@ -4,6 +4,8 @@
 pub const CELL_NAME: &str = "CELL_NAME";
 pub const CELL_REGION: &str = "CELL_REGION";
 pub const CELL_PLATFORM: &str = "CELL_PLATFORM";
+/// Comma-separated endpoints of the global etcd the app follows the routing table in.
+pub const CELL_ETCD: &str = "CELL_ETCD";
 /// `host:port` of the cell's Redis.
 pub const REDIS_ADDR: &str = "REDIS_ADDR";
 pub const REDIS_PASSWORD: &str = "REDIS_PASSWORD";

@@ -24,6 +24,39 @@ pub fn routing_key(platform: &str) -> String {
     format!("/cellplane/{platform}/routing")
 }
 
+/// `/cellplane/<platform>/routing-history/<epoch>` : every table written, by epoch (zero
+/// padded to 20 digits so keys sort by epoch; the writer trims the oldest).
+pub fn routing_history_key(platform: &str, epoch: u64) -> String {
+    format!("{}{epoch:020}", routing_history_prefix(platform))
+}
+
+/// `/cellplane/<platform>/routing-history/`
+pub fn routing_history_prefix(platform: &str) -> String {
+    format!("/cellplane/{platform}/routing-history/")
+}
+
+/// `/cellplane/<platform>/routers/` : prefix of every router's acknowledgement.
+pub fn routers_prefix(platform: &str) -> String {
+    format!("/cellplane/{platform}/routers/")
+}
+
+/// `/cellplane/<platform>/routers/<id>` : the epoch router `id` applied, kept on a lease.
+pub fn router_key(platform: &str, id: &str) -> String {
+    format!("/cellplane/{platform}/routers/{id}")
+}
+
+/// `/cellplane/<platform>/leader` : the platform controller's election (etcd election
+/// API; the holder's key lives under this prefix on the holder's lease).
+pub fn leader_election(platform: &str) -> String {
+    format!("/cellplane/{platform}/leader")
+}
+
+/// `/cellplane/<platform>/pins` : slot -> cell overrides (a VIP user moved on purpose, a
+/// slot under migration) that the leader applies on top of the placement.
+pub fn pins_key(platform: &str) -> String {
+    format!("/cellplane/{platform}/pins")
+}
+
 /// `/cellplane/<platform>/drills/<id>` : a drill record.
 pub fn drill_key(platform: &str, id: &str) -> String {
     format!("/cellplane/{platform}/drills/{id}")
@@ -45,6 +78,17 @@ pub struct Registration {
     pub healthy: bool,
 }
 
+/// What a router publishes under [`router_key`]: the table it routes with.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterAck {
+    pub region: String,
+    /// Epoch of the table in use (0: none yet).
+    pub applied_epoch: u64,
+    /// When it was applied, in milliseconds since the Unix epoch.
+    pub applied_at_ms: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +103,13 @@ mod tests {
         assert!(cells_prefix("shop").starts_with(&platform_prefix("shop")));
         assert_eq!(routing_key("shop"), "/cellplane/shop/routing");
         assert_eq!(drill_key("shop", "7"), "/cellplane/shop/drills/7");
+        assert_eq!(
+            routing_history_key("shop", 42),
+            "/cellplane/shop/routing-history/00000000000000000042"
+        );
+        assert!(routing_history_key("shop", 9) < routing_history_key("shop", 10));
+        assert!(router_key("shop", "r1").starts_with(&routers_prefix("shop")));
+        assert_eq!(leader_election("shop"), "/cellplane/shop/leader");
+        assert_eq!(pins_key("shop"), "/cellplane/shop/pins");
     }
 }

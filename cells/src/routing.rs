@@ -6,7 +6,7 @@ use crate::placement::{place, CellIndex, Placement, WeightedCell};
 use crate::slot::{check_slot_count, slot_for_key, Slot};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// One cell as routers see it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -52,6 +52,11 @@ pub struct RoutingTable {
     pub slots: u32,
     pub cells: Vec<CellEntry>,
     pub owners: Vec<CellIndex>,
+    /// Explicit slot -> cell overrides applied on top of the placement (a VIP user moved on
+    /// purpose, a slot under migration). `owners` already reflects them; they are kept here
+    /// so every lookup can say that a slot is pinned, and so the next placement keeps them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pins: BTreeMap<Slot, String>,
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Error {
@@ -101,6 +106,7 @@ impl RoutingTable {
                 .iter()
                 .map(|&o| remap[usize::from(o)])
                 .collect(),
+            pins: BTreeMap::new(),
         };
         table.validate()?;
         Ok(table)
@@ -177,6 +183,22 @@ impl RoutingTable {
             };
             *flag = true;
         }
+        for (&slot, cell) in &self.pins {
+            let field = || format!("pins[{slot}]");
+            if slot >= self.slots {
+                return Err(invalid(
+                    field(),
+                    format!("slot {slot} out of range (0..{})", self.slots),
+                ));
+            }
+            let owner = &self.cells[usize::from(self.owners[slot as usize])].name;
+            if owner != cell {
+                return Err(invalid(
+                    field(),
+                    format!("pinned to {cell:?} but owners[{slot}] is {owner:?}; a pin must be applied to owners"),
+                ));
+            }
+        }
         for (c, owns) in self.cells.iter().zip(owning) {
             if owns && !serves_traffic(c.state) {
                 return Err(invalid(
@@ -221,6 +243,21 @@ impl RoutingTable {
     pub fn route(&self, key: &str) -> (Slot, &CellEntry) {
         let slot = slot_for_key(key, self.slots);
         (slot, self.cell_for_slot(slot))
+    }
+
+    /// The cell `slot` is pinned to, if an override placed it.
+    pub fn pinned(&self, slot: Slot) -> Option<&str> {
+        self.pins.get(&slot).map(String::as_str)
+    }
+
+    /// Index of `cell` in `cells`.
+    pub fn index_of(&self, cell: &str) -> Option<usize> {
+        self.cells.iter().position(|c| c.name == cell)
+    }
+
+    /// The entry of `cell`.
+    pub fn cell(&self, cell: &str) -> Option<&CellEntry> {
+        self.cells.iter().find(|c| c.name == cell)
     }
 
     /// Number of slots `cell` is home for.
@@ -349,6 +386,29 @@ mod tests {
             RoutingTable::decode(b"{not json"),
             Err(Error::Decode(_))
         ));
+    }
+
+    #[test]
+    fn pins_must_match_the_owners_and_round_trip() {
+        let mut t = table();
+        let slot = 7;
+        let owner = t.cell_for_slot(slot).name.clone();
+        t.pins.insert(slot, owner.clone());
+        t.validate().unwrap();
+        assert_eq!(t.pinned(slot), Some(owner.as_str()));
+        assert_eq!(RoutingTable::decode(&t.encode()).unwrap(), t);
+        let other = if owner == "a" { "b" } else { "a" };
+        t.pins.insert(slot, other.into());
+        assert!(t.validate().unwrap_err().to_string().contains("pins[7]"));
+        t.pins = BTreeMap::from([(4096, "a".into())]);
+        assert!(t
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
+        assert!(!String::from_utf8(table().encode())
+            .unwrap()
+            .contains("pins"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use cellplane_cells::crd::CellSet;
 use cellplane_operator::controller::{self, Context};
 use cellplane_operator::leader::LeaderElector;
 use cellplane_operator::metrics::Metrics;
+use cellplane_operator::platform::PlatformConfig;
 use cellplane_operator::registration::Registrar;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -74,6 +75,20 @@ struct RunArgs {
     /// Lease duration in seconds: how long a dead leader blocks a takeover.
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
+    /// Campaign for the platform controller of this platform (the leader across regions
+    /// that writes the routing table); needs --etcd-endpoints. Unset: this operator only
+    /// runs its region's cells.
+    #[arg(long, env = "CELLPLANE_PLATFORM")]
+    platform: Option<String>,
+    /// Platform leader lease in seconds: how long a dead platform leader blocks a takeover.
+    #[arg(long, env = "CELLPLANE_PLATFORM_LEASE", default_value_t = 5)]
+    platform_lease: u64,
+    /// How often the platform leader re-reads its inputs without a change event (ms).
+    #[arg(long, env = "CELLPLANE_PLATFORM_RESYNC_MS", default_value_t = 2000)]
+    platform_resync_ms: u64,
+    /// Routing tables kept in etcd under routing-history/.
+    #[arg(long, default_value_t = cellplane_table::write::DEFAULT_HISTORY)]
+    routing_history: u64,
 }
 
 fn init_tracing() {
@@ -180,12 +195,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("connecting to etcd (--etcd-endpoints)")?,
         )
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        metrics.clone(),
-        registrar,
-        args.region.clone(),
-    ));
+    let platform = match (&args.platform, args.etcd_endpoints.is_empty()) {
+        (Some(_), true) => anyhow::bail!(
+            "--platform needs --etcd-endpoints: the platform controller lives in the global etcd"
+        ),
+        (Some(p), false) => Some(PlatformConfig {
+            platform: p.clone(),
+            etcd_endpoints: args.etcd_endpoints.clone(),
+            identity: format!("{}/{identity}", args.region.as_deref().unwrap_or("-")),
+            lease: Duration::from_secs(args.platform_lease.max(2)),
+            resync: Duration::from_millis(args.platform_resync_ms.max(100)),
+            history: args.routing_history.max(1),
+        }),
+        (None, _) => None,
+    };
+    let ctx = Arc::new(Context {
+        etcd_endpoints: args.etcd_endpoints.clone(),
+        ..Context::new(
+            client.clone(),
+            metrics.clone(),
+            registrar,
+            args.region.clone(),
+        )
+    });
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     tokio::pin!(http);
@@ -212,8 +244,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let sets = tokio::spawn(controller::cellset::run(
             ctx.clone(),
             args.namespace.clone(),
-            stopped(stop_rx),
+            stopped(stop_rx.clone()),
         ));
+        // The region's leader campaigns for the platform; it stops with the region's term.
+        let platform_task = platform.clone().map(|cfg| {
+            tokio::spawn(cellplane_operator::platform::run(
+                cfg,
+                client.clone(),
+                metrics.clone(),
+                stopped(stop_rx),
+            ))
+        });
         let lost = tokio::select! {
             _ = elector.hold() => true,
             _ = &mut shutdown => false,
@@ -223,6 +264,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(20), async {
             let _ = tokio::join!(cells, sets);
+            if let Some(p) = platform_task {
+                let _ = p.await;
+            }
         })
         .await;
         if !lost {

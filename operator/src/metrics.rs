@@ -48,6 +48,18 @@ pub struct Metrics {
     pub errors: Family<ErrorLabel, Counter>,
     pub duration: Family<ControllerLabel, Histogram>,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// 1 while this operator is the platform controller (leader across regions).
+    pub platform_leader: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Terms won in the platform election.
+    pub platform_terms: Counter,
+    /// Routing tables written by compare-and-swap.
+    pub table_writes: Counter,
+    /// Compare-and-swaps lost to a concurrent writer (re-read and decided again).
+    pub table_conflicts: Counter,
+    /// Times the inputs gave no valid table (the table in force was kept).
+    pub table_plan_errors: Counter,
+    /// Epoch of the last table this operator wrote.
+    pub table_epoch: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub registry: Registry,
 }
 
@@ -78,12 +90,52 @@ impl Metrics {
             duration.clone(),
         );
         registry.register("leader", "1 while this replica leads", leader.clone());
+        let platform_leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        let table_epoch = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        let [platform_terms, table_writes, table_conflicts, table_plan_errors] =
+            std::array::from_fn(|_| Counter::default());
+        registry.register(
+            "platform_leader",
+            "1 while this operator is the platform controller across regions",
+            platform_leader.clone(),
+        );
+        registry.register(
+            "platform_terms",
+            "Terms won in the platform election",
+            platform_terms.clone(),
+        );
+        registry.register(
+            "routing_table_writes",
+            "Routing tables written by compare-and-swap",
+            table_writes.clone(),
+        );
+        registry.register(
+            "routing_table_conflicts",
+            "Compare-and-swaps of the routing table lost to a concurrent writer",
+            table_conflicts.clone(),
+        );
+        registry.register(
+            "routing_table_plan_errors",
+            "Times the inputs gave no valid routing table (the table in force was kept)",
+            table_plan_errors.clone(),
+        );
+        registry.register(
+            "routing_table_epoch",
+            "Epoch of the last routing table this operator wrote",
+            table_epoch.clone(),
+        );
         Self {
             reconciles,
             api_requests,
             errors,
             duration,
             leader,
+            platform_leader,
+            platform_terms,
+            table_writes,
+            table_conflicts,
+            table_plan_errors,
+            table_epoch,
             registry,
         }
     }

@@ -137,6 +137,20 @@ fn default_poll_ms() -> u64 {
 pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     pub platform: String,
+    /// This router's id among the platform's routers, under which it acknowledges the
+    /// epoch it applied (`/cellplane/<platform>/routers/<id>`); default host name and pid.
+    #[serde(default)]
+    pub router_id: Option<String>,
+    /// The region this router serves in (reported with its acknowledgement).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Lease of the acknowledgement: a router that died stops being waited for after this.
+    #[serde(default = "default_ack_ttl_secs")]
+    pub ack_ttl_secs: u64,
+}
+
+fn default_ack_ttl_secs() -> u64 {
+    5
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -296,6 +310,19 @@ impl Config {
             (None, Some(e)) if e.platform.is_empty() => {
                 return Err(bad("table.etcd.platform", "name the platform, e.g. shop"))
             }
+            (None, Some(e))
+                if e.router_id.as_ref().is_some_and(|id| {
+                    id.is_empty()
+                        || !id
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                }) =>
+            {
+                return Err(bad(
+                    "table.etcd.routerId",
+                    "use letters, digits, '.', '_' and '-' only (it is an etcd key segment)",
+                ))
+            }
             _ => {}
         }
         if self.keys.is_empty() {
@@ -382,6 +409,10 @@ mod tests {
         let e = |y: &str| Config::from_yaml(y).unwrap_err().to_string();
         assert!(e("table: {}").contains("config table:"));
         assert!(e("table: {etcd: {endpoints: [], platform: p}}").contains("table.etcd.endpoints"));
+        assert!(
+            e("table: {etcd: {endpoints: [e:1], platform: p, routerId: a/b}}")
+                .contains("table.etcd.routerId")
+        );
         assert!(e("table: {file: f}\nlimits: {perKeyRps: -1}").contains("limits.perKeyRps"));
         assert!(e("table: {file: f}\nlimits: {globalBurst: 5}").contains("limits.globalRps"));
         assert!(e("table: {file: f}\ntimeouts: {connectMs: 0}").contains("timeouts.connectMs"));

@@ -11,6 +11,7 @@ use cellplane_router::h1;
 use cellplane_router::hyper_path;
 use cellplane_router::metrics::Metrics;
 use cellplane_router::state::Router;
+use cellplane_table::ack::Acknowledger;
 use cellplane_table::TableSource;
 use cellplane_table::TableStore;
 use clap::Parser;
@@ -60,6 +61,12 @@ struct Cli {
     /// etcd mode: the platform name.
     #[arg(long, env = "CELLPLANE_PLATFORM")]
     platform: Option<String>,
+    /// etcd mode: this router's id in its acknowledgements (default: host name and pid).
+    #[arg(long, env = "CELLPLANE_ROUTER_ID")]
+    router_id: Option<String>,
+    /// etcd mode: the region this router serves in.
+    #[arg(long, env = "CELLPLANE_REGION")]
+    region: Option<String>,
     /// Where the last good table is saved.
     #[arg(long, env = "CELLPLANE_ROUTER_CACHE_FILE")]
     cache_file: Option<PathBuf>,
@@ -99,10 +106,22 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if !cli.etcd_endpoints.is_empty() {
         let platform = cli.platform.clone().unwrap_or_default();
         cfg.table.file = None;
+        let ack_ttl_secs = cfg.table.etcd.as_ref().map_or(5, |e| e.ack_ttl_secs);
         cfg.table.etcd = Some(EtcdConfig {
             endpoints: cli.etcd_endpoints.clone(),
             platform,
+            router_id: None,
+            region: None,
+            ack_ttl_secs,
         });
+    }
+    if let Some(e) = cfg.table.etcd.as_mut() {
+        if cli.router_id.is_some() {
+            e.router_id = cli.router_id.clone();
+        }
+        if cli.region.is_some() {
+            e.region = cli.region.clone();
+        }
     }
     if let Some(c) = &cli.cache_file {
         cfg.table.cache_file = Some(c.clone());
@@ -244,6 +263,13 @@ impl Connection {
     }
 }
 
+fn default_router_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "router".into());
+    format!("{host}-{}", std::process::id())
+}
+
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let tables = Arc::new(TableStore::new(
@@ -267,6 +293,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "initial table read failed; serving from the cache if any");
     }
     tokio::spawn(source.clone().follow(tables.clone()));
+    if let Some(e) = &cfg.table.etcd {
+        // Tell the platform leader which epoch this router applied.
+        let ack = Acknowledger {
+            endpoints: e.endpoints.clone(),
+            platform: e.platform.clone(),
+            id: e.router_id.clone().unwrap_or_else(default_router_id),
+            region: e.region.clone().unwrap_or_default(),
+            ttl: Duration::from_secs(e.ack_ttl_secs.clamp(2, 300)),
+        };
+        tokio::spawn(ack.run(tables.clone()));
+    }
 
     let router = Arc::new(Router::new(cfg.clone(), tables, source, metrics)?);
     tokio::spawn(cellplane_router::health::run(router.clone()));

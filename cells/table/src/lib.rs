@@ -5,12 +5,16 @@
 //!   last good one is cached on disk so a restart while etcd is away still routes.
 //! - [`source`]: where tables come from: etcd (read, then watch, reconnecting with
 //!   backoff) or a static file (polled).
+//! - [`ack`]: telling the platform leader which epoch this follower applied (on a lease).
+//! - [`write`]: the platform leader's compare-and-swap of the table, with its history.
 //! - [`metrics`]: epoch, applied time, refusals, watch health; registered under the
 //!   owner's prefix.
 
+pub mod ack;
 pub mod metrics;
 pub mod source;
 pub mod store;
+pub mod write;
 
 pub use metrics::TableMetrics;
 pub use source::TableSource;

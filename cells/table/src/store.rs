@@ -7,6 +7,7 @@ use crate::{Error, Result};
 use arc_swap::ArcSwapOption;
 use cellplane_cells::routing::RoutingTable;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -25,6 +26,16 @@ pub struct TableStore {
     metrics: TableMetrics,
     /// Bumps on every applied table, for requests held during a failover.
     epochs: watch::Sender<u64>,
+    /// When the table in use was applied (ms since the Unix epoch; 0: none yet).
+    applied_at_ms: AtomicU64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl TableStore {
@@ -34,6 +45,7 @@ impl TableStore {
             cache_file,
             metrics,
             epochs: watch::channel(0).0,
+            applied_at_ms: AtomicU64::new(0),
         }
     }
 
@@ -45,6 +57,11 @@ impl TableStore {
 
     pub fn metrics(&self) -> &TableMetrics {
         &self.metrics
+    }
+
+    /// When the table in use was applied (ms since the Unix epoch; 0: none yet).
+    pub fn applied_at_ms(&self) -> u64 {
+        self.applied_at_ms.load(Ordering::Relaxed)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -83,11 +100,9 @@ impl TableStore {
         }
         self.current.store(Some(Arc::new(table)));
         self.metrics.table_epoch.set(epoch as i64);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        self.metrics.table_applied_at.set(now);
+        let now = now_ms();
+        self.applied_at_ms.store(now, Ordering::Relaxed);
+        self.metrics.table_applied_at.set((now / 1000) as i64);
         self.epochs.send_replace(epoch);
         tracing::info!(%source, epoch, "routing table applied");
         Ok(Applied::New { epoch })

@@ -29,6 +29,9 @@ pub fn cell_info(ctx: &CellContext) -> ConfigMap {
     if let Some(zone) = &ctx.spec.zone {
         data.insert("zone".into(), zone.clone());
     }
+    if !ctx.etcd_endpoints.is_empty() {
+        data.insert("etcdEndpoints".into(), ctx.etcd_endpoints.join(","));
+    }
     ConfigMap {
         metadata: ctx.meta(names::info_config_map(ctx.name), names::APP),
         data: Some(data),

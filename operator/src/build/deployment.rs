@@ -25,6 +25,15 @@ pub fn connection_env(ctx: &CellContext) -> Vec<EnvVar> {
         pod::env_from_config_map(env::KAFKA_BOOTSTRAP, &info, "kafkaBootstrap"),
         pod::env_value(env::MYSQL_DATABASE, env::mysql_database(ctx.name)),
     ];
+    if !ctx.etcd_endpoints.is_empty() {
+        // Where the app follows the routing table (it fences by it: 421 for slots it
+        // does not own).
+        vars.push(pod::env_from_config_map(
+            env::CELL_ETCD,
+            &info,
+            "etcdEndpoints",
+        ));
+    }
     match &ctx.spec.redis.external {
         Some(ext) => vars.push(pod::env_from_secret(
             env::REDIS_PASSWORD,

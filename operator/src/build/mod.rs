@@ -13,7 +13,7 @@ pub mod service;
 pub mod statefulset;
 
 use crate::{Error, Result};
-use cellplane_cells::crd::{Cell, CellSpec, StoreSpec};
+use cellplane_cells::crd::{Cell, CellSpec, Expose, StoreSpec};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -36,6 +36,9 @@ pub struct CellContext<'a> {
     pub namespace: &'a str,
     pub owner: OwnerReference,
     pub spec: &'a CellSpec,
+    /// The global etcd the app follows the routing table in (the operator's own
+    /// `--etcd-endpoints`); empty: the app gets no table source from the operator.
+    pub etcd_endpoints: &'a [String],
 }
 
 impl<'a> CellContext<'a> {
@@ -59,7 +62,14 @@ impl<'a> CellContext<'a> {
             namespace,
             owner,
             spec: &cell.spec,
+            etcd_endpoints: &[],
         })
+    }
+
+    /// Tells the app where its routing table lives.
+    pub fn with_etcd(mut self, endpoints: &'a [String]) -> Self {
+        self.etcd_endpoints = endpoints;
+        self
     }
 
     /// Metadata every child carries: name, namespace, labels, owner (so deletion cascades).
@@ -163,10 +173,10 @@ pub fn missing_secrets(
 
 /// Where the app and each store of the cell are reached.
 pub fn endpoints(ctx: &CellContext) -> BTreeMap<String, String> {
-    let mut endpoints = BTreeMap::from([(
-        "app".to_string(),
-        names::app_address(ctx.name, ctx.namespace, ctx.spec.app.port),
-    )]);
+    // Until a load balancer has an address, the in-cluster name is shown.
+    let app = app_address(ctx, None)
+        .unwrap_or_else(|| names::app_address(ctx.name, ctx.namespace, ctx.spec.app.port));
+    let mut endpoints = BTreeMap::from([("app".to_string(), app)]);
     for store in Store::ALL {
         endpoints.insert(
             store.component().into(),
@@ -174,6 +184,33 @@ pub fn endpoints(ctx: &CellContext) -> BTreeMap<String, String> {
         );
     }
     endpoints
+}
+
+/// The address routers dial for the app: `spec.app.advertise`; else, exposed through a
+/// load balancer, its first ingress (None until it has one); else the in-cluster Service
+/// name (reachable by routers in the same cluster only). `app_service` is the app Service
+/// as the API server returned it.
+pub fn app_address(ctx: &CellContext, app_service: Option<&Service>) -> Option<String> {
+    if let Some(a) = &ctx.spec.app.advertise {
+        return Some(a.clone());
+    }
+    if ctx.spec.app.expose == Expose::ClusterIP {
+        return Some(names::app_address(
+            ctx.name,
+            ctx.namespace,
+            ctx.spec.app.port,
+        ));
+    }
+    let ingress = app_service?
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .iter()
+        .find_map(|i| i.ip.clone().or_else(|| i.hostname.clone()))?;
+    Some(format!("{ingress}:{}", ctx.spec.app.port))
 }
 
 /// Renders every object of the cell; `new_secrets` are the passwords of the Secrets to
@@ -239,6 +276,8 @@ pub(crate) mod fixtures {
                     value: "demo".into(),
                 }],
                 probes: Probes::default(),
+                advertise: None,
+                expose: Default::default(),
             },
             redis: StoreSpec::in_cluster(),
             mysql: StoreSpec::in_cluster(),
@@ -258,6 +297,7 @@ pub(crate) mod fixtures {
                 controller: Some(true),
                 block_owner_deletion: Some(true),
             },
+            etcd_endpoints: &[],
             spec,
         }
     }
@@ -284,6 +324,42 @@ mod tests {
         );
         assert_eq!(d.endpoints.len(), 4, "{:?}", d.endpoints);
         assert_eq!(d.endpoints["app"], "shop-us-0-app.shop.svc:8080");
+        let env = |d: &Desired| -> Vec<String> {
+            d.deployments[0]
+                .spec
+                .template
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers[0]
+                .env
+                .iter()
+                .flatten()
+                .map(|e| e.name.clone())
+                .collect()
+        };
+        assert!(!env(&d).contains(&"CELL_ETCD".to_string()));
+
+        // With a global etcd and an advertised address: the app follows the table there,
+        // and routers are told an address they can dial.
+        let mut spec = fixtures::spec();
+        spec.app.advertise = Some("10.1.2.3:31080".into());
+        let etcd = vec![
+            "http://10.0.0.1:2379".to_string(),
+            "http://10.0.0.2:2379".into(),
+        ];
+        let d = render(&fixtures::ctx(&spec).with_etcd(&etcd), &[]).unwrap();
+        assert_eq!(d.endpoints["app"], "10.1.2.3:31080");
+        assert!(env(&d).contains(&"CELL_ETCD".to_string()));
+        let info = d
+            .config_maps
+            .iter()
+            .find(|c| c.data.as_ref().unwrap().contains_key("cell"))
+            .unwrap();
+        assert_eq!(
+            info.data.as_ref().unwrap()["etcdEndpoints"],
+            "http://10.0.0.1:2379,http://10.0.0.2:2379"
+        );
         // Every object is owned by the Cell, so deleting the Cell cascades.
         let metas = d
             .deployments
@@ -304,6 +380,44 @@ mod tests {
             assert_eq!(m.namespace.as_deref(), Some("shop"));
             assert_eq!(m.labels.as_ref().unwrap()[names::LABEL_CELL], "shop-us-0");
         }
+    }
+
+    #[test]
+    fn a_load_balanced_app_registers_the_load_balancer_address_once_it_has_one() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let mut spec = fixtures::spec();
+        spec.app.expose = Expose::LoadBalancer;
+        let ctx = fixtures::ctx(&spec);
+        let mut svc = service::app(&ctx);
+        assert_eq!(
+            svc.spec.as_ref().unwrap().type_.as_deref(),
+            Some("LoadBalancer")
+        );
+        assert_eq!(app_address(&ctx, Some(&svc)), None, "no address yet");
+        svc.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("127.0.1.1".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            app_address(&ctx, Some(&svc)).as_deref(),
+            Some("127.0.1.1:8080")
+        );
+        // An explicit address wins; a ClusterIP app is reached by its in-cluster name.
+        spec.app.advertise = Some("edge.example:443".into());
+        assert_eq!(
+            app_address(&fixtures::ctx(&spec), Some(&svc)).as_deref(),
+            Some("edge.example:443")
+        );
+        let plain = fixtures::spec();
+        assert_eq!(
+            app_address(&fixtures::ctx(&plain), None).as_deref(),
+            Some("shop-us-0-app.shop.svc:8080")
+        );
     }
 
     #[test]

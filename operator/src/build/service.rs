@@ -2,6 +2,7 @@
 
 use super::names::{self, Store, APP};
 use super::CellContext;
+use cellplane_cells::crd::Expose;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -21,6 +22,7 @@ pub fn app(ctx: &CellContext) -> Service {
         spec: Some(ServiceSpec {
             selector: Some(ctx.selector(APP)),
             ports: Some(vec![port("http", ctx.spec.app.port)]),
+            type_: (ctx.spec.app.expose == Expose::LoadBalancer).then(|| "LoadBalancer".into()),
             ..Default::default()
         }),
         status: None,

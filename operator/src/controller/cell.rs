@@ -22,7 +22,7 @@ use kube::runtime::reflector::{self, reflector, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use rand::distr::{Alphanumeric, SampleString};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,11 +79,7 @@ fn new_passwords(missing: Vec<Store>) -> Vec<(Store, secret::Passwords)> {
 }
 
 /// Applies the desired state; returns the workloads as the API server has them.
-async fn apply_all(
-    cell: &Cell,
-    ctx: &Context,
-    desired: &build::Desired,
-) -> Result<(Vec<Deployment>, Vec<StatefulSet>)> {
+async fn apply_all(cell: &Cell, ctx: &Context, desired: &build::Desired) -> Result<Applied> {
     let client = &ctx.client;
     for o in &desired.secrets {
         let name = o.metadata.name.clone().unwrap_or_default();
@@ -109,8 +105,9 @@ async fn apply_all(
     for o in &desired.config_maps {
         apply::<ConfigMap>(client, o).await?;
     }
+    let mut services = Vec::new();
     for o in &desired.services {
-        apply::<Service>(client, o).await?;
+        services.push(apply::<Service>(client, o).await?);
     }
     let mut sts = Vec::new();
     for o in &desired.statefulsets {
@@ -126,7 +123,18 @@ async fn apply_all(
     for o in &desired.network_policies {
         apply::<NetworkPolicy>(client, o).await?;
     }
-    Ok((deps, sts))
+    Ok(Applied {
+        deployments: deps,
+        statefulsets: sts,
+        services,
+    })
+}
+
+/// The objects as the API server returned them from the apply (with their status).
+struct Applied {
+    deployments: Vec<Deployment>,
+    statefulsets: Vec<StatefulSet>,
+    services: Vec<Service>,
 }
 
 fn store_readiness(cx: &CellContext, store: Store, sts: &[StatefulSet]) -> Readiness {
@@ -145,7 +153,7 @@ async fn register(
     cell: &Cell,
     ctx: &Context,
     observed: &Observed,
-    endpoints: &BTreeMap<String, String>,
+    routable: bool,
 ) -> Option<Readiness> {
     let registrar = ctx.registrar.as_ref()?;
     if !status::readiness(observed).ready {
@@ -155,13 +163,20 @@ async fn register(
             message: "registers once Ready".into(),
         });
     }
+    if !routable {
+        return Some(Readiness {
+            ready: false,
+            reason: "AwaitingLoadBalancer",
+            message: "spec.app.expose is LoadBalancer and the app Service has no load balancer address yet; routers could not dial the cell".into(),
+        });
+    }
     let reg = Registration {
         region: cell.spec.region.clone(),
         zone: cell.spec.zone.clone(),
         state: status::phase(&cell.spec, cell.status.as_ref(), observed),
         capacity_weight: cell.spec.capacity_weight,
         standby: cell.spec.standby.as_ref().map(|s| s.cell.clone()),
-        endpoints: endpoints.clone(),
+        endpoints: observed.endpoints.clone(),
         healthy: true,
     };
     Some(
@@ -194,7 +209,7 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
         // Another region's operator runs this cell.
         return Ok(Action::await_change());
     }
-    let cx = CellContext::from_cell(&cell)?;
+    let cx = CellContext::from_cell(&cell)?.with_etcd(&ctx.etcd_endpoints);
     let fetched = fetch(&cell, &cx, r).await?;
     let passwords = new_passwords(build::missing_secrets(&cx, &fetched.secrets));
     let desired = match build::render(&cx, &passwords) {
@@ -210,20 +225,30 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
             return Err(e);
         }
     };
-    let (deployments, statefulsets) = apply_all(&cell, ctx, &desired).await?;
+    let applied = apply_all(&cell, ctx, &desired).await?;
+    let (deployments, statefulsets) = (&applied.deployments, &applied.statefulsets);
+    let app_service = applied
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(&names::app(cx.name)));
+    let app_address = build::app_address(&cx, app_service);
+    let mut endpoints = desired.endpoints.clone();
+    if let Some(a) = &app_address {
+        endpoints.insert("app".into(), a.clone());
+    }
     let (slots, epoch) = fetched.placement;
     let mut observed = Observed {
         generation: cell.metadata.generation,
         app: status::deployment(deployments.first()),
-        redis: store_readiness(&cx, Store::Redis, &statefulsets),
-        mysql: store_readiness(&cx, Store::Mysql, &statefulsets),
-        kafka: store_readiness(&cx, Store::Kafka, &statefulsets),
+        redis: store_readiness(&cx, Store::Redis, statefulsets),
+        mysql: store_readiness(&cx, Store::Mysql, statefulsets),
+        kafka: store_readiness(&cx, Store::Kafka, statefulsets),
         registered: None,
         slots,
         epoch,
-        endpoints: desired.endpoints.clone(),
+        endpoints: endpoints.clone(),
     };
-    observed.registered = register(&cell, ctx, &observed, &desired.endpoints).await;
+    observed.registered = register(&cell, ctx, &observed, app_address.is_some()).await;
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let next = status::compute(&cell.spec, cell.status.as_ref(), &observed, &now);
     update_status(&cell, ctx, next).await?;

@@ -32,6 +32,8 @@ pub struct Context {
     pub region: Option<String>,
     /// Consecutive failed reconciles per object, for its backoff.
     pub retries: Retries,
+    /// The global etcd, told to app pods so they follow the routing table.
+    pub etcd_endpoints: Vec<String>,
 }
 
 /// Consecutive failures per object: each object backs off on its own, and one success
@@ -70,6 +72,7 @@ impl Context {
             registrar,
             region,
             retries: Retries::default(),
+            etcd_endpoints: Vec::new(),
         }
     }
 

@@ -1,0 +1,86 @@
+//! Acknowledging the table in use (I/O): a follower keeps
+//! `/cellplane/<platform>/routers/<id>` = {region, applied epoch, applied at} alive on a
+//! lease and rewrites it on every applied epoch, so the platform leader knows when a change
+//! has reached every live router. A follower that dies stops acknowledging within the TTL
+//! and is no longer waited for.
+
+use crate::store::TableStore;
+use crate::Result;
+use cellplane_cells::etcd_keys::{router_key, RouterAck};
+use etcd_client::{Client, ConnectOptions, PutOptions};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Acknowledger {
+    pub endpoints: Vec<String>,
+    pub platform: String,
+    /// Unique among the platform's routers (default: host name and pid).
+    pub id: String,
+    pub region: String,
+    /// Lease TTL: how long a dead follower keeps being waited for.
+    pub ttl: Duration,
+}
+
+impl Acknowledger {
+    /// Acknowledges forever: reconnects with backoff when etcd is away.
+    pub async fn run(self, store: Arc<TableStore>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if let Err(e) = self.session(&store).await {
+                tracing::warn!(error = %e, id = %self.id, "table acknowledgement lost; retrying");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One lease: publish, then republish on every new epoch; renew a third of the TTL.
+    async fn session(&self, store: &TableStore) -> Result<()> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3));
+        let mut client = Client::connect(&self.endpoints, Some(options)).await?;
+        let ttl = self.ttl.as_secs().max(2) as i64;
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+        let mut epochs = store.subscribe();
+        let key = router_key(&self.platform, &self.id);
+        let mut renew = tokio::time::interval(Duration::from_millis((ttl as u64 * 1000) / 3));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        let mut publish = true;
+        loop {
+            if publish {
+                let ack = RouterAck {
+                    region: self.region.clone(),
+                    applied_epoch: store.get().map_or(0, |t| t.epoch),
+                    applied_at_ms: store.applied_at_ms(),
+                };
+                let value = serde_json::to_vec(&ack).expect("an ack always serializes");
+                client
+                    .put(
+                        key.as_str(),
+                        value,
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await?;
+            }
+            tokio::select! {
+                changed = epochs.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    publish = true;
+                }
+                _ = renew.tick() => {
+                    keeper.keep_alive().await?;
+                    if !matches!(responses.message().await?, Some(r) if r.ttl() > 0) {
+                        return Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into()).into());
+                    }
+                    publish = false;
+                }
+            }
+        }
+    }
+}
