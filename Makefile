@@ -22,6 +22,9 @@ build:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@# cargo-deny reads the metadata of every platform's dependencies, which a build on
+	@# this platform never downloads: fetch them first (from the registry), then check offline.
+	$(CARGO) fetch --locked -q
 	$(CARGO) deny --offline check licenses bans
 	@e2e/bin/check-deps
 
