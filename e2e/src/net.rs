@@ -13,71 +13,121 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A real etcd (the binary built by `e2e/bin/tools`), killed on drop.
+/// A real etcd (the binary built by `e2e/bin/tools`): one member, or a cluster of several
+/// on loopback (the global etcd of a multi-region lab); killed on drop.
 pub struct Etcd {
-    child: Option<Child>,
+    members: Vec<Option<Child>>,
+    /// The first member's client URL.
     pub endpoint: String,
+    endpoints: Vec<String>,
     dir: PathBuf,
 }
 
 impl Etcd {
     pub async fn start() -> Result<Self> {
+        Self::cluster(1).await
+    }
+
+    /// Starts `n` members that form one cluster, and waits until it is healthy.
+    pub async fn cluster(n: usize) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "cellplane-etcd-{}-{}",
             std::process::id(),
             free_port()?
         ));
-        let [client, peer] = free_ports()?;
-        let child = Command::new(tools_bin().join("etcd"))
-            .args(["--name", "t", "--data-dir"])
-            .arg(&dir)
-            .args([
-                "--listen-client-urls",
-                &format!("http://127.0.0.1:{client}"),
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{client}"),
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-                "--initial-cluster",
-                &format!("t=http://127.0.0.1:{peer}"),
-                "--unsafe-no-fsync",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting etcd (run e2e/bin/tools first)")?;
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let ports: Vec<[u16; 2]> = (0..n).map(|_| free_ports()).collect::<Result<_>>()?;
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, [_, peer])| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        let mut endpoints = Vec::new();
+        for (i, [client, peer]) in ports.iter().enumerate() {
+            let child = Command::new(tools_bin().join("etcd"))
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(dir.join(format!("m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{client}"),
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{peer}"),
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-token",
+                    "cellplane-e2e",
+                    "--unsafe-no-fsync",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting etcd (run e2e/bin/tools first)")?;
+            members.push(Some(child));
+            endpoints.push(format!("http://127.0.0.1:{client}"));
+        }
         let etcd = Self {
-            child: Some(child),
-            endpoint: endpoint.clone(),
+            members,
+            endpoint: endpoints[0].clone(),
+            endpoints,
             dir,
         };
-        let health = format!("{endpoint}/health");
-        wait_for("etcd health", Duration::from_secs(30), || {
-            let url = health.clone();
-            async move {
-                Ok(get(&url, &[])
-                    .await
-                    .ok()
-                    .filter(|r| r.status == 200)
-                    .map(|_| ()))
-            }
-        })
-        .await?;
+        for endpoint in &etcd.endpoints {
+            let health = format!("{endpoint}/health");
+            wait_for("etcd health", Duration::from_secs(30), || {
+                let url = health.clone();
+                async move {
+                    Ok(get(&url, &[])
+                        .await
+                        .ok()
+                        .filter(|r| r.status == 200)
+                        .map(|_| ()))
+                }
+            })
+            .await?;
+        }
         Ok(etcd)
     }
 
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// The client URLs joined with commas, as flags take them.
+    pub fn endpoints_flag(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        Ok(etcd_client::Client::connect(&self.endpoints, None).await?)
+    }
+
     pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<()> {
-        let mut c = etcd_client::Client::connect([self.endpoint.as_str()], None).await?;
-        c.put(key, value.into(), None).await?;
+        self.client().await?.put(key, value.into(), None).await?;
         Ok(())
     }
 
-    /// Kills etcd like a crash.
+    /// The value under `key`, if any.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let resp = self.client().await?.get(key, None).await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Kills every member like a crash.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+
+    /// Kills member `i` like a crash.
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members.get_mut(i).and_then(Option::take) {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -428,6 +478,12 @@ pub fn metric_value(text: &str, name_and_labels: &str) -> Result<f64> {
         exposed,
         "no metric family {family:?} is exposed (is {name_and_labels:?} misspelt?)"
     );
+    // A family without labels always has its sample: a miss means a wrong sample name
+    // (a counter's sample ends in _total). A labelled series may not exist yet: 0.
+    anyhow::ensure!(
+        name_and_labels.contains('{'),
+        "{family:?} is exposed but has no sample {name_and_labels:?} (counters end in _total)"
+    );
     Ok(0.0)
 }
 
@@ -454,5 +510,9 @@ mod tests {
         );
         assert!(metric_value(TEXT, "x_request_total{cell=\"a\"}").is_err());
         assert!(metric_value(TEXT, "x_upp").is_err());
+        // A counter read without its _total suffix is a wrong name, not 0.
+        let counter = "# TYPE x_writes counter\nx_writes_total 2\n";
+        assert_eq!(metric_value(counter, "x_writes_total").unwrap(), 2.0);
+        assert!(metric_value(counter, "x_writes").is_err());
     }
 }
