@@ -76,6 +76,66 @@ pub struct Registration {
     /// Named endpoints, e.g. `app` -> `shop-us-0-app.ns.svc:8080`.
     pub endpoints: BTreeMap<String, String>,
     pub healthy: bool,
+    /// The cell's MySQL as its region's operator last saw it (None: not measured yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<MysqlReport>,
+    /// Messages the cell's order persister has not consumed yet (None: not measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_lag: Option<u64>,
+    /// The generation of the cell's intent that its region has carried out (0: none).
+    #[serde(default)]
+    pub intent_generation: u64,
+}
+
+/// A cell's MySQL: its own position and role, and each replication connection it runs
+/// (named after the cell it replicates).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MysqlReport {
+    pub read_only: bool,
+    pub gtid_binlog_pos: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas: BTreeMap<String, ReplicaReport>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaReport {
+    /// Both replication threads run.
+    pub running: bool,
+    pub gtid_slave_pos: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds_behind: Option<u64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// `/cellplane/<platform>/intents/<cell>` : what the leader wants of a cell's MySQL; the
+/// cell's region carries it out and reports the generation it applied.
+pub fn intent_key(platform: &str, cell: &str) -> String {
+    format!("/cellplane/{platform}/intents/{cell}")
+}
+
+/// `/cellplane/<platform>/drills/` : prefix of every operation record.
+pub fn drills_prefix(platform: &str) -> String {
+    format!("/cellplane/{platform}/drills/")
+}
+
+/// The leader's wish for one cell's MySQL.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Intent {
+    /// Grows with every change; the region reports the one it carried out.
+    pub generation: u64,
+    /// false: fenced (`read_only`, the app's sessions killed).
+    pub writable: bool,
+    /// The cells whose writes this cell's MySQL replicates, one named connection each:
+    /// the home it stands by for, and after a switchover the new home of its own slots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicate_from: Vec<String>,
+    /// The operation that asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
 }
 
 /// What a router publishes under [`router_key`]: the table it routes with.

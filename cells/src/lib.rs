@@ -6,6 +6,7 @@ pub mod crd;
 pub mod env;
 pub mod error;
 pub mod etcd_keys;
+pub mod gtid;
 pub mod ownership;
 pub mod placement;
 pub mod routing;

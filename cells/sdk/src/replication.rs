@@ -154,32 +154,9 @@ pub async fn replica_status(replica: &Pool, name: &str) -> Result<Option<Replica
     }))
 }
 
-/// Transactions the replica still has to apply: for each GTID domain of the primary's
-/// position, its sequence number minus the replica's (pure; positions as MariaDB prints
-/// them, `domain-server-seqno` joined by commas).
+/// Transactions the replica still has to apply (see [`cellplane_cells::gtid::lag`]).
 pub fn gtid_lag(primary: &str, replica: &str) -> u64 {
-    let parse = |pos: &str| -> Vec<(u32, u64)> {
-        pos.split(',')
-            .filter_map(|g| {
-                let mut it = g.trim().split('-');
-                let domain = it.next()?.parse().ok()?;
-                let _server = it.next()?;
-                let seq = it.next()?.parse().ok()?;
-                Some((domain, seq))
-            })
-            .collect()
-    };
-    let theirs = parse(replica);
-    parse(primary)
-        .into_iter()
-        .map(|(domain, seq)| {
-            let applied = theirs
-                .iter()
-                .find(|(d, _)| *d == domain)
-                .map_or(0, |(_, s)| *s);
-            seq.saturating_sub(applied)
-        })
-        .sum()
+    cellplane_cells::gtid::lag(primary, replica)
 }
 
 /// Waits until the replica has applied everything up to `gtid_pos` (the primary's

@@ -178,6 +178,9 @@ async fn register(
         standby: cell.spec.standby.as_ref().map(|s| s.cell.clone()),
         endpoints: observed.endpoints.clone(),
         healthy: true,
+        mysql: None,
+        kafka_lag: None,
+        intent_generation: 0,
     };
     Some(
         match registrar

@@ -10,6 +10,7 @@
 
 pub mod election;
 pub mod plan;
+pub mod switchover;
 
 use crate::metrics::Metrics;
 use crate::Result;

@@ -223,6 +223,9 @@ mod tests {
             standby: None,
             endpoints: BTreeMap::from([("app".into(), addr.into())]),
             healthy: true,
+            mysql: None,
+            kafka_lag: None,
+            intent_generation: 0,
         }
     }
 
