@@ -310,7 +310,70 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
     acked("r-us", e + 3).await?;
     assert_eq!(answered_by(&r_us, vip).await?, "shop-eu-0");
 
-    // 6. The leader's operator dies: the other region's operator takes over within the
+    // 6. The SRE's command reads the same state, and refuses what cannot work: a
+    //    switchover needs the home's MySQL report (no region reports one in this lab),
+    //    an unknown cell is an error. A record written behind the CLI's back is refused
+    //    by the leader with the same gate, and nothing changes.
+    let cli = |args: &[&str]| -> anyhow::Result<(i32, String, String)> {
+        let out = std::process::Command::new(cellplane_e2e::workspace_bin("cellplane"))
+            .args([
+                "--etcd-endpoints",
+                &etcd.endpoints_flag(),
+                "--platform",
+                "shop",
+            ])
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (code, stdout, _) = cli(&["route", vip, "-o", "json"])?;
+    assert_eq!(code, 0);
+    let routed: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(routed["cell"], "shop-eu-0");
+    assert_eq!(routed["pinned"], true);
+    assert_eq!(routed["epoch"], t4.epoch);
+    let (code, stdout, _) = cli(&["cells"])?;
+    assert_eq!(code, 0);
+    for cell in ["shop-us-0", "shop-us-1", "shop-eu-0"] {
+        assert!(stdout.contains(cell), "{stdout}");
+    }
+    let (code, _, stderr) = cli(&["switchover", "shop-us-9"])?;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("unknown cell \"shop-us-9\""), "{stderr}");
+    let (code, _, stderr) = cli(&["switchover", "shop-us-0", "--dry-run"])?;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("home gate"), "{stderr}");
+    let op = cellplane_operator::platform::switchover::Switchover::new(
+        "so-test",
+        "shop-us-0",
+        "shop-eu-0",
+        "e2e",
+        Default::default(),
+        0,
+    );
+    etcd.put(
+        &cellplane_cells::etcd_keys::drill_key("shop", "so-test"),
+        serde_json::to_vec(&op)?,
+    )
+    .await?;
+    let (code, stdout, _) = wait_for("the leader refuses the operation", T, || async {
+        let (code, stdout, stderr) = cli(&["drills", "so-test"])?;
+        Ok((code != 0 || stdout.contains("result")).then_some((code, stdout, stderr)))
+    })
+    .await?;
+    assert_eq!(code, 2, "{stdout}");
+    assert!(stdout.contains("refused by the home gate"), "{stdout}");
+    assert_eq!(
+        table(&etcd).await?.unwrap().epoch,
+        t4.epoch,
+        "a refusal changes nothing"
+    );
+
+    // 7. The leader's operator dies: the other region's operator takes over within the
     //    lease and keeps the table following the inputs (the pin is lifted).
     let leader = ops
         .iter()

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub table_conflicts: Counter,
     /// Times the inputs gave no valid table (the table in force was kept).
     pub table_plan_errors: Counter,
+    /// Operations (switchovers, drains) this leader brought to an end, any outcome.
+    pub operations_finished: Counter,
     /// Epoch of the last table this operator wrote.
     pub table_epoch: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub registry: Registry,
@@ -92,8 +94,13 @@ impl Metrics {
         registry.register("leader", "1 while this replica leads", leader.clone());
         let platform_leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         let table_epoch = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-        let [platform_terms, table_writes, table_conflicts, table_plan_errors] =
+        let [platform_terms, table_writes, table_conflicts, table_plan_errors, operations_finished] =
             std::array::from_fn(|_| Counter::default());
+        registry.register(
+            "operations_finished",
+            "Operations (switchovers, drains) brought to an end by this leader, any outcome",
+            operations_finished.clone(),
+        );
         registry.register(
             "platform_leader",
             "1 while this operator is the platform controller across regions",
@@ -135,6 +142,7 @@ impl Metrics {
             table_writes,
             table_conflicts,
             table_plan_errors,
+            operations_finished,
             table_epoch,
             registry,
         }

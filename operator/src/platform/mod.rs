@@ -9,6 +9,7 @@
 //! succeeded for two thirds of it, before the lease can expire under it.
 
 pub mod election;
+pub mod operations;
 pub mod plan;
 pub mod switchover;
 
@@ -28,6 +29,9 @@ use plan::{Inputs, Member, Plan};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How often the leader looks at a running operation without a change event.
+const OPERATION_POLL: Duration = Duration::from_millis(50);
 
 /// Settings of the platform controller.
 #[derive(Clone, Debug)]
@@ -133,15 +137,26 @@ async fn write_tables(
             }
             Some(Swap::Written { .. }) | None => {}
         }
-        // Wait for something that can change the table (router acks cannot).
-        let deadline = tokio::time::sleep(cfg.resync);
+        let Some(operating) = operations::drive(client, &cfg.platform, fence, metrics).await?
+        else {
+            return Ok(());
+        };
+        // Wait for something that can change the table (router acks cannot, unless an
+        // operation waits for them); while an operation runs, poll fast: its write freeze
+        // lasts as long as the slowest of these waits.
+        let wait = if operating {
+            OPERATION_POLL
+        } else {
+            cfg.resync
+        };
+        let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 _ = &mut deadline => break,
                 msg = changes.message() => {
                     let Some(msg) = msg? else { return Ok(()) };
-                    if msg.events().iter().any(|e| e.kv().is_some_and(|kv| !kv.key().starts_with(routers.as_bytes()))) {
+                    if operating || msg.events().iter().any(|e| e.kv().is_some_and(|kv| !kv.key().starts_with(routers.as_bytes()))) {
                         break;
                     }
                 }
@@ -192,7 +207,7 @@ async fn write_table_once(
     Ok(Some(swap))
 }
 
-fn table_error(e: cellplane_table::Error) -> crate::Error {
+pub(crate) fn table_error(e: cellplane_table::Error) -> crate::Error {
     match e {
         cellplane_table::Error::Etcd(e) => crate::Error::Etcd(e),
         other => crate::Error::InvalidSpec(other.to_string()),

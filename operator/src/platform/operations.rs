@@ -1,0 +1,197 @@
+//! Driving operations (I/O, the platform leader): every unfinished record under `drills/`
+//! is advanced one step per pass ([`switchover::advance`]); the next record is written by a
+//! compare-and-swap on the record's revision, fenced by the leader's election key, and only
+//! then are its actions carried out. A leader that dies between the two leaves a record
+//! whose step the next leader runs again, which changes nothing that already happened.
+
+use super::switchover::{self, Action, Observed, Switchover};
+use crate::metrics::Metrics;
+use crate::Result;
+use cellplane_cells::etcd_keys::{
+    cells_prefix, drill_key, drills_prefix, intent_key, routers_prefix, Intent, Registration,
+    RouterAck,
+};
+use cellplane_table::write::{self, Fence, Swap};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+
+/// Everything under one prefix, decoded, by the key's last segment; undecodable values
+/// are logged and skipped.
+pub async fn read_prefix<T: DeserializeOwned>(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<BTreeMap<String, (T, i64)>> {
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let mut out = BTreeMap::new();
+    for kv in resp.kvs() {
+        let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+        match serde_json::from_slice::<T>(kv.value()) {
+            Ok(v) => {
+                out.insert(name, (v, kv.mod_revision()));
+            }
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "unreadable record skipped")
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn values<T>(m: BTreeMap<String, (T, i64)>) -> BTreeMap<String, T> {
+    m.into_iter().map(|(k, (v, _))| (k, v)).collect()
+}
+
+/// Advances every unfinished operation by one step. Returns whether any is still running
+/// (the caller then polls faster) or None when this leader lost its term.
+pub async fn drive(
+    client: &mut Client,
+    platform: &str,
+    fence: &Fence,
+    metrics: &Metrics,
+) -> Result<Option<bool>> {
+    let ops: BTreeMap<String, (Switchover, i64)> =
+        read_prefix(client, &drills_prefix(platform)).await?;
+    let running: Vec<(String, Switchover, i64)> = ops
+        .into_iter()
+        .filter(|(_, (op, _))| !op.finished())
+        .map(|(id, (op, rev))| (id, op, rev))
+        .collect();
+    if running.is_empty() {
+        return Ok(Some(false));
+    }
+    let cells: BTreeMap<String, Registration> =
+        values(read_prefix(client, &cells_prefix(platform)).await?);
+    let routers: BTreeMap<String, RouterAck> =
+        values(read_prefix(client, &routers_prefix(platform)).await?);
+    let intents: BTreeMap<String, Intent> =
+        values(read_prefix(client, &format!("/cellplane/{platform}/intents/")).await?);
+    for (i, (id, op, revision)) in running.iter().enumerate() {
+        let current = write::read(client, platform)
+            .await
+            .map_err(super::table_error)?;
+        let Some(table) = &current.table else {
+            tracing::warn!(operation = %id, "no routing table yet; the operation waits");
+            continue;
+        };
+        // Operations run one at a time per cell: the oldest one wins.
+        let busy = running[..i].iter().any(|(_, other, _)| {
+            [&other.cell, &other.target]
+                .iter()
+                .any(|c| **c == op.cell || **c == op.target)
+        });
+        let observed = Observed {
+            now_ms: cellplane_table::store::now_ms(),
+            table,
+            cells: &cells,
+            routers: &routers,
+            intents: &intents,
+            busy,
+        };
+        let (next, actions) = switchover::advance(op, &observed);
+        if next != *op {
+            if !put_record(client, platform, &next, *revision, fence).await? {
+                return Ok(None);
+            }
+            if next.step != op.step {
+                tracing::info!(operation = %id, cell = %op.cell, from = ?op.step, to = ?next.step, "operation step");
+            }
+            if let Some(outcome) = &next.outcome {
+                metrics.operations_finished.inc();
+                tracing::info!(operation = %id, ?outcome, write_freeze_ms = ?next.write_freeze_ms(), "operation finished");
+            }
+        }
+        for action in actions {
+            match action {
+                Action::WriteTable(t) => {
+                    match write::compare_and_swap(
+                        client,
+                        &current,
+                        &t,
+                        Some(fence),
+                        write::DEFAULT_HISTORY,
+                    )
+                    .await
+                    .map_err(super::table_error)?
+                    {
+                        Swap::NotLeader => return Ok(None),
+                        Swap::Stale => {
+                            // The next pass re-reads the table and asks again.
+                            metrics.table_conflicts.inc();
+                        }
+                        Swap::Written { .. } => {
+                            metrics.table_writes.inc();
+                            metrics.table_epoch.set(t.epoch as i64);
+                        }
+                    }
+                }
+                Action::WriteIntent { cell, intent } => {
+                    let bytes = serde_json::to_vec(&intent).map_err(crate::Error::Serialization)?;
+                    if !fenced_put(client, &intent_key(platform, &cell), bytes, None, fence).await?
+                    {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(true))
+}
+
+/// Writes an operation record if it is still at `revision` (0: create) and this leader
+/// still holds its term. False when the term is over.
+pub async fn put_record(
+    client: &mut Client,
+    platform: &str,
+    op: &Switchover,
+    revision: i64,
+    fence: &Fence,
+) -> Result<bool> {
+    let bytes = serde_json::to_vec(op).map_err(crate::Error::Serialization)?;
+    fenced_put(
+        client,
+        &drill_key(platform, &op.id),
+        bytes,
+        Some(revision),
+        fence,
+    )
+    .await
+}
+
+/// Puts `key` in a transaction that checks the leader's fence (and, when given, the key's
+/// revision). False when the fence failed; a lost revision race is not an error (the next
+/// pass re-reads).
+async fn fenced_put(
+    client: &mut Client,
+    key: &str,
+    value: Vec<u8>,
+    revision: Option<i64>,
+    fence: &Fence,
+) -> Result<bool> {
+    let mut compares = vec![Compare::create_revision(
+        fence.key.clone(),
+        CompareOp::Equal,
+        fence.create_revision,
+    )];
+    if let Some(rev) = revision {
+        compares.push(Compare::mod_revision(key, CompareOp::Equal, rev));
+    }
+    let txn = Txn::new()
+        .when(compares)
+        .and_then([TxnOp::put(key, value, None)])
+        .or_else([TxnOp::get(fence.key.clone(), None)]);
+    let resp = client.txn(txn).await?;
+    if resp.succeeded() {
+        return Ok(true);
+    }
+    let still_leader = resp.op_responses().into_iter().any(|r| match r {
+        etcd_client::TxnOpResponse::Get(g) => g
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == fence.create_revision),
+        _ => false,
+    });
+    Ok(still_leader)
+}
