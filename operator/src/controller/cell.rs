@@ -384,6 +384,7 @@ pub async fn run(
             })
     };
     Controller::new(owned_api!(Cell), super::watch_config())
+        .with_config(super::controller_config())
         .watches(owned_api!(CellSet), super::watch_config(), cells_of_set)
         .owns(owned_api!(Deployment), owned.clone())
         .owns(owned_api!(StatefulSet), owned.clone())

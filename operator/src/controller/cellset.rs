@@ -118,6 +118,7 @@ pub async fn run(
         ),
     };
     Controller::new(sets, super::watch_config())
+        .with_config(super::controller_config())
         .owns(cells, super::watch_config().labels(names::LABEL_CELLSET))
         .trigger_backoff(super::WatchBackoff::default())
         .graceful_shutdown_on(shutdown)

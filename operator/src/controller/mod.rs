@@ -116,6 +116,14 @@ where
         .await?)
 }
 
+/// Controller settings of every controller: a burst of events about one object (a cell's
+/// pods becoming ready one after the other update its Deployment and StatefulSets several
+/// times a second) becomes one reconcile once the burst has been quiet this long, instead
+/// of one full re-apply per event.
+pub fn controller_config() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().debounce(Duration::from_millis(500))
+}
+
 /// Watch settings of every controller (one place to tune them).
 pub fn watch_config() -> kube::runtime::watcher::Config {
     kube::runtime::watcher::Config::default()
