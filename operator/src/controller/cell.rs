@@ -3,7 +3,8 @@
 //! endpoint map included) -> apply -> status, computed once (pure, `status::compute`) ->
 //! report. A finalizer removes the cell's etcd registration before deletion completes.
 
-use super::{apply, error_action, Context};
+use super::owned::{self, apply_if_changed, Ledger, OwnedStores};
+use super::{error_action, Context};
 use crate::build::{self, names, secret, CellContext, Store, CELL_FINALIZER};
 use crate::status::{self, Observed, Readiness};
 use crate::{Error, Result};
@@ -14,7 +15,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -35,6 +36,10 @@ const RESYNC: Duration = Duration::from_secs(60);
 pub struct CellReconciler {
     pub ctx: Arc<Context>,
     pub cellsets: reflector::Store<CellSet>,
+    /// The cells' children, from the watches that also trigger reconciles.
+    pub owned: OwnedStores,
+    /// What was applied last, so unchanged objects are not sent again.
+    pub ledger: Ledger,
 }
 
 /// What a reconcile reads before it builds anything.
@@ -46,14 +51,18 @@ struct Fetched {
 }
 
 async fn fetch(cell: &Cell, cx: &CellContext<'_>, r: &CellReconciler) -> Result<Fetched> {
-    let api: Api<Secret> = Api::namespaced(r.ctx.client.clone(), cx.namespace);
-    let mut secrets = BTreeSet::new();
-    for store in Store::ALL.into_iter().filter(|s| s.has_secret()) {
-        let name = names::secret(cx.name, store);
-        if api.get_metadata_opt(&name).await?.is_some() {
-            secrets.insert(name);
-        }
-    }
+    r.owned.ready().await;
+    let secrets = Store::ALL
+        .into_iter()
+        .filter(|s| s.has_secret())
+        .map(|store| names::secret(cx.name, store))
+        .filter(|name| {
+            r.owned
+                .secrets
+                .get(&ObjectRef::new(name).within(cx.namespace))
+                .is_some()
+        })
+        .collect();
     let set = cell
         .labels()
         .get(names::LABEL_CELLSET)
@@ -79,8 +88,10 @@ fn new_passwords(missing: Vec<Store>) -> Vec<(Store, secret::Passwords)> {
 }
 
 /// Applies the desired state; returns the workloads as the API server has them.
-async fn apply_all(cell: &Cell, ctx: &Context, desired: &build::Desired) -> Result<Applied> {
+async fn apply_all(cell: &Cell, r: &CellReconciler, desired: &build::Desired) -> Result<Applied> {
+    let ctx = r.ctx.as_ref();
     let client = &ctx.client;
+    let (owned, ledger) = (&r.owned, &r.ledger);
     for o in &desired.secrets {
         let name = o.metadata.name.clone().unwrap_or_default();
         let api: Api<Secret> = Api::namespaced(
@@ -102,32 +113,56 @@ async fn apply_all(cell: &Cell, ctx: &Context, desired: &build::Desired) -> Resu
             Err(e) => return Err(e.into()),
         }
     }
+    // Metadata-only children: applied when changed, nothing to read back.
     for o in &desired.config_maps {
-        apply::<ConfigMap>(client, o).await?;
-    }
-    let mut services = Vec::new();
-    for o in &desired.services {
-        services.push(apply::<Service>(client, o).await?);
-    }
-    let mut sts = Vec::new();
-    for o in &desired.statefulsets {
-        sts.push(apply::<StatefulSet>(client, o).await?);
-    }
-    let mut deps = Vec::new();
-    for o in &desired.deployments {
-        deps.push(apply::<Deployment>(client, o).await?);
+        let cur = owned::find(&owned.config_maps, o);
+        apply_if_changed(client, ledger, o, cur.as_ref().map(|c| &c.metadata)).await?;
     }
     for o in &desired.pdbs {
-        apply::<PodDisruptionBudget>(client, o).await?;
+        let cur = owned::find(&owned.pdbs, o);
+        apply_if_changed(client, ledger, o, cur.as_ref().map(|c| &c.metadata)).await?;
     }
     for o in &desired.network_policies {
-        apply::<NetworkPolicy>(client, o).await?;
+        let cur = owned::find(&owned.network_policies, o);
+        apply_if_changed(client, ledger, o, cur.as_ref().map(|c| &c.metadata)).await?;
     }
+    // Whole children: their status is read, from the apply's answer or from the watch.
+    let services = apply_all_of(client, ledger, &owned.services, &desired.services).await?;
+    let sts = apply_all_of(client, ledger, &owned.statefulsets, &desired.statefulsets).await?;
+    let deps = apply_all_of(client, ledger, &owned.deployments, &desired.deployments).await?;
     Ok(Applied {
         deployments: deps,
         statefulsets: sts,
         services,
     })
+}
+
+/// Applies each changed object of one kind; every object as the API server last gave it.
+async fn apply_all_of<K>(
+    client: &kube::Client,
+    ledger: &Ledger,
+    store: &reflector::Store<K>,
+    desired: &[K],
+) -> Result<Vec<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let mut out = Vec::with_capacity(desired.len());
+    for o in desired {
+        let cur = owned::find(store, o);
+        match apply_if_changed(client, ledger, o, cur.as_ref().map(|c| c.meta())).await? {
+            Some(applied) => out.push(applied),
+            None => out.extend(cur.map(|c| (*c).clone())),
+        }
+    }
+    Ok(out)
 }
 
 /// The objects as the API server returned them from the apply (with their status).
@@ -228,7 +263,7 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
             return Err(e);
         }
     };
-    let applied = apply_all(&cell, ctx, &desired).await?;
+    let applied = apply_all(&cell, r, &desired).await?;
     let (deployments, statefulsets) = (&applied.deployments, &applied.statefulsets);
     let app_service = applied
         .services
@@ -284,7 +319,13 @@ async fn update_status(cell: &Cell, ctx: &Context, next: CellStatus) -> Result<(
     Ok(())
 }
 
-async fn cleanup_cell(cell: Arc<Cell>, ctx: &Context) -> Result<Action> {
+async fn cleanup_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
+    let ctx = r.ctx.as_ref();
+    // Children are all named `<cell>-...`.
+    r.ledger.forget_namespace_prefix(
+        &cell.namespace().unwrap_or_default(),
+        &format!("{}-", cell.name_any()),
+    );
     if let Some(registrar) = &ctx.registrar {
         registrar
             .deregister(&cell.spec.platform, &cell.name_any())
@@ -311,7 +352,7 @@ pub async fn reconcile(cell: Arc<Cell>, r: Arc<CellReconciler>) -> Result<Action
     let result = finalizer(&api, CELL_FINALIZER, cell, |event| async {
         match event {
             Finalizer::Apply(c) => apply_cell(c, &r).await,
-            Finalizer::Cleanup(c) => cleanup_cell(c, ctx).await,
+            Finalizer::Cleanup(c) => cleanup_cell(c, &r).await,
         }
     })
     .await
@@ -367,7 +408,34 @@ pub async fn run(
         tracing::error!("CellSet reflector stopped before it was ready");
         return;
     }
-    let reconciler = Arc::new(CellReconciler { ctx, cellsets });
+    // One watch per child kind: it triggers the cell's reconcile and fills the store the
+    // reconcile reads (see `owned`).
+    let (deployments, deployments_changed) = owned::watch(owned_api!(Deployment), owned.clone());
+    let (statefulsets, statefulsets_changed) = owned::watch(owned_api!(StatefulSet), owned.clone());
+    let (services, services_changed) = owned::watch(owned_api!(Service), owned.clone());
+    let (config_maps, config_maps_changed) =
+        owned::watch(owned_api!(PartialObjectMeta<ConfigMap>), owned.clone());
+    let (pdbs, pdbs_changed) = owned::watch(
+        owned_api!(PartialObjectMeta<PodDisruptionBudget>),
+        owned.clone(),
+    );
+    let (network_policies, network_policies_changed) =
+        owned::watch(owned_api!(PartialObjectMeta<NetworkPolicy>), owned.clone());
+    let (secrets, secrets_changed) = owned::watch(owned_api!(PartialObjectMeta<Secret>), owned);
+    let reconciler = Arc::new(CellReconciler {
+        ctx,
+        cellsets,
+        owned: OwnedStores {
+            deployments,
+            statefulsets,
+            services,
+            config_maps,
+            pdbs,
+            network_policies,
+            secrets,
+        },
+        ledger: Ledger::default(),
+    });
     // A set's placement changes: its cells' status follows at once.
     let cells_of_set = |set: CellSet| {
         let ns = set.namespace();
@@ -386,13 +454,13 @@ pub async fn run(
     Controller::new(owned_api!(Cell), super::watch_config())
         .with_config(super::controller_config())
         .watches(owned_api!(CellSet), super::watch_config(), cells_of_set)
-        .owns(owned_api!(Deployment), owned.clone())
-        .owns(owned_api!(StatefulSet), owned.clone())
-        .owns(owned_api!(Service), owned.clone())
-        .owns(owned_api!(ConfigMap), owned.clone())
-        .owns(owned_api!(PodDisruptionBudget), owned.clone())
-        .owns(owned_api!(NetworkPolicy), owned.clone())
-        .owns(owned_api!(Secret), owned)
+        .owns_stream(deployments_changed)
+        .owns_stream(statefulsets_changed)
+        .owns_stream(services_changed)
+        .owns_stream(config_maps_changed)
+        .owns_stream(pdbs_changed)
+        .owns_stream(network_policies_changed)
+        .owns_stream(secrets_changed)
         .trigger_backoff(super::WatchBackoff::default())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, reconciler)

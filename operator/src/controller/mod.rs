@@ -2,6 +2,7 @@
 
 pub mod cell;
 pub mod cellset;
+pub mod owned;
 
 use crate::build::FIELD_MANAGER;
 use crate::metrics::Metrics;
