@@ -55,6 +55,30 @@ fn chart_lints_and_rejects_bad_values() {
         None,
     );
     assert!(!ok && out.contains("/replicas"), "{out}");
+    let chart_str = chart();
+    let template = |extra: &[&str]| {
+        let mut args = vec!["template", "t", &chart_str, "--set", "region=us-east"];
+        args.extend_from_slice(extra);
+        helm(&args, None)
+    };
+    // The platform controller needs the global etcd, and a platform name is a DNS label.
+    let (ok, out) = template(&["--set", "platform.name=shop"]);
+    assert!(
+        !ok && out.contains("platform.name needs etcd.endpoints"),
+        "{out}"
+    );
+    let (ok, out) = template(&["--set", "platform.name=Shop_1"]);
+    assert!(!ok && out.contains("/platform/name"), "{out}");
+    let (ok, out) = template(&[
+        "--set",
+        "platform.name=shop",
+        "--set",
+        "etcd.endpoints={http://etcd:2379}",
+    ]);
+    assert!(
+        ok && out.contains("--platform=shop") && out.contains("--platform-lease=5"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -119,11 +119,18 @@ where
 
 /// Controller settings of every controller: a burst of events about one object (a cell's
 /// pods becoming ready one after the other update its Deployment and StatefulSets several
-/// times a second) becomes one reconcile once the burst has been quiet this long, instead
-/// of one full re-apply per event.
+/// times a second) becomes one reconcile once the burst has been quiet this long; and at
+/// most [`RECONCILE_CONCURRENCY`] reconciles run at once, so 500 new cells do not hold 500
+/// rendered desired states in memory together (the API server, not the operator, sets the
+/// pace).
 pub fn controller_config() -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().debounce(Duration::from_millis(500))
+    kube::runtime::controller::Config::default()
+        .debounce(Duration::from_millis(500))
+        .concurrency(RECONCILE_CONCURRENCY)
 }
+
+/// Reconciles in flight at once, per controller.
+pub const RECONCILE_CONCURRENCY: u16 = 32;
 
 /// Watch settings of every controller (one place to tune them).
 pub fn watch_config() -> kube::runtime::watcher::Config {

@@ -44,7 +44,9 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, config))
+    // managedFields are often half an object and nothing here reads them.
+    let events = watcher(api, config).modify(|o| o.managed_fields_mut().clear());
+    let stream = reflector(writer, events)
         .default_backoff()
         .touched_objects();
     (store, stream)
