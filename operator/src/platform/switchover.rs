@@ -687,6 +687,15 @@ mod tests {
         deaf_regions: Vec<String>,
         /// The standby stops applying (its replica position freezes).
         replica_frozen: bool,
+        /// Random mode (model check): every tick, each router, region and replica acts or
+        /// not by the dice, `a` takes writes whenever its MySQL actually is writable, and
+        /// time jumps by up to 3 s.
+        dice: Option<Dice>,
+        /// What `b` has applied of `a`'s writes (random mode).
+        b_applied_a: u64,
+        /// Random mode: how reliably (percent per tick) routers acknowledge, regions carry
+        /// out intents and the replica applies; each run draws its own.
+        odds: [u64; 3],
         kafka_lag: u64,
         /// Writes each cell's primary took (its GTID sequence).
         writes: BTreeMap<String, u64>,
@@ -717,6 +726,9 @@ mod tests {
                 kafka_lag: 0,
                 writes: BTreeMap::from([("a".into(), 500), ("b".into(), 300)]),
                 busy: false,
+                dice: None,
+                b_applied_a: 500,
+                odds: [100, 100, 100],
             };
             // Each cell stands by for the other (the two-region ring).
             for (cell, source) in [("a", "b"), ("b", "a")] {
@@ -775,23 +787,54 @@ mod tests {
         }
 
         /// Regions carry out intents and report; routers acknowledge; 100 ms pass.
+        fn roll(&mut self, percent: u64) -> bool {
+            self.dice.as_mut().is_none_or(|d| d.below(100) < percent)
+        }
+
         fn tick(&mut self) {
-            self.now_ms += 100;
-            for (id, ack) in &mut self.routers {
-                if !self.stuck_routers.contains(id) {
-                    ack.applied_epoch = self.table.epoch;
+            self.now_ms += match self.dice.as_mut() {
+                Some(d) => 1 + d.below(3000),
+                None => 100,
+            };
+            if self.dice.is_some() {
+                // The home takes writes while its MySQL really is writable (a stale app
+                // or router may send them whatever the table says).
+                let a_writable = self
+                    .cells
+                    .get("a")
+                    .and_then(|r| r.mysql.as_ref())
+                    .is_some_and(|m| !m.read_only);
+                if a_writable && self.roll(80) {
+                    *self.writes.get_mut("a").unwrap() += 1;
+                }
+                if self.roll(self.odds[2]) {
+                    let step = self.dice.as_mut().unwrap().below(3);
+                    self.b_applied_a = (self.b_applied_a + step).min(self.writes["a"]);
+                }
+                if self.kafka_lag > 0 && self.roll(50) {
+                    self.kafka_lag -= 1;
+                }
+            }
+            let ids: Vec<String> = self.routers.keys().cloned().collect();
+            for id in ids {
+                if !self.stuck_routers.contains(&id) && self.roll(self.odds[0]) {
+                    let epoch = self.table.epoch;
+                    self.routers.get_mut(&id).unwrap().applied_epoch = epoch;
                 }
             }
             let names: Vec<String> = self.intents.keys().cloned().collect();
             for cell in names {
                 let intent = self.intents[&cell].clone();
                 let old = self.cells.get(&cell).cloned();
-                if self.deaf_regions.contains(&cell) && old.is_some() {
+                if (self.deaf_regions.contains(&cell) || !self.roll(self.odds[1])) && old.is_some()
+                {
                     continue;
                 }
                 let mut replicas = BTreeMap::new();
                 for source in &intent.replicate_from {
-                    let applied = if self.replica_frozen && cell == "b" {
+                    let applied = if self.dice.is_some() && cell == "b" && source == "a" {
+                        pos("a", self.b_applied_a)
+                    } else if self.replica_frozen && cell == "b" {
                         old.as_ref()
                             .and_then(|o| o.mysql.as_ref()?.replicas.get(source).cloned())
                             .map(|r| r.gtid_slave_pos)
@@ -1080,6 +1123,93 @@ mod tests {
                 assert!(warnings[0].contains("does not replicate"), "{warnings:?}")
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A tiny deterministic PRNG (xorshift), so every model-check run can be replayed.
+    struct Dice(u64);
+
+    impl Dice {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Model check: thousands of random worlds in which routers, regions and the replica
+    /// act late or not at all, the home keeps taking writes while its MySQL is writable,
+    /// time jumps, and the leader dies between persisting a record and carrying out its
+    /// actions (the actions are lost and the next leader runs the step again). Whatever
+    /// happens: the slots never move to the standby unless the home is read-only and the
+    /// standby has every write the home ever took; after the move the home never becomes
+    /// writable again; a rollback leaves the home serving and writable; and every run ends.
+    #[test]
+    fn model_check_no_two_writable_homes_and_no_lost_write() {
+        for seed in 1..=3000u64 {
+            let mut w = World::new();
+            let mut dice = Dice(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let levels = [3, 20, 60, 95];
+            w.odds = [0, 1, 2].map(|_| levels[dice.below(4) as usize]);
+            w.dice = Some(dice);
+            w.kafka_lag = seed % 7;
+            let mut op = start(&w);
+            let mut moved = false;
+            for _ in 0..5000 {
+                let (next, actions) = advance(&op, &w.observed());
+                let crashed =
+                    w.roll(10) && !actions.is_empty() && w.dice.is_some() && seed % 3 == 0;
+                for a in &actions {
+                    if let Action::WriteTable(t) = a {
+                        if !crashed && t.slot_count("a") == 0 && w.table.slot_count("a") > 0 {
+                            let a_mysql = w.cells["a"].mysql.as_ref().unwrap();
+                            assert!(
+                                a_mysql.read_only,
+                                "seed {seed}: slots moved while a is writable"
+                            );
+                            assert!(
+                                w.b_applied_a >= w.writes["a"],
+                                "seed {seed}: slots moved before b had a's {} writes ({} applied)",
+                                w.writes["a"],
+                                w.b_applied_a
+                            );
+                            moved = true;
+                        }
+                    }
+                }
+                if !crashed {
+                    w.apply(actions);
+                }
+                op = next;
+                if moved {
+                    let a_mysql = w.cells["a"].mysql.as_ref().unwrap();
+                    assert!(
+                        a_mysql.read_only,
+                        "seed {seed}: a writable again after the move"
+                    );
+                    assert!(!w.intents["a"].writable, "seed {seed}");
+                }
+                if op.finished() {
+                    break;
+                }
+                w.tick();
+            }
+            assert!(op.finished(), "seed {seed}: still at {:?}", op.step);
+            match &op.outcome {
+                Some(Outcome::Succeeded { .. }) => {
+                    assert!(moved, "seed {seed}");
+                    assert_eq!(w.table.slot_count("a"), 0);
+                }
+                Some(Outcome::RolledBack { .. }) => {
+                    assert!(!moved, "seed {seed}: rolled back after the move");
+                    assert!(!w.table.cell("a").unwrap().frozen, "seed {seed}");
+                    assert!(w.table.slot_count("a") > 0);
+                    assert!(w.intents["a"].writable, "seed {seed}");
+                }
+                Some(Outcome::Refused { .. }) => assert!(!moved),
+                None => unreachable!(),
+            }
         }
     }
 }
