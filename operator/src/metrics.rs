@@ -19,6 +19,12 @@ pub struct ErrorLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+    pub ready: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerbLabel {
     pub verb: &'static str,
 }
@@ -48,6 +54,11 @@ pub struct Metrics {
     pub errors: Family<ErrorLabel, Counter>,
     pub duration: Family<ControllerLabel, Histogram>,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Cells this operator runs, by the phase and readiness it last wrote.
+    pub cells: Family<PhaseLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    /// The phase and readiness last written per cell (namespace/name), so the gauge
+    /// moves by one on each change.
+    cell_states: parking_lot::Mutex<std::collections::HashMap<String, PhaseLabel>>,
     /// 1 while this operator is the platform controller (leader across regions).
     pub platform_leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Terms won in the platform election.
@@ -92,6 +103,12 @@ impl Metrics {
             duration.clone(),
         );
         registry.register("leader", "1 while this replica leads", leader.clone());
+        let cells = Family::<PhaseLabel, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
+        registry.register(
+            "cells",
+            "Cells this operator runs, by the phase and readiness it last wrote to their status",
+            cells.clone(),
+        );
         let platform_leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         let table_epoch = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         let [platform_terms, table_writes, table_conflicts, table_plan_errors, operations_finished] =
@@ -137,6 +154,8 @@ impl Metrics {
             errors,
             duration,
             leader,
+            cells,
+            cell_states: Default::default(),
             platform_leader,
             platform_terms,
             table_writes,
@@ -157,6 +176,24 @@ impl Metrics {
             metrics: self,
             controller,
             start: std::time::Instant::now(),
+        }
+    }
+
+    /// Records the phase and readiness written for `cell` (None: the cell is gone).
+    pub fn cell_state(&self, cell: &str, state: Option<PhaseLabel>) {
+        let mut states = self.cell_states.lock();
+        let before = match &state {
+            Some(s) => states.insert(cell.to_string(), s.clone()),
+            None => states.remove(cell),
+        };
+        if before == state {
+            return;
+        }
+        if let Some(b) = before {
+            self.cells.get_or_create(&b).dec();
+        }
+        if let Some(s) = state {
+            self.cells.get_or_create(&s).inc();
         }
     }
 
@@ -264,5 +301,35 @@ mod tests {
             )),
             "delete"
         );
+    }
+
+    #[test]
+    fn cells_by_phase_move_by_one_per_change_and_vanish_with_the_cell() {
+        let m = Metrics::new();
+        let pending = PhaseLabel {
+            phase: "Pending",
+            ready: "false",
+        };
+        let active = PhaseLabel {
+            phase: "Active",
+            ready: "true",
+        };
+        m.cell_state("ns/a", Some(pending.clone()));
+        m.cell_state("ns/b", Some(pending.clone()));
+        m.cell_state("ns/a", Some(pending.clone()));
+        assert_eq!(
+            m.cells.get_or_create(&pending).get(),
+            2,
+            "a repeated state counts once"
+        );
+        m.cell_state("ns/a", Some(active.clone()));
+        assert_eq!(m.cells.get_or_create(&pending).get(), 1);
+        assert_eq!(m.cells.get_or_create(&active).get(), 1);
+        m.cell_state("ns/a", None);
+        m.cell_state("ns/zz", None);
+        assert_eq!(m.cells.get_or_create(&active).get(), 0);
+        assert!(m
+            .encode()
+            .contains("cellplane_operator_cells{phase=\"Pending\",ready=\"false\"} 1"));
     }
 }

@@ -289,8 +289,37 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
     observed.registered = register(&cell, ctx, &observed, app_address.is_some()).await;
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let next = status::compute(&cell.spec, cell.status.as_ref(), &observed, &now);
+    let state = crate::metrics::PhaseLabel {
+        phase: phase_name(next.phase),
+        ready: if status::readiness(&observed).ready {
+            "true"
+        } else {
+            "false"
+        },
+    };
     update_status(&cell, ctx, next).await?;
+    ctx.metrics.cell_state(&state_key(&cell), Some(state));
     Ok(Action::requeue(RESYNC))
+}
+
+fn state_key(cell: &Cell) -> String {
+    format!(
+        "{}/{}",
+        cell.namespace().unwrap_or_default(),
+        cell.name_any()
+    )
+}
+
+fn phase_name(phase: Option<CellPhase>) -> &'static str {
+    match phase {
+        None => "None",
+        Some(CellPhase::Pending) => "Pending",
+        Some(CellPhase::Active) => "Active",
+        Some(CellPhase::Draining) => "Draining",
+        Some(CellPhase::Drained) => "Drained",
+        Some(CellPhase::FailedOver) => "FailedOver",
+        Some(CellPhase::Standby) => "Standby",
+    }
 }
 
 /// Writes the status only when it changed, and records phase changes as events.
@@ -321,6 +350,7 @@ async fn update_status(cell: &Cell, ctx: &Context, next: CellStatus) -> Result<(
 
 async fn cleanup_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
     let ctx = r.ctx.as_ref();
+    ctx.metrics.cell_state(&state_key(&cell), None);
     // Children are all named `<cell>-...`.
     r.ledger.forget_namespace_prefix(
         &cell.namespace().unwrap_or_default(),
