@@ -283,6 +283,12 @@ pub struct ExternalStore {
     pub endpoint: String,
     /// Secret in the Cell's namespace holding the credentials (keys `username`, `password`).
     pub secret_ref: SecretRef,
+    /// MySQL only: a Secret (keys `username`, `password`) of an account allowed to fence and
+    /// to configure replication (`SUPER` or `READ_ONLY ADMIN`, `REPLICATION SLAVE ADMIN`,
+    /// `CONNECTION ADMIN`), which the region's operator uses for switchovers. Without it, the
+    /// cell cannot take part in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_secret_ref: Option<SecretRef>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

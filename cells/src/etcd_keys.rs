@@ -116,6 +116,11 @@ pub fn intent_key(platform: &str, cell: &str) -> String {
     format!("/cellplane/{platform}/intents/{cell}")
 }
 
+/// `/cellplane/<platform>/intents/` : prefix of every intent.
+pub fn intents_prefix(platform: &str) -> String {
+    format!("/cellplane/{platform}/intents/")
+}
+
 /// `/cellplane/<platform>/drills/` : prefix of every operation record.
 pub fn drills_prefix(platform: &str) -> String {
     format!("/cellplane/{platform}/drills/")

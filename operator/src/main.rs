@@ -6,6 +6,7 @@ use cellplane_cells::crd::CellSet;
 use cellplane_operator::controller::{self, Context};
 use cellplane_operator::leader::LeaderElector;
 use cellplane_operator::metrics::Metrics;
+use cellplane_operator::platform::region::AgentConfig;
 use cellplane_operator::platform::PlatformConfig;
 use cellplane_operator::registration::Registrar;
 use clap::{Parser, Subcommand};
@@ -29,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the Cell and CellSet controllers.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CRDs (YAML) that `crds/` holds.
     Crd,
     /// Render a CellSet file offline: its cells, standby pairs and slot placement.
@@ -86,6 +87,13 @@ struct RunArgs {
     /// How often the platform leader re-reads its inputs without a change event (ms).
     #[arg(long, env = "CELLPLANE_PLATFORM_RESYNC_MS", default_value_t = 2000)]
     platform_resync_ms: u64,
+    /// The platform secret (a file, the same in every region) from which each cell's
+    /// replication password is derived; without it this region sets up no replication.
+    #[arg(long, env = "CELLPLANE_REPLICATION_SECRET_FILE")]
+    replication_secret_file: Option<PathBuf>,
+    /// How often this region carries out its cells' intents and reports their MySQL (ms).
+    #[arg(long, env = "CELLPLANE_AGENT_INTERVAL_MS", default_value_t = 500)]
+    agent_interval_ms: u64,
     /// Routing tables kept in etcd under routing-history/.
     #[arg(long, default_value_t = cellplane_table::write::DEFAULT_HISTORY)]
     routing_history: u64,
@@ -209,6 +217,35 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
         (None, _) => None,
     };
+    let replication_secret = match &args.replication_secret_file {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading --replication-secret-file {}", path.display()))?;
+            let secret = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "--replication-secret-file {} holds {} bytes; use at least 16 random bytes (e.g. openssl rand -hex 32)",
+                path.display(),
+                secret.len()
+            );
+            Some(Arc::new(secret))
+        }
+        None => None,
+    };
+    // The region side of the platform: carries out this region's cells' intents.
+    let agent = match (&platform, &args.region, &registrar) {
+        (Some(p), Some(region), Some(reg)) => Some((
+            AgentConfig {
+                platform: p.platform.clone(),
+                region: region.clone(),
+                etcd_endpoints: args.etcd_endpoints.clone(),
+                interval: Duration::from_millis(args.agent_interval_ms.max(50)),
+                replication_secret,
+            },
+            reg.clone(),
+        )),
+        _ => None,
+    };
     let ctx = Arc::new(Context {
         etcd_endpoints: args.etcd_endpoints.clone(),
         ..Context::new(
@@ -252,6 +289,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 cfg,
                 client.clone(),
                 metrics.clone(),
+                stopped(stop_rx.clone()),
+            ))
+        });
+        let agent_task = agent.clone().map(|(cfg, reg)| {
+            tokio::spawn(cellplane_operator::platform::region::run(
+                cfg,
+                client.clone(),
+                reg,
                 stopped(stop_rx),
             ))
         });
@@ -266,6 +311,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let _ = tokio::join!(cells, sets);
             if let Some(p) = platform_task {
                 let _ = p.await;
+            }
+            if let Some(a) = agent_task {
+                let _ = a.await;
             }
         })
         .await;
@@ -328,7 +376,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Render { file, user } => render(&file, user.as_deref()),
         Command::Run(args) => {
             init_tracing();
-            run(args).await
+            run(*args).await
         }
     }
 }

@@ -4,8 +4,9 @@
 //! region vanishes: the signal unplanned failover acts on.
 
 use crate::Result;
-use cellplane_cells::etcd_keys::{cell_key, Registration};
+use cellplane_cells::etcd_keys::{cell_key, MysqlReport, Registration};
 use etcd_client::{Client, PutOptions};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,34 @@ use std::time::Duration;
 pub struct Registrar {
     client: Client,
     lease: Arc<AtomicI64>,
+    /// Per (platform, cell): what the Cell's reconcile registered last, and what the
+    /// region's agent measured last (MySQL, Kafka, intent applied). Two writers fill one
+    /// record, so each keeps its part here and every put carries both.
+    records: Arc<parking_lot::Mutex<HashMap<(String, String), Parts>>>,
+}
+
+#[derive(Clone, Default)]
+struct Parts {
+    base: Option<Registration>,
+    live: Option<Live>,
+}
+
+/// What the region's agent measures of a cell.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Live {
+    pub mysql: Option<MysqlReport>,
+    pub kafka_lag: Option<u64>,
+    pub intent_generation: u64,
+}
+
+fn merged(parts: &Parts) -> Option<Registration> {
+    let mut reg = parts.base.clone()?;
+    if let Some(live) = &parts.live {
+        reg.mysql = live.mysql.clone();
+        reg.kafka_lag = live.kafka_lag;
+        reg.intent_generation = live.intent_generation;
+    }
+    Some(reg)
 }
 
 impl Registrar {
@@ -47,10 +76,45 @@ impl Registrar {
                 }
             }
         });
-        Ok(Self { client, lease })
+        Ok(Self {
+            client,
+            lease,
+            records: Default::default(),
+        })
     }
 
+    /// Registers the cell (from its reconcile), with the agent's latest measurements.
     pub async fn register(&self, platform: &str, cell: &str, reg: &Registration) -> Result<()> {
+        let full = {
+            let mut records = self.records.lock();
+            let parts = records.entry((platform.into(), cell.into())).or_default();
+            parts.base = Some(reg.clone());
+            merged(parts)
+        };
+        self.put(platform, cell, &full.unwrap_or_else(|| reg.clone()))
+            .await
+    }
+
+    /// Publishes the agent's measurements of a registered cell (nothing for a cell that is
+    /// not registered yet: it registers once Ready, with them).
+    pub async fn report(&self, platform: &str, cell: &str, live: Live) -> Result<()> {
+        let full = {
+            let mut records = self.records.lock();
+            let parts = records.entry((platform.into(), cell.into())).or_default();
+            if parts.live.as_ref() == Some(&live) && parts.base.is_some() {
+                None
+            } else {
+                parts.live = Some(live);
+                merged(parts)
+            }
+        };
+        match full {
+            Some(reg) => self.put(platform, cell, &reg).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn put(&self, platform: &str, cell: &str, reg: &Registration) -> Result<()> {
         let value = serde_json::to_vec(reg).map_err(crate::Error::Serialization)?;
         let opts = PutOptions::new().with_lease(self.lease.load(Ordering::Relaxed));
         self.client
@@ -61,6 +125,9 @@ impl Registrar {
     }
 
     pub async fn deregister(&self, platform: &str, cell: &str) -> Result<()> {
+        self.records
+            .lock()
+            .remove(&(platform.to_string(), cell.to_string()));
         self.client
             .clone()
             .delete(cell_key(platform, cell), None)

@@ -203,6 +203,70 @@ pub async fn promote(
     Ok(())
 }
 
+/// The names of the replication connections configured on `replica`.
+pub async fn connections(replica: &Pool) -> Result<Vec<String>> {
+    let mut c = conn(replica).await?;
+    let rows: Vec<Row> = c
+        .query("SHOW ALL SLAVES STATUS")
+        .await
+        .map_err(mysql("SHOW ALL SLAVES STATUS"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            r.get_opt::<String, _>("Connection_name")
+                .and_then(|v| v.ok())
+        })
+        .filter(|n| !n.is_empty())
+        .collect())
+}
+
+/// Removes connection `name` (stopped, forgotten); a connection that does not exist is fine.
+pub async fn stop_replica(replica: &Pool, name: &str) -> Result<()> {
+    check_connection_name(name)?;
+    let mut c = conn(replica).await?;
+    for stmt in [
+        format!("STOP SLAVE '{name}'"),
+        format!("RESET SLAVE '{name}' ALL"),
+    ] {
+        if let Err(e) = c.query_drop(&stmt).await {
+            // 1617: no such connection.
+            if !matches!(&e, mysql_async::Error::Server(s) if s.code == 1617) {
+                return Err(mysql("stop replica")(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the server writable for every account again (the end of a fence).
+pub async fn make_writable(primary: &Pool) -> Result<()> {
+    let mut c = conn(primary).await?;
+    c.query_drop("SET GLOBAL read_only = 0")
+        .await
+        .map_err(mysql("SET read_only = 0"))
+}
+
+/// Ensures the account standbys replicate with exists on this server with `password`,
+/// without writing it to the binary log (accounts are per server and must not replicate).
+pub async fn ensure_replication_account(primary: &Pool, user: &str, password: &str) -> Result<()> {
+    check_connection_name(user)?;
+    let mut c = conn(primary).await?;
+    let pw = quote(password);
+    for stmt in [
+        "SET SESSION sql_log_bin = 0".to_string(),
+        format!("CREATE USER IF NOT EXISTS '{user}'@'%' IDENTIFIED BY {pw}"),
+        format!("ALTER USER '{user}'@'%' IDENTIFIED BY {pw}"),
+        format!(
+            "GRANT REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR ON *.* TO '{user}'@'%'"
+        ),
+    ] {
+        c.query_drop(stmt)
+            .await
+            .map_err(mysql("replication account"))?;
+    }
+    Ok(())
+}
+
 /// Fences the old primary: read-only for every account without admin rights (the apps'),
 /// and their open sessions are killed so no transaction started before the fence commits
 /// after it. Returns the final position, which the replica must reach before promotion.

@@ -328,8 +328,9 @@ async fn switchover(
     // The same gates the leader runs, evaluated here first: a refusal changes nothing.
     let cells: BTreeMap<String, Registration> = p.prefix(&cells_prefix(&p.name)).await?;
     let routers: BTreeMap<String, RouterAck> = p.prefix(&routers_prefix(&p.name)).await?;
-    let intents: BTreeMap<String, Intent> =
-        p.prefix(&format!("/cellplane/{}/intents/", p.name)).await?;
+    let intents: BTreeMap<String, Intent> = p
+        .prefix(&cellplane_cells::etcd_keys::intents_prefix(&p.name))
+        .await?;
     let drills: BTreeMap<String, Switchover> = p.prefix(&drills_prefix(&p.name)).await?;
     let busy = drills.values().any(|d| {
         !d.finished()

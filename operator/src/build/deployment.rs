@@ -231,6 +231,7 @@ mod tests {
                 secret_ref: cellplane_cells::crd::SecretRef {
                     name: "rds-creds".into(),
                 },
+                admin_secret_ref: None,
             }),
         };
         let env = env_of(&app(&fixtures::ctx(&spec)));

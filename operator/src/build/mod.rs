@@ -442,6 +442,7 @@ mod tests {
             external: Some(ExternalStore {
                 endpoint: "db.example:3306".into(),
                 secret_ref: SecretRef { name: "rds".into() },
+                admin_secret_ref: None,
             }),
         };
         assert_eq!(missing_secrets(&fixtures::ctx(&ext), &none), [Store::Redis]);
@@ -455,6 +456,7 @@ mod tests {
             external: Some(ExternalStore {
                 endpoint: "db.example:3306".into(),
                 secret_ref: SecretRef { name: "rds".into() },
+                admin_secret_ref: None,
             }),
         };
         spec.redis = ext.clone();
@@ -476,6 +478,7 @@ mod tests {
         spec.mysql.external = Some(ExternalStore {
             endpoint: "x:1".into(),
             secret_ref: SecretRef { name: "s".into() },
+            admin_secret_ref: None,
         });
         let e = render(&fixtures::ctx(&spec), &[]).unwrap_err().to_string();
         assert!(e.contains("spec.mysql"), "{e}");

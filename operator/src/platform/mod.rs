@@ -9,8 +9,10 @@
 //! succeeded for two thirds of it, before the lease can expire under it.
 
 pub mod election;
+pub mod intents;
 pub mod operations;
 pub mod plan;
+pub mod region;
 pub mod switchover;
 
 use crate::metrics::Metrics;

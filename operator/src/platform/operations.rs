@@ -8,13 +8,13 @@ use super::switchover::{self, Action, Observed, Switchover};
 use crate::metrics::Metrics;
 use crate::Result;
 use cellplane_cells::etcd_keys::{
-    cells_prefix, drill_key, drills_prefix, intent_key, routers_prefix, Intent, Registration,
-    RouterAck,
+    cells_prefix, drill_key, drills_prefix, intent_key, intents_prefix, routers_prefix, Intent,
+    Registration, RouterAck,
 };
 use cellplane_table::write::{self, Fence, Swap};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Everything under one prefix, decoded, by the key's last segment; undecodable values
 /// are logged and skipped.
@@ -59,15 +59,35 @@ pub async fn drive(
         .filter(|(_, (op, _))| !op.finished())
         .map(|(id, (op, rev))| (id, op, rev))
         .collect();
+    let intents: BTreeMap<String, Intent> =
+        values(read_prefix(client, &intents_prefix(platform)).await?);
+    // Cells no operation is moving get the intents the table implies.
+    let busy: BTreeSet<String> = running
+        .iter()
+        .flat_map(|(_, op, _)| [op.cell.clone(), op.target.clone()])
+        .collect();
+    if let Some(table) = write::read(client, platform)
+        .await
+        .map_err(super::table_error)?
+        .table
+    {
+        for (cell, intent) in super::intents::to_write(&table, &intents, &busy) {
+            let bytes = serde_json::to_vec(&intent).map_err(crate::Error::Serialization)?;
+            tracing::info!(%cell, generation = intent.generation, writable = intent.writable, replicate_from = ?intent.replicate_from, "intent");
+            if !fenced_put(client, &intent_key(platform, &cell), bytes, None, fence).await? {
+                return Ok(None);
+            }
+        }
+    }
     if running.is_empty() {
         return Ok(Some(false));
     }
+    let intents: BTreeMap<String, Intent> =
+        values(read_prefix(client, &intents_prefix(platform)).await?);
     let cells: BTreeMap<String, Registration> =
         values(read_prefix(client, &cells_prefix(platform)).await?);
     let routers: BTreeMap<String, RouterAck> =
         values(read_prefix(client, &routers_prefix(platform)).await?);
-    let intents: BTreeMap<String, Intent> =
-        values(read_prefix(client, &format!("/cellplane/{platform}/intents/")).await?);
     for (i, (id, op, revision)) in running.iter().enumerate() {
         let current = write::read(client, platform)
             .await

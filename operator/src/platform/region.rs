@@ -1,0 +1,377 @@
+//! The region side of the platform (I/O): actions stay local. Every region's operator
+//! carries out the intents for its own cells' MySQL (fence or unfence, which homes to
+//! replicate) and reports what it measures in their registrations (position, read_only,
+//! replication per connection, the order backlog, the intent generation carried out), so the
+//! leader can advance an operation without ever reaching another region's databases.
+//!
+//! Credentials: a cell's MySQL admin account comes from its Secret (in-cluster: the
+//! generated root password; external: `spec.mysql.external.adminSecretRef`). Replication
+//! passwords are derived from the platform secret (`--replication-secret-file`), the same in
+//! every region, so none travels through etcd.
+
+use super::intents::{replication_password, REPLICATION_USER};
+use super::operations::read_prefix;
+use crate::build::{names, Store};
+use crate::registration::{Live, Registrar};
+use crate::Result;
+use cellplane_cell_sdk::replication::{self, ReplicationSource};
+use cellplane_cells::crd::Cell;
+use cellplane_cells::etcd_keys::{
+    cells_prefix, intents_prefix, Intent, MysqlReport, Registration, ReplicaReport,
+};
+use etcd_client::Client;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::{self, Store as KubeStore};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, ResourceExt};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Settings of the region agent.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub platform: String,
+    pub region: String,
+    pub etcd_endpoints: Vec<String>,
+    /// How often intents are checked and measurements reported.
+    pub interval: Duration,
+    /// The platform secret replication passwords are derived from (None: no replication).
+    pub replication_secret: Option<Arc<Vec<u8>>>,
+}
+
+/// How long a cell's admin credentials are used before its Secret is read again.
+const CREDENTIALS_TTL: Duration = Duration::from_secs(60);
+/// Least time between two attempts to (re)configure one replication connection.
+const RECONFIGURE_EVERY: Duration = Duration::from_secs(5);
+
+struct CellState {
+    pool: mysql_async::Pool,
+    read_at: Instant,
+    account_ready: bool,
+    applied_generation: u64,
+    last_error: String,
+    reconfigured: HashMap<String, Instant>,
+}
+
+/// Runs until `stop` resolves.
+pub async fn run(
+    cfg: AgentConfig,
+    kube: kube::Client,
+    registrar: Registrar,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let (cells, writer) = reflector::store::<Cell>();
+    let drive = reflector::reflector(
+        writer,
+        watcher(
+            Api::<Cell>::all(kube.clone()),
+            crate::controller::watch_config(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| async {});
+    tokio::pin!(drive, stop);
+    let work = async {
+        let mut states: HashMap<String, CellState> = HashMap::new();
+        let mut client: Option<Client> = None;
+        loop {
+            if client.is_none() {
+                client = super::connect(&cfg.etcd_endpoints).await.ok();
+            }
+            if let Some(c) = client.as_mut() {
+                if let Err(e) = pass(&cfg, &kube, &registrar, c, &cells, &mut states).await {
+                    tracing::warn!(error = %e, "region agent: pass failed");
+                    client = None;
+                }
+            }
+            tokio::time::sleep(cfg.interval).await;
+        }
+    };
+    tokio::select! {
+        _ = &mut stop => {}
+        _ = &mut drive => tracing::error!("Cell watch of the region agent ended"),
+        _ = work => {}
+    }
+}
+
+/// One pass over the region's cells of the platform.
+async fn pass(
+    cfg: &AgentConfig,
+    kube: &kube::Client,
+    registrar: &Registrar,
+    client: &mut Client,
+    cells: &KubeStore<Cell>,
+    states: &mut HashMap<String, CellState>,
+) -> Result<()> {
+    let intents: BTreeMap<String, Intent> =
+        read_prefix::<Intent>(client, &intents_prefix(&cfg.platform))
+            .await?
+            .into_iter()
+            .map(|(k, (v, _))| (k, v))
+            .collect();
+    let regs: BTreeMap<String, Registration> =
+        read_prefix::<Registration>(client, &cells_prefix(&cfg.platform))
+            .await?
+            .into_iter()
+            .map(|(k, (v, _))| (k, v))
+            .collect();
+    let mine: Vec<Arc<Cell>> = cells
+        .state()
+        .into_iter()
+        .filter(|c| c.spec.region == cfg.region && c.spec.platform == cfg.platform)
+        .collect();
+    for cell in mine {
+        let name = cell.name_any();
+        let outcome = serve_cell(cfg, kube, &cell, intents.get(&name), &regs, states).await;
+        let state = states.get_mut(&name);
+        match outcome {
+            Ok(live) => {
+                if let Some(s) = state {
+                    s.last_error.clear();
+                }
+                registrar.report(&cfg.platform, &name, live).await?;
+            }
+            Err(e) => {
+                // Said once per distinct error, not every pass.
+                let msg = e.to_string();
+                let new = state.as_ref().is_none_or(|s| s.last_error != msg);
+                if new {
+                    tracing::warn!(cell = %name, error = %msg, "region agent: cannot serve the cell's intent or measure it");
+                }
+                if let Some(s) = states.get_mut(&name) {
+                    s.last_error = msg;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `host:port` -> (host, port).
+fn split(addr: &str) -> Option<(String, u16)> {
+    let (h, p) = addr.rsplit_once(':')?;
+    Some((h.to_string(), p.parse().ok()?))
+}
+
+/// The cell's MySQL admin account: address, user, password.
+async fn admin_access(kube: &kube::Client, cell: &Cell) -> Result<(String, u16, String, String)> {
+    let ns = cell.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(kube.clone(), &ns);
+    let read = |secret: Secret, user_key: &str, pw_key: &str| -> Option<(String, String)> {
+        let data = secret.data?;
+        let get = |k: &str| {
+            data.get(k)
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        };
+        Some((get(user_key)?, get(pw_key)?))
+    };
+    let name = cell.name_any();
+    let (addr, (user, password)) = match &cell.spec.mysql.external {
+        Some(ext) => {
+            let r = ext.admin_secret_ref.as_ref().ok_or_else(|| {
+                crate::Error::InvalidSpec(format!(
+                    "{name}: spec.mysql.external.adminSecretRef is not set; the cell cannot be fenced or replicated"
+                ))
+            })?;
+            let s = secrets.get(&r.name).await?;
+            (
+                ext.endpoint.clone(),
+                read(s, "username", "password").ok_or_else(|| {
+                    crate::Error::InvalidSpec(format!(
+                        "Secret {}: needs keys username and password",
+                        r.name
+                    ))
+                })?,
+            )
+        }
+        None => {
+            let s = secrets.get(&names::secret(&name, Store::Mysql)).await?;
+            let pw = read(s, "root-password", "root-password")
+                .ok_or(crate::Error::MissingField("root-password"))?
+                .1;
+            (
+                names::store_address(&name, &ns, Store::Mysql),
+                ("root".to_string(), pw),
+            )
+        }
+    };
+    let (host, port) = split(&addr).ok_or_else(|| {
+        crate::Error::InvalidSpec(format!("{name}: MySQL address {addr:?} is not host:port"))
+    })?;
+    Ok((host, port, user, password))
+}
+
+fn sdk(e: cellplane_cell_sdk::Error) -> crate::Error {
+    crate::Error::InvalidSpec(format!("mysql: {e}"))
+}
+
+/// Carries out `intent` (if any) on the cell's MySQL and measures it.
+async fn serve_cell(
+    cfg: &AgentConfig,
+    kube: &kube::Client,
+    cell: &Cell,
+    intent: Option<&Intent>,
+    regs: &BTreeMap<String, Registration>,
+    states: &mut HashMap<String, CellState>,
+) -> Result<Live> {
+    let name = cell.name_any();
+    let stale = states
+        .get(&name)
+        .is_none_or(|s| s.read_at.elapsed() > CREDENTIALS_TTL);
+    if stale {
+        let (host, port, user, password) = admin_access(kube, cell).await?;
+        let opts = mysql_async::OptsBuilder::default()
+            .ip_or_hostname(host)
+            .tcp_port(port)
+            .user(Some(user))
+            .pass(Some(password))
+            .pool_opts(
+                mysql_async::PoolOpts::default()
+                    .with_constraints(mysql_async::PoolConstraints::new(0, 2).expect("0 <= 2")),
+            );
+        let previous = states.remove(&name);
+        states.insert(
+            name.clone(),
+            CellState {
+                pool: mysql_async::Pool::new(opts),
+                read_at: Instant::now(),
+                account_ready: false,
+                applied_generation: previous.as_ref().map_or(0, |p| p.applied_generation),
+                last_error: previous.map(|p| p.last_error).unwrap_or_default(),
+                reconfigured: HashMap::new(),
+            },
+        );
+    }
+    let st = states.get_mut(&name).expect("inserted above");
+    let pool = st.pool.clone();
+    if let (Some(secret), false) = (&cfg.replication_secret, st.account_ready) {
+        let pw = replication_password(secret, &name);
+        replication::ensure_replication_account(&pool, REPLICATION_USER, &pw)
+            .await
+            .map_err(sdk)?;
+        st.account_ready = true;
+    }
+    if let Some(intent) = intent {
+        let pos = replication::position(&pool).await.map_err(sdk)?;
+        if intent.writable && pos.read_only {
+            replication::make_writable(&pool).await.map_err(sdk)?;
+            tracing::info!(cell = %name, generation = intent.generation, "writable again");
+        } else if !intent.writable && !pos.read_only {
+            let p = replication::demote(&pool).await.map_err(sdk)?;
+            tracing::info!(cell = %name, generation = intent.generation, position = %p.gtid_binlog_pos, "fenced: read_only, app sessions killed");
+        }
+        let existing = replication::connections(&pool).await.map_err(sdk)?;
+        for source in &intent.replicate_from {
+            let status = replication::replica_status(&pool, source)
+                .await
+                .map_err(sdk)?;
+            let running = status
+                .as_ref()
+                .is_some_and(|s| s.io_running && s.sql_running);
+            let recently = st
+                .reconfigured
+                .get(source)
+                .is_some_and(|t| t.elapsed() < RECONFIGURE_EVERY);
+            if running || recently {
+                continue;
+            }
+            let secret = cfg.replication_secret.as_ref().ok_or_else(|| {
+                crate::Error::InvalidSpec(
+                    "no --replication-secret-file: this region cannot set up replication".into(),
+                )
+            })?;
+            let addr = regs
+                .get(source)
+                .and_then(|r| r.endpoints.get("mysql"))
+                .ok_or_else(|| {
+                    crate::Error::InvalidSpec(format!(
+                        "{source} has no registered MySQL address to replicate from"
+                    ))
+                })?;
+            let (host, port) = split(addr).ok_or_else(|| {
+                crate::Error::InvalidSpec(format!(
+                    "{source}: MySQL address {addr:?} is not host:port"
+                ))
+            })?;
+            let src = ReplicationSource {
+                host,
+                port,
+                user: REPLICATION_USER.into(),
+                password: replication_password(secret, source),
+            };
+            st.reconfigured.insert(source.clone(), Instant::now());
+            if status.is_some() {
+                replication::stop_replica(&pool, source)
+                    .await
+                    .map_err(sdk)?;
+            }
+            replication::start_replica(&pool, source, &src)
+                .await
+                .map_err(sdk)?;
+            tracing::info!(cell = %name, %source, "replication (re)configured");
+        }
+        for extra in existing
+            .iter()
+            .filter(|c| !intent.replicate_from.contains(c))
+        {
+            replication::stop_replica(&pool, extra).await.map_err(sdk)?;
+            tracing::info!(cell = %name, source = %extra, "replication stopped");
+        }
+        st.applied_generation = intent.generation;
+    }
+    let pos = replication::position(&pool).await.map_err(sdk)?;
+    let mut replicas = BTreeMap::new();
+    for connection in replication::connections(&pool).await.map_err(sdk)? {
+        if let Some(s) = replication::replica_status(&pool, &connection)
+            .await
+            .map_err(sdk)?
+        {
+            replicas.insert(
+                connection,
+                ReplicaReport {
+                    running: s.io_running && s.sql_running,
+                    gtid_slave_pos: s.gtid_slave_pos,
+                    seconds_behind: s.seconds_behind,
+                    error: s.last_error,
+                },
+            );
+        }
+    }
+    let kafka_lag = match regs.get(&name).and_then(|r| r.endpoints.get("app")) {
+        Some(app) => order_backlog(app).await,
+        None => None,
+    };
+    Ok(Live {
+        mysql: Some(MysqlReport {
+            read_only: pos.read_only,
+            gtid_binlog_pos: pos.gtid_binlog_pos,
+            replicas,
+        }),
+        kafka_lag,
+        intent_generation: st.applied_generation,
+    })
+}
+
+/// The app's order backlog (`GET /status` -> `orders.lag`), None when it does not answer
+/// within a second.
+async fn order_backlog(app: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(app).await.ok()?;
+        s.write_all(format!("GET /status HTTP/1.0\r\nHost: {app}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.take(64 * 1024).read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        let body = text.split_once("\r\n\r\n")?.1;
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v["orders"]["lag"].as_u64()
+    };
+    tokio::time::timeout(Duration::from_secs(1), fetch)
+        .await
+        .ok()
+        .flatten()
+}
