@@ -394,6 +394,28 @@ pub struct CellSetSpec {
 
     /// The Cell spec every stamped cell gets (region and standby are filled in).
     pub template: CellTemplate,
+
+    /// What differs from the template for single cells, by cell name
+    /// (`<cellset>-<region>-<index>`): each cell's own external stores (a managed database
+    /// per cell), or the address routers dial. A name the set does not stamp is refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub overrides: BTreeMap<String, CellOverride>,
+}
+
+/// Per-cell settings of a CellSet that replace the template's.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CellOverride {
+    /// `spec.app.advertise` of this cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<StoreSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<StoreSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<StoreSpec>,
 }
 
 /// Cells of one region.
@@ -459,6 +481,16 @@ pub fn stamped_cell_name(set: &str, region: &str, index: u32) -> String {
 }
 
 impl CellSetSpec {
+    /// Override keys that name no cell this set stamps (a typo would silently do nothing).
+    pub fn unknown_overrides(&self, set_name: &str) -> Vec<String> {
+        let stamped: Vec<String> = self.stamp(set_name).into_iter().map(|c| c.name).collect();
+        self.overrides
+            .keys()
+            .filter(|k| !stamped.contains(k))
+            .cloned()
+            .collect()
+    }
+
     /// The cells this set stamps out, in region order then index. Pure: the same spec
     /// always gives the same names and pairs.
     pub fn stamp(&self, set_name: &str) -> Vec<StampedCell> {
@@ -477,8 +509,14 @@ impl CellSetSpec {
                 let zone = (!region.zones.is_empty())
                     .then(|| region.zones[index as usize % region.zones.len()].clone());
                 let t = &self.template;
+                let name = stamped_cell_name(set_name, &region.name, index);
+                let o = self.overrides.get(&name).cloned().unwrap_or_default();
+                let mut app = t.app.clone();
+                if o.advertise.is_some() {
+                    app.advertise = o.advertise;
+                }
                 out.push(StampedCell {
-                    name: stamped_cell_name(set_name, &region.name, index),
+                    name,
                     spec: CellSpec {
                         region: region.name.clone(),
                         zone,
@@ -486,10 +524,10 @@ impl CellSetSpec {
                         desired_state: DesiredState::Active,
                         platform: self.platform.clone(),
                         standby,
-                        app: t.app.clone(),
-                        redis: t.redis.clone(),
-                        mysql: t.mysql.clone(),
-                        kafka: t.kafka.clone(),
+                        app,
+                        redis: o.redis.unwrap_or_else(|| t.redis.clone()),
+                        mysql: o.mysql.unwrap_or_else(|| t.mysql.clone()),
+                        kafka: o.kafka.unwrap_or_else(|| t.kafka.clone()),
                     },
                 });
             }
@@ -552,7 +590,46 @@ mod tests {
                 mysql: base.mysql,
                 kafka: base.kafka,
             },
+            overrides: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn overrides_replace_the_template_for_the_named_cell_only() {
+        let mut s = set(&[("us", 2), ("eu", 1)]);
+        let own_db = StoreSpec {
+            in_cluster: None,
+            external: Some(ExternalStore {
+                endpoint: "db-us-1.example:3306".into(),
+                secret_ref: SecretRef {
+                    name: "db-us-1".into(),
+                },
+                admin_secret_ref: None,
+            }),
+        };
+        s.overrides.insert(
+            "shop-us-1".into(),
+            CellOverride {
+                advertise: Some("10.0.0.7:8080".into()),
+                mysql: Some(own_db.clone()),
+                ..Default::default()
+            },
+        );
+        let cells = s.stamp("shop");
+        assert_eq!(cells[1].spec.mysql, own_db);
+        assert_eq!(
+            cells[1].spec.app.advertise.as_deref(),
+            Some("10.0.0.7:8080")
+        );
+        assert_eq!(
+            cells[1].spec.redis, s.template.redis,
+            "stores not overridden keep the template"
+        );
+        assert_eq!(cells[0].spec.mysql, s.template.mysql);
+        assert!(s.unknown_overrides("shop").is_empty());
+        s.overrides
+            .insert("shop-ap-0".into(), CellOverride::default());
+        assert_eq!(s.unknown_overrides("shop"), ["shop-ap-0"]);
     }
 
     #[test]

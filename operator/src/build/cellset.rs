@@ -11,6 +11,14 @@ use std::collections::BTreeMap;
 /// The Cell objects `set` wants in this operator's scope (`region`; None: every region).
 pub fn desired_cells(set: &CellSet, region: Option<&str>) -> Result<Vec<Cell>> {
     let name = set.name_any();
+    let unknown = set.spec.unknown_overrides(&name);
+    if !unknown.is_empty() {
+        return Err(Error::InvalidSpec(format!(
+            "spec.overrides names {} but this set stamps no such cell (cells are named <set>-<region>-<index>, e.g. {name}-{}-0)",
+            unknown.join(", "),
+            set.spec.regions.first().map_or("us", |r| r.name.as_str())
+        )));
+    }
     let owner = set
         .controller_owner_ref(&())
         .ok_or(Error::MissingField("metadata.uid"))?;
@@ -142,6 +150,14 @@ mod tests {
         );
         assert_eq!(c.labels()[names::LABEL_CELLSET], "shop");
         assert_eq!(c.namespace().as_deref(), Some("default"));
+
+        // An override naming a cell the set does not stamp is refused, naming it.
+        let mut typo = set();
+        typo.spec
+            .overrides
+            .insert("shop-us-east-9".into(), Default::default());
+        let err = desired_cells(&typo, None).unwrap_err().to_string();
+        assert!(err.contains("spec.overrides names shop-us-east-9"), "{err}");
     }
 
     #[test]
