@@ -243,6 +243,7 @@ pub struct InClusterStore {
     /// PersistentVolume size, e.g. `10Gi`.
     #[serde(default = "default_storage")]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(Mi|Gi|Ti)$')").message("storage must be a size like '10Gi' (units Mi, Gi or Ti)"))]
+    #[schemars(length(max = 16))]
     pub storage: String,
     /// StorageClass of the volume; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -399,7 +400,7 @@ pub struct CellSetSpec {
     /// (`<cellset>-<region>-<index>`): each cell's own external stores (a managed database
     /// per cell), or the address routers dial. A name the set does not stamp is refused.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(length(max = 1024))]
+    #[schemars(extend("maxProperties" = 64))]
     pub overrides: BTreeMap<String, CellOverride>,
 }
 

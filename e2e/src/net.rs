@@ -142,7 +142,8 @@ impl Drop for Etcd {
 }
 
 /// A backend cell endpoint: answers `<name>` with the routing headers echoed, and 421
-/// when the router's epoch is older than `min_epoch` (the cell's fencing).
+/// when the router's epoch is older than `min_epoch` (the cell's fencing). A mock of the
+/// cell app for router and platform tests: `/status` reports an order backlog of 0.
 pub struct Backend {
     pub name: String,
     pub addr: String,
@@ -192,6 +193,13 @@ impl Backend {
                             if req.uri().path() == "/healthz" {
                                 // The router's active health checks: answered at once, not counted.
                                 return Ok(http::Response::new(Full::new(Bytes::from("ok"))));
+                            }
+                            if req.uri().path() == "/status" {
+                                // Stands in for the reference app's /status (a mock: no
+                                // order persister runs here, so its backlog is always 0).
+                                return Ok(http::Response::new(Full::new(Bytes::from(
+                                    r#"{"orders":{"lag":0}}"#,
+                                ))));
                             }
                             ar.fetch_add(1, Ordering::SeqCst);
                             let delay = dl.load(Ordering::SeqCst);
