@@ -74,6 +74,29 @@ impl CellStores {
         self.env.get(name).map(String::as_str).unwrap_or_default()
     }
 
+    /// The Secrets a Cell declaring these stores as `external` names, in namespace
+    /// `default`: `<cell>-store` (the app's account) and `<cell>-admin` (root, what
+    /// `adminSecretRef` names for the region's operator).
+    pub async fn apply_secrets(&self, client: &kube::Client) -> Result<()> {
+        let cell = &self.cell;
+        for (name, user, password) in [
+            (
+                format!("{cell}-store"),
+                self.var("MYSQL_USER"),
+                self.var("MYSQL_PASSWORD"),
+            ),
+            (
+                format!("{cell}-admin"),
+                "root",
+                self.var("MYSQL_ROOT_PASSWORD"),
+            ),
+        ] {
+            let yaml = crate::credentials_secret_yaml(&name, user, password);
+            crate::apply_yaml(client, "default", &yaml).await?;
+        }
+        Ok(())
+    }
+
     /// A pool on the cell's MariaDB as root (for checks and replication control).
     pub fn mysql_admin(&self) -> Result<mysql_async::Pool> {
         let opts = mysql_async::OptsBuilder::default()

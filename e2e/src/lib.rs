@@ -175,6 +175,24 @@ impl Region {
         Ok(())
     }
 
+    /// Starts an operator of this region that takes part in platform `shop` through the
+    /// global etcd at `etcd_endpoints` (campaigns for the platform, carries out its cells'
+    /// intents), with a short platform lease so takeovers are quick in tests.
+    pub fn platform_operator(&self, etcd_endpoints: &str, extra: &[&str]) -> Result<Operator> {
+        let mut args = vec![
+            "--region",
+            &self.name,
+            "--platform",
+            "shop",
+            "--etcd-endpoints",
+            etcd_endpoints,
+            "--platform-lease",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        self.operator(&format!("op-{}", self.name), &args)
+    }
+
     /// Starts a `cellplane-operator run` against this region.
     pub fn operator(&self, identity: &str, extra: &[&str]) -> Result<Operator> {
         let log_path = self
@@ -259,6 +277,14 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A Secret with `username` and `password` (what external stores' `secretRef` and
+/// `adminSecretRef` name), in namespace `default`.
+pub fn credentials_secret_yaml(name: &str, user: &str, password: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: default}}\nstringData: {{username: \"{user}\", password: \"{password}\"}}\n"
+    )
 }
 
 /// Sends SIGTERM to a child process (a graceful stop).

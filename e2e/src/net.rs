@@ -118,6 +118,35 @@ impl Etcd {
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
+    /// Platform `shop`'s routing table, if one was written.
+    pub async fn routing_table(&self) -> Result<Option<cellplane_cells::routing::RoutingTable>> {
+        Ok(
+            match self
+                .get(&cellplane_cells::etcd_keys::routing_key("shop"))
+                .await?
+            {
+                Some(b) => Some(cellplane_cells::routing::RoutingTable::decode(&b)?),
+                None => None,
+            },
+        )
+    }
+
+    /// `cell`'s registration in platform `shop`, if it is registered.
+    pub async fn registration(
+        &self,
+        cell: &str,
+    ) -> Result<Option<cellplane_cells::etcd_keys::Registration>> {
+        Ok(
+            match self
+                .get(&cellplane_cells::etcd_keys::cell_key("shop", cell))
+                .await?
+            {
+                Some(b) => Some(serde_json::from_slice(&b)?),
+                None => None,
+            },
+        )
+    }
+
     /// Kills every member like a crash.
     pub fn kill(&mut self) {
         for i in 0..self.members.len() {

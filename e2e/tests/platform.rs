@@ -8,7 +8,7 @@
 //! would (MetalLB does the same on bare metal). Behind each address a real HTTP backend
 //! answers with its cell's name.
 
-use cellplane_cells::etcd_keys::{pins_key, router_key, routing_key, RouterAck};
+use cellplane_cells::etcd_keys::{pins_key, router_key, RouterAck};
 use cellplane_cells::routing::RoutingTable;
 use cellplane_cells::slot::slot_for_key;
 use cellplane_e2e::net::{metric_value, Backend, Etcd, RouterProc};
@@ -81,20 +81,16 @@ fn wait_for_sync(what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn table(etcd: &Etcd) -> anyhow::Result<Option<RoutingTable>> {
-    Ok(match etcd.get(&routing_key("shop")).await? {
-        Some(b) => Some(RoutingTable::decode(&b)?),
-        None => None,
-    })
-}
-
 /// Waits until the table in etcd satisfies `ok`.
 async fn wait_table(
     etcd: &Etcd,
     what: &str,
     ok: impl Fn(&RoutingTable) -> bool,
 ) -> anyhow::Result<RoutingTable> {
-    wait_for(what, T, || async { Ok(table(etcd).await?.filter(&ok)) }).await
+    wait_for(what, T, || async {
+        Ok(etcd.routing_table().await?.filter(&ok))
+    })
+    .await
 }
 
 fn platform_leader(op: &Operator) -> anyhow::Result<f64> {
@@ -102,21 +98,7 @@ fn platform_leader(op: &Operator) -> anyhow::Result<f64> {
 }
 
 fn operator(region: &Region, etcd: &Etcd) -> anyhow::Result<Operator> {
-    region.operator(
-        &format!("op-{}", region.name),
-        &[
-            "--region",
-            &region.name,
-            "--platform",
-            "shop",
-            "--etcd-endpoints",
-            &etcd.endpoints_flag(),
-            "--platform-lease",
-            "3",
-            "--registration-ttl",
-            "5",
-        ],
-    )
+    region.platform_operator(&etcd.endpoints_flag(), &["--registration-ttl", "5"])
 }
 
 async fn router(
@@ -269,7 +251,7 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
         Swap::Stale,
         "a writer that read before the last write loses"
     );
-    assert_eq!(table(&etcd).await?.unwrap().epoch, e + 1);
+    assert_eq!(etcd.routing_table().await?.unwrap().epoch, e + 1);
 
     // 4. A third cell joins the CellSet in us: slots move to it and to it only, routers
     //    pin its users there.
@@ -368,7 +350,7 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
     assert_eq!(code, 2, "{stdout}");
     assert!(stdout.contains("refused by the home gate"), "{stdout}");
     assert_eq!(
-        table(&etcd).await?.unwrap().epoch,
+        etcd.routing_table().await?.unwrap().epoch,
         t4.epoch,
         "a refusal changes nothing"
     );

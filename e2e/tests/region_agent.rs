@@ -6,7 +6,7 @@
 //! (none in etcd), the fence (read_only, the app's writes refused), the unfence, and
 //! stopping replication.
 
-use cellplane_cells::etcd_keys::{cell_key, intent_key, Intent, Registration};
+use cellplane_cells::etcd_keys::{intent_key, Intent, Registration};
 use cellplane_e2e::cell::CellStores;
 use cellplane_e2e::net::Etcd;
 use cellplane_e2e::{apply_yaml, test_dir, wait_for, Operator, Region};
@@ -14,12 +14,6 @@ use mysql_async::prelude::Queryable;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(120);
-
-fn secret_yaml(name: &str, user: &str, password: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: default}}\nstringData: {{username: \"{user}\", password: \"{password}\"}}\n"
-    )
-}
 
 fn cell_yaml(name: &str, region: &str, standby: (&str, &str), s: &CellStores) -> String {
     format!(
@@ -44,13 +38,6 @@ spec:
     )
 }
 
-async fn registration(etcd: &Etcd, cell: &str) -> anyhow::Result<Option<Registration>> {
-    Ok(match etcd.get(&cell_key("shop", cell)).await? {
-        Some(b) => Some(serde_json::from_slice(&b)?),
-        None => None,
-    })
-}
-
 /// Waits until `cell`'s registration satisfies `ok`.
 async fn wait_reg(
     etcd: &Etcd,
@@ -59,7 +46,7 @@ async fn wait_reg(
     ok: impl Fn(&Registration) -> bool,
 ) -> anyhow::Result<Registration> {
     wait_for(&format!("{cell}: {what}"), T, || async {
-        Ok(registration(etcd, cell).await?.filter(&ok))
+        Ok(etcd.registration(cell).await?.filter(&ok))
     })
     .await
 }
@@ -105,41 +92,16 @@ async fn each_region_carries_out_its_cells_intents_on_real_mysql() -> anyhow::Re
     ] {
         region.install_crds()?;
         let client = region.client().await?;
-        apply_yaml(
-            &client,
-            "default",
-            &secret_yaml(
-                &format!("{cell}-store"),
-                stores.var("MYSQL_USER"),
-                stores.var("MYSQL_PASSWORD"),
-            ),
-        )
-        .await?;
-        apply_yaml(
-            &client,
-            "default",
-            &secret_yaml(
-                &format!("{cell}-admin"),
-                "root",
-                stores.var("MYSQL_ROOT_PASSWORD"),
-            ),
-        )
-        .await?;
+        stores.apply_secrets(&client).await?;
         apply_yaml(
             &client,
             "default",
             &cell_yaml(cell, &region.name, pair, stores),
         )
         .await?;
-        ops.push(region.operator(
-            &format!("op-{}", region.name),
+        ops.push(region.platform_operator(
+            &etcd.endpoint,
             &[
-                "--region",
-                &region.name,
-                "--platform",
-                "shop",
-                "--etcd-endpoints",
-                &etcd.endpoint,
                 "--replication-secret-file",
                 secret_file.to_str().unwrap(),
                 "--agent-interval-ms",
@@ -196,12 +158,11 @@ async fn each_region_carries_out_its_cells_intents_on_real_mysql() -> anyhow::Re
         .query_first("SELECT COUNT(*) FROM cell_db_us_0.agent_probe")
         .await?;
     assert_eq!(copied, Some(50), "the standby has every row");
-    let home_reg = registration(&etcd, "db-us-0").await?.unwrap();
-    assert_eq!(
-        home_reg.mysql.unwrap().gtid_binlog_pos,
-        pos,
-        "the home reports its position"
-    );
+    // The home's own report follows within a pass of its region's agent.
+    wait_reg(&etcd, "db-us-0", "reporting its position", |r| {
+        r.mysql.as_ref().is_some_and(|m| m.gtid_binlog_pos == pos)
+    })
+    .await?;
 
     // 2. The fence: read_only, and the app's account can no longer write.
     put_intent(&etcd, "db-us-0", 2, false, &[]).await?;

@@ -12,8 +12,7 @@
 //! read-only and replicates the new home; no request reaches the old home after the flip;
 //! requests sent during the freeze are held and answered, not failed.
 
-use cellplane_cells::etcd_keys::{cell_key, drill_key, routing_key, Registration};
-use cellplane_cells::routing::RoutingTable;
+use cellplane_cells::etcd_keys::drill_key;
 use cellplane_e2e::cell::CellStores;
 use cellplane_e2e::net::{Backend, Etcd, RouterProc};
 use cellplane_e2e::{apply_yaml, free_port, test_dir, wait_for, workspace_bin, Operator, Region};
@@ -66,26 +65,6 @@ spec:
     )
 }
 
-fn secret_yaml(name: &str, user: &str, password: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: default}}\nstringData: {{username: \"{user}\", password: \"{password}\"}}\n"
-    )
-}
-
-async fn registration(etcd: &Etcd, cell: &str) -> anyhow::Result<Option<Registration>> {
-    Ok(match etcd.get(&cell_key("shop", cell)).await? {
-        Some(b) => Some(serde_json::from_slice(&b)?),
-        None => None,
-    })
-}
-
-async fn table(etcd: &Etcd) -> anyhow::Result<Option<RoutingTable>> {
-    Ok(match etcd.get(&routing_key("shop")).await? {
-        Some(b) => Some(RoutingTable::decode(&b)?),
-        None => None,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_planned_switchover_moves_a_cell_with_nothing_lost() -> anyhow::Result<()> {
     let ((us, eu), (home, standby)) = std::thread::scope(|s| {
@@ -111,42 +90,14 @@ async fn a_planned_switchover_moves_a_cell_with_nothing_lost() -> anyhow::Result
         ("shop-eu-0", &standby, &apps[1]),
     ]);
     let mut ops: Vec<Operator> = Vec::new();
-    for (region, cell, stores) in [(&us, "shop-us-0", &home), (&eu, "shop-eu-0", &standby)] {
+    for (region, stores) in [(&us, &home), (&eu, &standby)] {
         region.install_crds()?;
         let client = region.client().await?;
-        let app_user = stores.var("MYSQL_USER");
-        apply_yaml(
-            &client,
-            "default",
-            &secret_yaml(
-                &format!("{cell}-store"),
-                app_user,
-                stores.var("MYSQL_PASSWORD"),
-            ),
-        )
-        .await?;
-        apply_yaml(
-            &client,
-            "default",
-            &secret_yaml(
-                &format!("{cell}-admin"),
-                "root",
-                stores.var("MYSQL_ROOT_PASSWORD"),
-            ),
-        )
-        .await?;
+        stores.apply_secrets(&client).await?;
         apply_yaml(&client, "default", &set).await?;
-        ops.push(region.operator(
-            &format!("op-{}", region.name),
+        ops.push(region.platform_operator(
+            &etcd.endpoints_flag(),
             &[
-                "--region",
-                &region.name,
-                "--platform",
-                "shop",
-                "--etcd-endpoints",
-                &etcd.endpoints_flag(),
-                "--platform-lease",
-                "3",
                 "--replication-secret-file",
                 secret_file.to_str().unwrap(),
                 "--agent-interval-ms",
@@ -158,12 +109,12 @@ async fn a_planned_switchover_moves_a_cell_with_nothing_lost() -> anyhow::Result
     // The platform converges: a table with both cells, and each standby replicating its
     // home (the two cells stand by for each other) with derived credentials.
     let t1 = wait_for("a table with both cells", T, || async {
-        Ok(table(&etcd).await?.filter(|t| t.cells.len() == 2))
+        Ok(etcd.routing_table().await?.filter(|t| t.cells.len() == 2))
     })
     .await?;
     for (cell, home_of_it) in [("shop-eu-0", "shop-us-0"), ("shop-us-0", "shop-eu-0")] {
         wait_for(&format!("{cell} replicates {home_of_it}"), T, || async {
-            Ok(registration(&etcd, cell).await?.filter(|r| {
+            Ok(etcd.registration(cell).await?.filter(|r| {
                 r.mysql
                     .as_ref()
                     .and_then(|m| m.replicas.get(home_of_it))
@@ -291,7 +242,7 @@ async fn a_planned_switchover_moves_a_cell_with_nothing_lost() -> anyhow::Result
     );
 
     // The table moved the cell; the router follows.
-    let t = table(&etcd).await?.unwrap();
+    let t = etcd.routing_table().await?.unwrap();
     assert_eq!(t.slot_count("shop-us-0"), 0);
     assert_eq!(t.slot_count("shop-eu-0"), 16384);
     assert_eq!(t.epoch, record.flip_epoch.unwrap());
@@ -317,14 +268,14 @@ async fn a_planned_switchover_moves_a_cell_with_nothing_lost() -> anyhow::Result
     );
 
     // Roles: the old home read-only and replicating the new home, which replicates nothing.
-    let old = registration(&etcd, "shop-us-0").await?.unwrap();
+    let old = etcd.registration("shop-us-0").await?.unwrap();
     let old_mysql = old.mysql.unwrap();
     assert!(old_mysql.read_only);
     assert!(old_mysql
         .replicas
         .get("shop-eu-0")
         .is_some_and(|c| c.running));
-    let new = registration(&etcd, "shop-eu-0").await?.unwrap();
+    let new = etcd.registration("shop-eu-0").await?.unwrap();
     let new_mysql = new.mysql.unwrap();
     assert!(!new_mysql.read_only);
     assert!(!new_mysql.replicas.contains_key("shop-us-0"));
