@@ -281,15 +281,18 @@ async fn main() -> Result<()> {
             seen.statuses
         );
     }
-    println!("  every user was pinned to exactly one cell, its slot's home. Try one:");
-    println!("    curl -s -H 'x-user-id: user-0001' http://{}/users/user-0001/profile -D - | grep -i x-cellplane", router.addr);
+    println!("  every user was pinned to exactly one cell, its slot's home.");
 
     if keep {
         println!(
-            "\nStill running (Ctrl-C stops it all). Router: http://{}",
+            "\nStill running (Ctrl-C stops it all). Router: http://{}. Try one:",
             router.addr
         );
+        println!("    curl -s -H 'x-user-id: user-0001' http://{}/users/user-0001/profile -D - | grep -i x-cellplane", router.addr);
         tokio::signal::ctrl_c().await?;
+    } else {
+        // Everything stops with this process: only suggest what will still answer.
+        println!("  To try requests yourself, run it with KEEP=1 (make demo), then curl the router it prints.");
     }
     drop(router);
     drop(apps);
