@@ -79,6 +79,23 @@ fn chart_lints_and_rejects_bad_values() {
         ok && out.contains("--platform=shop") && out.contains("--platform-lease=5"),
         "{out}"
     );
+    assert!(
+        !out.contains("replication-secret"),
+        "no replication secret unless named"
+    );
+    let (ok, out) = template(&[
+        "--set",
+        "platform.name=shop",
+        "--set",
+        "etcd.endpoints={http://etcd:2379}",
+        "--set",
+        "platform.replicationSecretName=platform-repl",
+    ]);
+    assert!(
+        ok && out.contains("--replication-secret-file=/etc/cellplane/replication/secret")
+            && out.contains("secretName: platform-repl"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
