@@ -616,6 +616,14 @@ async fn each_store_killed_in_turn_degrades_as_documented_and_loses_nothing_acce
         .get(&format!("/users/buyer/orders/{}", accepted.last().unwrap()))
         .await?;
     assert_eq!(body(&r)["status"], "queued", "{}", r.body);
+    // A queued order is shown to its own user only.
+    let other = app
+        .get(&format!(
+            "/users/someone-else/orders/{}",
+            accepted.last().unwrap()
+        ))
+        .await?;
+    assert_eq!(other.status, 404, "{}", other.body);
     stores.start("mysql")?;
     wait_for("every accepted order persisted", T, || async {
         Ok((orders_in_mysql(&stores).await? >= accepted.len() as u64).then_some(()))

@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// KEYS: stock, order marker. ARGV: qty, marker ttl. Returns {code, left}: 1 reserved,
-/// 0 sold out, -2 no sale for this sku, -3 order id already taken.
+/// KEYS: stock, order marker. ARGV: qty, marker ttl, user. Returns {code, left}: 1
+/// reserved, 0 sold out, -2 no sale for this sku, -3 order id already taken. The marker
+/// names the user, so a queued order's status is shown to its user only.
 const RESERVE_SCRIPT: &str = r#"
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-3, 0} end
 local s = redis.call('GET', KEYS[1])
@@ -26,7 +27,7 @@ s = tonumber(s)
 local q = tonumber(ARGV[1])
 if s < q then return {0, s} end
 redis.call('DECRBY', KEYS[1], q)
-redis.call('SET', KEYS[2], 'queued', 'EX', ARGV[2])
+redis.call('SET', KEYS[2], 'queued:' .. ARGV[3], 'EX', ARGV[2])
 return {1, s - q}
 "#;
 
@@ -134,7 +135,11 @@ impl Orders {
         let cfg = &self.stores.cfg;
         let (stock, marker) = (stock_key(&req.sku), marker_key(&order_id));
         let mut reserve = self.reserve.key(&stock);
-        reserve.key(&marker).arg(req.qty).arg(MARKER_TTL_SECS);
+        reserve
+            .key(&marker)
+            .arg(req.qty)
+            .arg(MARKER_TTL_SECS)
+            .arg(user);
         let (code, left): (i64, i64) = self
             .stores
             .redis
@@ -245,8 +250,9 @@ impl Orders {
             .redis
             .run(|mut c| async move { c.get(&key).await })
             .await?;
+        // Another user's queued order is as unknown as a missing one.
         match marker.as_deref() {
-            Some("queued") => Ok(OrderStatus {
+            Some(m) if m.strip_prefix("queued:") == Some(user) => Ok(OrderStatus {
                 order_id: order_id.into(),
                 status: "queued",
                 stock_left: None,
