@@ -10,7 +10,7 @@ use cellplane_cells::etcd_keys::{
     cells_prefix, drill_key, drills_prefix, routers_prefix, Intent, Registration, RouterAck,
 };
 use cellplane_cells::routing::RoutingTable;
-use cellplane_operator::platform::operations::read_prefix;
+use cellplane_operator::platform::operations::read_values;
 use cellplane_operator::platform::switchover::{self, Limits, Observed, Outcome, Step, Switchover};
 use cellplane_table::write;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -100,11 +100,7 @@ impl Platform {
         &mut self,
         prefix: &str,
     ) -> anyhow::Result<BTreeMap<String, T>> {
-        Ok(read_prefix::<T>(&mut self.client, prefix)
-            .await?
-            .into_iter()
-            .map(|(k, (v, _))| (k, v))
-            .collect())
+        Ok(read_values(&mut self.client, prefix).await?)
     }
 
     async fn drill(&mut self, id: &str) -> anyhow::Result<Switchover> {

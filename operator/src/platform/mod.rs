@@ -22,7 +22,7 @@ use cellplane_cells::etcd_keys::{cells_prefix, pins_key, platform_prefix, Regist
 use cellplane_cells::slot::{Slot, DEFAULT_SLOTS};
 use cellplane_table::write::{self, Fence, Swap};
 use election::Term;
-use etcd_client::{Client, GetOptions, WatchOptions};
+use etcd_client::{Client, WatchOptions};
 use futures::StreamExt;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -236,20 +236,8 @@ async fn read_inputs(
         .collect();
     members.sort_by(|a, b| a.name.cmp(&b.name));
     members.dedup_by(|a, b| a.name == b.name);
-    let prefix = cells_prefix(&cfg.platform);
-    let resp = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    let mut registrations = BTreeMap::new();
-    for kv in resp.kvs() {
-        let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
-        match serde_json::from_slice::<Registration>(kv.value()) {
-            Ok(reg) => {
-                registrations.insert(name, reg);
-            }
-            Err(e) => tracing::warn!(cell = %name, error = %e, "unreadable registration ignored"),
-        }
-    }
+    let registrations: BTreeMap<String, Registration> =
+        operations::read_values(client, &cells_prefix(&cfg.platform)).await?;
     let pins = match client.get(pins_key(&cfg.platform), None).await?.kvs().first() {
         None => BTreeMap::new(),
         Some(kv) => serde_json::from_slice::<BTreeMap<Slot, String>>(kv.value()).unwrap_or_else(|e| {

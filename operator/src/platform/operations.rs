@@ -40,8 +40,16 @@ pub async fn read_prefix<T: DeserializeOwned>(
     Ok(out)
 }
 
-fn values<T>(m: BTreeMap<String, (T, i64)>) -> BTreeMap<String, T> {
-    m.into_iter().map(|(k, (v, _))| (k, v)).collect()
+/// Everything under one prefix, decoded, by the key's last segment (revisions dropped).
+pub async fn read_values<T: DeserializeOwned>(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<BTreeMap<String, T>> {
+    Ok(read_prefix(client, prefix)
+        .await?
+        .into_iter()
+        .map(|(k, (v, _))| (k, v))
+        .collect())
 }
 
 /// Advances every unfinished operation by one step. Returns whether any is still running
@@ -59,8 +67,7 @@ pub async fn drive(
         .filter(|(_, (op, _))| !op.finished())
         .map(|(id, (op, rev))| (id, op, rev))
         .collect();
-    let intents: BTreeMap<String, Intent> =
-        values(read_prefix(client, &intents_prefix(platform)).await?);
+    let intents: BTreeMap<String, Intent> = read_values(client, &intents_prefix(platform)).await?;
     // Cells no operation is moving get the intents the table implies.
     let busy: BTreeSet<String> = running
         .iter()
@@ -82,12 +89,11 @@ pub async fn drive(
     if running.is_empty() {
         return Ok(Some(false));
     }
-    let intents: BTreeMap<String, Intent> =
-        values(read_prefix(client, &intents_prefix(platform)).await?);
+    let intents: BTreeMap<String, Intent> = read_values(client, &intents_prefix(platform)).await?;
     let cells: BTreeMap<String, Registration> =
-        values(read_prefix(client, &cells_prefix(platform)).await?);
+        read_values(client, &cells_prefix(platform)).await?;
     let routers: BTreeMap<String, RouterAck> =
-        values(read_prefix(client, &routers_prefix(platform)).await?);
+        read_values(client, &routers_prefix(platform)).await?;
     for (i, (id, op, revision)) in running.iter().enumerate() {
         let current = write::read(client, platform)
             .await

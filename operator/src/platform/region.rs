@@ -10,7 +10,7 @@
 //! every region, so none travels through etcd.
 
 use super::intents::{replication_password, REPLICATION_USER};
-use super::operations::read_prefix;
+use super::operations::read_values;
 use crate::build::{names, Store};
 use crate::registration::{Live, Registrar};
 use crate::Result;
@@ -106,17 +106,9 @@ async fn pass(
     states: &mut HashMap<String, CellState>,
 ) -> Result<()> {
     let intents: BTreeMap<String, Intent> =
-        read_prefix::<Intent>(client, &intents_prefix(&cfg.platform))
-            .await?
-            .into_iter()
-            .map(|(k, (v, _))| (k, v))
-            .collect();
+        read_values(client, &intents_prefix(&cfg.platform)).await?;
     let regs: BTreeMap<String, Registration> =
-        read_prefix::<Registration>(client, &cells_prefix(&cfg.platform))
-            .await?
-            .into_iter()
-            .map(|(k, (v, _))| (k, v))
-            .collect();
+        read_values(client, &cells_prefix(&cfg.platform)).await?;
     let mine: Vec<Arc<Cell>> = cells
         .state()
         .into_iter()
