@@ -8,8 +8,13 @@ use crate::slot::{slot_for_key, Slot};
 /// What a cell does with a request for a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// This cell owns the user's slot and is not frozen: serve.
-    Serve { slot: Slot, epoch: u64 },
+    /// This cell owns the user's slot and is not frozen: serve, from the database of
+    /// `data_home` (this cell itself, or the failed-over cell whose schema it replicates).
+    Serve {
+        slot: Slot,
+        epoch: u64,
+        data_home: String,
+    },
     /// Another cell owns the slot (or this cell is frozen for a failover): answer 421 so the
     /// router refreshes its table and retries at the right home.
     Misdirected {
@@ -52,6 +57,7 @@ pub fn check(
         Verdict::Serve {
             slot,
             epoch: table.epoch,
+            data_home: table.data_home(slot).name.clone(),
         }
     } else {
         Verdict::Misdirected {
@@ -127,9 +133,16 @@ mod tests {
             check(Some(&after), "a", &user, Some(3)),
             Verdict::Misdirected { ref owner, .. } if *owner == new_home
         ));
+        // The new home serves the user from the old home's (replicated) data; its own
+        // users stay on its own data.
         assert!(matches!(
             check(Some(&after), &new_home, &user, Some(after.epoch)),
-            Verdict::Serve { .. }
+            Verdict::Serve { ref data_home, .. } if data_home == "a"
+        ));
+        let own = user_of(&before, &new_home);
+        assert!(matches!(
+            check(Some(&after), &new_home, &own, None),
+            Verdict::Serve { ref data_home, .. } if *data_home == new_home
         ));
     }
 

@@ -57,6 +57,12 @@ pub struct RoutingTable {
     /// so every lookup can say that a slot is pinned, and so the next placement keeps them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pins: BTreeMap<Slot, String>,
+    /// The cell whose database holds each slot's data (indexes `cells`), when it differs
+    /// from the serving cell for some slot: after a failover the standby serves the slots
+    /// of the cell it stood by for from that cell's replicated schema. Empty means every
+    /// slot's data lives with its serving cell (the usual case, kept out of the encoding).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_homes: Vec<CellIndex>,
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Error {
@@ -107,6 +113,7 @@ impl RoutingTable {
                 .map(|&o| remap[usize::from(o)])
                 .collect(),
             pins: BTreeMap::new(),
+            data_homes: Vec::new(),
         };
         table.validate()?;
         Ok(table)
@@ -199,6 +206,26 @@ impl RoutingTable {
                 ));
             }
         }
+        if !self.data_homes.is_empty() && self.data_homes.len() != self.slots as usize {
+            return Err(invalid(
+                "dataHomes",
+                format!(
+                    "has {} entries but slots is {}; leave it empty when every slot's data lives with its owner",
+                    self.data_homes.len(),
+                    self.slots
+                ),
+            ));
+        }
+        if let Some(slot) = self
+            .data_homes
+            .iter()
+            .position(|&d| usize::from(d) >= self.cells.len())
+        {
+            return Err(invalid(
+                format!("dataHomes[{slot}]"),
+                format!("cell index out of range (0..{})", self.cells.len()),
+            ));
+        }
         for (c, owns) in self.cells.iter().zip(owning) {
             if owns && !serves_traffic(c.state) {
                 return Err(invalid(
@@ -236,6 +263,24 @@ impl RoutingTable {
     #[inline]
     pub fn cell_for_slot(&self, slot: Slot) -> &CellEntry {
         &self.cells[usize::from(self.owners[slot as usize])]
+    }
+
+    /// The cell whose database holds `slot`'s data (its owner unless a failover moved it).
+    #[inline]
+    pub fn data_home(&self, slot: Slot) -> &CellEntry {
+        let i = self
+            .data_homes
+            .get(slot as usize)
+            .copied()
+            .unwrap_or(self.owners[slot as usize]);
+        &self.cells[usize::from(i)]
+    }
+
+    /// Empties `data_homes` when every slot's data lives with its owner again.
+    pub fn compact_data_homes(&mut self) {
+        if self.data_homes == self.owners {
+            self.data_homes.clear();
+        }
     }
 
     /// Key -> slot -> home cell.
@@ -316,13 +361,56 @@ impl RoutingTable {
         let mut next = self.clone();
         next.epoch += 1;
         next.cells[from].state = CellPhase::FailedOver;
+        if next.data_homes.is_empty() {
+            next.data_homes = next.owners.clone();
+        }
         for o in &mut next.owners {
             if usize::from(*o) == from {
                 *o = to as CellIndex;
             }
         }
+        // A pin names the cell that serves a slot; the failed cell serves nothing now.
+        next.pins.retain(|_, c| c != cell);
         next.validate()?;
         Ok(next)
+    }
+
+    /// The table after failing `cell` back: it is Active again and serves every slot whose
+    /// data it holds, which move back from the cell that served them; one epoch later.
+    pub fn failed_back(&self, cell: &str) -> Result<Self> {
+        let me = self
+            .index_of(cell)
+            .ok_or_else(|| invalid(format!("cells[{cell}]"), "no such cell"))?;
+        if self.cells[me].state != CellPhase::FailedOver {
+            return Err(invalid(
+                format!("cells[{cell}].state"),
+                format!(
+                    "cell is {:?}; only a FailedOver cell fails back",
+                    self.cells[me].state
+                ),
+            ));
+        }
+        let mut next = self.clone();
+        next.epoch += 1;
+        next.cells[me].state = CellPhase::Active;
+        for slot in 0..next.slots {
+            if next.data_home(slot).name == cell {
+                next.owners[slot as usize] = me as CellIndex;
+                next.pins.remove(&slot);
+            }
+        }
+        next.compact_data_homes();
+        next.validate()?;
+        Ok(next)
+    }
+
+    /// The cell that serves the slots whose data `cell` holds, when another cell does
+    /// (after a failover), else None.
+    pub fn serving_for(&self, cell: &str) -> Option<&CellEntry> {
+        (0..self.slots)
+            .filter(|&s| self.data_home(s).name == cell)
+            .map(|s| self.cell_for_slot(s))
+            .find(|c| c.name != cell)
     }
 }
 
@@ -442,5 +530,44 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already FailedOver"));
+        // a's data stays a's: b serves those slots from a's schema.
+        for s in 0..1024 {
+            assert_eq!(next.data_home(s).name, t.cell_for_slot(s).name);
+        }
+        assert_eq!(next.serving_for("a").map(|c| c.name.as_str()), Some("b"));
+        assert_eq!(RoutingTable::decode(&next.encode()).unwrap(), next);
+    }
+
+    #[test]
+    fn failing_back_returns_exactly_the_cells_slots_and_forgets_data_homes() {
+        let t = table();
+        assert!(t.data_homes.is_empty());
+        assert!(!String::from_utf8(t.encode()).unwrap().contains("dataHomes"));
+        assert_eq!(t.serving_for("a"), None);
+        let over = t.failed_over("a").unwrap();
+        let back = over.failed_back("a").unwrap();
+        assert_eq!(back.epoch, over.epoch + 1);
+        assert_eq!(back.owners, t.owners);
+        assert!(back.data_homes.is_empty(), "compacted once equal");
+        assert_eq!(back.cell("a").unwrap().state, CellPhase::Active);
+        assert!(back
+            .failed_back("a")
+            .unwrap_err()
+            .to_string()
+            .contains("only a FailedOver cell"));
+        let mut bad = over.clone();
+        bad.data_homes.pop();
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("dataHomes"));
+        let mut bad = over;
+        bad.data_homes[3] = 9;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("dataHomes[3]"));
     }
 }

@@ -7,12 +7,12 @@ use crate::metrics::Metrics;
 use crate::orders::{OrderRequest, OrderStatus, Orders};
 use crate::profiles::{Profile, ProfileRead, Profiles};
 use crate::stores::{timed, Stores};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use cellplane_cell_sdk::ownership::{key_from_path, OwnershipLayer};
+use cellplane_cell_sdk::ownership::{key_from_path, OwnershipLayer, Served};
 use cellplane_cell_sdk::replication;
 use cellplane_cells::auth::bearer_matches;
 use cellplane_table::TableStore;
@@ -101,10 +101,12 @@ fn check_user(user: &str) -> AppResult<()> {
 
 async fn get_profile(
     State(app): State<App>,
+    Extension(served): Extension<Served>,
     Path(user): Path<String>,
 ) -> AppResult<Json<ProfileRead>> {
     check_user(&user)?;
-    Ok(Json(app.profiles.get(&user).await?))
+    let data = app.stores.dataset(&served.data_home);
+    Ok(Json(app.profiles.get(&user, &data).await?))
 }
 
 #[derive(Serialize)]
@@ -114,23 +116,27 @@ struct Written {
 
 async fn put_profile(
     State(app): State<App>,
+    Extension(served): Extension<Served>,
     Path(user): Path<String>,
     body: Result<Json<Profile>, axum::extract::rejection::JsonRejection>,
 ) -> AppResult<Json<Written>> {
     check_user(&user)?;
     let Json(profile) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    let version = app.profiles.put(&user, &profile).await?;
+    let data = app.stores.dataset(&served.data_home);
+    let version = app.profiles.put(&user, &profile, &data).await?;
     Ok(Json(Written { version }))
 }
 
 async fn place_order(
     State(app): State<App>,
+    Extension(served): Extension<Served>,
     Path(user): Path<String>,
     body: Result<Json<OrderRequest>, axum::extract::rejection::JsonRejection>,
 ) -> AppResult<(StatusCode, Json<OrderStatus>)> {
     check_user(&user)?;
     let Json(req) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    let status = app.orders.place(&user, req).await?;
+    let data = app.stores.dataset(&served.data_home);
+    let status = app.orders.place(&user, req, &data).await?;
     let code = if status.stock_left.is_some() {
         StatusCode::ACCEPTED
     } else {
@@ -141,10 +147,12 @@ async fn place_order(
 
 async fn order_status(
     State(app): State<App>,
+    Extension(served): Extension<Served>,
     Path((user, order)): Path<(String, String)>,
 ) -> AppResult<Json<OrderStatus>> {
     check_user(&user)?;
-    Ok(Json(app.orders.status(&user, &order).await?))
+    let data = app.stores.dataset(&served.data_home);
+    Ok(Json(app.orders.status(&user, &order, &data).await?))
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> AppResult<()> {
@@ -266,7 +274,7 @@ async fn readyz(State(app): State<App>) -> Response {
 async fn status(State(app): State<App>) -> Json<serde_json::Value> {
     let lag = tokio::time::timeout(
         Duration::from_secs(3),
-        consumer::lag(app.consumer.clone(), app.stores.cfg.orders_topic.clone()),
+        consumer::lag(app.stores.clone(), app.consumer.clone()),
     )
     .await;
     let lag: Result<Lag, String> = match lag {

@@ -8,7 +8,7 @@
 
 use crate::error::{AppError, AppResult};
 use crate::metrics::Metrics;
-use crate::stores::{timed, Stores};
+use crate::stores::{timed, Dataset, Stores};
 use mysql_async::prelude::Queryable;
 use rdkafka::producer::FutureRecord;
 use redis::AsyncCommands;
@@ -62,6 +62,10 @@ pub struct OrderEvent {
     pub sku: String,
     pub qty: i64,
     pub accepted_at_ms: i64,
+    /// The schema the order belongs in when it is not the cell's own (the cell serves a
+    /// failed-over cell's users from that cell's replicated schema).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,7 +130,12 @@ impl Orders {
         }
     }
 
-    pub async fn place(&self, user: &str, req: OrderRequest) -> AppResult<OrderStatus> {
+    pub async fn place(
+        &self,
+        user: &str,
+        req: OrderRequest,
+        data: &Dataset,
+    ) -> AppResult<OrderStatus> {
         req.validate()?;
         let order_id = req
             .order_id
@@ -157,7 +166,7 @@ impl Orders {
                 });
             }
             -2 => return Err(AppError::NoSale(req.sku)),
-            -3 => return self.status(user, &order_id).await,
+            -3 => return self.status(user, &order_id, data).await,
             other => {
                 return Err(AppError::unavailable(
                     "redis",
@@ -171,6 +180,7 @@ impl Orders {
             sku: req.sku.clone(),
             qty: req.qty,
             accepted_at_ms: now_ms(),
+            schema: (*data != self.stores.own).then(|| data.schema().to_string()),
         };
         let payload = serde_json::to_vec(&event).expect("event serializes");
         let record = FutureRecord::to(&cfg.orders_topic)
@@ -212,7 +222,12 @@ impl Orders {
     }
 
     /// Persisted (MySQL) or queued (marker in Redis); 404 otherwise or for another user.
-    pub async fn status(&self, user: &str, order_id: &str) -> AppResult<OrderStatus> {
+    pub async fn status(
+        &self,
+        user: &str,
+        order_id: &str,
+        data: &Dataset,
+    ) -> AppResult<OrderStatus> {
         if !is_id(order_id, 64) {
             return Err(AppError::BadRequest(
                 "orderId: 1 to 64 letters, digits, '-' or '_'".into(),
@@ -220,15 +235,16 @@ impl Orders {
         }
         let cfg = &self.stores.cfg;
         let not_found = || AppError::NotFound(format!("order {order_id}"));
+        let query = format!(
+            "SELECT user_id FROM {} WHERE order_id = ?",
+            data.table("orders")
+        );
         let persisted = async {
             let mut c = self.stores.mysql_conn().await?;
             timed(
                 "mysql",
                 cfg.store_timeout,
-                c.exec_first::<String, _, _>(
-                    "SELECT user_id FROM orders WHERE order_id = ?",
-                    (order_id,),
-                ),
+                c.exec_first::<String, _, _>(query.as_str(), (order_id,)),
             )
             .await
         }

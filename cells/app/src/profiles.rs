@@ -8,7 +8,7 @@
 use crate::cache::{self, Entry, HotCache};
 use crate::error::{AppError, AppResult};
 use crate::metrics::Metrics;
-use crate::stores::{retry_read, timed, Stores};
+use crate::stores::{retry_read, timed, Dataset, Stores};
 use mysql_async::prelude::Queryable;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -74,14 +74,14 @@ impl Profiles {
         }
     }
 
-    pub async fn get(&self, user: &str) -> AppResult<ProfileRead> {
+    pub async fn get(&self, user: &str, data: &Dataset) -> AppResult<ProfileRead> {
         let key = cache_key(user);
-        let read = self.read(user, &key).await?;
+        let read = self.read(user, &key, data).await?;
         self.metrics.profile_read(read.source);
         Ok(read)
     }
 
-    async fn read(&self, user: &str, key: &str) -> AppResult<ProfileRead> {
+    async fn read(&self, user: &str, key: &str, data: &Dataset) -> AppResult<ProfileRead> {
         if let Some((version, data)) = self.hot.get(key) {
             return decode(user, version, &data, "local");
         }
@@ -99,9 +99,9 @@ impl Profiles {
                     return decode(user, version, &data, "cache");
                 }
                 // A tombstone: an update happened; read the truth and fill.
-                self.read_db_and_fill(user, key).await
+                self.read_db_and_fill(user, key, data).await
             }
-            Ok(None) => self.read_db_and_fill(user, key).await,
+            Ok(None) => self.read_db_and_fill(user, key, data).await,
             Err(e) => {
                 // Cache down: protect MySQL with a cap on concurrent fallback reads.
                 self.metrics.degraded("redis");
@@ -114,7 +114,7 @@ impl Profiles {
                         )
                     })?
                     .expect("semaphore never closed");
-                let (profile, version) = self.read_db(user).await?;
+                let (profile, version) = self.read_db(user, data).await?;
                 Ok(ProfileRead {
                     user: user.into(),
                     version,
@@ -125,17 +125,18 @@ impl Profiles {
         }
     }
 
-    async fn read_db(&self, user: &str) -> AppResult<(Profile, u64)> {
+    async fn read_db(&self, user: &str, data: &Dataset) -> AppResult<(Profile, u64)> {
         let cfg = &self.stores.cfg;
+        let query = format!(
+            "SELECT name, email, version FROM {} WHERE user_id = ?",
+            data.table("profiles")
+        );
         let row: Option<(String, String, u64)> = retry_read(cfg.read_attempts, || async {
             let mut c = self.stores.mysql_conn().await?;
             timed(
                 "mysql",
                 cfg.store_timeout,
-                c.exec_first(
-                    "SELECT name, email, version FROM profiles WHERE user_id = ?",
-                    (user,),
-                ),
+                c.exec_first(query.as_str(), (user,)),
             )
             .await
         })
@@ -145,8 +146,13 @@ impl Profiles {
         Ok((Profile { name, email }, version))
     }
 
-    async fn read_db_and_fill(&self, user: &str, key: &str) -> AppResult<ProfileRead> {
-        let (profile, version) = self.read_db(user).await?;
+    async fn read_db_and_fill(
+        &self,
+        user: &str,
+        key: &str,
+        data: &Dataset,
+    ) -> AppResult<ProfileRead> {
+        let (profile, version) = self.read_db(user, data).await?;
         let data = serde_json::to_string(&profile).expect("profile serializes");
         let cfg = &self.stores.cfg;
         // Best effort: a refused or failed fill only costs a later miss.
@@ -167,7 +173,7 @@ impl Profiles {
     }
 
     /// Writes MySQL, then invalidates; returns the new version.
-    pub async fn put(&self, user: &str, profile: &Profile) -> AppResult<u64> {
+    pub async fn put(&self, user: &str, profile: &Profile, data: &Dataset) -> AppResult<u64> {
         profile.validate()?;
         let key = cache_key(user);
         let cfg = &self.stores.cfg;
@@ -185,7 +191,7 @@ impl Profiles {
             .await
             .map_err(paused)?;
         // 2. The truth.
-        let version = self.write_db(user, profile).await?;
+        let version = self.write_db(user, profile, data).await?;
         // 3. Readers may fill again, from this version on. If this fails, the in-flight
         // tombstone expires after `tombstone_ttl` and readers go to MySQL until then.
         let mut t = self.tombstone.key(&key);
@@ -202,20 +208,20 @@ impl Profiles {
         Ok(version)
     }
 
-    async fn write_db(&self, user: &str, p: &Profile) -> AppResult<u64> {
+    async fn write_db(&self, user: &str, p: &Profile, data: &Dataset) -> AppResult<u64> {
         let deadline = self.stores.cfg.store_timeout * 2;
+        let table = data.table("profiles");
+        let upsert = format!(
+            "INSERT INTO {table} (user_id, name, email, version) VALUES (?, ?, ?, 1) \
+             ON DUPLICATE KEY UPDATE name = VALUES(name), email = VALUES(email), version = version + 1"
+        );
+        let select = format!("SELECT version FROM {table} WHERE user_id = ?");
         let mut c = self.stores.mysql_conn().await?;
         let write = async {
             let mut tx = c.start_transaction(mysql_async::TxOpts::default()).await?;
-            tx.exec_drop(
-                "INSERT INTO profiles (user_id, name, email, version) VALUES (?, ?, ?, 1) \
-                 ON DUPLICATE KEY UPDATE name = VALUES(name), email = VALUES(email), version = version + 1",
-                (user, &p.name, &p.email),
-            )
-            .await?;
-            let version: Option<u64> = tx
-                .exec_first("SELECT version FROM profiles WHERE user_id = ?", (user,))
+            tx.exec_drop(upsert.as_str(), (user, &p.name, &p.email))
                 .await?;
+            let version: Option<u64> = tx.exec_first(select.as_str(), (user,)).await?;
             tx.commit().await?;
             Ok::<_, mysql_async::Error>(version.unwrap_or(1))
         };

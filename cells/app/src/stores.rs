@@ -8,6 +8,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Runs `fut` under `deadline`; a timeout or error becomes "`what` unavailable".
@@ -105,8 +106,34 @@ impl Redis {
     }
 }
 
+/// The database a request's data lives in: the cell's own, or, after a cell failed over to
+/// this one, that cell's schema, which this cell's MySQL replicated while standing by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dataset {
+    schema: Arc<str>,
+}
+
+impl Dataset {
+    pub fn new(schema: &str) -> Self {
+        Self {
+            schema: schema.into(),
+        }
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// `table` qualified with the schema, quoted for SQL.
+    pub fn table(&self, table: &str) -> String {
+        format!("`{}`.`{table}`", self.schema.replace('`', "``"))
+    }
+}
+
 pub struct Stores {
     pub cell: String,
+    /// This cell's own database.
+    pub own: Dataset,
     pub redis: Redis,
     pub mysql: mysql_async::Pool,
     pub producer: FutureProducer,
@@ -136,12 +163,23 @@ impl Stores {
             .map_err(|e| AppError::Config(format!("KAFKA_BOOTSTRAP: {e}")))?;
         Ok(Self {
             cell: settings.cell.clone(),
+            own: Dataset::new(&settings.mysql_database),
             redis,
             mysql,
             producer,
             kafka_brokers: settings.kafka_bootstrap.clone(),
             cfg,
         })
+    }
+
+    /// The dataset of `data_home` (a cell name) as this cell's MySQL holds it: its own
+    /// database, or the replicated one named by the platform's convention.
+    pub fn dataset(&self, data_home: &str) -> Dataset {
+        if data_home == self.cell {
+            self.own.clone()
+        } else {
+            Dataset::new(&cellplane_cells::env::mysql_database(data_home))
+        }
     }
 
     pub async fn mysql_conn(&self) -> AppResult<mysql_async::Conn> {

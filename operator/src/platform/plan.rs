@@ -12,7 +12,10 @@
 //! - State (`Active`, `FailedOver`, frozen) is the table's own: only operations change it,
 //!   so recomputing the table never undoes a failover. The slots placed on a cell that is
 //!   not serving go to its standby.
-//! - Pins override the placement for single slots and are kept in the table.
+//! - Pins override the placement for single slots and are kept in the table. A pinned
+//!   slot's data is the pinned cell's (moving the rows is the pin's author's job).
+//! - A slot's data lives with the cell it is placed on; when that cell does not serve, the
+//!   table says so (`dataHomes`) and its standby serves the slot from the replicated schema.
 //! - The epoch grows by one exactly when something a router sees changes.
 
 use cellplane_cells::crd::CellPhase;
@@ -103,9 +106,11 @@ pub fn next_table(
         home_of.push(serving_home(&cells, &index, &c.name));
     }
     let mut owners = Vec::with_capacity(slots as usize);
+    let mut data_homes = Vec::with_capacity(slots as usize);
     for &placed in &placement.owners {
         let name = &placement.cells[usize::from(placed)];
         let i = index[name.as_str()];
+        data_homes.push(i);
         owners.push(home_of[usize::from(i)].ok_or_else(|| {
             cellplane_cells::Error::InvalidTable {
                 field: format!("cells[{name}].standby"),
@@ -128,6 +133,7 @@ pub fn next_table(
                 }
                 Some(&i) => {
                     owners[slot as usize] = i;
+                    data_homes[slot as usize] = i;
                     pins.insert(slot, cell.clone());
                     None
                 }
@@ -148,7 +154,9 @@ pub fn next_table(
         cells,
         owners,
         pins,
+        data_homes,
     };
+    next.compact_data_homes();
     if let Some(cur) = current {
         if *cur == next {
             return Ok((Plan::Keep, ignored));
@@ -319,6 +327,19 @@ mod tests {
         let t3 = write(next_table(Some(&t2), &inputs(&["a", "b", "c"])).unwrap().0);
         assert_eq!(t3.slot_count("a"), 0);
         assert_eq!(t3.cell("a").unwrap().state, CellPhase::FailedOver);
+        // The slots still placed on a are served by b from a's data.
+        let a_data = (0..1024).filter(|&s| t3.data_home(s).name == "a").count();
+        assert!(a_data > 0);
+        assert!((0..1024)
+            .filter(|&s| t3.data_home(s).name == "a")
+            .all(|s| t3.cell_for_slot(s).name == "b"));
+        // Failing back (the table's state) makes the table plain again.
+        let t4 = t3.failed_back("a").unwrap();
+        assert!(t4.data_homes.is_empty());
+        assert_eq!(
+            next_table(Some(&t4), &inputs(&["a", "b", "c"])).unwrap().0,
+            Plan::Keep
+        );
         for s in 0..1024 {
             let owner = &t3.cell_for_slot(s).name;
             assert!(owner == "b" || owner == "c");
