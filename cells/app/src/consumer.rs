@@ -7,13 +7,14 @@
 
 use crate::metrics::Metrics;
 use crate::orders::OrderEvent;
-use crate::stores::{kafka_config, Stores};
+use crate::stores::{kafka_config, Dataset, Stores};
 use mysql_async::prelude::Queryable;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -117,10 +118,22 @@ async fn persist(
     e: &OrderEvent,
     offset: i64,
 ) -> Result<bool, crate::error::AppError> {
+    let data = e.schema.as_deref().map_or(stores.own.clone(), Dataset::new);
+    let insert = format!(
+        "INSERT IGNORE INTO {} (order_id, user_id, sku, qty, accepted_at_ms, kafka_offset) VALUES (?, ?, ?, ?, ?, ?)",
+        data.table("orders")
+    );
     let mut c = stores.mysql_conn().await?;
     let write = c.exec_iter(
-        "INSERT IGNORE INTO orders (order_id, user_id, sku, qty, accepted_at_ms, kafka_offset) VALUES (?, ?, ?, ?, ?, ?)",
-        (&e.order_id, &e.user_id, &e.sku, e.qty, e.accepted_at_ms, offset),
+        insert.as_str(),
+        (
+            &e.order_id,
+            &e.user_id,
+            &e.sku,
+            e.qty,
+            e.accepted_at_ms,
+            offset,
+        ),
     );
     let result = crate::stores::timed("mysql", stores.cfg.store_timeout * 2, write).await?;
     Ok(result.affected_rows() == 1)
@@ -137,14 +150,22 @@ pub struct Lag {
 }
 
 /// Consumer lag on the order topic (blocking librdkafka calls: run off the async threads).
-pub async fn lag(consumer: Arc<StreamConsumer>, topic: String) -> Result<Lag, KafkaError> {
+///
+/// The high watermark is asked on the producer's connection: a broker answers a
+/// connection's requests in order, and the consumer's connection is mostly parked in a
+/// long-poll fetch, behind which the question would wait up to `fetch.wait.max.ms`.
+pub async fn lag(stores: Arc<Stores>, consumer: Arc<StreamConsumer>) -> Result<Lag, KafkaError> {
     tokio::task::spawn_blocking(move || {
         let timeout = Duration::from_secs(2);
-        let (_, high) = consumer.fetch_watermarks(&topic, 0, timeout)?;
+        let topic = stores.cfg.orders_topic.as_str();
+        let (_, high) = stores
+            .producer
+            .client()
+            .fetch_watermarks(topic, 0, timeout)?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&topic, 0);
+        tpl.add_partition(topic, 0);
         let committed = consumer.committed_offsets(tpl, timeout)?;
-        let committed = match committed.find_partition(&topic, 0).map(|p| p.offset()) {
+        let committed = match committed.find_partition(topic, 0).map(|p| p.offset()) {
             Some(Offset::Offset(o)) => o,
             _ => 0,
         };
