@@ -44,8 +44,25 @@ pub fn key_from_path(prefix: &'static str) -> KeyFn {
     })
 }
 
+/// Set on every request the fence lets through: the slot it was checked for and the cell
+/// whose database holds that slot's data (the cell itself unless it serves the slots of a
+/// cell that failed over to it, whose replicated schema it then uses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    pub slot: cellplane_cells::slot::Slot,
+    pub epoch: u64,
+    pub data_home: Arc<str>,
+}
+
+/// How long a request from a router on a newer epoch waits for this cell's table to catch
+/// up before it is refused: both follow the same etcd, so the gap is usually milliseconds
+/// (a flip releases held requests the moment the router has the new table).
+pub const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A request the fence answers itself.
 struct Refusal {
+    /// Set when the request's epoch is ahead of this cell's table: worth waiting for.
+    ahead: Option<u64>,
     status: StatusCode,
     headers: Vec<(&'static str, String)>,
     body: String,
@@ -67,33 +84,62 @@ impl OwnershipLayer {
         }
     }
 
-    /// The answer for a request, or `None` to let it through.
-    fn refusal(&self, headers: &HeaderMap, uri: &Uri) -> Option<Refusal> {
+    /// The answer for a request, or what it may be served with (`None` for requests
+    /// without a user key, which pass untouched).
+    fn decide(&self, headers: &HeaderMap, uri: &Uri) -> Option<Result<Served, Refusal>> {
         let key = (self.key)(headers, uri)?;
         let request_epoch = headers
             .get(EPOCH_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let table = self.tables.get();
-        match check(table.as_deref(), &self.cell, &key, request_epoch) {
-            Verdict::Serve { .. } => None,
-            Verdict::Misdirected { slot, epoch, owner } => Some(Refusal {
+        Some(match check(table.as_deref(), &self.cell, &key, request_epoch) {
+            Verdict::Serve {
+                slot,
+                epoch,
+                data_home,
+            } => Ok(Served {
+                slot,
+                epoch,
+                data_home: data_home.into(),
+            }),
+            Verdict::Misdirected { slot, epoch, owner } => Err(Refusal {
+                ahead: None,
                 status: StatusCode::MISDIRECTED_REQUEST,
                 body: format!("cell {} does not serve slot {slot} at epoch {epoch}; its home is {owner}\n", self.cell),
                 headers: vec![(OWNER_HEADER, owner), (EPOCH_HEADER, epoch.to_string())],
             }),
-            Verdict::TableBehind { ours, theirs } => Some(Refusal {
+            Verdict::TableBehind { ours, theirs } => Err(Refusal {
+                ahead: Some(theirs),
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 headers: vec![("retry-after", "1".into()), (EPOCH_HEADER, ours.to_string())],
                 body: format!("cell {} is at epoch {ours}, the request at {theirs}; retry when it catches up\n", self.cell),
             }),
-            Verdict::NoTable => Some(Refusal {
+            Verdict::NoTable => Err(Refusal {
+                ahead: None,
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 headers: vec![("retry-after", "1".into())],
                 body: format!("cell {} has no routing table yet\n", self.cell),
             }),
+        })
+    }
+
+    /// Waits (up to [`CATCH_UP_WAIT`]) until this cell's table is at `epoch` or newer.
+    async fn catch_up(&self, epoch: u64) {
+        let mut epochs = self.tables.subscribe();
+        let _ = tokio::time::timeout(CATCH_UP_WAIT, epochs.wait_for(|e| *e >= epoch)).await;
+    }
+}
+
+fn refused<B: From<String>>(refusal: Refusal) -> Response<B> {
+    let mut resp = Response::new(B::from(refusal.body));
+    *resp.status_mut() = refusal.status;
+    for (name, value) in refusal.headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
         }
     }
+    resp
 }
 
 impl<S> Layer<S> for OwnershipLayer {
@@ -116,8 +162,9 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Ownership<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    ReqBody: Send + 'static,
     S::Error: Send + 'static,
     ResBody: From<String> + Send + 'static,
 {
@@ -129,19 +176,34 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        match self.layer.refusal(req.headers(), req.uri()) {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        match self.layer.decide(req.headers(), req.uri()) {
             None => Box::pin(self.inner.call(req)),
-            Some(refusal) => {
-                let mut resp = Response::new(ResBody::from(refusal.body));
-                *resp.status_mut() = refusal.status;
-                for (name, value) in refusal.headers {
-                    if let Ok(v) = HeaderValue::from_str(&value) {
-                        resp.headers_mut().insert(name, v);
-                    }
-                }
-                Box::pin(std::future::ready(Ok(resp)))
+            Some(Ok(served)) => {
+                req.extensions_mut().insert(served);
+                Box::pin(self.inner.call(req))
             }
+            Some(Err(Refusal {
+                ahead: Some(epoch), ..
+            })) => {
+                // The router is ahead: wait for our table, then decide again. The service
+                // that was polled ready goes into the future; a fresh clone stays here.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let layer = self.layer.clone();
+                Box::pin(async move {
+                    layer.catch_up(epoch).await;
+                    match layer.decide(req.headers(), req.uri()) {
+                        None => inner.call(req).await,
+                        Some(Ok(served)) => {
+                            req.extensions_mut().insert(served);
+                            inner.call(req).await
+                        }
+                        Some(Err(refusal)) => Ok(refused(refusal)),
+                    }
+                })
+            }
+            Some(Err(refusal)) => Box::pin(std::future::ready(Ok(refused(refusal)))),
         }
     }
 }
@@ -149,6 +211,68 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cellplane_cells::routing::{CellEntry, RoutingTable};
+    use cellplane_table::metrics::TableMetrics;
+
+    /// The app behind the fence: answers 200 with the data home it was given.
+    #[derive(Clone)]
+    struct App;
+
+    impl Service<Request<String>> for App {
+        type Response = Response<String>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Response<String>, Self::Error>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: Request<String>) -> Self::Future {
+            let home = req
+                .extensions()
+                .get::<Served>()
+                .map(|s| s.data_home.to_string());
+            std::future::ready(Ok(Response::new(home.unwrap_or_default())))
+        }
+    }
+
+    fn table(epoch: u64) -> RoutingTable {
+        let cell = CellEntry::active("a", "r", vec!["127.0.0.1:1".into()]);
+        RoutingTable::placed("p", epoch, 16, vec![(cell, 1)]).unwrap()
+    }
+
+    fn request(epoch: u64) -> Request<String> {
+        Request::builder()
+            .uri("/users/bob/profile")
+            .header(EPOCH_HEADER, epoch.to_string())
+            .body(String::new())
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_from_a_router_ahead_waits_for_the_cells_table() {
+        let tables = Arc::new(TableStore::new(None, TableMetrics::default()));
+        tables.apply_bytes(&table(1).encode(), "test").unwrap();
+        let mut fenced =
+            OwnershipLayer::new("a", tables.clone(), key_from_path("users")).layer(App);
+        // Served once the table catches up, with the data home named.
+        let pending = fenced.call(request(2));
+        let later = tables.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            later.apply_bytes(&table(2).encode(), "test").unwrap();
+        });
+        let resp = pending.await.unwrap();
+        assert_eq!((resp.status(), resp.body().as_str()), (StatusCode::OK, "a"));
+        // A table that never comes: refused (503, retry) after the wait.
+        let started = tokio::time::Instant::now();
+        let resp = fenced.call(request(9)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(started.elapsed(), CATCH_UP_WAIT);
+        assert!(
+            resp.body().contains("at epoch 2, the request at 9"),
+            "{}",
+            resp.body()
+        );
+    }
 
     #[test]
     fn keys_come_from_the_header_or_the_path() {

@@ -267,6 +267,37 @@ pub async fn ensure_replication_account(primary: &Pool, user: &str, password: &s
     Ok(())
 }
 
+/// Lets the app's account (every host it is defined for) read and write the schemas of
+/// all cells (`cell_*`) on this server: a standby serves a failed-over cell's users from
+/// that cell's replicated schema. Kept out of the binary log, like every account change.
+pub async fn grant_cell_schemas(server: &Pool, app_user: &str) -> Result<()> {
+    let mut c = conn(server).await?;
+    let hosts: Vec<String> = c
+        .exec("SELECT Host FROM mysql.user WHERE User = ?", (app_user,))
+        .await
+        .map_err(mysql("list app account hosts"))?;
+    if hosts.is_empty() {
+        return Err(Error::Replication(format!(
+            "no MySQL account {app_user:?} on this server; the app's account must exist before standbys can serve with it"
+        )));
+    }
+    c.query_drop("SET SESSION sql_log_bin = 0")
+        .await
+        .map_err(mysql("sql_log_bin"))?;
+    for host in hosts {
+        c.query_drop(format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON `cell\\_%`.* TO {}@{}",
+            quote(app_user),
+            quote(&host)
+        ))
+        .await
+        .map_err(mysql("grant the app account the cell schemas"))?;
+    }
+    c.query_drop("SET SESSION sql_log_bin = 1")
+        .await
+        .map_err(mysql("sql_log_bin"))
+}
+
 /// Fences the old primary: read-only for every account without admin rights (the apps'),
 /// and their open sessions are killed so no transaction started before the fence commits
 /// after it. Returns the final position, which the replica must reach before promotion.
