@@ -116,7 +116,9 @@ async fn pass(
         .collect();
     for cell in mine {
         let name = cell.name_any();
+        let started = Instant::now();
         let outcome = serve_cell(cfg, kube, &cell, intents.get(&name), &regs, states).await;
+        tracing::debug!(cell = %name, elapsed_ms = started.elapsed().as_millis() as u64, "region agent: cell served");
         let state = states.get_mut(&name);
         match outcome {
             Ok(live) => {
@@ -195,6 +197,30 @@ async fn admin_access(kube: &kube::Client, cell: &Cell) -> Result<(String, u16, 
     Ok((host, port, user, password))
 }
 
+/// The app's MySQL account name: the generated one in-cluster, the Secret's `username`
+/// for an external MySQL.
+async fn app_account(kube: &kube::Client, cell: &Cell) -> Result<String> {
+    let Some(ext) = &cell.spec.mysql.external else {
+        return Ok(crate::build::secret::MYSQL_APP_USER.to_string());
+    };
+    let ns = cell.namespace().unwrap_or_default();
+    let secret = Api::<Secret>::namespaced(kube.clone(), &ns)
+        .get(&ext.secret_ref.name)
+        .await?;
+    secret
+        .data
+        .and_then(|d| {
+            d.get("username")
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        })
+        .ok_or_else(|| {
+            crate::Error::InvalidSpec(format!(
+                "Secret {}: needs key username (the app's MySQL account)",
+                ext.secret_ref.name
+            ))
+        })
+}
+
 fn sdk(e: cellplane_cell_sdk::Error) -> crate::Error {
     crate::Error::InvalidSpec(format!("mysql: {e}"))
 }
@@ -241,6 +267,11 @@ async fn serve_cell(
     if let (Some(secret), false) = (&cfg.replication_secret, st.account_ready) {
         let pw = replication_password(secret, &name);
         replication::ensure_replication_account(&pool, REPLICATION_USER, &pw)
+            .await
+            .map_err(sdk)?;
+        // The app serves a failed-over cell's users from that cell's replicated schema.
+        let app_user = app_account(kube, cell).await?;
+        replication::grant_cell_schemas(&pool, &app_user)
             .await
             .map_err(sdk)?;
         st.account_ready = true;
@@ -309,6 +340,9 @@ async fn serve_cell(
             .filter(|c| !intent.replicate_from.contains(c))
         {
             replication::stop_replica(&pool, extra).await.map_err(sdk)?;
+            // The pause between attempts is for a connection that keeps failing; one an
+            // intent stopped starts at once when an intent asks for it again.
+            st.reconfigured.remove(extra);
             tracing::info!(cell = %name, source = %extra, "replication stopped");
         }
         st.applied_generation = intent.generation;
@@ -332,7 +366,15 @@ async fn serve_cell(
         }
     }
     let kafka_lag = match regs.get(&name).and_then(|r| r.endpoints.get("app")) {
-        Some(app) => order_backlog(app).await,
+        Some(app) => {
+            let t = Instant::now();
+            let lag = order_backlog(app).await;
+            tracing::debug!(
+                elapsed_ms = t.elapsed().as_millis() as u64,
+                "region agent: order backlog read"
+            );
+            lag
+        }
         None => None,
     };
     Ok(Live {
