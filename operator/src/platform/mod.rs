@@ -8,11 +8,13 @@
 //! a takeover; the leader renews every third of it and stops acting when a renewal has not
 //! succeeded for two thirds of it, before the lease can expire under it.
 
+pub mod batch;
 pub mod election;
 pub mod intents;
 pub mod operations;
 pub mod plan;
 pub mod region;
+pub mod report;
 pub mod switchover;
 
 use crate::metrics::Metrics;

@@ -4,6 +4,7 @@
 //! then are its actions carried out. A leader that dies between the two leaves a record
 //! whose step the next leader runs again, which changes nothing that already happened.
 
+use super::batch::{self, Batch, Operation};
 use super::switchover::{self, Action, Observed, Switchover};
 use crate::metrics::Metrics;
 use crate::Result;
@@ -60,9 +61,30 @@ pub async fn drive(
     fence: &Fence,
     metrics: &Metrics,
 ) -> Result<Option<bool>> {
-    let ops: BTreeMap<String, (Switchover, i64)> =
+    let ops: BTreeMap<String, (Operation, i64)> =
         read_prefix(client, &drills_prefix(platform)).await?;
-    let running: Vec<(String, Switchover, i64)> = ops
+    // Batches first: a wave they start is advanced in the same pass.
+    let batches: Vec<(Batch, i64)> = ops
+        .values()
+        .filter_map(|(op, rev)| match op {
+            Operation::Batch(b) if b.outcome.is_none() => Some((b.clone(), *rev)),
+            _ => None,
+        })
+        .collect();
+    let mut switchovers: BTreeMap<String, (Switchover, i64)> = ops
+        .into_iter()
+        .filter_map(|(id, (op, rev))| match op {
+            Operation::Switchover(s) => Some((id, (s, rev))),
+            Operation::Batch(_) => None,
+        })
+        .collect();
+    if !batches.is_empty() {
+        match drive_batches(client, platform, fence, &batches, &mut switchovers).await? {
+            Some(()) => {}
+            None => return Ok(None),
+        }
+    }
+    let running: Vec<(String, Switchover, i64)> = switchovers
         .into_iter()
         .filter(|(_, (op, _))| !op.finished())
         .map(|(id, (op, rev))| (id, op, rev))
@@ -71,7 +93,7 @@ pub async fn drive(
     // Cells no operation is moving get the intents the table implies.
     let busy: BTreeSet<String> = running
         .iter()
-        .flat_map(|(_, op, _)| [op.cell.clone(), op.target.clone()])
+        .flat_map(|(_, op, _)| op.cells().map(str::to_string))
         .collect();
     if let Some(table) = write::read(client, platform)
         .await
@@ -103,11 +125,7 @@ pub async fn drive(
             continue;
         };
         // Operations run one at a time per cell: the oldest one wins.
-        let busy = running[..i].iter().any(|(_, other, _)| {
-            [&other.cell, &other.target]
-                .iter()
-                .any(|c| **c == op.cell || **c == op.target)
-        });
+        let busy = running[..i].iter().any(|(_, other, _)| other.overlaps(op));
         let observed = Observed {
             now_ms: cellplane_table::store::now_ms(),
             table,
@@ -118,7 +136,8 @@ pub async fn drive(
         };
         let (next, actions) = switchover::advance(op, &observed);
         if next != *op {
-            if !put_record(client, platform, &next, *revision, fence).await? {
+            let record = Operation::Switchover(next.clone());
+            if !put_record(client, platform, &record, *revision, fence).await? {
                 return Ok(None);
             }
             if next.step != op.step {
@@ -166,19 +185,84 @@ pub async fn drive(
     Ok(Some(true))
 }
 
+/// Advances each running batch: the members it starts are created (their records did not
+/// exist: revision 0) before the batch record that names them, so a leader that dies in
+/// between leaves members that the next leader's batch pass finds by id.
+async fn drive_batches(
+    client: &mut Client,
+    platform: &str,
+    fence: &Fence,
+    batches: &[(Batch, i64)],
+    switchovers: &mut BTreeMap<String, (Switchover, i64)>,
+) -> Result<Option<()>> {
+    let Some(table) = write::read(client, platform)
+        .await
+        .map_err(super::table_error)?
+        .table
+    else {
+        return Ok(Some(()));
+    };
+    for (b, revision) in batches {
+        let members: BTreeMap<String, Switchover> = switchovers
+            .iter()
+            .filter(|(_, (s, _))| s.parent.as_deref() == Some(b.id.as_str()))
+            .map(|(id, (s, _))| (id.clone(), s.clone()))
+            .collect();
+        let (next, wave) = batch::advance(b, &members, &table, cellplane_table::store::now_ms());
+        for member in wave {
+            if switchovers.contains_key(&member.id) {
+                continue;
+            }
+            if !put_record(
+                client,
+                platform,
+                &Operation::Switchover(member.clone()),
+                0,
+                fence,
+            )
+            .await?
+            {
+                return Ok(None);
+            }
+            tracing::info!(batch = %b.id, operation = %member.id, cell = %member.cell, "wave member started");
+            // Its revision is unknown here; the next pass reads it.
+            switchovers.insert(member.id.clone(), (member, -1));
+        }
+        if next != *b {
+            if !put_record(
+                client,
+                platform,
+                &Operation::Batch(next.clone()),
+                *revision,
+                fence,
+            )
+            .await?
+            {
+                return Ok(None);
+            }
+            if let Some(outcome) = &next.outcome {
+                tracing::info!(batch = %b.id, ?outcome, "batch finished");
+            }
+        }
+    }
+    // Members just created run from the next pass, with their real revisions.
+    switchovers.retain(|_, (_, rev)| *rev >= 0);
+    Ok(Some(()))
+}
+
 /// Writes an operation record if it is still at `revision` (0: create) and this leader
 /// still holds its term. False when the term is over.
 pub async fn put_record(
     client: &mut Client,
     platform: &str,
-    op: &Switchover,
+    op: &Operation,
     revision: i64,
     fence: &Fence,
 ) -> Result<bool> {
     let bytes = serde_json::to_vec(op).map_err(crate::Error::Serialization)?;
     fenced_put(
         client,
-        &drill_key(platform, &op.id),
+        &drill_key(platform, op.id()),
         bytes,
         Some(revision),
         fence,

@@ -1,4 +1,5 @@
-//! A planned switchover of one cell to its standby, as a pure step function:
+//! A planned switchover of one cell to its standby, or a failback of a failed-over cell
+//! from the cell that serves its slots, as a pure step function:
 //! `(record, observed state, now) -> (next record, actions)`. The leader persists the record
 //! in `drills/<id>` (compare-and-swap on its revision) before it carries out the actions, so
 //! a new leader picks the operation up where the old one stopped; every step looks at the
@@ -24,7 +25,16 @@
 //!
 //! Before the promotion, a step that times out rolls back: the home is made writable and
 //! unfrozen again.
+//!
+//! A **failback** runs the same steps with the roles swapped: the *source* is the cell
+//! serving the failed-over cell's slots now (its standby, frozen and fenced as a whole for
+//! the moment of the move, since its own users share its MySQL), the *target* is the
+//! failed-over cell, which replicated the source since the switchover. Its reverse step
+//! comes before the flip: the source must be writable again for its own users before the
+//! freeze ends.
 
+use super::intents::default_for;
+use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{Intent, Registration, RouterAck};
 use cellplane_cells::gtid;
 use cellplane_cells::routing::{serves_traffic, RoutingTable};
@@ -35,22 +45,44 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {
-    /// The RPO gate: most transactions the standby may be behind at preflight.
+    /// The RPO gate: most transactions the standby may be behind at preflight. The two
+    /// positions come from two regions' reports taken up to an agent pass apart, so under
+    /// load a healthy replica shows a few hundred; the catch-up step closes any gap before
+    /// the promotion, so the gate only keeps the write freeze short.
     pub max_lag_gtids: u64,
+    /// The RPO gate in time: most seconds the standby's SQL thread may be behind.
+    #[serde(default = "default_max_lag_secs")]
+    pub max_lag_secs: u64,
     /// How long a table change may take to reach every live router.
     pub ack_timeout_ms: u64,
     /// How long any other step may take.
     pub step_timeout_ms: u64,
 }
 
+fn default_max_lag_secs() -> u64 {
+    5
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_lag_gtids: 100,
+            max_lag_gtids: 2_000,
+            max_lag_secs: default_max_lag_secs(),
             ack_timeout_ms: 5_000,
             step_timeout_ms: 30_000,
         }
     }
+}
+
+/// Which way the slots move.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Kind {
+    /// From a serving cell to its standby.
+    #[default]
+    Switchover,
+    /// Back to a failed-over cell from the cell that serves its slots.
+    Failback,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,15 +128,23 @@ pub struct StepRecord {
     pub note: String,
 }
 
-/// The persisted record of one switchover (`drills/<id>`).
+/// The persisted record of one switchover or failback (`drills/<id>`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Switchover {
     pub id: String,
+    #[serde(default)]
+    pub kind: Kind,
+    /// The cell whose slots move (the cell whose database holds their data).
     pub cell: String,
-    /// The standby the slots move to (fixed at creation).
+    /// The cell serving the slots now: frozen, drained and fenced (fixed at creation).
+    pub source: String,
+    /// The cell the slots move to (fixed at creation).
     pub target: String,
     pub started_by: String,
+    /// The drain or failback of a region this operation is a wave member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     pub limits: Limits,
     pub step: Step,
     pub step_started_ms: u64,
@@ -140,9 +180,12 @@ impl Switchover {
     ) -> Self {
         Self {
             id: id.into(),
+            kind: Kind::Switchover,
             cell: cell.into(),
+            source: cell.into(),
             target: target.into(),
             started_by: started_by.into(),
+            parent: None,
             limits,
             step: Step::Preflight,
             step_started_ms: now_ms,
@@ -154,6 +197,48 @@ impl Switchover {
             final_gtid: None,
             intents: BTreeMap::new(),
             outcome: None,
+        }
+    }
+
+    /// A failback of `cell` from `source`, the cell that serves its slots now.
+    pub fn failback(
+        id: &str,
+        cell: &str,
+        source: &str,
+        started_by: &str,
+        limits: Limits,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            kind: Kind::Failback,
+            source: source.into(),
+            ..Self::new(id, cell, cell, started_by, limits, now_ms)
+        }
+    }
+
+    /// Every cell the operation touches (no other operation may touch them meanwhile).
+    pub fn cells(&self) -> [&str; 3] {
+        [&self.cell, &self.source, &self.target]
+    }
+
+    /// Whether another operation on `cells` must wait for this one.
+    pub fn overlaps(&self, other: &Switchover) -> bool {
+        !self.finished() && self.cells().iter().any(|c| other.cells().contains(c))
+    }
+
+    /// The step after `step` on the way forward.
+    fn after(&self, step: Step) -> Step {
+        match (self.kind, step) {
+            (_, Step::Preflight) => Step::Freeze,
+            (_, Step::Freeze) => Step::Drain,
+            (_, Step::Drain) => Step::Fence,
+            (_, Step::Fence) => Step::CatchUp,
+            (_, Step::CatchUp) => Step::Promote,
+            (Kind::Switchover, Step::Promote) => Step::Flip,
+            (Kind::Switchover, Step::Flip) => Step::Reverse,
+            (Kind::Failback, Step::Promote) => Step::Reverse,
+            (Kind::Failback, Step::Reverse) => Step::Flip,
+            _ => Step::Done,
         }
     }
 
@@ -199,7 +284,7 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
     }
     let elapsed = obs.now_ms.saturating_sub(op.step_started_ms);
     let timed_out = |limit: u64| elapsed > limit;
-    let home = obs.cells.get(&op.cell);
+    let home = obs.cells.get(&op.source);
     let target = obs.cells.get(&op.target);
     match op.step {
         Step::Preflight => match preflight(op, obs) {
@@ -213,12 +298,17 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                     },
                 );
             }
-            Ok(()) => enter(&mut next, Step::Freeze, obs.now_ms, String::new()),
+            Ok(()) => enter(
+                &mut next,
+                op.after(Step::Preflight),
+                obs.now_ms,
+                String::new(),
+            ),
         },
         Step::Freeze => {
-            let frozen = obs.table.cell(&op.cell).is_some_and(|c| c.frozen);
+            let frozen = obs.table.cell(&op.source).is_some_and(|c| c.frozen);
             if !frozen {
-                match obs.table.frozen(&op.cell) {
+                match obs.table.frozen(&op.source) {
                     Ok(t) => {
                         next.frozen_at_ms.get_or_insert(obs.now_ms);
                         actions.push(Action::WriteTable(Box::new(t)));
@@ -232,7 +322,7 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                 if behind.is_empty() {
                     enter(
                         &mut next,
-                        Step::Drain,
+                        op.after(Step::Freeze),
                         obs.now_ms,
                         format!("every router at epoch {epoch}"),
                     );
@@ -252,7 +342,7 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
         Step::Drain => match home.and_then(|h| h.kafka_lag) {
             Some(0) => enter(
                 &mut next,
-                Step::Fence,
+                op.after(Step::Drain),
                 obs.now_ms,
                 "order backlog persisted".into(),
             ),
@@ -271,8 +361,8 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
         },
         Step::Fence => {
             // Fencing stops writes; whatever the home replicates as a standby goes on.
-            let sources = current_sources(obs, &op.cell);
-            let generation = want_intent(&mut next, &mut actions, obs, &op.cell, false, sources);
+            let sources = current_sources(obs, &op.source);
+            let generation = want_intent(&mut next, &mut actions, obs, &op.source, false, sources);
             let fenced = home.and_then(|h| {
                 let m = h.mysql.as_ref()?;
                 (h.intent_generation >= generation && m.read_only)
@@ -283,7 +373,7 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                     next.final_gtid = Some(pos.clone());
                     enter(
                         &mut next,
-                        Step::CatchUp,
+                        op.after(Step::Fence),
                         obs.now_ms,
                         format!("final position {pos}"),
                     );
@@ -294,7 +384,7 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                         obs,
                         format!(
                             "{} did not report read_only within {} ms",
-                            op.cell, op.limits.step_timeout_ms
+                            op.source, op.limits.step_timeout_ms
                         ),
                     );
                 }
@@ -304,13 +394,13 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
         Step::CatchUp => {
             let want = op.final_gtid.clone().unwrap_or_default();
             let applied = target
-                .and_then(|t| t.mysql.as_ref()?.replicas.get(&op.cell))
+                .and_then(|t| t.mysql.as_ref()?.replicas.get(&op.source))
                 .map(|r| r.gtid_slave_pos.clone());
             match applied {
                 Some(pos) if gtid::reached(&pos, &want) => {
                     enter(
                         &mut next,
-                        Step::Promote,
+                        op.after(Step::CatchUp),
                         obs.now_ms,
                         format!("{} reached {want}", op.target),
                     );
@@ -332,33 +422,45 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
             }
         }
         Step::Promote => {
-            // The target stops replicating the home; it keeps whatever else it replicates.
-            let others = obs
-                .intents
-                .get(&op.target)
-                .map(|i| {
-                    i.replicate_from
-                        .iter()
-                        .filter(|c| **c != op.cell)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            let generation = want_intent(&mut next, &mut actions, obs, &op.target, true, others);
+            // The target takes the replication it has once the slots are its own: a
+            // switchover's target stops following the old home (fenced for good); a
+            // failback's target keeps following the cell it stands by for.
+            let sources = match flipped(obs.table, op) {
+                Ok(after) => default_for(&after, &op.target)
+                    .map(|(_, from)| from)
+                    .unwrap_or_default(),
+                Err(e) => {
+                    note_error(&mut next, format!("flip impossible: {e}"));
+                    return (next, actions);
+                }
+            };
+            let generation = want_intent(
+                &mut next,
+                &mut actions,
+                obs,
+                &op.target,
+                true,
+                sources.clone(),
+            );
             let promoted = target.is_some_and(|t| {
                 t.intent_generation >= generation
-                    && t.mysql
-                        .as_ref()
-                        .is_some_and(|m| !m.replicas.contains_key(&op.cell) && !m.read_only)
+                    && t.mysql.as_ref().is_some_and(|m| {
+                        !m.read_only && m.replicas.keys().all(|c| sources.contains(c))
+                    })
             });
             if promoted {
                 enter(
                     &mut next,
-                    Step::Flip,
+                    op.after(Step::Promote),
                     obs.now_ms,
                     format!(
-                        "{} writable, replication from {} stopped",
-                        op.target, op.cell
+                        "{} writable, replicating {}",
+                        op.target,
+                        if sources.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            sources.join(", ")
+                        }
                     ),
                 );
             } else if timed_out(op.limits.step_timeout_ms) {
@@ -373,10 +475,8 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
             }
         }
         Step::Flip => {
-            let moved = obs.table.slot_count(&op.cell) == 0
-                && obs.table.cell(&op.cell).is_some_and(|c| !c.frozen);
-            if !moved {
-                match flipped(obs.table, &op.cell) {
+            if !moved(obs.table, op) {
+                match flipped(obs.table, op) {
                     Ok(t) => actions.push(Action::WriteTable(Box::new(t))),
                     Err(e) => note_error(&mut next, format!("flip refused: {e}")),
                 }
@@ -390,46 +490,90 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                     } else {
                         format!("routers {} had not applied epoch {epoch}; the old home answers them 421", behind.join(", "))
                     };
-                    enter(&mut next, Step::Reverse, obs.now_ms, note);
+                    match op.after(Step::Flip) {
+                        Step::Done => {
+                            let warnings = warnings(&next);
+                            finish_with_note(
+                                &mut next,
+                                obs.now_ms,
+                                Outcome::Succeeded { warnings },
+                                note,
+                            );
+                        }
+                        step => enter(&mut next, step, obs.now_ms, note),
+                    }
                 }
             }
         }
         Step::Reverse => {
-            let mut sources = current_sources(obs, &op.cell);
-            if !sources.contains(&op.target) {
-                sources.push(op.target.clone());
-            }
-            let generation = want_intent(&mut next, &mut actions, obs, &op.cell, false, sources);
-            let replicating = home.is_some_and(|h| {
-                h.intent_generation >= generation
-                    && h.mysql
-                        .as_ref()
-                        .and_then(|m| m.replicas.get(&op.target))
-                        .is_some_and(|r| r.running)
+            // The source's replication and role as the table after the flip implies it.
+            let after = if moved(obs.table, op) {
+                Ok(obs.table.clone())
+            } else {
+                flipped(obs.table, op)
+            };
+            let (writable, sources) = after
+                .ok()
+                .and_then(|after| default_for(&after, &op.source))
+                .unwrap_or_else(|| (false, current_sources(obs, &op.source)));
+            let generation = want_intent(
+                &mut next,
+                &mut actions,
+                obs,
+                &op.source,
+                writable,
+                sources.clone(),
+            );
+            // The role must be in place before the step ends (a failback's source takes
+            // its own users' writes again at the flip); a replication connection that is
+            // still starting is reported, and the failback preflight checks it later.
+            let applied = home.and_then(|h| {
+                let m = h.mysql.as_ref()?;
+                (h.intent_generation >= generation && m.read_only != writable).then_some(m)
             });
-            if replicating {
-                let warnings = warnings(&next);
-                finish(&mut next, obs.now_ms, Outcome::Succeeded { warnings });
+            if let Some(m) = applied {
+                let starting: Vec<&str> = sources
+                    .iter()
+                    .filter(|c| !m.replicas.get(*c).is_some_and(|r| r.running))
+                    .map(String::as_str)
+                    .collect();
+                let note = format!(
+                    "{} {}, replicating {}{}",
+                    op.source,
+                    if writable { "writable" } else { "read-only" },
+                    if sources.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        sources.join(", ")
+                    },
+                    if starting.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({} still starting)", starting.join(", "))
+                    }
+                );
+                after_reverse(&mut next, op, obs.now_ms, note);
             } else if timed_out(op.limits.step_timeout_ms) {
                 note_error(
                     &mut next,
                     format!(
-                        "{} does not replicate from {} yet; the platform keeps asking",
-                        op.cell, op.target
+                        "{} has not carried out its role (writable: {writable}, replicating: {}) after {} ms; the platform keeps asking",
+                        op.source,
+                        sources.join(", "),
+                        op.limits.step_timeout_ms
                     ),
                 );
-                let warnings = warnings(&next);
-                finish(&mut next, obs.now_ms, Outcome::Succeeded { warnings });
+                after_reverse(&mut next, op, obs.now_ms, String::new());
             }
         }
         Step::RollBack => {
-            let sources = current_sources(obs, &op.cell);
-            let generation = want_intent(&mut next, &mut actions, obs, &op.cell, true, sources);
-            let frozen = obs.table.cell(&op.cell).is_some_and(|c| c.frozen);
+            let sources = current_sources(obs, &op.source);
+            let generation = want_intent(&mut next, &mut actions, obs, &op.source, true, sources);
+            let frozen = obs.table.cell(&op.source).is_some_and(|c| c.frozen);
             if frozen {
                 let mut t = obs.table.clone();
                 t.epoch += 1;
-                if let Some(i) = t.index_of(&op.cell) {
+                if let Some(i) = t.index_of(&op.source) {
                     t.cells[i].frozen = false;
                 }
                 actions.push(Action::WriteTable(Box::new(t)));
@@ -469,59 +613,106 @@ fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, Strin
         return Err((
             "concurrent",
             format!(
-                "another operation is running on {} or {}; wait for it (`cellplane drills`)",
-                op.cell, op.target
+                "another operation is running on {}; wait for it (`cellplane drills`)",
+                op.cells().join(" or ")
             ),
         ));
     }
-    if cell.frozen || !serves_traffic(cell.state) {
-        return Err((
-            "state",
-            format!(
-                "{} is {:?}{}; only a serving, unfrozen cell can switch over",
-                op.cell,
-                cell.state,
-                if cell.frozen { " and frozen" } else { "" }
-            ),
-        ));
+    match op.kind {
+        Kind::Switchover => {
+            if cell.frozen || !serves_traffic(cell.state) {
+                return Err((
+                    "state",
+                    format!(
+                        "{} is {:?}{}; only a serving, unfrozen cell can switch over{}",
+                        op.cell,
+                        cell.state,
+                        if cell.frozen { " and frozen" } else { "" },
+                        if cell.state == CellPhase::FailedOver {
+                            " (fail it back with `cellplane failback`)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            if cell.standby.as_deref() != Some(op.target.as_str()) {
+                return Err((
+                    "standby",
+                    format!(
+                        "{} has no standby {} in the table (standby: {:?}); pair it in the CellSet",
+                        op.cell, op.target, cell.standby
+                    ),
+                ));
+            }
+        }
+        Kind::Failback => {
+            if cell.state != CellPhase::FailedOver || cell.frozen {
+                return Err((
+                    "state",
+                    format!(
+                        "{} is {:?}{}; only a failed-over cell fails back",
+                        op.cell,
+                        cell.state,
+                        if cell.frozen { " and frozen" } else { "" }
+                    ),
+                ));
+            }
+            let serving = t.serving_for(&op.cell).map(|c| c.name.as_str());
+            if serving != Some(op.source.as_str()) {
+                return Err((
+                    "source",
+                    format!(
+                        "{}'s slots are served by {serving:?}, not {}; start the failback again",
+                        op.cell, op.source
+                    ),
+                ));
+            }
+        }
     }
-    if cell.standby.as_deref() != Some(op.target.as_str()) {
-        return Err((
-            "standby",
-            format!(
-                "{} has no standby {} in the table (standby: {:?}); pair it in the CellSet",
-                op.cell, op.target, cell.standby
-            ),
-        ));
-    }
-    let standby = t.cell(&op.target).ok_or((
+    let target = t.cell(&op.target).ok_or((
         "standby",
         format!(
-            "standby {} is not in the routing table; it has not registered yet",
+            "{} is not in the routing table; it has not registered yet",
             op.target
         ),
     ))?;
-    if !serves_traffic(standby.state) || standby.frozen {
+    let target_ok = match op.kind {
+        Kind::Switchover => serves_traffic(target.state),
+        Kind::Failback => true,
+    };
+    if !target_ok || target.frozen {
         return Err((
             "standby",
             format!(
-                "standby {} is {:?}; it must be Active to take users",
-                op.target, standby.state
+                "standby {} is {:?}{}; it must be Active and unfrozen to take users",
+                op.target,
+                target.state,
+                if target.frozen { " and frozen" } else { "" }
+            ),
+        ));
+    }
+    if let Some(source) = t.cell(&op.source).filter(|c| c.frozen) {
+        return Err((
+            "state",
+            format!(
+                "{} is frozen by another operation; wait for it",
+                source.name
             ),
         ));
     }
     let reg = obs.cells.get(&op.target).filter(|r| r.healthy).ok_or((
         "standby",
         format!(
-            "standby {} is not registered and healthy; check its region",
+            "{} is not registered and healthy; check its region",
             op.target
         ),
     ))?;
-    let home = obs.cells.get(&op.cell).ok_or((
+    let home = obs.cells.get(&op.source).ok_or((
         "home",
         format!(
             "{} is not registered; its region must carry out the fence",
-            op.cell
+            op.source
         ),
     ))?;
     let home_pos = home
@@ -530,21 +721,33 @@ fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, Strin
         .map(|m| m.gtid_binlog_pos.clone())
         .ok_or((
             "home",
-            format!("{} has not reported its MySQL position yet", op.cell),
+            format!("{} has not reported its MySQL position yet", op.source),
         ))?;
     let replica = reg
         .mysql
         .as_ref()
-        .and_then(|m| m.replicas.get(&op.cell))
+        .and_then(|m| m.replicas.get(&op.source))
         .filter(|r| r.running)
-        .ok_or(("replication", format!("{} does not replicate {} (no running connection '{}'); the standby's region sets it up from its intent", op.target, op.cell, op.cell)))?;
+        .ok_or(("replication", format!("{} does not replicate {} (no running connection '{}'); the region of {} sets it up from its intent", op.target, op.source, op.source, op.target)))?;
     let lag = gtid::lag(&home_pos, &replica.gtid_slave_pos);
+    if let Some(secs) = replica
+        .seconds_behind
+        .filter(|s| *s > op.limits.max_lag_secs)
+    {
+        return Err((
+            "rpo",
+            format!(
+                "{} is {secs} s behind {} (gate: {} s); wait for it to catch up",
+                op.target, op.source, op.limits.max_lag_secs
+            ),
+        ));
+    }
     if lag > op.limits.max_lag_gtids {
         return Err((
             "rpo",
             format!(
                 "{} is {lag} transactions behind {} (gate: {}); wait for it to catch up",
-                op.target, op.cell, op.limits.max_lag_gtids
+                op.target, op.source, op.limits.max_lag_gtids
             ),
         ));
     }
@@ -557,15 +760,39 @@ fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, Strin
     Ok(())
 }
 
-/// The table after the flip: the cell's slots on its standby, the cell FailedOver and no
-/// longer frozen, one epoch later.
-fn flipped(t: &RoutingTable, cell: &str) -> cellplane_cells::Result<RoutingTable> {
-    let mut next = t.failed_over(cell)?;
-    if let Some(i) = next.index_of(cell) {
+/// The table after the flip, one epoch later: a switchover's cell FailedOver with its slots
+/// on its standby, a failback's cell Active with its slots back; the source unfrozen.
+fn flipped(t: &RoutingTable, op: &Switchover) -> cellplane_cells::Result<RoutingTable> {
+    let mut next = match op.kind {
+        Kind::Switchover => t.failed_over(&op.cell)?,
+        Kind::Failback => t.failed_back(&op.cell)?,
+    };
+    if let Some(i) = next.index_of(&op.source) {
         next.cells[i].frozen = false;
     }
     next.validate()?;
     Ok(next)
+}
+
+/// Whether the table already has the slots where the operation moves them.
+fn moved(t: &RoutingTable, op: &Switchover) -> bool {
+    let state = t.cell(&op.cell).map(|c| c.state);
+    let arrived = match op.kind {
+        Kind::Switchover => state == Some(CellPhase::FailedOver),
+        Kind::Failback => state.is_some_and(serves_traffic),
+    };
+    arrived && t.cell(&op.source).is_some_and(|c| !c.frozen)
+}
+
+/// Leaves the reverse step: to the flip (a failback) or the end (a switchover).
+fn after_reverse(next: &mut Switchover, op: &Switchover, now_ms: u64, note: String) {
+    match op.after(Step::Reverse) {
+        Step::Done => {
+            let warnings = warnings(next);
+            finish_with_note(next, now_ms, Outcome::Succeeded { warnings }, note);
+        }
+        step => enter(next, step, now_ms, note),
+    }
 }
 
 /// Routers whose applied epoch is below `epoch`, by id.
@@ -626,6 +853,10 @@ fn finish(next: &mut Switchover, now_ms: u64, outcome: Outcome) {
         Outcome::Refused { message, .. } => message.clone(),
         _ => String::new(),
     };
+    finish_with_note(next, now_ms, outcome, note);
+}
+
+fn finish_with_note(next: &mut Switchover, now_ms: u64, outcome: Outcome, note: String) {
     enter(next, Step::Done, now_ms, note);
     next.outcome = Some(outcome);
 }
@@ -691,8 +922,12 @@ mod tests {
         /// not by the dice, `a` takes writes whenever its MySQL actually is writable, and
         /// time jumps by up to 3 s.
         dice: Option<Dice>,
-        /// What `b` has applied of `a`'s writes (random mode).
-        b_applied_a: u64,
+        /// The cell whose writes the model tracks (the operation's source) and the replica
+        /// that must have them all before the flip (the target).
+        writer: &'static str,
+        replica: &'static str,
+        /// What the replica has applied of the writer's writes (random mode).
+        applied: u64,
         /// Random mode: how reliably (percent per tick) routers acknowledge, regions carry
         /// out intents and the replica applies; each run draws its own.
         odds: [u64; 3],
@@ -727,7 +962,9 @@ mod tests {
                 writes: BTreeMap::from([("a".into(), 500), ("b".into(), 300)]),
                 busy: false,
                 dice: None,
-                b_applied_a: 500,
+                writer: "a",
+                replica: "b",
+                applied: 500,
                 odds: [100, 100, 100],
             };
             // Each cell stands by for the other (the two-region ring).
@@ -799,17 +1036,17 @@ mod tests {
             if self.dice.is_some() {
                 // The home takes writes while its MySQL really is writable (a stale app
                 // or router may send them whatever the table says).
-                let a_writable = self
+                let writable = self
                     .cells
-                    .get("a")
+                    .get(self.writer)
                     .and_then(|r| r.mysql.as_ref())
                     .is_some_and(|m| !m.read_only);
-                if a_writable && self.roll(80) {
-                    *self.writes.get_mut("a").unwrap() += 1;
+                if writable && self.roll(80) {
+                    *self.writes.get_mut(self.writer).unwrap() += 1;
                 }
                 if self.roll(self.odds[2]) {
                     let step = self.dice.as_mut().unwrap().below(3);
-                    self.b_applied_a = (self.b_applied_a + step).min(self.writes["a"]);
+                    self.applied = (self.applied + step).min(self.writes[self.writer]);
                 }
                 if self.kafka_lag > 0 && self.roll(50) {
                     self.kafka_lag -= 1;
@@ -832,16 +1069,17 @@ mod tests {
                 }
                 let mut replicas = BTreeMap::new();
                 for source in &intent.replicate_from {
-                    let applied = if self.dice.is_some() && cell == "b" && source == "a" {
-                        pos("a", self.b_applied_a)
-                    } else if self.replica_frozen && cell == "b" {
-                        old.as_ref()
-                            .and_then(|o| o.mysql.as_ref()?.replicas.get(source).cloned())
-                            .map(|r| r.gtid_slave_pos)
-                            .unwrap_or_default()
-                    } else {
-                        pos(source, self.writes[source])
-                    };
+                    let applied =
+                        if self.dice.is_some() && cell == self.replica && source == self.writer {
+                            pos(self.writer, self.applied)
+                        } else if self.replica_frozen && cell == self.replica {
+                            old.as_ref()
+                                .and_then(|o| o.mysql.as_ref()?.replicas.get(source).cloned())
+                                .map(|r| r.gtid_slave_pos)
+                                .unwrap_or_default()
+                        } else {
+                            pos(source, self.writes[source])
+                        };
                     replicas.insert(
                         source.clone(),
                         ReplicaReport {
@@ -866,7 +1104,11 @@ mod tests {
                             gtid_binlog_pos: pos(&cell, self.writes[&cell]),
                             replicas,
                         }),
-                        kafka_lag: Some(if cell == "a" { self.kafka_lag } else { 0 }),
+                        kafka_lag: Some(if cell == self.writer {
+                            self.kafka_lag
+                        } else {
+                            0
+                        }),
                         intent_generation: intent.generation,
                     },
                 );
@@ -968,7 +1210,7 @@ mod tests {
         };
         // A lagging replica.
         let mut w = World::new();
-        w.writes.insert("a".into(), 900);
+        w.writes.insert("a".into(), 5_000);
         w.replica_frozen = true;
         w.tick();
         let (gate, msg) = {
@@ -1120,10 +1362,94 @@ mod tests {
         let (op, _) = w.run(op, 1000);
         match &op.outcome {
             Some(Outcome::Succeeded { warnings }) => {
-                assert!(warnings[0].contains("does not replicate"), "{warnings:?}")
+                assert!(
+                    warnings[0].contains("has not carried out its role"),
+                    "{warnings:?}"
+                )
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A world in which `a` switched over to `b` (b serves a's slots from a's data), with
+    /// the model now tracking b's writes as they reach a.
+    fn failed_over_world() -> (World, RoutingTable) {
+        let mut w = World::new();
+        let before = w.table.clone();
+        let (op, _) = w.run(start(&w), 100);
+        assert!(matches!(op.outcome, Some(Outcome::Succeeded { .. })));
+        w.writer = "b";
+        w.replica = "a";
+        w.applied = w.writes["b"];
+        w.tick();
+        (w, before)
+    }
+
+    fn start_failback(w: &World) -> Switchover {
+        Switchover::failback("fb-1", "a", "b", "test", Limits::default(), w.now_ms)
+    }
+
+    #[test]
+    fn a_failback_returns_the_slots_and_leaves_both_cells_writable_and_paired() {
+        let (mut w, before) = failed_over_world();
+        *w.writes.get_mut("b").unwrap() += 40;
+        w.tick();
+        let (op, tables) = w.run(start_failback(&w), 100);
+        assert_eq!(op.outcome, Some(Outcome::Succeeded { warnings: vec![] }));
+        assert_eq!(
+            steps(&op),
+            [
+                Step::Preflight,
+                Step::Freeze,
+                Step::Drain,
+                Step::Fence,
+                Step::CatchUp,
+                Step::Promote,
+                Step::Reverse,
+                Step::Flip
+            ],
+            "the source is writable again before its users are released"
+        );
+        assert_eq!(tables.len(), 2, "freeze b, then flip");
+        assert!(tables[0].cell("b").unwrap().frozen);
+        assert_eq!(
+            w.table.owners, before.owners,
+            "every slot back where it was"
+        );
+        assert!(w.table.data_homes.is_empty());
+        assert_eq!(w.table.cell("a").unwrap().state, CellPhase::Active);
+        assert!(!w.table.cell("b").unwrap().frozen);
+        assert_eq!(op.final_gtid.as_deref(), Some("2-2-340"), "b's position");
+        for (cell, source) in [("a", "b"), ("b", "a")] {
+            assert!(w.intents[cell].writable, "{cell}");
+            assert_eq!(w.intents[cell].replicate_from, vec![source.to_string()]);
+        }
+    }
+
+    #[test]
+    fn a_failback_is_refused_for_a_serving_cell_or_the_wrong_source() {
+        let mut w = World::new();
+        let (op, _) = w.run(start_failback(&w), 3);
+        assert!(
+            matches!(&op.outcome, Some(Outcome::Refused { gate, message }) if gate == "state" && message.contains("only a failed-over cell")),
+            "{:?}",
+            op.outcome
+        );
+        let (mut w, _) = failed_over_world();
+        let op = Switchover::failback("fb", "a", "c", "t", Limits::default(), w.now_ms);
+        let (op, _) = w.run(op, 3);
+        assert!(
+            matches!(&op.outcome, Some(Outcome::Refused { gate, .. }) if gate == "source"),
+            "{:?}",
+            op.outcome
+        );
+        // A switchover of the failed-over cell points at failback.
+        let (op, _) = w.run(start(&w), 3);
+        assert!(
+            matches!(&op.outcome, Some(Outcome::Refused { message, .. }) if message.contains("cellplane failback")),
+            "{:?}",
+            op.outcome
+        );
     }
 
     /// A tiny deterministic PRNG (xorshift), so every model-check run can be replayed.
@@ -1169,10 +1495,10 @@ mod tests {
                                 "seed {seed}: slots moved while a is writable"
                             );
                             assert!(
-                                w.b_applied_a >= w.writes["a"],
+                                w.applied >= w.writes["a"],
                                 "seed {seed}: slots moved before b had a's {} writes ({} applied)",
                                 w.writes["a"],
-                                w.b_applied_a
+                                w.applied
                             );
                             moved = true;
                         }
@@ -1211,5 +1537,93 @@ mod tests {
                 None => unreachable!(),
             }
         }
+    }
+
+    /// The same model check for a failback: the source (`b`) serves its own users and
+    /// a's, so it is fenced only for the move; a gets the slots back only once b was fenced
+    /// and a has every write b took until then; a rollback leaves b serving and writable
+    /// and a failed over and read-only.
+    #[test]
+    fn model_check_failback_never_loses_a_write() {
+        let mut outcomes = BTreeMap::<&str, u32>::new();
+        for seed in 1..=2000u64 {
+            let (mut w, before) = failed_over_world();
+            let mut dice = Dice(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
+            let levels = [3, 20, 60, 95];
+            w.odds = [0, 1, 2].map(|_| levels[dice.below(4) as usize]);
+            w.dice = Some(dice);
+            w.kafka_lag = seed % 5;
+            let mut op = start_failback(&w);
+            let mut moved = false;
+            for _ in 0..5000 {
+                let (next, actions) = advance(&op, &w.observed());
+                let crashed = w.roll(10) && !actions.is_empty() && seed % 3 == 0;
+                for a in &actions {
+                    if let Action::WriteTable(t) = a {
+                        if !crashed && t.slot_count("a") > 0 && w.table.slot_count("a") == 0 {
+                            assert!(
+                                op.final_gtid.is_some(),
+                                "seed {seed}: slots moved before b was fenced"
+                            );
+                            assert!(
+                                w.applied
+                                    >= op.final_gtid.as_deref().map_or(u64::MAX, |g| {
+                                        g.rsplit('-').next().unwrap().parse().unwrap()
+                                    }),
+                                "seed {seed}: slots moved before a had b's final position"
+                            );
+                            moved = true;
+                        }
+                    }
+                }
+                if !crashed {
+                    w.apply(actions);
+                }
+                // Between its fence and its reverse, b is read-only: a write there would
+                // be one a might lack.
+                if matches!(op.step, Step::CatchUp | Step::Promote) {
+                    let b_mysql = w.cells["b"].mysql.as_ref().unwrap();
+                    assert!(
+                        b_mysql.read_only,
+                        "seed {seed}: b writable at {:?}",
+                        op.step
+                    );
+                }
+                op = next;
+                if op.finished() {
+                    break;
+                }
+                w.tick();
+            }
+            assert!(op.finished(), "seed {seed}: still at {:?}", op.step);
+            *outcomes
+                .entry(match &op.outcome {
+                    Some(Outcome::Succeeded { .. }) => "succeeded",
+                    Some(Outcome::RolledBack { .. }) => "rolled back",
+                    _ => "refused",
+                })
+                .or_default() += 1;
+            match &op.outcome {
+                Some(Outcome::Succeeded { .. }) => {
+                    assert!(moved, "seed {seed}");
+                    assert_eq!(w.table.owners, before.owners, "seed {seed}");
+                    assert!(w.intents["a"].writable && w.intents["b"].writable);
+                }
+                Some(Outcome::RolledBack { .. }) => {
+                    assert!(!moved, "seed {seed}: rolled back after the move");
+                    assert!(!w.table.cell("b").unwrap().frozen, "seed {seed}");
+                    assert_eq!(w.table.slot_count("a"), 0);
+                    assert!(w.intents["b"].writable, "seed {seed}");
+                    assert!(!w.intents["a"].writable, "seed {seed}");
+                }
+                Some(Outcome::Refused { .. }) => assert!(!moved),
+                None => unreachable!(),
+            }
+        }
+        // The worlds exercise both ends.
+        assert!(
+            outcomes.get("succeeded") > Some(&100) && outcomes.get("rolled back") > Some(&100),
+            "{outcomes:?}"
+        );
     }
 }

@@ -1,0 +1,318 @@
+//! Operation reports as people read them: a text table for the terminal and Markdown for a
+//! ticket or a postmortem (pure; JSON is the records themselves).
+
+use super::batch::{Batch, BatchOutcome};
+use super::switchover::{Kind, Outcome, Switchover};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// One word (or short phrase) for how an operation ended.
+pub fn result(op: &Switchover) -> String {
+    match &op.outcome {
+        None => "running".into(),
+        Some(Outcome::Succeeded { warnings }) if warnings.is_empty() => "succeeded".into(),
+        Some(Outcome::Succeeded { .. }) => "succeeded with warnings".into(),
+        Some(Outcome::Refused { gate, .. }) => format!("refused ({gate})"),
+        Some(Outcome::RolledBack { step, .. }) => format!("rolled back at {step:?}"),
+    }
+}
+
+pub fn batch_result(b: &Batch) -> String {
+    match &b.outcome {
+        None => "running".into(),
+        Some(BatchOutcome::Succeeded) => "succeeded".into(),
+        Some(BatchOutcome::Stopped { member, .. }) => format!("stopped at {member}"),
+    }
+}
+
+/// "switchover of a to b" / "failback of a from b".
+pub fn title(op: &Switchover) -> String {
+    match op.kind {
+        Kind::Switchover => format!("switchover of {} to {}", op.cell, op.target),
+        Kind::Failback => format!("failback of {} from {}", op.cell, op.source),
+    }
+}
+
+pub fn batch_title(b: &Batch) -> String {
+    let what = match b.kind {
+        Kind::Switchover => "drain",
+        Kind::Failback => "failback",
+    };
+    format!(
+        "{what} of {} ({} cells, waves of {})",
+        b.scope,
+        b.cells.len(),
+        b.wave_size
+    )
+}
+
+fn detail(op: &Switchover) -> Option<String> {
+    match &op.outcome {
+        Some(Outcome::Succeeded { warnings }) if !warnings.is_empty() => {
+            Some(format!("warnings: {}", warnings.join("; ")))
+        }
+        Some(Outcome::Refused { gate, message }) => Some(format!("the {gate} gate: {message}")),
+        Some(Outcome::RolledBack { reason, .. }) => Some(reason.clone()),
+        _ => None,
+    }
+}
+
+/// The terminal report of one operation.
+pub fn text(op: &Switchover) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "operation {}: {} (started by {})",
+        op.id,
+        title(op),
+        op.started_by
+    );
+    for st in &op.steps {
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>7} ms  {}",
+            format!("{:?}", st.step),
+            st.ended_ms.saturating_sub(st.started_ms),
+            st.note
+        );
+    }
+    if !op.finished() {
+        let _ = writeln!(s, "  {:<10} running", format!("{:?}", op.step));
+    }
+    if let Some(ms) = op.write_freeze_ms() {
+        let _ = writeln!(s, "  write freeze: {ms} ms");
+    }
+    if let Some(g) = &op.final_gtid {
+        let _ = writeln!(s, "  final position of {}: {g}", op.source);
+    }
+    let _ = write!(s, "  result: {}", result(op));
+    if let Some(d) = detail(op) {
+        let _ = write!(s, ": {d}");
+    }
+    s.push('\n');
+    s
+}
+
+/// The Markdown report of one operation.
+pub fn markdown(op: &Switchover) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## {}: {}\n", op.id, title(op));
+    let _ = writeln!(s, "- started by: {}", op.started_by);
+    let _ = writeln!(s, "- result: **{}**", result(op));
+    if let Some(d) = detail(op) {
+        let _ = writeln!(s, "- detail: {}", d.replace('|', "\\|"));
+    }
+    if let Some(ms) = op.write_freeze_ms() {
+        let _ = writeln!(s, "- write freeze: {ms} ms");
+    }
+    if let Some(g) = &op.final_gtid {
+        let _ = writeln!(s, "- final GTID position of {}: `{g}`", op.source);
+    }
+    let _ = writeln!(
+        s,
+        "- epochs: freeze {}, flip {}",
+        op.freeze_epoch.map_or("-".into(), |e| e.to_string()),
+        op.flip_epoch.map_or("-".into(), |e| e.to_string())
+    );
+    let _ = writeln!(s, "\n| step | ms | note |\n|---|---:|---|");
+    for st in &op.steps {
+        let _ = writeln!(
+            s,
+            "| {:?} | {} | {} |",
+            st.step,
+            st.ended_ms.saturating_sub(st.started_ms),
+            st.note.replace('|', "\\|")
+        );
+    }
+    s
+}
+
+fn members_of<'a>(
+    b: &'a Batch,
+    all: &'a BTreeMap<String, Switchover>,
+) -> impl Iterator<Item = (&'a String, Option<&'a Switchover>)> {
+    b.members.iter().map(move |id| (id, all.get(id)))
+}
+
+/// The terminal report of a batch: one line per member.
+pub fn batch_text(b: &Batch, all: &BTreeMap<String, Switchover>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "operation {}: {} (started by {})",
+        b.id,
+        batch_title(b),
+        b.started_by
+    );
+    let _ = writeln!(
+        s,
+        "  {:<4} {:<24} {:<24} {:>10}  RESULT",
+        "WAVE", "CELL", "TO", "FREEZE ms"
+    );
+    let mut wave_of = Vec::new();
+    for (w, n) in b.waves.iter().enumerate() {
+        wave_of.extend(std::iter::repeat_n(w + 1, *n));
+    }
+    for (i, (id, m)) in members_of(b, all).enumerate() {
+        let wave = wave_of.get(i).copied().unwrap_or(0);
+        match m {
+            Some(m) => {
+                let _ = writeln!(
+                    s,
+                    "  {:<4} {:<24} {:<24} {:>10}  {}",
+                    wave,
+                    m.cell,
+                    m.target,
+                    m.write_freeze_ms().map_or("-".into(), |ms| ms.to_string()),
+                    result(m)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "  {wave:<4} {id:<24} (record not written yet)");
+            }
+        }
+    }
+    let waiting = b.cells.len().saturating_sub(b.members.len());
+    if waiting > 0 {
+        let _ = writeln!(s, "  {waiting} cells not started");
+    }
+    let freezes: Vec<u64> = members_of(b, all)
+        .filter_map(|(_, m)| m?.write_freeze_ms())
+        .collect();
+    if let Some(max) = freezes.iter().max() {
+        let _ = writeln!(s, "  longest write freeze: {max} ms");
+    }
+    let _ = write!(s, "  result: {}", batch_result(b));
+    if let Some(BatchOutcome::Stopped { reason, .. }) = &b.outcome {
+        let _ = write!(s, ": {reason}");
+    }
+    s.push('\n');
+    s
+}
+
+/// The Markdown report of a batch and each member.
+pub fn batch_markdown(b: &Batch, all: &BTreeMap<String, Switchover>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# {}: {}\n", b.id, batch_title(b));
+    let _ = writeln!(s, "- started by: {}", b.started_by);
+    let _ = writeln!(s, "- result: **{}**", batch_result(b));
+    if let Some(BatchOutcome::Stopped { reason, .. }) = &b.outcome {
+        let _ = writeln!(s, "- detail: {}", reason.replace('|', "\\|"));
+    }
+    if let Some(end) = b.ended_ms {
+        let _ = writeln!(s, "- duration: {} ms", end.saturating_sub(b.started_ms));
+    }
+    let _ = writeln!(
+        s,
+        "\n| cell | to | write freeze ms | result |\n|---|---|---:|---|"
+    );
+    for (id, m) in members_of(b, all) {
+        match m {
+            Some(m) => {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    m.cell,
+                    m.target,
+                    m.write_freeze_ms().map_or("-".into(), |ms| ms.to_string()),
+                    result(m)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "| {id} | - | - | not written |");
+            }
+        }
+    }
+    for (_, m) in members_of(b, all) {
+        if let Some(m) = m {
+            s.push('\n');
+            s.push_str(&markdown(m));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::switchover::{Limits, Step, StepRecord};
+
+    fn finished() -> Switchover {
+        let mut op = Switchover::new("so-1", "a", "b", "sre", Limits::default(), 0);
+        op.steps = vec![
+            StepRecord {
+                step: Step::Preflight,
+                started_ms: 0,
+                ended_ms: 3,
+                note: String::new(),
+            },
+            StepRecord {
+                step: Step::Freeze,
+                started_ms: 3,
+                ended_ms: 40,
+                note: "every router | at epoch 8".into(),
+            },
+        ];
+        op.frozen_at_ms = Some(3);
+        op.released_at_ms = Some(503);
+        op.final_gtid = Some("1-1-9".into());
+        op.step = Step::Done;
+        op.outcome = Some(Outcome::Succeeded { warnings: vec![] });
+        op
+    }
+
+    #[test]
+    fn reports_say_what_happened_in_text_and_markdown() {
+        let op = finished();
+        let t = text(&op);
+        assert!(t.contains("switchover of a to b"), "{t}");
+        assert!(t.contains("write freeze: 500 ms"), "{t}");
+        assert!(t.contains("result: succeeded"), "{t}");
+        let m = markdown(&op);
+        assert!(
+            m.contains("| Freeze | 37 | every router \\| at epoch 8 |"),
+            "{m}"
+        );
+        assert!(m.contains("`1-1-9`"), "{m}");
+        let mut fb = Switchover::failback("fb", "a", "b", "sre", Limits::default(), 0);
+        fb.outcome = Some(Outcome::RolledBack {
+            step: Step::CatchUp,
+            reason: "a 3 transactions behind".into(),
+        });
+        assert!(text(&fb).contains("failback of a from b"));
+        assert!(text(&fb).contains("rolled back at CatchUp: a 3 transactions behind"));
+    }
+
+    #[test]
+    fn a_batch_report_lists_every_member_by_wave() {
+        let mut b = Batch::new(
+            "d",
+            Kind::Switchover,
+            "region us",
+            vec!["a".into(), "c".into(), "e".into()],
+            1,
+            "sre",
+            Limits::default(),
+            0,
+        );
+        let op = finished();
+        b.members = vec![op.id.clone(), "d-c".into()];
+        b.waves = vec![1, 1];
+        b.outcome = Some(BatchOutcome::Stopped {
+            member: "d-c".into(),
+            reason: "refused by the rpo gate".into(),
+        });
+        let all = BTreeMap::from([(op.id.clone(), op)]);
+        let t = batch_text(&b, &all);
+        assert!(
+            t.contains("drain of region us (3 cells, waves of 1)"),
+            "{t}"
+        );
+        assert!(t.contains("1 cells not started"), "{t}");
+        assert!(t.contains("longest write freeze: 500 ms"), "{t}");
+        assert!(t.contains("stopped at d-c: refused by the rpo gate"), "{t}");
+        let m = batch_markdown(&b, &all);
+        assert!(m.contains("| a | b | 500 | succeeded |"), "{m}");
+        assert!(m.contains("## so-1: switchover of a to b"), "{m}");
+    }
+}
