@@ -3,15 +3,18 @@
 //! operations by writing their records there; the platform leader carries them out.
 //!
 //! Exit codes: 0 done, 1 error (etcd, bad input), 2 refused by a preflight gate,
-//! 3 rolled back.
+//! 3 rolled back (a drain or failback of a region exits like the member that stopped it).
 
 use anyhow::{bail, Context as _};
+use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{
     cells_prefix, drill_key, drills_prefix, routers_prefix, Intent, Registration, RouterAck,
 };
 use cellplane_cells::routing::RoutingTable;
+use cellplane_operator::platform::batch::{cells_of_region, Batch, BatchOutcome, Operation};
 use cellplane_operator::platform::operations::read_values;
-use cellplane_operator::platform::switchover::{self, Limits, Observed, Outcome, Step, Switchover};
+use cellplane_operator::platform::report;
+use cellplane_operator::platform::switchover::{self, Kind, Limits, Observed, Outcome, Switchover};
 use cellplane_table::write;
 use clap::{Parser, Subcommand, ValueEnum};
 use etcd_client::Client;
@@ -53,6 +56,41 @@ struct Cli {
 enum Output {
     Table,
     Json,
+    /// Reports as Markdown (for a ticket or a postmortem).
+    Markdown,
+}
+
+/// Flags shared by the commands that start an operation.
+#[derive(clap::Args)]
+struct OpFlags {
+    /// Run the preflight gates only; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Start it and return at once (default: follow it to the end).
+    #[arg(long)]
+    no_wait: bool,
+    /// RPO gate: most transactions the standby may be behind.
+    #[arg(long, default_value_t = Limits::default().max_lag_gtids)]
+    max_lag: u64,
+    /// RPO gate in time: most seconds the standby may be behind.
+    #[arg(long, default_value_t = Limits::default().max_lag_secs)]
+    max_lag_secs: u64,
+}
+
+impl OpFlags {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_lag_gtids: self.max_lag,
+            max_lag_secs: self.max_lag_secs,
+            ..Limits::default()
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scope {
+    Region,
+    Cell,
 }
 
 #[derive(Subcommand)]
@@ -69,17 +107,34 @@ enum Command {
     /// Move a cell's users to its standby, with nothing lost.
     Switchover {
         cell: String,
-        /// Run the preflight gates only; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Start it and return at once (default: follow it to the end).
-        #[arg(long)]
-        no_wait: bool,
-        /// RPO gate: most transactions the standby may be behind.
-        #[arg(long, default_value_t = Limits::default().max_lag_gtids)]
-        max_lag: u64,
+        #[command(flatten)]
+        flags: OpFlags,
     },
-    /// List operations, or show one.
+    /// Switch every serving cell of a region (or one cell) over to its standby, in waves.
+    Drain {
+        scope: Scope,
+        name: String,
+        /// Most cells moving at once.
+        #[arg(long, default_value_t = 1)]
+        wave: usize,
+        #[command(flatten)]
+        flags: OpFlags,
+    },
+    /// Bring a failed-over cell's users back to it (or every failed-over cell of a region).
+    Failback {
+        /// The failed-over cell.
+        #[arg(required_unless_present = "region", conflicts_with = "region")]
+        cell: Option<String>,
+        /// Fail back every failed-over cell of this region, in waves.
+        #[arg(long)]
+        region: Option<String>,
+        /// Most cells moving at once (with --region).
+        #[arg(long, default_value_t = 1)]
+        wave: usize,
+        #[command(flatten)]
+        flags: OpFlags,
+    },
+    /// List operations, or show one report (`-o markdown` for a ticket).
     Drills { id: Option<String> },
 }
 
@@ -103,13 +158,8 @@ impl Platform {
         Ok(read_values(&mut self.client, prefix).await?)
     }
 
-    async fn drill(&mut self, id: &str) -> anyhow::Result<Switchover> {
-        let resp = self.client.get(drill_key(&self.name, id), None).await?;
-        let kv = resp
-            .kvs()
-            .first()
-            .with_context(|| format!("no operation {id:?}; list them with `cellplane drills`"))?;
-        Ok(serde_json::from_slice(kv.value())?)
+    async fn operations(&mut self) -> anyhow::Result<BTreeMap<String, Operation>> {
+        self.prefix(&drills_prefix(&self.name)).await
     }
 }
 
@@ -245,124 +295,177 @@ async fn table(p: &mut Platform, history: bool, out: Output) -> anyhow::Result<E
 
 fn exit_for(op: &Switchover) -> ExitCode {
     match &op.outcome {
-        Some(Outcome::Succeeded { .. }) => ExitCode::SUCCESS,
+        Some(Outcome::Succeeded { .. }) | None => ExitCode::SUCCESS,
         Some(Outcome::Refused { .. }) => ExitCode::from(2),
         Some(Outcome::RolledBack { .. }) => ExitCode::from(3),
-        None => ExitCode::SUCCESS,
     }
 }
 
-fn print_op(op: &Switchover) {
-    println!(
-        "operation {}: switchover of {} to {} (started by {})",
-        op.id, op.cell, op.target, op.started_by
-    );
-    for s in &op.steps {
-        println!(
-            "  {:<10} {:>7} ms  {}",
-            format!("{:?}", s.step),
-            s.ended_ms.saturating_sub(s.started_ms),
-            s.note
-        );
-    }
-    if !op.finished() {
-        println!("  {:<10} running", format!("{:?}", op.step));
-    }
-    if let Some(ms) = op.write_freeze_ms() {
-        println!("  write freeze: {ms} ms");
-    }
-    match &op.outcome {
-        Some(Outcome::Succeeded { warnings }) if warnings.is_empty() => {
-            println!("  result: succeeded")
-        }
-        Some(Outcome::Succeeded { warnings }) => {
-            println!("  result: succeeded with warnings: {}", warnings.join("; "))
-        }
-        Some(Outcome::Refused { gate, message }) => {
-            println!("  result: refused by the {gate} gate: {message}")
-        }
-        Some(Outcome::RolledBack { step, reason }) => {
-            println!("  result: rolled back at {step:?}: {reason}")
-        }
-        None => {}
+/// A batch exits like the member that stopped it.
+fn exit_for_batch(b: &Batch, members: &BTreeMap<String, Switchover>) -> ExitCode {
+    match &b.outcome {
+        Some(BatchOutcome::Stopped { member, .. }) => match members.get(member) {
+            Some(m) => exit_for(m),
+            None => ExitCode::from(2),
+        },
+        _ => ExitCode::SUCCESS,
     }
 }
 
-async fn switchover(
-    p: &mut Platform,
+/// What the CLI asks for, before it becomes a record.
+struct Request {
+    op: Operation,
+    /// The member operations to preflight now (a batch's: every cell as if it moved alone).
+    preflight: Vec<Switchover>,
+    summary: String,
+}
+
+fn who() -> String {
+    format!(
+        "cellplane cli ({})",
+        std::env::var("USER").unwrap_or_else(|_| "unknown user".into())
+    )
+}
+
+fn unknown_cell(t: &RoutingTable, cell: &str) -> anyhow::Error {
+    let known: Vec<&str> = t.cells.iter().map(|c| c.name.as_str()).collect();
+    anyhow::anyhow!("unknown cell {cell:?}; the table has {}", known.join(", "))
+}
+
+fn switchover_of(
+    t: &RoutingTable,
     cell: &str,
-    dry_run: bool,
-    no_wait: bool,
-    max_lag: u64,
-    out: Output,
-) -> anyhow::Result<ExitCode> {
-    let t = p.table().await?;
-    let Some(entry) = t.cell(cell) else {
-        let known: Vec<&str> = t.cells.iter().map(|c| c.name.as_str()).collect();
-        bail!("unknown cell {cell:?}; the table has {}", known.join(", "));
-    };
+    id: &str,
+    limits: &Limits,
+    now: u64,
+) -> anyhow::Result<Switchover> {
+    let entry = t.cell(cell).ok_or_else(|| unknown_cell(t, cell))?;
     let Some(target) = entry.standby.clone() else {
         bail!(
             "{cell} has no standby; pair it (CellSets pair every cell with one in the next region)"
         );
     };
-    let limits = Limits {
-        max_lag_gtids: max_lag,
-        ..Limits::default()
-    };
-    let now = cellplane_table::store::now_ms();
-    let id = format!("so-{cell}-{now}");
-    let user = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-    let op = Switchover::new(
-        &id,
+    Ok(Switchover::new(
+        id,
         cell,
         &target,
-        &format!("cellplane cli ({user})"),
-        limits,
+        &who(),
+        limits.clone(),
         now,
-    );
-    // The same gates the leader runs, evaluated here first: a refusal changes nothing.
+    ))
+}
+
+fn failback_of(
+    t: &RoutingTable,
+    cell: &str,
+    id: &str,
+    limits: &Limits,
+    now: u64,
+) -> anyhow::Result<Switchover> {
+    let entry = t.cell(cell).ok_or_else(|| unknown_cell(t, cell))?;
+    if entry.state != CellPhase::FailedOver {
+        bail!(
+            "{cell} is {:?}, not failed over; there is nothing to fail back",
+            entry.state
+        );
+    }
+    let Some(source) = t.serving_for(cell) else {
+        bail!("no cell serves {cell}'s slots; there is nothing to fail back");
+    };
+    Ok(Switchover::failback(
+        id,
+        cell,
+        &source.name,
+        &who(),
+        limits.clone(),
+        now,
+    ))
+}
+
+fn batch_of(
+    t: &RoutingTable,
+    kind: Kind,
+    scope: &str,
+    cells: Vec<String>,
+    wave: usize,
+    limits: &Limits,
+    now: u64,
+) -> anyhow::Result<Request> {
+    let word = if kind == Kind::Switchover {
+        "drain"
+    } else {
+        "failback"
+    };
+    let id = format!("{word}-{}-{now}", scope.replace(' ', "-"));
+    let b = Batch::new(&id, kind, scope, cells, wave, &who(), limits.clone(), now);
+    let preflight = b
+        .cells
+        .iter()
+        .map(|c| match kind {
+            Kind::Switchover => switchover_of(t, c, &b.member_id(c), limits, now),
+            Kind::Failback => failback_of(t, c, &b.member_id(c), limits, now),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Request {
+        summary: format!("{}: {}", b.id, report::batch_title(&b)),
+        op: Operation::Batch(b),
+        preflight,
+    })
+}
+
+/// Runs the preflight gates here (a refusal changes nothing), then writes the record, then
+/// follows it to the end unless told not to.
+async fn start(
+    p: &mut Platform,
+    req: Request,
+    flags: &OpFlags,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let t = p.table().await?;
+    let now = cellplane_table::store::now_ms();
     let cells: BTreeMap<String, Registration> = p.prefix(&cells_prefix(&p.name)).await?;
     let routers: BTreeMap<String, RouterAck> = p.prefix(&routers_prefix(&p.name)).await?;
     let intents: BTreeMap<String, Intent> = p
         .prefix(&cellplane_cells::etcd_keys::intents_prefix(&p.name))
         .await?;
-    let drills: BTreeMap<String, Switchover> = p.prefix(&drills_prefix(&p.name)).await?;
-    let busy = drills.values().any(|d| {
-        !d.finished()
-            && [&d.cell, &d.target]
-                .iter()
-                .any(|c| **c == cell || **c == target)
-    });
-    let observed = Observed {
-        now_ms: now,
-        table: &t,
-        cells: &cells,
-        routers: &routers,
-        intents: &intents,
-        busy,
-    };
-    let (checked, _) = switchover::advance(&op, &observed);
-    if let Some(Outcome::Refused { gate, message }) = &checked.outcome {
-        if out == Output::Json {
-            print_json(&checked)?;
-        } else {
-            eprintln!("refused by the {gate} gate: {message}");
+    let running: Vec<Switchover> = p
+        .operations()
+        .await?
+        .into_values()
+        .filter_map(|o| match o {
+            Operation::Switchover(s) if !s.finished() => Some(s),
+            _ => None,
+        })
+        .collect();
+    for member in &req.preflight {
+        let observed = Observed {
+            now_ms: now,
+            table: &t,
+            cells: &cells,
+            routers: &routers,
+            intents: &intents,
+            busy: running.iter().any(|r| r.overlaps(member)),
+        };
+        let (checked, _) = switchover::advance(member, &observed);
+        if let Some(Outcome::Refused { gate, message }) = &checked.outcome {
+            if out == Output::Json {
+                print_json(&checked)?;
+            } else {
+                eprintln!("refused by the {gate} gate ({}): {message}", member.cell);
+            }
+            return Ok(ExitCode::from(2));
         }
-        return Ok(ExitCode::from(2));
     }
-    if dry_run {
+    if flags.dry_run {
         if out == Output::Json {
-            print_json(
-                &serde_json::json!({"cell": cell, "target": target, "preflight": "passed"}),
-            )?;
+            print_json(&serde_json::json!({"operation": req.summary, "preflight": "passed"}))?;
         } else {
-            println!("preflight passed: {cell} can switch over to {target}");
+            println!("preflight passed: {}", req.summary);
         }
         return Ok(ExitCode::SUCCESS);
     }
     // Create the record only if no record of that id exists (version 0).
-    let bytes = serde_json::to_vec(&op)?;
+    let id = req.op.id().to_string();
     let key = drill_key(&p.name, &id);
     let txn = etcd_client::Txn::new()
         .when([etcd_client::Compare::version(
@@ -370,90 +473,155 @@ async fn switchover(
             etcd_client::CompareOp::Equal,
             0,
         )])
-        .and_then([etcd_client::TxnOp::put(key.as_str(), bytes, None)]);
+        .and_then([etcd_client::TxnOp::put(
+            key.as_str(),
+            serde_json::to_vec(&req.op)?,
+            None,
+        )]);
     if !p.client.txn(txn).await?.succeeded() {
         bail!("operation {id} exists already; try again");
     }
-    if out == Output::Table {
-        println!("started {id}: switchover of {cell} to {target}");
+    if out != Output::Json {
+        println!("started {}", req.summary);
     }
-    if no_wait {
+    if flags.no_wait {
         if out == Output::Json {
-            print_json(&op)?;
+            print_json(&req.op)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut shown = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    follow(p, &id, out).await
+}
+
+/// Prints each step of each member as it completes, then the report.
+async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitCode> {
+    let mut shown: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     loop {
-        let now_op = p.drill(&id).await?;
-        if out == Output::Table {
-            for s in &now_op.steps[shown.min(now_op.steps.len())..] {
-                println!(
-                    "  done {:<10} {:>7} ms  {}",
-                    format!("{:?}", s.step),
-                    s.ended_ms.saturating_sub(s.started_ms),
-                    s.note
-                );
+        let all = p.operations().await?;
+        let op = all
+            .get(id)
+            .cloned()
+            .with_context(|| format!("operation {id} disappeared"))?;
+        let members = switchovers(&all);
+        if out != Output::Json {
+            let mine: Vec<&Switchover> = match &op {
+                Operation::Switchover(s) => vec![s],
+                Operation::Batch(b) => b.members.iter().filter_map(|m| members.get(m)).collect(),
+            };
+            let prefix = matches!(op, Operation::Batch(_));
+            for m in mine {
+                let seen = shown.entry(m.id.clone()).or_default();
+                for st in &m.steps[(*seen).min(m.steps.len())..] {
+                    println!(
+                        "  {}{:<10} {:>7} ms  {}",
+                        if prefix {
+                            format!("[{}] ", m.cell)
+                        } else {
+                            String::new()
+                        },
+                        format!("{:?}", st.step),
+                        st.ended_ms.saturating_sub(st.started_ms),
+                        st.note
+                    );
+                }
+                *seen = m.steps.len();
             }
-            shown = now_op.steps.len();
         }
-        if now_op.finished() {
-            if out == Output::Json {
-                print_json(&now_op)?;
-            } else {
-                print_op(&now_op);
-            }
-            return Ok(exit_for(&now_op));
+        if op.finished() {
+            return show(&op, &members, out);
         }
         if tokio::time::Instant::now() > deadline {
-            bail!(
-                "{id} is still at {:?} after 10 minutes; follow it with `cellplane drills {id}`",
-                now_op.step
-            );
+            bail!("{id} is still running after an hour; follow it with `cellplane drills {id}`");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-async fn drills(p: &mut Platform, id: Option<String>, out: Output) -> anyhow::Result<ExitCode> {
-    if let Some(id) = id {
-        let op = p.drill(&id).await?;
-        if out == Output::Json {
-            print_json(&op)?;
-        } else {
-            print_op(&op);
+fn switchovers(all: &BTreeMap<String, Operation>) -> BTreeMap<String, Switchover> {
+    all.iter()
+        .filter_map(|(id, o)| match o {
+            Operation::Switchover(s) => Some((id.clone(), s.clone())),
+            Operation::Batch(_) => None,
+        })
+        .collect()
+}
+
+/// The report of one operation in the chosen format, and the exit code it implies.
+fn show(
+    op: &Operation,
+    members: &BTreeMap<String, Switchover>,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    match (op, out) {
+        (Operation::Switchover(s), Output::Json) => print_json(s)?,
+        (Operation::Switchover(s), Output::Markdown) => print!("{}", report::markdown(s)),
+        (Operation::Switchover(s), Output::Table) => print!("{}", report::text(s)),
+        (Operation::Batch(b), Output::Json) => {
+            let mine: Vec<&Switchover> = b.members.iter().filter_map(|m| members.get(m)).collect();
+            print_json(&serde_json::json!({"batch": b, "members": mine}))?
         }
-        return Ok(exit_for(&op));
+        (Operation::Batch(b), Output::Markdown) => print!("{}", report::batch_markdown(b, members)),
+        (Operation::Batch(b), Output::Table) => print!("{}", report::batch_text(b, members)),
     }
-    let all: BTreeMap<String, Switchover> = p.prefix(&drills_prefix(&p.name)).await?;
+    Ok(match op {
+        Operation::Switchover(s) => exit_for(s),
+        Operation::Batch(b) => exit_for_batch(b, members),
+    })
+}
+
+async fn drills(p: &mut Platform, id: Option<String>, out: Output) -> anyhow::Result<ExitCode> {
+    let all = p.operations().await?;
+    let members = switchovers(&all);
+    if let Some(id) = id {
+        let op = all
+            .get(&id)
+            .with_context(|| format!("no operation {id:?}; list them with `cellplane drills`"))?;
+        return show(op, &members, out);
+    }
     if out == Output::Json {
         print_json(&all.values().collect::<Vec<_>>())?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
-        "{:<40} {:<24} {:<10} {:>10}  RESULT",
-        "ID", "CELL", "STEP", "FREEZE ms"
-    );
-    for op in all.values() {
-        let result = match &op.outcome {
-            None => "running".to_string(),
-            Some(Outcome::Succeeded { .. }) => "succeeded".into(),
-            Some(Outcome::Refused { gate, .. }) => format!("refused ({gate})"),
-            Some(Outcome::RolledBack { step, .. }) => format!("rolled back at {step:?}"),
-        };
-        let step = if op.step == Step::Done {
-            "-".to_string()
-        } else {
-            format!("{:?}", op.step)
-        };
+    let markdown = out == Output::Markdown;
+    if markdown {
+        println!("| id | what | step | write freeze ms | result |\n|---|---|---|---:|---|");
+    } else {
         println!(
-            "{:<40} {:<24} {:<10} {:>10}  {result}",
-            op.id,
-            op.cell,
-            step,
-            op.write_freeze_ms().map_or("-".into(), |m| m.to_string())
+            "{:<44} {:<40} {:<10} {:>10}  RESULT",
+            "ID", "WHAT", "STEP", "FREEZE ms"
         );
+    }
+    for op in all.values() {
+        let (what, step, freeze, result) = match op {
+            Operation::Switchover(s) => (
+                report::title(s),
+                if s.finished() {
+                    "-".to_string()
+                } else {
+                    format!("{:?}", s.step)
+                },
+                s.write_freeze_ms().map_or("-".into(), |m| m.to_string()),
+                report::result(s),
+            ),
+            Operation::Batch(b) => (
+                report::batch_title(b),
+                format!("wave {}", b.waves.len()),
+                "-".into(),
+                report::batch_result(b),
+            ),
+        };
+        if markdown {
+            println!("| {} | {what} | {step} | {freeze} | {result} |", op.id());
+        } else {
+            println!(
+                "{:<44} {:<40} {:<10} {:>10}  {result}",
+                op.id(),
+                what,
+                step,
+                freeze
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -476,12 +644,87 @@ async fn main() -> ExitCode {
             Command::Route { user } => route(&mut p, &user, cli.output).await,
             Command::Cells => cells(&mut p, cli.output).await,
             Command::Table { history } => table(&mut p, history, cli.output).await,
-            Command::Switchover {
+            Command::Switchover { cell, flags } => {
+                let t = p.table().await?;
+                let now = cellplane_table::store::now_ms();
+                let op =
+                    switchover_of(&t, &cell, &format!("so-{cell}-{now}"), &flags.limits(), now)?;
+                let req = Request {
+                    summary: format!("{}: {}", op.id, report::title(&op)),
+                    preflight: vec![op.clone()],
+                    op: Operation::Switchover(op),
+                };
+                start(&mut p, req, &flags, cli.output).await
+            }
+            Command::Drain {
+                scope,
+                name,
+                wave,
+                flags,
+            } => {
+                let t = p.table().await?;
+                let now = cellplane_table::store::now_ms();
+                let (scope, cells) = match scope {
+                    Scope::Region => (
+                        format!("region {name}"),
+                        cells_of_region(&t, Kind::Switchover, &name).map_err(anyhow::Error::msg)?,
+                    ),
+                    Scope::Cell => {
+                        t.cell(&name).ok_or_else(|| unknown_cell(&t, &name))?;
+                        (format!("cell {name}"), vec![name.clone()])
+                    }
+                };
+                let req = batch_of(
+                    &t,
+                    Kind::Switchover,
+                    &scope,
+                    cells,
+                    wave,
+                    &flags.limits(),
+                    now,
+                )?;
+                start(&mut p, req, &flags, cli.output).await
+            }
+            Command::Failback {
                 cell,
-                dry_run,
-                no_wait,
-                max_lag,
-            } => switchover(&mut p, &cell, dry_run, no_wait, max_lag, cli.output).await,
+                region,
+                wave,
+                flags,
+            } => {
+                let t = p.table().await?;
+                let now = cellplane_table::store::now_ms();
+                let req = match (cell, region) {
+                    (Some(cell), _) => {
+                        let op = failback_of(
+                            &t,
+                            &cell,
+                            &format!("fb-{cell}-{now}"),
+                            &flags.limits(),
+                            now,
+                        )?;
+                        Request {
+                            summary: format!("{}: {}", op.id, report::title(&op)),
+                            preflight: vec![op.clone()],
+                            op: Operation::Switchover(op),
+                        }
+                    }
+                    (None, Some(region)) => {
+                        let cells = cells_of_region(&t, Kind::Failback, &region)
+                            .map_err(anyhow::Error::msg)?;
+                        batch_of(
+                            &t,
+                            Kind::Failback,
+                            &format!("region {region}"),
+                            cells,
+                            wave,
+                            &flags.limits(),
+                            now,
+                        )?
+                    }
+                    (None, None) => bail!("name the cell to fail back, or --region"),
+                };
+                start(&mut p, req, &flags, cli.output).await
+            }
             Command::Drills { id } => drills(&mut p, id, cli.output).await,
         }
     };
