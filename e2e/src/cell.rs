@@ -146,6 +146,27 @@ impl CellApp {
         table_file: &Path,
         extra_env: &[(&str, &str)],
     ) -> Result<Self> {
+        let table = table_file.display().to_string();
+        Self::start_with(stores, &[("CELL_TABLE_FILE", &table)], extra_env).await
+    }
+
+    /// Starts the app following the platform's table in the global etcd (what the
+    /// operator injects into app pods), and waits until it answers /livez.
+    pub async fn start_on_etcd(
+        stores: &CellStores,
+        etcd_endpoints: &str,
+        platform: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let source = [("CELL_ETCD", etcd_endpoints), ("CELL_PLATFORM", platform)];
+        Self::start_with(stores, &source, extra_env).await
+    }
+
+    async fn start_with(
+        stores: &CellStores,
+        table_source: &[(&str, &str)],
+        extra_env: &[(&str, &str)],
+    ) -> Result<Self> {
         let port = free_port()?;
         let mut env: Vec<(String, String)> = stores
             .env
@@ -154,13 +175,12 @@ impl CellApp {
             .collect();
         let admin_token = format!("t-{}-{port}", std::process::id());
         env.push(("CELL_ADMIN_TOKEN".into(), admin_token.clone()));
-        env.push(("CELL_TABLE_FILE".into(), table_file.display().to_string()));
         env.push(("CELL_LISTEN".into(), format!("127.0.0.1:{port}")));
         env.push((
             "RUST_LOG".into(),
             "info,librdkafka=error,rdkafka=error".into(),
         ));
-        for (k, v) in extra_env {
+        for (k, v) in table_source.iter().chain(extra_env) {
             env.push((k.to_string(), v.to_string()));
         }
         let mut app = Self {
