@@ -82,6 +82,10 @@ pub struct Registration {
     /// Messages the cell's order persister has not consumed yet (None: not measured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka_lag: Option<u64>,
+    /// Requests for users the cell's app served per second over the last minute (None:
+    /// not measured yet): the load a switchover moves to the standby.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_sec: Option<u64>,
     /// The generation of the cell's intent that its region has carried out (0: none).
     #[serde(default)]
     pub intent_generation: u64,
@@ -144,7 +148,7 @@ pub struct Intent {
 }
 
 /// What a router publishes under [`router_key`]: the table it routes with.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RouterAck {
     pub region: String,
@@ -152,6 +156,13 @@ pub struct RouterAck {
     pub applied_epoch: u64,
     /// When it was applied, in milliseconds since the Unix epoch.
     pub applied_at_ms: u64,
+    /// Requests the router had held for frozen cells when it applied the epoch (a
+    /// counter): the leader reports the growth over a freeze.
+    #[serde(default)]
+    pub held_total: u64,
+    /// Of those, the ones answered 503 because the hold timed out (a counter).
+    #[serde(default)]
+    pub hold_timeouts_total: u64,
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ struct Parts {
 pub struct Live {
     pub mysql: Option<MysqlReport>,
     pub kafka_lag: Option<u64>,
+    pub requests_per_sec: Option<u64>,
     pub intent_generation: u64,
 }
 
@@ -40,6 +41,7 @@ fn merged(parts: &Parts) -> Option<Registration> {
     if let Some(live) = &parts.live {
         reg.mysql = live.mysql.clone();
         reg.kafka_lag = live.kafka_lag;
+        reg.requests_per_sec = live.requests_per_sec;
         reg.intent_generation = live.intent_generation;
     }
     Some(reg)

@@ -9,9 +9,9 @@ use anyhow::Context as _;
 use cellplane_router::config::{Config, EtcdConfig};
 use cellplane_router::h1;
 use cellplane_router::hyper_path;
-use cellplane_router::metrics::Metrics;
+use cellplane_router::metrics::{Metrics, ReasonLabel};
 use cellplane_router::state::Router;
-use cellplane_table::ack::Acknowledger;
+use cellplane_table::ack::{Acknowledger, HoldCounters};
 use cellplane_table::TableSource;
 use cellplane_table::TableStore;
 use clap::Parser;
@@ -301,6 +301,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             id: e.router_id.clone().unwrap_or_else(default_router_id),
             region: e.region.clone().unwrap_or_default(),
             ttl: Duration::from_secs(e.ack_ttl_secs.clamp(2, 300)),
+            holds: Some(HoldCounters {
+                held: metrics.held.clone(),
+                timed_out: metrics
+                    .rejected
+                    .get_or_create(&ReasonLabel {
+                        reason: "hold_timeout",
+                    })
+                    .clone(),
+            }),
         };
         tokio::spawn(ack.run(tables.clone()));
     }

@@ -294,6 +294,7 @@ async fn status(State(app): State<App>) -> Json<serde_json::Value> {
         "orders": match lag { Ok(l) => serde_json::to_value(l).unwrap_or_default(), Err(e) => serde_json::json!({"error": e}) },
         "mysql": match mysql { Ok(p) => serde_json::to_value(p).unwrap_or_default(), Err(e) => serde_json::json!({"error": e.to_string()}) },
         "hotCacheEntries": app.profiles.hot_entries(),
+        "userRequestsTotal": app.metrics.user_requests.get(),
     }))
 }
 

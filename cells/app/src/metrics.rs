@@ -42,6 +42,8 @@ pub struct Metrics {
     pub orders_poison: Counter,
     pub degraded: Family<StoreLabel, Counter>,
     pub table: TableMetrics,
+    /// Requests for users (the fenced routes), for the load a failover moves.
+    pub user_requests: Counter,
     registry: Registry,
 }
 
@@ -55,6 +57,7 @@ impl Metrics {
             }),
             profile_reads: Family::default(),
             orders_accepted: Counter::default(),
+            user_requests: Counter::default(),
             orders_rejected: Family::default(),
             orders_persisted: Counter::default(),
             orders_duplicates: Counter::default(),
@@ -133,6 +136,9 @@ impl Metrics {
         };
         self.requests.get_or_create(&labels).inc();
         self.latency.get_or_create(&labels).observe(seconds);
+        if route.starts_with("/users/") {
+            self.user_requests.inc();
+        }
     }
 
     pub fn profile_read(&self, source: &'static str) {

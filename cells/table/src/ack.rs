@@ -8,6 +8,7 @@ use crate::store::TableStore;
 use crate::Result;
 use cellplane_cells::etcd_keys::{router_key, RouterAck};
 use etcd_client::{Client, ConnectOptions, PutOptions};
+use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,15 @@ pub struct Acknowledger {
     pub region: String,
     /// Lease TTL: how long a dead follower keeps being waited for.
     pub ttl: Duration,
+    /// The follower's hold counters, published with each acknowledgement (routers).
+    pub holds: Option<HoldCounters>,
+}
+
+/// A router's counters of held requests and of holds that timed out.
+#[derive(Clone, Debug, Default)]
+pub struct HoldCounters {
+    pub held: Counter,
+    pub timed_out: Counter,
 }
 
 impl Acknowledger {
@@ -56,6 +66,8 @@ impl Acknowledger {
                     region: self.region.clone(),
                     applied_epoch: store.get().map_or(0, |t| t.epoch),
                     applied_at_ms: store.applied_at_ms(),
+                    held_total: self.holds.as_ref().map_or(0, |h| h.held.get()),
+                    hold_timeouts_total: self.holds.as_ref().map_or(0, |h| h.timed_out.get()),
                 };
                 let value = serde_json::to_vec(&ack).expect("an ack always serializes");
                 client

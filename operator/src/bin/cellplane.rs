@@ -75,6 +75,12 @@ struct OpFlags {
     /// RPO gate in time: most seconds the standby may be behind.
     #[arg(long, default_value_t = Limits::default().max_lag_secs)]
     max_lag_secs: u64,
+    /// Capacity gate: user requests per second one unit of capacityWeight serves (0: off).
+    #[arg(long, default_value_t = Limits::default().capacity_rps_per_weight)]
+    capacity_rps_per_weight: u64,
+    /// Capacity gate: highest utilization (percent) the target may reach after the move.
+    #[arg(long, default_value_t = Limits::default().max_utilization_pct)]
+    max_utilization: u64,
 }
 
 impl OpFlags {
@@ -82,6 +88,8 @@ impl OpFlags {
         Limits {
             max_lag_gtids: self.max_lag,
             max_lag_secs: self.max_lag_secs,
+            capacity_rps_per_weight: self.capacity_rps_per_weight,
+            max_utilization_pct: self.max_utilization,
             ..Limits::default()
         }
     }

@@ -215,6 +215,7 @@ async fn register(
         healthy: true,
         mysql: None,
         kafka_lag: None,
+        requests_per_sec: None,
         intent_generation: 0,
     };
     Some(

@@ -233,6 +233,7 @@ mod tests {
             healthy: true,
             mysql: None,
             kafka_lag: None,
+            requests_per_sec: None,
             intent_generation: 0,
         }
     }

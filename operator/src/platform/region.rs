@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, Store as KubeStore};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,8 @@ struct CellState {
     applied_generation: u64,
     last_error: String,
     reconfigured: HashMap<String, Instant>,
+    /// The app's user request counter as read, oldest first, for the last minute's rate.
+    request_samples: VecDeque<(Instant, u64)>,
 }
 
 /// Runs until `stop` resolves.
@@ -250,6 +252,10 @@ async fn serve_cell(
                     .with_constraints(mysql_async::PoolConstraints::new(0, 2).expect("0 <= 2")),
             );
         let previous = states.remove(&name);
+        let previous_samples = previous
+            .as_ref()
+            .map(|p| p.request_samples.clone())
+            .unwrap_or_default();
         states.insert(
             name.clone(),
             CellState {
@@ -259,6 +265,7 @@ async fn serve_cell(
                 applied_generation: previous.as_ref().map_or(0, |p| p.applied_generation),
                 last_error: previous.map(|p| p.last_error).unwrap_or_default(),
                 reconfigured: HashMap::new(),
+                request_samples: previous_samples,
             },
         );
     }
@@ -365,32 +372,53 @@ async fn serve_cell(
             );
         }
     }
-    let kafka_lag = match regs.get(&name).and_then(|r| r.endpoints.get("app")) {
-        Some(app) => {
-            let t = Instant::now();
-            let lag = order_backlog(app).await;
-            tracing::debug!(
-                elapsed_ms = t.elapsed().as_millis() as u64,
-                "region agent: order backlog read"
-            );
-            lag
-        }
-        None => None,
+    let app = match regs.get(&name).and_then(|r| r.endpoints.get("app")) {
+        Some(addr) => app_status(addr).await,
+        None => AppStatus::default(),
     };
+    if let Some(total) = app.user_requests_total {
+        st.request_samples.push_back((Instant::now(), total));
+    }
+    let requests_per_sec = rate_over_last_minute(&mut st.request_samples);
     Ok(Live {
         mysql: Some(MysqlReport {
             read_only: pos.read_only,
             gtid_binlog_pos: pos.gtid_binlog_pos,
             replicas,
         }),
-        kafka_lag,
+        kafka_lag: app.order_backlog,
+        requests_per_sec,
         intent_generation: st.applied_generation,
     })
 }
 
-/// The app's order backlog (`GET /status` -> `orders.lag`), None when it does not answer
-/// within a second.
-async fn order_backlog(app: &str) -> Option<u64> {
+/// What the agent reads from the app's `/status`.
+#[derive(Default)]
+struct AppStatus {
+    /// `orders.lag`: accepted orders not yet persisted.
+    order_backlog: Option<u64>,
+    /// `userRequestsTotal`: the app's user request counter.
+    user_requests_total: Option<u64>,
+}
+
+/// Drops samples older than a minute (keeping one at or before the window's start) and
+/// returns the rate between the oldest and newest, rounded up; None until the samples
+/// span a second. A counter that went down (the app restarted) starts over.
+fn rate_over_last_minute(samples: &mut VecDeque<(Instant, u64)>) -> Option<u64> {
+    let (newest_at, newest) = *samples.back()?;
+    if samples.iter().any(|(_, v)| *v > newest) {
+        samples.retain(|(at, _)| *at == newest_at);
+    }
+    while samples.len() > 2 && newest_at.duration_since(samples[1].0) >= Duration::from_secs(60) {
+        samples.pop_front();
+    }
+    let (oldest_at, oldest) = *samples.front()?;
+    let span = newest_at.duration_since(oldest_at).as_secs_f64();
+    (span >= 1.0).then(|| ((newest - oldest) as f64 / span).ceil() as u64)
+}
+
+/// The app's `/status`, or nothing when it does not answer within a second.
+async fn app_status(app: &str) -> AppStatus {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(app).await.ok()?;
@@ -402,10 +430,44 @@ async fn order_backlog(app: &str) -> Option<u64> {
         let text = String::from_utf8_lossy(&buf);
         let body = text.split_once("\r\n\r\n")?.1;
         let v: serde_json::Value = serde_json::from_str(body).ok()?;
-        v["orders"]["lag"].as_u64()
+        Some(AppStatus {
+            order_backlog: v["orders"]["lag"].as_u64(),
+            user_requests_total: v["userRequestsTotal"].as_u64(),
+        })
     };
     tokio::time::timeout(Duration::from_secs(1), fetch)
         .await
         .ok()
         .flatten()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_rate_covers_the_last_minute_and_survives_a_restart() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut samples = VecDeque::from([(t0, 100)]);
+        assert_eq!(rate_over_last_minute(&mut samples), None, "one sample");
+        samples.push_back((at(10), 600));
+        assert_eq!(rate_over_last_minute(&mut samples), Some(50));
+        // Later the first sample leaves the window; the newest one at or before the
+        // window's start stays, so the rate spans at least the last minute.
+        samples.push_back((at(70), 3_600));
+        samples.push_back((at(100), 3_900));
+        assert_eq!(
+            rate_over_last_minute(&mut samples),
+            Some(37),
+            "(3900-600)/90"
+        );
+        assert_eq!(samples.front().unwrap().0, at(10));
+        // The app restarted: its counter begins again.
+        samples.push_back((at(101), 5));
+        assert_eq!(rate_over_last_minute(&mut samples), None);
+        samples.push_back((at(103), 11));
+        assert_eq!(rate_over_last_minute(&mut samples), Some(3));
+    }
 }

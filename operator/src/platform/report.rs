@@ -12,7 +12,7 @@ pub fn result(op: &Switchover) -> String {
         None => "running".into(),
         Some(Outcome::Succeeded { warnings }) if warnings.is_empty() => "succeeded".into(),
         Some(Outcome::Succeeded { .. }) => "succeeded with warnings".into(),
-        Some(Outcome::Refused { gate, .. }) => format!("refused ({gate})"),
+        Some(Outcome::Refused { gate, .. }) => format!("refused by the {gate} gate"),
         Some(Outcome::RolledBack { step, .. }) => format!("rolled back at {step:?}"),
     }
 }
@@ -51,7 +51,7 @@ fn detail(op: &Switchover) -> Option<String> {
         Some(Outcome::Succeeded { warnings }) if !warnings.is_empty() => {
             Some(format!("warnings: {}", warnings.join("; ")))
         }
-        Some(Outcome::Refused { gate, message }) => Some(format!("the {gate} gate: {message}")),
+        Some(Outcome::Refused { message, .. }) => Some(message.clone()),
         Some(Outcome::RolledBack { reason, .. }) => Some(reason.clone()),
         _ => None,
     }
@@ -82,6 +82,13 @@ pub fn text(op: &Switchover) -> String {
     if let Some(ms) = op.write_freeze_ms() {
         let _ = writeln!(s, "  write freeze: {ms} ms");
     }
+    if let Some(held) = op.held_requests {
+        let _ = writeln!(
+            s,
+            "  requests held by the routers: {held} ({} timed out)",
+            op.hold_timeouts.unwrap_or(0)
+        );
+    }
     if let Some(g) = &op.final_gtid {
         let _ = writeln!(s, "  final position of {}: {g}", op.source);
     }
@@ -107,6 +114,13 @@ pub fn markdown(op: &Switchover) -> String {
     }
     if let Some(g) = &op.final_gtid {
         let _ = writeln!(s, "- final GTID position of {}: `{g}`", op.source);
+    }
+    if let Some(held) = op.held_requests {
+        let _ = writeln!(
+            s,
+            "- requests held by the routers: {held} ({} timed out)",
+            op.hold_timeouts.unwrap_or(0)
+        );
     }
     let _ = writeln!(
         s,

@@ -53,6 +53,15 @@ pub struct Limits {
     /// The RPO gate in time: most seconds the standby's SQL thread may be behind.
     #[serde(default = "default_max_lag_secs")]
     pub max_lag_secs: u64,
+    /// The capacity gate: what one unit of `capacityWeight` serves, in user requests per
+    /// second (0: no capacity gate). A cell of weight 10 serves 10x this.
+    #[serde(default = "default_rps_per_weight")]
+    pub capacity_rps_per_weight: u64,
+    /// The capacity gate: the target's load after the move (its own plus what moves, as
+    /// measured over the last minute) must stay under this share of its capacity, so the
+    /// target region keeps headroom for the next failure.
+    #[serde(default = "default_max_utilization")]
+    pub max_utilization_pct: u64,
     /// How long a table change may take to reach every live router.
     pub ack_timeout_ms: u64,
     /// How long any other step may take.
@@ -63,11 +72,21 @@ fn default_max_lag_secs() -> u64 {
     5
 }
 
+fn default_rps_per_weight() -> u64 {
+    100
+}
+
+fn default_max_utilization() -> u64 {
+    80
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_lag_gtids: 2_000,
             max_lag_secs: default_max_lag_secs(),
+            capacity_rps_per_weight: default_rps_per_weight(),
+            max_utilization_pct: default_max_utilization(),
             ack_timeout_ms: 5_000,
             step_timeout_ms: 30_000,
         }
@@ -162,6 +181,15 @@ pub struct Switchover {
     /// The home's position once fenced: what the standby must reach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_gtid: Option<String>,
+    /// Each router's hold counters (held, timed out) when it applied the freeze.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub holds_at_freeze: BTreeMap<String, (u64, u64)>,
+    /// Requests the routers held while the cell was frozen, and how many of them timed out
+    /// (503) instead of being released to the new home.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_timeouts: Option<u64>,
     /// Intent generations this operation asked for, by cell.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub intents: BTreeMap<String, u64>,
@@ -195,6 +223,9 @@ impl Switchover {
             flip_epoch: None,
             released_at_ms: None,
             final_gtid: None,
+            holds_at_freeze: BTreeMap::new(),
+            held_requests: None,
+            hold_timeouts: None,
             intents: BTreeMap::new(),
             outcome: None,
         }
@@ -320,6 +351,11 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                 next.frozen_at_ms.get_or_insert(obs.now_ms);
                 let behind = routers_behind(obs.routers, epoch);
                 if behind.is_empty() {
+                    next.holds_at_freeze = obs
+                        .routers
+                        .iter()
+                        .map(|(id, a)| (id.clone(), (a.held_total, a.hold_timeouts_total)))
+                        .collect();
                     enter(
                         &mut next,
                         op.after(Step::Freeze),
@@ -485,6 +521,9 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                 let behind = routers_behind(obs.routers, epoch);
                 if behind.is_empty() || timed_out(op.limits.ack_timeout_ms) {
                     next.released_at_ms = Some(obs.now_ms);
+                    let (held, timeouts) = holds_since(&op.holds_at_freeze, obs.routers);
+                    next.held_requests = Some(held);
+                    next.hold_timeouts = Some(timeouts);
                     let note = if behind.is_empty() {
                         format!("every router at epoch {epoch}")
                     } else {
@@ -751,10 +790,49 @@ fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, Strin
             ),
         ));
     }
+    capacity_gate(op, obs, reg, home)?;
     if obs.routers.is_empty() {
         return Err((
             "routers",
             "no live router acknowledges tables; start one so the freeze can be confirmed".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The target keeps headroom after taking the moving load: its own rate plus the moving
+/// share of the source's, against its weight's capacity. Rates not measured yet count as
+/// zero (a cell without traffic moves freely).
+fn capacity_gate(
+    op: &Switchover,
+    obs: &Observed,
+    target: &Registration,
+    source: &Registration,
+) -> Result<(), (&'static str, String)> {
+    let per_weight = op.limits.capacity_rps_per_weight;
+    if per_weight == 0 {
+        return Ok(());
+    }
+    let t = obs.table;
+    let moving_slots = (0..t.slots)
+        .filter(|&s| t.data_home(s).name == op.cell && t.cell_for_slot(s).name == op.source)
+        .count() as u64;
+    let source_slots = u64::from(t.slot_count(&op.source)).max(1);
+    let source_rate = source.requests_per_sec.unwrap_or(0);
+    let moving = source_rate * moving_slots.min(source_slots) / source_slots;
+    let projected = target.requests_per_sec.unwrap_or(0) + moving;
+    let capacity = u64::from(target.capacity_weight) * per_weight;
+    let allowed = capacity * op.limits.max_utilization_pct / 100;
+    if projected > allowed {
+        return Err((
+            "capacity",
+            format!(
+                "{} would serve {projected} requests/s ({moving} moving from {}), over {}% of its capacity {capacity} (weight {} x {per_weight}); add capacity to its region, raise its capacityWeight, or move fewer cells at once",
+                op.target,
+                op.source,
+                op.limits.max_utilization_pct,
+                target.capacity_weight
+            ),
         ));
     }
     Ok(())
@@ -793,6 +871,24 @@ fn after_reverse(next: &mut Switchover, op: &Switchover, now_ms: u64, note: Stri
         }
         step => enter(next, step, now_ms, note),
     }
+}
+
+/// Requests held and holds timed out since the freeze, summed over the routers that
+/// reported at both ends (counters, as each router published them with its acks).
+fn holds_since(
+    at_freeze: &BTreeMap<String, (u64, u64)>,
+    routers: &BTreeMap<String, RouterAck>,
+) -> (u64, u64) {
+    at_freeze
+        .iter()
+        .filter_map(|(id, (held, timeouts))| {
+            let now = routers.get(id)?;
+            Some((
+                now.held_total.saturating_sub(*held),
+                now.hold_timeouts_total.saturating_sub(*timeouts),
+            ))
+        })
+        .fold((0, 0), |(a, b), (h, t)| (a + h, b + t))
 }
 
 /// Routers whose applied epoch is below `epoch`, by id.
@@ -934,6 +1030,8 @@ mod tests {
         kafka_lag: u64,
         /// Writes each cell's primary took (its GTID sequence).
         writes: BTreeMap<String, u64>,
+        /// Each cell's measured user requests per second.
+        rps: BTreeMap<String, u64>,
         busy: bool,
     }
 
@@ -961,6 +1059,7 @@ mod tests {
                 kafka_lag: 0,
                 writes: BTreeMap::from([("a".into(), 500), ("b".into(), 300)]),
                 busy: false,
+                rps: BTreeMap::new(),
                 dice: None,
                 writer: "a",
                 replica: "b",
@@ -986,6 +1085,7 @@ mod tests {
                         region: "x".into(),
                         applied_epoch: 7,
                         applied_at_ms: 1,
+                        ..Default::default()
                     },
                 );
             }
@@ -1053,10 +1153,16 @@ mod tests {
                 }
             }
             let ids: Vec<String> = self.routers.keys().cloned().collect();
+            let frozen = self.table.cells.iter().any(|c| c.frozen);
             for id in ids {
                 if !self.stuck_routers.contains(&id) && self.roll(self.odds[0]) {
                     let epoch = self.table.epoch;
-                    self.routers.get_mut(&id).unwrap().applied_epoch = epoch;
+                    let ack = self.routers.get_mut(&id).unwrap();
+                    ack.applied_epoch = epoch;
+                    // Each router holds two requests per tick of a freeze.
+                    if frozen {
+                        ack.held_total += 2;
+                    }
                 }
             }
             let names: Vec<String> = self.intents.keys().cloned().collect();
@@ -1109,6 +1215,7 @@ mod tests {
                         } else {
                             0
                         }),
+                        requests_per_sec: self.rps.get(&cell).copied(),
                         intent_generation: intent.generation,
                     },
                 );
@@ -1191,6 +1298,9 @@ mod tests {
         assert!(op.write_freeze_ms().unwrap() > 0);
         assert_eq!(op.freeze_epoch, Some(8));
         assert_eq!(op.flip_epoch, Some(9));
+        // Both routers held requests from the freeze to the flip; none timed out.
+        assert!(op.held_requests.unwrap() >= 4, "{:?}", op.held_requests);
+        assert_eq!(op.hold_timeouts, Some(0));
         // The record survives a round trip through etcd.
         let json = serde_json::to_vec(&op).unwrap();
         assert_eq!(serde_json::from_slice::<Switchover>(&json).unwrap(), op);
@@ -1369,6 +1479,46 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_capacity_gate_keeps_headroom_on_the_target() {
+        // Weight 1 x 100 rps at 80%: b may carry 80 requests/s after the move.
+        let mut w = World::new();
+        w.rps = BTreeMap::from([("a".into(), 50), ("b".into(), 40)]);
+        w.tick();
+        let (op, _) = w.run(start(&w), 3);
+        match &op.outcome {
+            Some(Outcome::Refused { gate, message }) => {
+                assert_eq!(gate, "capacity");
+                assert!(
+                    message.contains("would serve 90 requests/s (50 moving from a)"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        w.rps.insert("a".into(), 40);
+        w.tick();
+        let (op, _) = w.run(start(&w), 100);
+        assert!(
+            matches!(op.outcome, Some(Outcome::Succeeded { .. })),
+            "{:?}",
+            op.outcome
+        );
+        // No gate when capacity is not declared.
+        let mut w = World::new();
+        w.rps = BTreeMap::from([("a".into(), 5_000)]);
+        w.tick();
+        let limits = Limits {
+            capacity_rps_per_weight: 0,
+            ..Limits::default()
+        };
+        let op = Switchover::new("op", "a", "b", "t", limits, w.now_ms);
+        assert!(matches!(
+            w.run(op, 100).0.outcome,
+            Some(Outcome::Succeeded { .. })
+        ));
     }
 
     /// A world in which `a` switched over to `b` (b serves a's slots from a's data), with
