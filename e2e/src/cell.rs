@@ -121,6 +121,30 @@ impl Drop for CellStores {
     }
 }
 
+/// The `spec.overrides` block of a CellSet (indented for `spec:`) that puts each named
+/// cell on its local stores, declared `external` with the Secrets of
+/// [`CellStores::apply_secrets`], and advertises its app's address to routers.
+pub fn overrides_yaml(cells: &[(&str, &CellStores, &str)]) -> String {
+    let store = |kind: &str, endpoint: &str, cell: &str, admin: bool| {
+        let admin = if admin {
+            format!(", adminSecretRef: {{name: {cell}-admin}}")
+        } else {
+            String::new()
+        };
+        format!("{kind}: {{external: {{endpoint: \"{endpoint}\", secretRef: {{name: {cell}-store}}{admin}}}}}")
+    };
+    let mut out = String::from("  overrides:\n");
+    for (cell, s, app) in cells {
+        out.push_str(&format!(
+            "    {cell}: {{advertise: \"{app}\", {}, {}, {}}}\n",
+            store("redis", s.var("REDIS_ADDR"), cell, false),
+            store("mysql", s.var("MYSQL_ADDR"), cell, true),
+            store("kafka", s.var("KAFKA_BOOTSTRAP"), cell, false),
+        ));
+    }
+    out
+}
+
 fn read_env(path: &Path) -> Result<HashMap<String, String>> {
     Ok(std::fs::read_to_string(path)?
         .lines()

@@ -344,7 +344,8 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
     .await?;
     let (code, stdout, _) = wait_for("the leader refuses the operation", T, || async {
         let (code, stdout, stderr) = cli(&["drills", "so-test"])?;
-        Ok((code != 0 || stdout.contains("result")).then_some((code, stdout, stderr)))
+        let done = code != 0 || (stdout.contains("result") && !stdout.contains("result: running"));
+        Ok(done.then_some((code, stdout, stderr)))
     })
     .await?;
     assert_eq!(code, 2, "{stdout}");

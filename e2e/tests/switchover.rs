@@ -13,7 +13,7 @@
 //! freeze are held and answered; every answer that is not a success is counted and shown.
 
 use cellplane_cells::etcd_keys::drill_key;
-use cellplane_e2e::cell::{CellApp, CellStores};
+use cellplane_e2e::cell::{overrides_yaml, CellApp, CellStores};
 use cellplane_e2e::net::{Etcd, RouterProc};
 use cellplane_e2e::{apply_yaml, test_dir, wait_for, workspace_bin, Operator, Region};
 use cellplane_operator::platform::batch::{BatchOutcome, Operation};
@@ -26,27 +26,7 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(120);
 
-fn store(kind: &str, endpoint: &str, cell: &str, admin: bool) -> String {
-    let admin = if admin {
-        format!(", adminSecretRef: {{name: {cell}-admin}}")
-    } else {
-        String::new()
-    };
-    format!("{kind}: {{external: {{endpoint: \"{endpoint}\", secretRef: {{name: {cell}-store}}{admin}}}}}")
-}
-
 fn cellset(cells: &[(&str, &CellStores, &str)]) -> String {
-    let overrides: Vec<String> = cells
-        .iter()
-        .map(|(cell, s, app)| {
-            format!(
-                "    {cell}: {{advertise: \"{app}\", {}, {}, {}}}",
-                store("redis", s.var("REDIS_ADDR"), cell, false),
-                store("mysql", s.var("MYSQL_ADDR"), cell, true),
-                store("kafka", s.var("KAFKA_BOOTSTRAP"), cell, false),
-            )
-        })
-        .collect();
     format!(
         r#"
 apiVersion: cellplane.io/v1alpha1
@@ -60,10 +40,8 @@ spec:
     redis: {{inCluster: {{ephemeral: true}}}}
     mysql: {{inCluster: {{ephemeral: true}}}}
     kafka: {{inCluster: {{ephemeral: true}}}}
-  overrides:
-{}
-"#,
-        overrides.join("\n")
+{}"#,
+        overrides_yaml(cells)
     )
 }
 
@@ -286,6 +264,54 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
 
+    // Preflight refusals change nothing and exit 2, naming the gate.
+    let epoch_before = etcd.routing_table().await?.unwrap().epoch;
+    wait_for("the cells' request rates measured", T, || async {
+        let rate = etcd
+            .registration("shop-us-0")
+            .await?
+            .and_then(|r| r.requests_per_sec);
+        Ok(rate.filter(|r| *r > 0))
+    })
+    .await?;
+    let (code, out) = cellplane(
+        &etcd,
+        &["switchover", "shop-us-0", "--capacity-rps-per-weight", "1"],
+    )
+    .await?;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("refused by the capacity gate") && out.contains("requests/s"),
+        "{out}"
+    );
+    let (code, out) = wait_for("an RPO refusal under load", T, || async {
+        let (code, out) = cellplane(
+            &etcd,
+            &["switchover", "shop-us-0", "--dry-run", "--max-lag", "0"],
+        )
+        .await?;
+        Ok((code == 2).then_some((code, out)))
+    })
+    .await?;
+    assert!(
+        out.contains("refused by the rpo gate") && out.contains("behind"),
+        "{code} {out}"
+    );
+    let (code, out) = cellplane(&etcd, &["switchover", "shop-nowhere-9"]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("unknown cell \"shop-nowhere-9\"; the table has shop-eu-0, shop-us-0"),
+        "{out}"
+    );
+    let (code, out) = cellplane(&etcd, &["failback", "shop-us-0"]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not failed over"), "{out}");
+    assert_eq!(
+        etcd.routing_table().await?.unwrap().epoch,
+        epoch_before,
+        "refusals change nothing"
+    );
+
     // 1. Switchover of shop-us-0 to its standby; 2. failback; 3. drain of region us;
     // 4. failback of region us. Each followed to the end by the CLI.
     let phases: [&[&str]; 4] = [
@@ -296,10 +322,34 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
     ];
     let mut records = Vec::new();
     for args in phases {
-        let (code, out) = cellplane(&etcd, args).await?;
-        assert_eq!(code, 0, "cellplane {args:?}:\n{out}");
+        let (id, out) = if args[0] == "drain" {
+            // While a drain runs, another operation on its cells is refused; the drain is
+            // followed with `cellplane drills ID`.
+            let mut no_wait = args.to_vec();
+            no_wait.push("--no-wait");
+            let (code, out) = cellplane(&etcd, &no_wait).await?;
+            assert_eq!(code, 0, "{out}");
+            let id = started_id(&out);
+            let (code, refused) = cellplane(&etcd, &["switchover", "shop-eu-0"]).await?;
+            assert_eq!(code, 2, "{refused}");
+            assert!(
+                refused.contains("refused by the concurrent gate"),
+                "{refused}"
+            );
+            let (code, out) = wait_for("the drain to finish", T, || async {
+                let (code, out) = cellplane(&etcd, &["drills", &id]).await?;
+                Ok((!out.contains("result: running")).then_some((code, out)))
+            })
+            .await?;
+            assert_eq!(code, 0, "{out}");
+            (id, out)
+        } else {
+            let (code, out) = cellplane(&etcd, args).await?;
+            assert_eq!(code, 0, "cellplane {args:?}:\n{out}");
+            (started_id(&out), out)
+        };
         assert!(out.contains("result: succeeded"), "{out}");
-        let op = member(&etcd, &started_id(&out)).await?;
+        let op = member(&etcd, &id).await?;
         assert!(
             matches!(op.outcome, Some(Outcome::Succeeded { ref warnings }) if warnings.is_empty()),
             "{:?}",
