@@ -45,6 +45,8 @@ pub struct AgentConfig {
 const CREDENTIALS_TTL: Duration = Duration::from_secs(60);
 /// Least time between two attempts to (re)configure one replication connection.
 const RECONFIGURE_EVERY: Duration = Duration::from_secs(5);
+/// How often the agent measures while an operation moves one of its cells.
+const OPERATION_INTERVAL: Duration = Duration::from_millis(50);
 
 struct CellState {
     pool: mysql_async::Pool,
@@ -78,17 +80,48 @@ pub async fn run(
     let work = async {
         let mut states: HashMap<String, CellState> = HashMap::new();
         let mut client: Option<Client> = None;
+        // A new intent wakes the agent at once: an operation's steps wait on it.
+        let mut intents: Option<etcd_client::WatchStream> = None;
         loop {
             if client.is_none() {
                 client = super::connect(&cfg.etcd_endpoints).await.ok();
+                intents = None;
             }
+            let mut busy = false;
             if let Some(c) = client.as_mut() {
-                if let Err(e) = pass(&cfg, &kube, &registrar, c, &cells, &mut states).await {
-                    tracing::warn!(error = %e, "region agent: pass failed");
-                    client = None;
+                if intents.is_none() {
+                    let opts = etcd_client::WatchOptions::new().with_prefix();
+                    intents = c
+                        .watch(intents_prefix(&cfg.platform), Some(opts))
+                        .await
+                        .ok();
+                }
+                match pass(&cfg, &kube, &registrar, c, &cells, &mut states).await {
+                    Ok(b) => busy = b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "region agent: pass failed");
+                        client = None;
+                    }
                 }
             }
-            tokio::time::sleep(cfg.interval).await;
+            // While an operation moves one of this region's cells, the leader waits on
+            // these reports (order backlog, positions): measure often.
+            let wait = if busy {
+                cfg.interval.min(OPERATION_INTERVAL)
+            } else {
+                cfg.interval
+            };
+            match intents.as_mut() {
+                Some(stream) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        msg = stream.message() => if !matches!(msg, Ok(Some(_))) {
+                            intents = None;
+                        },
+                    }
+                }
+                None => tokio::time::sleep(wait).await,
+            }
         }
     };
     tokio::select! {
@@ -98,7 +131,8 @@ pub async fn run(
     }
 }
 
-/// One pass over the region's cells of the platform.
+/// One pass over the region's cells of the platform; true when an operation is moving
+/// one of them.
 async fn pass(
     cfg: &AgentConfig,
     kube: &kube::Client,
@@ -106,7 +140,7 @@ async fn pass(
     client: &mut Client,
     cells: &KubeStore<Cell>,
     states: &mut HashMap<String, CellState>,
-) -> Result<()> {
+) -> Result<bool> {
     let intents: BTreeMap<String, Intent> =
         read_values(client, &intents_prefix(&cfg.platform)).await?;
     let regs: BTreeMap<String, Registration> =
@@ -116,6 +150,11 @@ async fn pass(
         .into_iter()
         .filter(|c| c.spec.region == cfg.region && c.spec.platform == cfg.platform)
         .collect();
+    let busy = mine.iter().any(|c| {
+        intents
+            .get(&c.name_any())
+            .is_some_and(|i| i.operation.is_some())
+    });
     for cell in mine {
         let name = cell.name_any();
         let started = Instant::now();
@@ -142,7 +181,7 @@ async fn pass(
             }
         }
     }
-    Ok(())
+    Ok(busy)
 }
 
 /// `host:port` -> (host, port).
