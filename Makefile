@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup tools build test unit e2e lint fmt fuzz crds demo bench bench-scale clean
+.PHONY: all setup tools build test unit e2e lint fmt fuzz crds demo bench bench-scale bench-drill clean
 
 all: test
 
@@ -62,6 +62,13 @@ bench: tools
 	$(CARGO) build -p cellplane-router
 	$(CARGO) bench -p cellplane-e2e --bench propagation
 	@e2e/bin/bench-scale
+	@$(MAKE) --no-print-directory bench-drill
+
+# Planned switchovers under load on the two-region lab: write freeze, router ack
+# propagation, acknowledged orders lost (DRILLS=20).
+bench-drill: tools
+	$(CARGO) build --workspace --bins
+	target/debug/bench-drill
 
 clean:
 	$(CARGO) clean

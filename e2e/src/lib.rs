@@ -3,6 +3,7 @@
 //! when a test fails.
 
 pub mod cell;
+pub mod lab;
 pub mod net;
 pub mod pki;
 

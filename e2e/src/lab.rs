@@ -1,0 +1,336 @@
+//! A two-region platform on real parts, shared by the failover test and the drill
+//! benchmark: a global etcd of three members, two region control planes with their
+//! operators (both campaign for the platform leadership and carry out their own cells'
+//! intents), one cell per region on real Redis, MariaDB and Kafka declared through the
+//! CellSet's `overrides`, the real reference app of each cell following the table in etcd,
+//! and a router fed from etcd. Plus the load the failovers run under, and the `cellplane`
+//! command as an SRE runs it.
+
+use crate::cell::{overrides_yaml, CellApp, CellStores};
+use crate::net::{send, Etcd, Reply, RouterProc};
+use crate::{apply_yaml, test_dir, wait_for, workspace_bin, Operator, Region};
+use anyhow::{Context as _, Result};
+use cellplane_cells::etcd_keys::drill_key;
+use cellplane_cells::routing::RoutingTable;
+use cellplane_operator::platform::batch::{BatchOutcome, Operation};
+use cellplane_operator::platform::switchover::Switchover;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const HOME: &str = "shop-us-0";
+pub const STANDBY: &str = "shop-eu-0";
+const T: Duration = Duration::from_secs(120);
+
+/// The platform: `HOME` in region us, `STANDBY` in region eu, each the other's standby.
+pub struct PairLab {
+    pub etcd: Etcd,
+    pub home: CellStores,
+    pub standby: CellStores,
+    pub home_app: CellApp,
+    pub standby_app: CellApp,
+    pub router: RouterProc,
+    /// The table the platform converged on.
+    pub table: RoutingTable,
+    pub dir: PathBuf,
+    pub operators: Vec<Operator>,
+    // Kept for their drop (they stop the control planes); declared last so they go last.
+    pub regions: Vec<Region>,
+}
+
+fn cellset(cells: &[(&str, &CellStores, &str)]) -> String {
+    format!(
+        r#"
+apiVersion: cellplane.io/v1alpha1
+kind: CellSet
+metadata: {{name: shop, namespace: default}}
+spec:
+  platform: shop
+  regions: [{{name: us, cells: 1}}, {{name: eu, cells: 1}}]
+  template:
+    app: {{image: "example/shop:1", replicas: 1}}
+    redis: {{inCluster: {{ephemeral: true}}}}
+    mysql: {{inCluster: {{ephemeral: true}}}}
+    kafka: {{inCluster: {{ephemeral: true}}}}
+{}"#,
+        overrides_yaml(cells)
+    )
+}
+
+impl PairLab {
+    /// Everything up and converged: the table holds both cells, each replicates the other,
+    /// both apps are ready with a flash sale open, the router follows the table.
+    pub async fn up(name: &str) -> Result<Self> {
+        let ((us, eu), (home, standby)) = std::thread::scope(|s| {
+            let us = s.spawn(|| Region::up("us"));
+            let eu = s.spawn(|| Region::up("eu"));
+            let home = s.spawn(|| CellStores::up(HOME));
+            let standby = s.spawn(|| CellStores::up(STANDBY));
+            (
+                (us.join().expect("region us"), eu.join().expect("region eu")),
+                (
+                    home.join().expect("stores"),
+                    standby.join().expect("stores"),
+                ),
+            )
+        });
+        let (us, eu, home, standby) = (us?, eu?, home?, standby?);
+        let etcd = Etcd::cluster(3).await?;
+        let dir = test_dir(name);
+        let secret_file = dir.join("platform-secret");
+        std::fs::write(&secret_file, "fedcba9876543210fedcba9876543210")?;
+        // The real apps, following the table in etcd as operator-made pods do.
+        let endpoints = etcd.endpoints().join(",");
+        let home_app = CellApp::start_on_etcd(&home, &endpoints, "shop", &[]).await?;
+        let standby_app = CellApp::start_on_etcd(&standby, &endpoints, "shop", &[]).await?;
+        let set = cellset(&[
+            (HOME, &home, &home_app.addr),
+            (STANDBY, &standby, &standby_app.addr),
+        ]);
+        let mut operators = Vec::new();
+        for (region, stores) in [(&us, &home), (&eu, &standby)] {
+            region.install_crds()?;
+            let client = region.client().await?;
+            stores.apply_secrets(&client).await?;
+            apply_yaml(&client, "default", &set).await?;
+            operators.push(region.platform_operator(
+                &etcd.endpoints_flag(),
+                &[
+                    "--replication-secret-file",
+                    secret_file.to_str().context("path")?,
+                    "--agent-interval-ms",
+                    "100",
+                ],
+            )?);
+        }
+        let table = wait_for("a table with both cells", T, || async {
+            Ok(etcd.routing_table().await?.filter(|t| t.cells.len() == 2))
+        })
+        .await?;
+        let lab = Self {
+            router: RouterProc::start(
+                &format!(
+                    "table: {{etcd: {{endpoints: [{}], platform: shop, routerId: r-us, region: us, ackTtlSecs: 3}}}}\n",
+                    etcd.endpoints().iter().map(|e| format!("'{e}'")).collect::<Vec<_>>().join(", ")
+                ),
+                &dir,
+            )
+            .await?,
+            etcd,
+            home,
+            standby,
+            home_app,
+            standby_app,
+            table,
+            dir,
+            operators,
+            regions: vec![us, eu],
+        };
+        for (cell, source) in [(STANDBY, HOME), (HOME, STANDBY)] {
+            lab.wait_replicating(cell, source).await?;
+        }
+        for app in [&lab.home_app, &lab.standby_app] {
+            wait_for("the app ready", T, || async {
+                Ok((app.get("/readyz").await?.status == 200).then_some(()))
+            })
+            .await?;
+            app.set_stock("flash", 1_000_000).await?;
+        }
+        Ok(lab)
+    }
+
+    /// Waits until `cell`'s MySQL runs its replication connection from `source`.
+    pub async fn wait_replicating(&self, cell: &str, source: &str) -> Result<()> {
+        wait_for(&format!("{cell} replicates {source}"), T, || async {
+            Ok(self.etcd.registration(cell).await?.filter(|r| {
+                r.mysql
+                    .as_ref()
+                    .and_then(|m| m.replicas.get(source))
+                    .is_some_and(|c| c.running)
+            }))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// `n` users whose slots `cell` owned when the platform converged.
+    pub fn users_of(&self, cell: &str, n: usize) -> Vec<String> {
+        (0..100_000)
+            .map(|i| format!("user-{i}"))
+            .filter(|u| self.table.route(u).1.name == cell)
+            .take(n)
+            .collect()
+    }
+
+    /// Runs `cellplane` against the platform; returns its exit code and output.
+    pub async fn cellplane(&self, args: &[&str]) -> Result<(i32, String)> {
+        let mut all = vec![
+            "--etcd-endpoints".to_string(),
+            self.etcd.endpoints_flag(),
+            "--platform".into(),
+            "shop".into(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(workspace_bin("cellplane"))
+                .args(&all)
+                .output()
+        })
+        .await??;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.code().unwrap_or(-1), text))
+    }
+
+    pub async fn record(&self, id: &str) -> Result<Operation> {
+        let bytes = self
+            .etcd
+            .get(&drill_key("shop", id))
+            .await?
+            .with_context(|| format!("no record {id}"))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// The switchover or failback an operation ran (the single member of a one-cell batch).
+    pub async fn member(&self, id: &str) -> Result<Switchover> {
+        match self.record(id).await? {
+            Operation::Switchover(s) => Ok(s),
+            Operation::Batch(b) => {
+                anyhow::ensure!(
+                    b.outcome == Some(BatchOutcome::Succeeded) && b.members.len() == 1,
+                    "batch {id}: {b:?}"
+                );
+                match self.record(&b.members[0]).await? {
+                    Operation::Switchover(s) => Ok(s),
+                    other => anyhow::bail!("{other:?}"),
+                }
+            }
+        }
+    }
+
+    /// Sets every user's profile through the router.
+    pub async fn put_profiles(&self, users: &[String]) -> Result<()> {
+        for user in users {
+            let body = serde_json::json!({"name": user, "email": format!("{user}@example.com")});
+            let r = router_send(&self.router.addr, "PUT", user, "profile", Some(body)).await?;
+            anyhow::ensure!(
+                r.status == 200,
+                "profile of {user}: {} {}",
+                r.status,
+                r.body
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The operation the CLI started ("started <id>: ...").
+pub fn started_id(out: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("started ")?.split(':').next())
+        .map(str::to_string)
+}
+
+/// One request through the router for `user` (`/users/<user>/<what>`).
+pub async fn router_send(
+    addr: &str,
+    method: &str,
+    user: &str,
+    what: &str,
+    body: Option<serde_json::Value>,
+) -> Result<Reply> {
+    let url = format!("http://{addr}/users/{user}/{what}");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    send(
+        method,
+        &url,
+        &[("x-user-id", user), ("content-type", "application/json")],
+        bytes::Bytes::from(body),
+    )
+    .await
+}
+
+/// One answer the load got.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub user: String,
+    /// The order id, for an order.
+    pub order: Option<String>,
+    pub status: u16,
+    pub served_by: String,
+    pub sent_ms: u64,
+    pub body: String,
+}
+
+/// Clients that read a profile and place an order (with a fresh id) per round, through the
+/// router, for the given users, until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<Vec<Answer>>>,
+}
+
+impl Load {
+    pub fn start(router: &str, users: &[String], clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|c| {
+                let (addr, users, stop) = (router.to_string(), users.to_vec(), stop.clone());
+                tokio::spawn(async move {
+                    let mut answers = Vec::new();
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::SeqCst) {
+                        let user = users[(n * 7 + c) % users.len()].clone();
+                        n += 1;
+                        let order_id = format!("o-{c}-{n}");
+                        for order in [None, Some(order_id)] {
+                            let sent_ms = cellplane_table::store::now_ms();
+                            let r = match &order {
+                                None => router_send(&addr, "GET", &user, "profile", None).await,
+                                Some(id) => {
+                                    let body = serde_json::json!({"sku": "flash", "orderId": id});
+                                    router_send(&addr, "POST", &user, "orders", Some(body)).await
+                                }
+                            };
+                            let (status, served_by, body) = match r {
+                                Ok(r) => (
+                                    r.status,
+                                    r.headers
+                                        .get("x-cellplane-served-by")
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or_default()
+                                        .to_string(),
+                                    r.body,
+                                ),
+                                Err(e) => (0, String::new(), e.to_string()),
+                            };
+                            answers.push(Answer {
+                                user: user.clone(),
+                                order,
+                                status,
+                                served_by,
+                                sent_ms,
+                                body,
+                            });
+                        }
+                    }
+                    answers
+                })
+            })
+            .collect();
+        Self { stop, clients }
+    }
+
+    /// Stops the clients and returns every answer they got.
+    pub async fn stop(self) -> Result<Vec<Answer>> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut all = Vec::new();
+        for c in self.clients {
+            all.extend(c.await?);
+        }
+        Ok(all)
+    }
+}
