@@ -58,7 +58,39 @@ spec:
     )
 }
 
+/// A region's operator as the lab runs it: platform leadership, replication, a fast agent.
+fn platform_operator(region: &Region, etcd: &Etcd, dir: &std::path::Path) -> Result<Operator> {
+    let secret = dir.join("platform-secret");
+    region.platform_operator(
+        &etcd.endpoints_flag(),
+        &[
+            "--replication-secret-file",
+            secret.to_str().context("path")?,
+            "--agent-interval-ms",
+            "100",
+        ],
+    )
+}
+
 impl PairLab {
+    /// Starts region `i`'s operator again (after a kill), with the same settings.
+    pub fn restart_operator(&mut self, i: usize) -> Result<()> {
+        self.operators[i] = platform_operator(&self.regions[i], &self.etcd, &self.dir)?;
+        Ok(())
+    }
+
+    /// Which operator leads the platform now (by its metrics), if exactly one does.
+    pub fn leader(&self) -> Option<usize> {
+        let leading: Vec<usize> = (0..self.operators.len())
+            .filter(|&i| {
+                self.operators[i].metrics().ok().and_then(|m| {
+                    crate::net::metric_value(&m, "cellplane_operator_platform_leader").ok()
+                }) == Some(1.0)
+            })
+            .collect();
+        (leading.len() == 1).then(|| leading[0])
+    }
+
     /// Everything up and converged: the table holds both cells, each replicates the other,
     /// both apps are ready with a flash sale open, the router follows the table.
     pub async fn up(name: &str) -> Result<Self> {
@@ -94,15 +126,7 @@ impl PairLab {
             let client = region.client().await?;
             stores.apply_secrets(&client).await?;
             apply_yaml(&client, "default", &set).await?;
-            operators.push(region.platform_operator(
-                &etcd.endpoints_flag(),
-                &[
-                    "--replication-secret-file",
-                    secret_file.to_str().context("path")?,
-                    "--agent-interval-ms",
-                    "100",
-                ],
-            )?);
+            operators.push(platform_operator(region, &etcd, &dir)?);
         }
         let table = wait_for("a table with both cells", T, || async {
             Ok(etcd.routing_table().await?.filter(|t| t.cells.len() == 2))

@@ -39,7 +39,7 @@ fn header(r: &cellplane_e2e::net::Reply, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<()> {
-    let lab = PairLab::up("switchover").await?;
+    let mut lab = PairLab::up("switchover").await?;
     let (etcd, router) = (&lab.etcd, &lab.router);
     let (us_users, eu_users) = (lab.users_of(HOME, 8), lab.users_of(STANDBY, 8));
     let all_users: Vec<String> = us_users.iter().chain(&eu_users).cloned().collect();
@@ -297,5 +297,93 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
         .await
         .unwrap_or(-1.0);
     println!("router held {held} requests over the four freezes");
+
+    // Leadership: the leader's operator dies in the middle of a switchover (it is started
+    // with --no-wait and the leader killed as soon as it left the preflight). The other
+    // region's operator takes the platform over and finishes the operation (or rolls it
+    // back); the dead one, restarted, does not lead while the other holds the lease.
+    let load = Load::start(&lab.router.addr, &all_users, 2);
+    let mut handed_over = None;
+    for attempt in 0..3 {
+        let leader = wait_for("one platform leader", T, || async { Ok(lab.leader()) }).await?;
+        let (code, out) = lab.cellplane(&["switchover", HOME, "--no-wait"]).await?;
+        assert_eq!(code, 0, "{out}");
+        let id = started_id(&out).expect("the CLI names the operation");
+        let step = wait_for("the operation past its preflight", T, || async {
+            Ok(match lab.record(&id).await? {
+                cellplane_operator::platform::batch::Operation::Switchover(op) => {
+                    (op.step != Step::Preflight).then_some(op.step)
+                }
+                _ => None,
+            })
+        })
+        .await?;
+        lab.operators[leader].kill();
+        let caught = lab.member(&id).await?;
+        println!(
+            "attempt {attempt}: leader {leader} killed at {step:?} (record at {:?})",
+            caught.step
+        );
+        let survivor = 1 - leader;
+        wait_for("the other region's operator leads", T, || async {
+            Ok((lab.leader() == Some(survivor)).then_some(()))
+        })
+        .await?;
+        lab.restart_operator(leader)?;
+        let op = wait_for("the operation finished by the new leader", T, || async {
+            let op = lab.member(&id).await?;
+            Ok(op.finished().then_some(op))
+        })
+        .await?;
+        for _ in 0..20 {
+            assert_eq!(
+                lab.leader(),
+                Some(survivor),
+                "the restarted operator does not take over"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t = lab.etcd.routing_table().await?.unwrap();
+        match &op.outcome {
+            Some(Outcome::Succeeded { .. }) => {
+                assert_eq!(
+                    t.cell(HOME).unwrap().state,
+                    cellplane_cells::crd::CellPhase::FailedOver
+                );
+                lab.wait_replicating(HOME, STANDBY).await?;
+                let (code, out) = lab.cellplane(&["failback", HOME]).await?;
+                assert_eq!(code, 0, "{out}");
+            }
+            Some(Outcome::RolledBack { .. }) => {
+                assert!(t.slot_count(HOME) > 0 && !t.cell(HOME).unwrap().frozen);
+            }
+            other => panic!("{other:?}"),
+        }
+        lab.wait_replicating(STANDBY, HOME).await?;
+        if caught.finished() {
+            continue; // it ended before the kill: no handover to prove, try again
+        }
+        println!(
+            "handed over at {:?}:\n{}",
+            caught.step,
+            cellplane_operator::platform::report::text(&op)
+        );
+        handed_over = Some(op);
+        break;
+    }
+    assert!(
+        handed_over.is_some(),
+        "three attempts ended before the leader could be killed"
+    );
+    let answers = load.stop().await?;
+    let failed: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.status >= 500 || a.status == 0)
+        .collect();
+    println!(
+        "{} requests around the handover, {} failed",
+        answers.len(),
+        failed.len()
+    );
     Ok(())
 }
