@@ -288,7 +288,10 @@ async fn serve_cell(
             .pass(Some(password))
             .pool_opts(
                 mysql_async::PoolOpts::default()
-                    .with_constraints(mysql_async::PoolConstraints::new(0, 2).expect("0 <= 2")),
+                    .with_constraints(mysql_async::PoolConstraints::new(0, 2).expect("0 <= 2"))
+                    // Kept between passes (mysql_async closes idle connections above the
+                    // minimum at once when this is zero).
+                    .with_inactive_connection_ttl(Duration::from_secs(60)),
             );
         let previous = states.remove(&name);
         let previous_samples = previous
