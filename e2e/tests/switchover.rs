@@ -160,6 +160,33 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
             );
         }
         records.push(op);
+        // A profile updated while its user is away is what the old home shows on return:
+        // the update went to the standby (the user's schema there, replicated back), and the
+        // old home's cache entry from before the switchover must not be served.
+        let moved = format!("moved-{}@example.com", us_users[0]);
+        match records.len() {
+            1 => {
+                let body = serde_json::json!({"name": us_users[0], "email": moved});
+                let r =
+                    router_send(&router.addr, "PUT", &us_users[0], "profile", Some(body)).await?;
+                assert_eq!(
+                    (r.status, header(&r, "x-cellplane-served-by")),
+                    (200, STANDBY.to_string()),
+                    "{}",
+                    r.body
+                );
+            }
+            2 => {
+                let r = router_send(&router.addr, "GET", &us_users[0], "profile", None).await?;
+                assert_eq!(header(&r, "x-cellplane-served-by"), HOME);
+                assert!(
+                    r.body.contains(&moved),
+                    "the old home served a stale profile: {}",
+                    r.body
+                );
+            }
+            _ => {}
+        }
         // The next operation's preflight needs the new standby replicating its new home.
         let t = etcd.routing_table().await?.unwrap();
         if t.cell(HOME).unwrap().state == cellplane_cells::crd::CellPhase::Active {

@@ -213,6 +213,13 @@ impl HotCache {
         );
     }
 
+    /// Forgets every value. Tombstones stay: they still stop stale fills.
+    pub fn clear_values(&self) {
+        self.lock()
+            .entries
+            .retain(|_, (e, _)| matches!(e, Entry::Tombstone { .. }));
+    }
+
     pub fn len(&self) -> usize {
         self.lock().entries.len()
     }

@@ -35,6 +35,7 @@ pub struct App {
     pub orders: Arc<Orders>,
     pub tables: Arc<TableStore>,
     pub consumer: Arc<StreamConsumer>,
+    pub landing: Arc<crate::landing::Landing>,
 }
 
 pub fn router(app: App) -> Router {
@@ -106,7 +107,8 @@ async fn get_profile(
 ) -> AppResult<Json<ProfileRead>> {
     check_user(&user)?;
     let data = app.stores.dataset(&served.data_home);
-    Ok(Json(app.profiles.get(&user, &data).await?))
+    let suspect = app.landing.is_suspect(served.slot);
+    Ok(Json(app.profiles.get(&user, &data, suspect).await?))
 }
 
 #[derive(Serialize)]

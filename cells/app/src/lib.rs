@@ -12,6 +12,7 @@ pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod http;
+pub mod landing;
 pub mod metrics;
 pub mod orders;
 pub mod profiles;

@@ -6,6 +6,7 @@
 use anyhow::{bail, Context as _};
 use cellplane_cell_app::config::AppConfig;
 use cellplane_cell_app::http::App;
+use cellplane_cell_app::landing::Landing;
 use cellplane_cell_app::metrics::Metrics;
 use cellplane_cell_app::orders::Orders;
 use cellplane_cell_app::profiles::Profiles;
@@ -96,13 +97,23 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         consumer.clone(),
     ));
+    let profiles = Arc::new(Profiles::new(stores.clone(), metrics.clone()));
+    let landing = Arc::new(Landing::default());
+    tokio::spawn(cellplane_cell_app::landing::run(
+        tables.clone(),
+        stores.clone(),
+        profiles.clone(),
+        landing.clone(),
+        metrics.clone(),
+    ));
     let app = App {
-        profiles: Arc::new(Profiles::new(stores.clone(), metrics.clone())),
+        profiles,
         orders: Arc::new(Orders::new(stores.clone(), metrics.clone())),
         stores,
         metrics,
         tables,
         consumer,
+        landing,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub table: TableMetrics,
     /// Requests for users (the fenced routes), for the load a failover moves.
     pub user_requests: Counter,
+    /// Landings: stale cache entries dropped, recent profiles warmed.
+    pub landing_dropped: Counter,
+    pub landing_warmed: Counter,
     registry: Registry,
 }
 
@@ -58,6 +61,8 @@ impl Metrics {
             profile_reads: Family::default(),
             orders_accepted: Counter::default(),
             user_requests: Counter::default(),
+            landing_dropped: Counter::default(),
+            landing_warmed: Counter::default(),
             orders_rejected: Family::default(),
             orders_persisted: Counter::default(),
             orders_duplicates: Counter::default(),
@@ -85,6 +90,21 @@ impl Metrics {
             "orders_persisted",
             "Orders written to MySQL",
             m.orders_persisted.clone(),
+        );
+        r.register(
+            "user_requests",
+            "Requests for users (the fenced routes)",
+            m.user_requests.clone(),
+        );
+        r.register(
+            "landing_cache_dropped",
+            "Cached profiles dropped because this cell started serving their slots",
+            m.landing_dropped.clone(),
+        );
+        r.register(
+            "landing_cache_warmed",
+            "Recently updated profiles filled into Redis when this cell started serving their slots",
+            m.landing_warmed.clone(),
         );
         r.register(
             "orders_duplicates",

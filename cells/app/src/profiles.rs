@@ -12,8 +12,9 @@ use crate::stores::{retry_read, timed, Dataset, Stores};
 use mysql_async::prelude::Queryable;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,10 +49,15 @@ pub struct ProfileRead {
     pub profile: Profile,
 }
 
+/// Reads of one key from MySQL under way: concurrent misses for a key wait for the one
+/// read instead of each asking MySQL (a landing, a hot key just invalidated).
+type InFlight = parking_lot::Mutex<HashMap<String, Arc<OnceCell<(Profile, u64)>>>>;
+
 pub struct Profiles {
     stores: Arc<Stores>,
     metrics: Arc<Metrics>,
     hot: HotCache,
+    in_flight: InFlight,
     db_fallback: Semaphore,
     fill: redis::Script,
     tombstone: redis::Script,
@@ -66,6 +72,7 @@ impl Profiles {
         let cfg = &stores.cfg;
         Self {
             hot: HotCache::new(cfg.local_ttl, cfg.local_capacity, cfg.hot_reads_per_sec),
+            in_flight: InFlight::default(),
             db_fallback: Semaphore::new(cfg.db_fallback_concurrency),
             fill: redis::Script::new(cache::FILL_SCRIPT),
             tombstone: redis::Script::new(cache::TOMBSTONE_SCRIPT),
@@ -74,9 +81,15 @@ impl Profiles {
         }
     }
 
-    pub async fn get(&self, user: &str, data: &Dataset) -> AppResult<ProfileRead> {
+    /// A profile; `suspect` (a slot this cell just started serving) skips both caches
+    /// and refreshes them from MySQL.
+    pub async fn get(&self, user: &str, data: &Dataset, suspect: bool) -> AppResult<ProfileRead> {
         let key = cache_key(user);
-        let read = self.read(user, &key, data).await?;
+        let read = if suspect {
+            self.read_db_and_fill(user, &key, data).await?
+        } else {
+            self.read(user, &key, data).await?
+        };
         self.metrics.profile_read(read.source);
         Ok(read)
     }
@@ -152,7 +165,35 @@ impl Profiles {
         key: &str,
         data: &Dataset,
     ) -> AppResult<ProfileRead> {
-        let (profile, version) = self.read_db(user, data).await?;
+        let cell = self
+            .in_flight
+            .lock()
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let mut leader = false;
+        let read = cell
+            .get_or_try_init(|| {
+                leader = true;
+                self.read_db(user, data)
+            })
+            .await
+            .cloned();
+        {
+            let mut m = self.in_flight.lock();
+            if m.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                m.remove(key);
+            }
+        }
+        let (profile, version) = read?;
+        if !leader {
+            return Ok(ProfileRead {
+                user: user.into(),
+                version,
+                source: "db-coalesced",
+                profile,
+            });
+        }
         let data = serde_json::to_string(&profile).expect("profile serializes");
         let cfg = &self.stores.cfg;
         // Best effort: a refused or failed fill only costs a later miss.
@@ -226,6 +267,12 @@ impl Profiles {
             Ok::<_, mysql_async::Error>(version.unwrap_or(1))
         };
         timed("mysql", deadline, write).await
+    }
+
+    /// Empties the in-process cache of values (a landing: they may predate writes made
+    /// by another cell).
+    pub fn forget_local(&self) {
+        self.hot.clear_values();
     }
 
     /// Entries in the in-process cache (for /status).
