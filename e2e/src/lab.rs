@@ -287,6 +287,7 @@ pub struct Answer {
     pub status: u16,
     pub served_by: String,
     pub sent_ms: u64,
+    pub latency_ms: u64,
     pub body: String,
 }
 
@@ -312,6 +313,7 @@ impl Load {
                         let order_id = format!("o-{c}-{n}");
                         for order in [None, Some(order_id)] {
                             let sent_ms = cellplane_table::store::now_ms();
+                            let started = std::time::Instant::now();
                             let r = match &order {
                                 None => router_send(&addr, "GET", &user, "profile", None).await,
                                 Some(id) => {
@@ -337,6 +339,7 @@ impl Load {
                                 status,
                                 served_by,
                                 sent_ms,
+                                latency_ms: started.elapsed().as_millis() as u64,
                                 body,
                             });
                         }

@@ -16,6 +16,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A MySQL server's queries per second over `window` (its `Questions` counter).
+async fn queries_per_sec(pool: &mysql_async::Pool, window: Duration) -> Result<f64> {
+    let questions = || async {
+        let mut c = pool.get_conn().await?;
+        let v: Option<(String, u64)> = c.query_first("SHOW GLOBAL STATUS LIKE 'Questions'").await?;
+        anyhow::Ok(v.map_or(0, |(_, n)| n))
+    };
+    let (first, started) = (questions().await?, std::time::Instant::now());
+    tokio::time::sleep(window).await;
+    let last = questions().await?;
+    Ok(last.saturating_sub(first) as f64 / started.elapsed().as_secs_f64())
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -84,6 +97,11 @@ async fn main() -> Result<()> {
 
     let load = Load::start(&lab.router.addr, &users, 4);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The standby's MySQL before it takes the home's users: 10 s of the load as it is.
+    let standby_sql = lab.standby.mysql_admin()?;
+    let before_started = cellplane_table::store::now_ms();
+    let before = queries_per_sec(&standby_sql, Duration::from_secs(10)).await?;
+    let mut landing = None;
     let mut freezes = Vec::new();
     let (mut held, mut timeouts) = (0, 0);
     for i in 0..drills {
@@ -106,6 +124,12 @@ async fn main() -> Result<()> {
             i + 1,
             args[0]
         );
+        if i == 0 {
+            // The landing: the new home's MySQL and the users' latency over 10 s after it.
+            let released = op.released_at_ms.context("released")?;
+            let after = queries_per_sec(&standby_sql, Duration::from_secs(10)).await?;
+            landing = Some((released, after));
+        }
         freezes.push(freeze);
         // The next operation's preflight wants the new standby replicating.
         if i % 2 == 0 {
@@ -198,6 +222,22 @@ async fn main() -> Result<()> {
     println!("  requests held       {held} ({timeouts} timed out)");
     println!("  answers not 2xx     {not_ok:?}");
     println!("  acknowledged orders {total}, lost {lost}   (must be 0)");
+    if let Some((released, after)) = landing {
+        let p99 = |from: u64, to: u64| {
+            let mut l: Vec<u64> = answers
+                .iter()
+                .filter(|a| a.sent_ms >= from && a.sent_ms < to && a.status < 300)
+                .map(|a| a.latency_ms)
+                .collect();
+            l.sort_unstable();
+            percentile(&l, 0.99)
+        };
+        println!(
+            "  landing (1st switchover): {STANDBY}'s MySQL {before:.0} queries/s in 10 s before, {after:.0} in the 10 s after the flip; users' p99 {} ms before, {} ms after",
+            p99(before_started, before_started + 10_000),
+            p99(released, released + 10_000)
+        );
+    }
     if lost > 0 {
         bail!("{lost} acknowledged orders lost");
     }
