@@ -75,6 +75,8 @@ pub struct Registration {
     pub standby: Option<String>,
     /// Named endpoints, e.g. `app` -> `shop-us-0-app.ns.svc:8080`.
     pub endpoints: BTreeMap<String, String>,
+    /// True when registered; then what the region's agent measures: the cell's app
+    /// answers `/readyz` (its three stores and a table).
     pub healthy: bool,
     /// The cell's MySQL as its region's operator last saw it (None: not measured yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -219,8 +219,9 @@ impl Backend {
                         let (n, me, h, dl, ar) =
                             (n.clone(), me.clone(), h.clone(), dl.clone(), ar.clone());
                         async move {
-                            if req.uri().path() == "/healthz" {
-                                // The router's active health checks: answered at once, not counted.
+                            if matches!(req.uri().path(), "/healthz" | "/readyz") {
+                                // Health checks (the router's, the region agent's):
+                                // answered at once, not counted.
                                 return Ok(http::Response::new(Full::new(Bytes::from("ok"))));
                             }
                             if req.uri().path() == "/status" {

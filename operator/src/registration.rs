@@ -33,6 +33,8 @@ pub struct Live {
     pub mysql: Option<MysqlReport>,
     pub kafka_lag: Option<u64>,
     pub requests_per_sec: Option<u64>,
+    /// Measured health (None: not measured; the registration's own value stands).
+    pub healthy: Option<bool>,
     pub intent_generation: u64,
 }
 
@@ -42,6 +44,9 @@ fn merged(parts: &Parts) -> Option<Registration> {
         reg.mysql = live.mysql.clone();
         reg.kafka_lag = live.kafka_lag;
         reg.requests_per_sec = live.requests_per_sec;
+        if let Some(h) = live.healthy {
+            reg.healthy = h;
+        }
         reg.intent_generation = live.intent_generation;
     }
     Some(reg)

@@ -430,6 +430,9 @@ async fn serve_cell(
         }),
         kafka_lag: app.order_backlog,
         requests_per_sec,
+        // The app's own readiness (its three stores and a table); an app that does not
+        // answer at all is not healthy either.
+        healthy: Some(app.ready.unwrap_or(false)),
         intent_generation: st.applied_generation,
     })
 }
@@ -441,6 +444,8 @@ struct AppStatus {
     order_backlog: Option<u64>,
     /// `userRequestsTotal`: the app's user request counter.
     user_requests_total: Option<u64>,
+    /// `/readyz` answered 200: every store of the cell answers (None: the app did not).
+    ready: Option<bool>,
 }
 
 /// Drops samples older than a minute (keeping one at or before the window's start) and
@@ -461,27 +466,39 @@ fn rate_over_last_minute(samples: &mut VecDeque<(Instant, u64)>) -> Option<u64> 
 
 /// The app's `/status`, or nothing when it does not answer within a second.
 async fn app_status(app: &str) -> AppStatus {
+    let (status, ready) = tokio::join!(http_get(app, "/status"), http_get(app, "/readyz"));
+    let Some(v) =
+        status.and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+    else {
+        return AppStatus::default();
+    };
+    AppStatus {
+        order_backlog: v["orders"]["lag"].as_u64(),
+        user_requests_total: v["userRequestsTotal"].as_u64(),
+        ready: Some(ready.is_some_and(|(code, _)| code == 200)),
+    }
+}
+
+/// `GET path` on the app: status code and body, or None when it does not answer within a
+/// second.
+async fn http_get(app: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(app).await.ok()?;
-        s.write_all(format!("GET /status HTTP/1.0\r\nHost: {app}\r\n\r\n").as_bytes())
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {app}\r\n\r\n").as_bytes())
             .await
             .ok()?;
         let mut buf = Vec::new();
         s.take(64 * 1024).read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf);
-        let body = text.split_once("\r\n\r\n")?.1;
-        let v: serde_json::Value = serde_json::from_str(body).ok()?;
-        Some(AppStatus {
-            order_backlog: v["orders"]["lag"].as_u64(),
-            user_requests_total: v["userRequestsTotal"].as_u64(),
-        })
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let code = head.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, body.to_string()))
     };
     tokio::time::timeout(Duration::from_secs(1), fetch)
         .await
         .ok()
         .flatten()
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
