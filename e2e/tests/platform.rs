@@ -8,7 +8,7 @@
 //! would (MetalLB does the same on bare metal). Behind each address a real HTTP backend
 //! answers with its cell's name.
 
-use cellplane_cells::etcd_keys::{pins_key, router_key, RouterAck};
+use cellplane_cells::etcd_keys::{router_key, RouterAck};
 use cellplane_cells::routing::RoutingTable;
 use cellplane_cells::slot::slot_for_key;
 use cellplane_e2e::net::{metric_value, Backend, Etcd, RouterProc};
@@ -281,21 +281,8 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
         assert_eq!(answered_by(&r_eu, user).await?, "shop-us-1");
     }
 
-    // 5. A pin moves one user's slot on purpose; the table says so.
-    let vip = &newcomers[0];
-    let slot = slot_for_key(vip, 16384);
-    etcd.put(&pins_key("shop"), format!(r#"{{"{slot}": "shop-eu-0"}}"#))
-        .await?;
-    let t4 = wait_table(&etcd, "the pin applied", |t| t.pinned(slot).is_some()).await?;
-    assert_eq!(t4.epoch, e + 3);
-    assert_eq!(t4.cell_for_slot(slot).name, "shop-eu-0");
-    acked("r-us", e + 3).await?;
-    assert_eq!(answered_by(&r_us, vip).await?, "shop-eu-0");
-
-    // 6. The SRE's command reads the same state, and refuses what cannot work: a
-    //    switchover needs the home's MySQL report (no region reports one in this lab),
-    //    an unknown cell is an error. A record written behind the CLI's back is refused
-    //    by the leader with the same gate, and nothing changes.
+    // 5. A pin moves one user's slot on purpose (`cellplane pin`, which waits for the
+    //    leader's table to carry it); the table says so.
     let cli = |args: &[&str]| -> anyhow::Result<(i32, String, String)> {
         let out = std::process::Command::new(cellplane_e2e::workspace_bin("cellplane"))
             .args([
@@ -312,6 +299,33 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
     };
+    let vip = &newcomers[0];
+    let slot = slot_for_key(vip, 16384);
+    let (code, stdout, stderr) = cli(&["pin", "--user", vip, "--cell", "shop-eu-0"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("slot {slot} pinned to shop-eu-0")),
+        "{stdout}"
+    );
+    let (code, _, stderr) = cli(&["pin", "7", "--cell", "shop-nowhere"])?;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("unknown cell \"shop-nowhere\""), "{stderr}");
+    let (code, stdout, _) = cli(&["pin", "--list"])?;
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains(&format!("slot {slot:>5} -> shop-eu-0")),
+        "{stdout}"
+    );
+    let t4 = wait_table(&etcd, "the pin applied", |t| t.pinned(slot).is_some()).await?;
+    assert_eq!(t4.epoch, e + 3);
+    assert_eq!(t4.cell_for_slot(slot).name, "shop-eu-0");
+    acked("r-us", e + 3).await?;
+    assert_eq!(answered_by(&r_us, vip).await?, "shop-eu-0");
+
+    // 6. The SRE's command reads the same state, and refuses what cannot work: a
+    //    switchover needs the home's MySQL report (no region reports one in this lab),
+    //    an unknown cell is an error. A record written behind the CLI's back is refused
+    //    by the leader with the same gate, and nothing changes.
     let (code, stdout, _) = cli(&["route", vip, "-o", "json"])?;
     assert_eq!(code, 0);
     let routed: serde_json::Value = serde_json::from_str(&stdout)?;
@@ -370,7 +384,8 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
         || async { Ok((platform_leader(survivor)? == 1.0).then_some(())) },
     )
     .await?;
-    etcd.put(&pins_key("shop"), "{}").await?;
+    let (code, stdout, stderr) = cli(&["unpin", "--user", vip])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
     let t5 = wait_table(&etcd, "the pin lifted by the new leader", |t| {
         t.pins.is_empty() && t.epoch > e + 3
     })

@@ -8,7 +8,8 @@
 use anyhow::{bail, Context as _};
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{
-    cells_prefix, drill_key, drills_prefix, routers_prefix, Intent, Registration, RouterAck,
+    cells_prefix, drill_key, drills_prefix, pins_key, routers_prefix, Intent, Registration,
+    RouterAck,
 };
 use cellplane_cells::routing::RoutingTable;
 use cellplane_operator::platform::batch::{cells_of_region, Batch, BatchOutcome, Operation};
@@ -141,6 +142,29 @@ enum Command {
         wave: usize,
         #[command(flatten)]
         flags: OpFlags,
+    },
+    /// Pin a slot (or a user's slot) to a serving cell, on top of the placement; without a
+    /// cell, list the pins.
+    Pin {
+        /// The slot, or `--user`.
+        #[arg(required_unless_present_any = ["user", "list"])]
+        slot: Option<u32>,
+        /// Pin this user's slot.
+        #[arg(long, conflicts_with = "slot")]
+        user: Option<String>,
+        /// The cell to pin to.
+        #[arg(long, required_unless_present = "list")]
+        cell: Option<String>,
+        /// List the pins.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Remove a slot's pin (or a user's slot's).
+    Unpin {
+        #[arg(required_unless_present = "user")]
+        slot: Option<u32>,
+        #[arg(long, conflicts_with = "slot")]
+        user: Option<String>,
     },
     /// List operations, or show one report (`-o markdown` for a ticket).
     Drills { id: Option<String> },
@@ -520,14 +544,15 @@ async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitC
             let prefix = matches!(op, Operation::Batch(_));
             for m in mine {
                 let seen = shown.entry(m.id.clone()).or_default();
-                for st in &m.steps[(*seen).min(m.steps.len())..] {
+                for (i, st) in m.steps.iter().enumerate().skip(*seen) {
                     println!(
-                        "  {}{:<10} {:>7} ms  {}",
+                        "  {}{} {:<10} {:>7} ms  {}",
                         if prefix {
                             format!("[{}] ", m.cell)
                         } else {
                             String::new()
                         },
+                        report::progress_bar(m, i + 1),
                         format!("{:?}", st.step),
                         st.ended_ms.saturating_sub(st.started_ms),
                         st.note
@@ -576,6 +601,137 @@ fn show(
         Operation::Switchover(s) => exit_for(s),
         Operation::Batch(b) => exit_for_batch(b, members),
     })
+}
+
+type Pins = BTreeMap<u32, String>;
+
+/// The pins as written, and the key's revision (0: none yet).
+async fn read_pins(p: &mut Platform) -> anyhow::Result<(Pins, i64)> {
+    let resp = p.client.get(pins_key(&p.name), None).await?;
+    match resp.kvs().first() {
+        None => Ok((Pins::new(), 0)),
+        Some(kv) => Ok((
+            serde_json::from_slice(kv.value())
+                .context("the pins key is not a JSON object of slot -> cell")?,
+            kv.mod_revision(),
+        )),
+    }
+}
+
+async fn show_pins(p: &mut Platform, out: Output) -> anyhow::Result<ExitCode> {
+    let (pins, _) = read_pins(p).await?;
+    let t = p.table().await?;
+    if out == Output::Json {
+        print_json(&pins)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (slot, cell) in &pins {
+        let applied = t.pinned(*slot) == Some(cell.as_str());
+        println!(
+            "slot {slot:>5} -> {cell}{}",
+            if applied {
+                ""
+            } else {
+                "  (not applied: the cell does not serve traffic or is unknown)"
+            }
+        );
+    }
+    if pins.is_empty() {
+        println!("no pins");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sets (`cell`) or removes a pin with a compare-and-swap on the pins key, then waits for
+/// the leader's table to carry it.
+async fn change_pin(
+    p: &mut Platform,
+    slot: Option<u32>,
+    user: Option<String>,
+    cell: Option<String>,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let t = p.table().await?;
+    let slot = match (slot, &user) {
+        (Some(s), _) => s,
+        (None, Some(u)) => t.route(u).0,
+        (None, None) => bail!("name the slot, or --user"),
+    };
+    if slot >= t.slots {
+        bail!(
+            "slot {slot} is out of range: the table has slots 0..{}",
+            t.slots
+        );
+    }
+    if let Some(cell) = &cell {
+        let entry = t.cell(cell).ok_or_else(|| unknown_cell(&t, cell))?;
+        if !cellplane_cells::routing::serves_traffic(entry.state) || entry.frozen {
+            bail!(
+                "{cell} is {:?}{}; pin to a serving, unfrozen cell",
+                entry.state,
+                if entry.frozen { " and frozen" } else { "" }
+            );
+        }
+    }
+    for _ in 0..5 {
+        let (mut pins, revision) = read_pins(p).await?;
+        match &cell {
+            Some(c) => {
+                pins.insert(slot, c.clone());
+            }
+            None => {
+                if pins.remove(&slot).is_none() {
+                    bail!("slot {slot} has no pin");
+                }
+            }
+        }
+        let key = pins_key(&p.name);
+        let txn = etcd_client::Txn::new()
+            .when([etcd_client::Compare::mod_revision(
+                key.as_str(),
+                etcd_client::CompareOp::Equal,
+                revision,
+            )])
+            .and_then([etcd_client::TxnOp::put(
+                key.as_str(),
+                serde_json::to_vec(&pins)?,
+                None,
+            )]);
+        if !p.client.txn(txn).await?.succeeded() {
+            continue; // someone else changed the pins meanwhile: read again
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = p.table().await?;
+            if now.pinned(slot) == cell.as_deref() {
+                if out == Output::Json {
+                    print_json(
+                        &serde_json::json!({"slot": slot, "cell": cell, "epoch": now.epoch}),
+                    )?;
+                } else {
+                    match &cell {
+                        Some(c) => {
+                            println!("slot {slot} pinned to {c} at epoch {}", now.epoch);
+                            if t.data_home(slot).name != *c {
+                                println!("  note: the slot's rows stay in {}'s schema; a pin moves traffic, not data (copy them to {c} first)", t.data_home(slot).name);
+                            }
+                        }
+                        None => println!(
+                            "slot {slot} unpinned at epoch {}; it is on {} again",
+                            now.epoch,
+                            now.cell_for_slot(slot).name
+                        ),
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the pin is written but the table does not carry it after 10 s: is a platform leader running?");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    bail!("the pins kept changing under this command; try again")
 }
 
 async fn drills(p: &mut Platform, id: Option<String>, out: Output) -> anyhow::Result<ExitCode> {
@@ -734,6 +890,20 @@ async fn main() -> ExitCode {
                 start(&mut p, req, &flags, cli.output).await
             }
             Command::Drills { id } => drills(&mut p, id, cli.output).await,
+            Command::Pin {
+                slot,
+                user,
+                cell,
+                list,
+            } => {
+                if list {
+                    show_pins(&mut p, cli.output).await
+                } else {
+                    let cell = cell.context("--cell names the cell to pin to")?;
+                    change_pin(&mut p, slot, user, Some(cell), cli.output).await
+                }
+            }
+            Command::Unpin { slot, user } => change_pin(&mut p, slot, user, None, cli.output).await,
         }
     };
     match run.await {

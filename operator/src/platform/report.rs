@@ -6,6 +6,21 @@ use super::switchover::{Kind, Outcome, Switchover};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+/// `[###-----]`: how far an operation is once its first `done` step records are written
+/// (a switchover or failback has eight steps; a rollback fills the bar).
+pub fn progress_bar(op: &Switchover, done: usize) -> String {
+    const STEPS: usize = 8;
+    let filled = if op.steps[..done.min(op.steps.len())]
+        .iter()
+        .any(|s| s.step == super::switchover::Step::RollBack)
+    {
+        STEPS
+    } else {
+        done.min(op.steps.len()).min(STEPS)
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(STEPS - filled))
+}
+
 /// One word (or short phrase) for how an operation ended.
 pub fn result(op: &Switchover) -> String {
     match &op.outcome {
@@ -295,6 +310,14 @@ mod tests {
         });
         assert!(text(&fb).contains("failback of a from b"));
         assert!(text(&fb).contains("rolled back at CatchUp: a 3 transactions behind"));
+    }
+
+    #[test]
+    fn the_progress_bar_fills_with_the_steps() {
+        let op = finished();
+        assert_eq!(progress_bar(&op, 0), "[--------]");
+        assert_eq!(progress_bar(&op, 2), "[##------]");
+        assert_eq!(progress_bar(&op, 20), "[##------]", "no more than recorded");
     }
 
     #[test]
