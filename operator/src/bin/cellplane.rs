@@ -6,13 +6,14 @@
 //! 3 rolled back (a drain or failback of a region exits like the member that stopped it).
 
 use anyhow::{bail, Context as _};
-use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{
     cells_prefix, drill_key, drills_prefix, pins_key, routers_prefix, Intent, Registration,
     RouterAck,
 };
 use cellplane_cells::routing::RoutingTable;
-use cellplane_operator::platform::batch::{cells_of_region, Batch, BatchOutcome, Operation};
+use cellplane_operator::platform::batch::{
+    cells_of_region, operation_for, Batch, BatchOutcome, Operation,
+};
 use cellplane_operator::platform::operations::read_values;
 use cellplane_operator::platform::report;
 use cellplane_operator::platform::switchover::{self, Kind, Limits, Observed, Outcome, Switchover};
@@ -364,54 +365,16 @@ fn unknown_cell(t: &RoutingTable, cell: &str) -> anyhow::Error {
     anyhow::anyhow!("unknown cell {cell:?}; the table has {}", known.join(", "))
 }
 
-fn switchover_of(
+/// A switchover or failback of `cell` as the table pairs it.
+fn operation_of(
+    kind: Kind,
     t: &RoutingTable,
     cell: &str,
     id: &str,
     limits: &Limits,
     now: u64,
 ) -> anyhow::Result<Switchover> {
-    let entry = t.cell(cell).ok_or_else(|| unknown_cell(t, cell))?;
-    let Some(target) = entry.standby.clone() else {
-        bail!(
-            "{cell} has no standby; pair it (CellSets pair every cell with one in the next region)"
-        );
-    };
-    Ok(Switchover::new(
-        id,
-        cell,
-        &target,
-        &who(),
-        limits.clone(),
-        now,
-    ))
-}
-
-fn failback_of(
-    t: &RoutingTable,
-    cell: &str,
-    id: &str,
-    limits: &Limits,
-    now: u64,
-) -> anyhow::Result<Switchover> {
-    let entry = t.cell(cell).ok_or_else(|| unknown_cell(t, cell))?;
-    if entry.state != CellPhase::FailedOver {
-        bail!(
-            "{cell} is {:?}, not failed over; there is nothing to fail back",
-            entry.state
-        );
-    }
-    let Some(source) = t.serving_for(cell) else {
-        bail!("no cell serves {cell}'s slots; there is nothing to fail back");
-    };
-    Ok(Switchover::failback(
-        id,
-        cell,
-        &source.name,
-        &who(),
-        limits.clone(),
-        now,
-    ))
+    operation_for(kind, t, cell, id, &who(), limits, now).map_err(anyhow::Error::msg)
 }
 
 fn batch_of(
@@ -434,8 +397,9 @@ fn batch_of(
         .cells
         .iter()
         .map(|c| match kind {
-            Kind::Switchover => switchover_of(t, c, &b.member_id(c), limits, now),
-            Kind::Failback => failback_of(t, c, &b.member_id(c), limits, now),
+            Kind::Switchover | Kind::Failback => {
+                operation_of(kind, t, c, &b.member_id(c), limits, now)
+            }
         })
         .collect::<anyhow::Result<_>>()?;
     Ok(Request {
@@ -811,8 +775,14 @@ async fn main() -> ExitCode {
             Command::Switchover { cell, flags } => {
                 let t = p.table().await?;
                 let now = cellplane_table::store::now_ms();
-                let op =
-                    switchover_of(&t, &cell, &format!("so-{cell}-{now}"), &flags.limits(), now)?;
+                let op = operation_of(
+                    Kind::Switchover,
+                    &t,
+                    &cell,
+                    &format!("so-{cell}-{now}"),
+                    &flags.limits(),
+                    now,
+                )?;
                 let req = Request {
                     summary: format!("{}: {}", op.id, report::title(&op)),
                     preflight: vec![op.clone()],
@@ -859,7 +829,8 @@ async fn main() -> ExitCode {
                 let now = cellplane_table::store::now_ms();
                 let req = match (cell, region) {
                     (Some(cell), _) => {
-                        let op = failback_of(
+                        let op = operation_of(
+                            Kind::Failback,
                             &t,
                             &cell,
                             &format!("fb-{cell}-{now}"),

@@ -233,41 +233,71 @@ fn member_for(
     t: &RoutingTable,
     now_ms: u64,
 ) -> Result<Switchover, String> {
-    let id = batch.member_id(cell);
-    let mut op = match batch.kind {
-        Kind::Switchover => {
-            let standby = t
-                .cell(cell)
-                .and_then(|c| c.standby.clone())
-                .ok_or_else(|| {
-                    format!("{cell} has no standby in the table; pair it in the CellSet")
-                })?;
-            Switchover::new(
-                &id,
-                cell,
-                &standby,
-                &batch.started_by,
-                batch.limits.clone(),
-                now_ms,
-            )
-        }
-        Kind::Failback => {
-            let source = t
-                .serving_for(cell)
-                .map(|c| c.name.clone())
-                .ok_or_else(|| format!("no cell serves {cell}'s slots; nothing to fail back"))?;
-            Switchover::failback(
-                &id,
-                cell,
-                &source,
-                &batch.started_by,
-                batch.limits.clone(),
-                now_ms,
-            )
-        }
-    };
+    let mut op = operation_for(
+        batch.kind,
+        t,
+        cell,
+        &batch.member_id(cell),
+        &batch.started_by,
+        &batch.limits,
+        now_ms,
+    )?;
     op.parent = Some(batch.id.clone());
     Ok(op)
+}
+
+/// The switchover of `cell` to its standby, or the failback of `cell` from the cell that
+/// serves its slots, as the table pairs them; or why there is none (naming the fix).
+pub fn operation_for(
+    kind: Kind,
+    t: &RoutingTable,
+    cell: &str,
+    id: &str,
+    started_by: &str,
+    limits: &Limits,
+    now_ms: u64,
+) -> Result<Switchover, String> {
+    let Some(entry) = t.cell(cell) else {
+        let known: Vec<&str> = t.cells.iter().map(|c| c.name.as_str()).collect();
+        return Err(format!(
+            "unknown cell {cell:?}; the table has {}",
+            known.join(", ")
+        ));
+    };
+    match kind {
+        Kind::Switchover => {
+            let standby = entry.standby.as_deref().ok_or_else(|| {
+                format!("{cell} has no standby; pair it (CellSets pair every cell with one in the next region)")
+            })?;
+            Ok(Switchover::new(
+                id,
+                cell,
+                standby,
+                started_by,
+                limits.clone(),
+                now_ms,
+            ))
+        }
+        Kind::Failback => {
+            if entry.state != CellPhase::FailedOver {
+                return Err(format!(
+                    "{cell} is {:?}, not failed over; there is nothing to fail back",
+                    entry.state
+                ));
+            }
+            let source = t.serving_for(cell).ok_or_else(|| {
+                format!("no cell serves {cell}'s slots; there is nothing to fail back")
+            })?;
+            Ok(Switchover::failback(
+                id,
+                cell,
+                &source.name,
+                started_by,
+                limits.clone(),
+                now_ms,
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
