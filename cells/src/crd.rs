@@ -195,7 +195,7 @@ fn default_readiness_path() -> String {
     "/readyz".into()
 }
 fn default_liveness_path() -> String {
-    "/healthz".into()
+    "/livez".into()
 }
 
 /// CPU/memory requests and limits as Kubernetes quantities (`"250m"`, `"512Mi"`).

@@ -219,7 +219,7 @@ impl Backend {
                         let (n, me, h, dl, ar) =
                             (n.clone(), me.clone(), h.clone(), dl.clone(), ar.clone());
                         async move {
-                            if matches!(req.uri().path(), "/healthz" | "/readyz") {
+                            if matches!(req.uri().path(), "/healthz" | "/livez" | "/readyz") {
                                 // Health checks (the router's, the region agent's):
                                 // answered at once, not counted.
                                 return Ok(http::Response::new(Full::new(Bytes::from("ok"))));

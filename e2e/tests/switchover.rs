@@ -324,6 +324,13 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
         .await
         .unwrap_or(-1.0);
     println!("router held {held} requests over the four freezes");
+    // The router's default health check asks the real app for a path it serves: no
+    // endpoint was ever taken down (a wrong path marks every endpoint down and the router
+    // fails open, which passes everything else).
+    let downs = router
+        .metric("cellplane_router_health_transitions_total{reason=\"down\"}")
+        .await?;
+    assert_eq!(downs, 0.0, "the router's health checks took the real app's endpoints down");
 
     // Leadership: the leader's operator dies in the middle of a switchover (it is started
     // with --no-wait and the leader killed as soon as it left the preflight). The other

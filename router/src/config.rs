@@ -95,7 +95,7 @@ impl Default for HealthCheck {
     fn default() -> Self {
         Self {
             enabled: true,
-            path: "/healthz".into(),
+            path: "/livez".into(),
             interval_ms: 2000,
             timeout_ms: 1000,
             unhealthy_threshold: 2,
