@@ -483,18 +483,12 @@ async fn a_standby_replica_catches_up_reports_lag_and_is_promoted_after_the_prim
     let refused = replication::promote(
         &standby_admin,
         "repl-home",
-        Some(&unreachable),
+        &unreachable,
         Duration::from_secs(1),
     )
     .await;
     assert!(refused.is_err(), "promoted a replica that is behind");
-    replication::promote(
-        &standby_admin,
-        "repl-home",
-        Some(&fenced.gtid_binlog_pos),
-        T,
-    )
-    .await?;
+    replication::promote(&standby_admin, "repl-home", &fenced.gtid_binlog_pos, T).await?;
     assert_eq!(
         replication::replica_status(&standby_admin, "repl-home").await?,
         None

@@ -330,7 +330,10 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
     let downs = router
         .metric("cellplane_router_health_transitions_total{reason=\"down\"}")
         .await?;
-    assert_eq!(downs, 0.0, "the router's health checks took the real app's endpoints down");
+    assert_eq!(
+        downs, 0.0,
+        "the router's health checks took the real app's endpoints down"
+    );
 
     // Leadership: the leader's operator dies in the middle of a switchover (it is started
     // with --no-wait and the leader killed as soon as it left the preflight). The other

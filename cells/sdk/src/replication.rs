@@ -173,22 +173,22 @@ pub async fn wait_caught_up(replica: &Pool, gtid_pos: &str, timeout: Duration) -
     Ok(waited == Some(0))
 }
 
-/// Makes the replica its own primary for the home cell's data: optionally waits until it
-/// has applied `caught_up_to` (refusing to promote a replica that is behind), stops and
-/// forgets the replication connection, and makes the server writable.
+/// Makes the replica its own primary for the home cell's data: waits until it has applied
+/// `caught_up_to` (the fenced home's final position; a replica that is behind is refused),
+/// stops and forgets the replication connection, and makes the server writable. There is
+/// no unchecked promotion: an emergency failover passes the position it accepts to lose
+/// from, and says so.
 pub async fn promote(
     replica: &Pool,
     name: &str,
-    caught_up_to: Option<&str>,
+    caught_up_to: &str,
     timeout: Duration,
 ) -> Result<()> {
     check_connection_name(name)?;
-    if let Some(pos) = caught_up_to {
-        if !wait_caught_up(replica, pos, timeout).await? {
-            return Err(Error::Replication(format!(
-                "replica has not applied {pos} within {timeout:?}; not promoting a replica that is behind"
-            )));
-        }
+    if !wait_caught_up(replica, caught_up_to, timeout).await? {
+        return Err(Error::Replication(format!(
+            "replica has not applied {caught_up_to} within {timeout:?}; not promoting a replica that is behind"
+        )));
     }
     let mut c = conn(replica).await?;
     c.query_drop(format!("STOP SLAVE '{name}'"))
