@@ -405,6 +405,15 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
             caught.step,
             cellplane_operator::platform::report::text(&op)
         );
+        // The record names both leaders: the killed one ended the first steps, the other
+        // region's operator the rest.
+        let leaders: BTreeSet<&str> = op
+            .steps
+            .iter()
+            .map(|s| s.by.as_str())
+            .filter(|b| !b.is_empty())
+            .collect();
+        assert_eq!(leaders.len(), 2, "{leaders:?}");
         handed_over = Some(op);
         break;
     }

@@ -141,7 +141,8 @@ async fn write_tables(
             }
             Some(Swap::Written { .. }) | None => {}
         }
-        let Some(operating) = operations::drive(client, &cfg.platform, fence, metrics).await?
+        let Some(operating) =
+            operations::drive(client, &cfg.platform, fence, &cfg.identity, metrics).await?
         else {
             return Ok(());
         };

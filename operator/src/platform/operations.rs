@@ -59,6 +59,7 @@ pub async fn drive(
     client: &mut Client,
     platform: &str,
     fence: &Fence,
+    leader: &str,
     metrics: &Metrics,
 ) -> Result<Option<bool>> {
     let ops: BTreeMap<String, (Operation, i64)> =
@@ -134,7 +135,11 @@ pub async fn drive(
             intents: &intents,
             busy,
         };
-        let (next, actions) = switchover::advance(op, &observed);
+        let (mut next, actions) = switchover::advance(op, &observed);
+        // The record says which leader ended each step (a handover shows in the report).
+        for s in next.steps.iter_mut().skip(op.steps.len()) {
+            s.by = leader.to_string();
+        }
         if next != *op {
             let record = Operation::Switchover(next.clone());
             if !put_record(client, platform, &record, *revision, fence).await? {

@@ -82,10 +82,22 @@ pub fn text(op: &Switchover) -> String {
         title(op),
         op.started_by
     );
+    let mut leader = "";
     for st in &op.steps {
+        let handover = if !st.by.is_empty() && st.by != leader {
+            let first = leader.is_empty();
+            leader = &st.by;
+            if first {
+                format!("  (leader {leader})")
+            } else {
+                format!("  (leader now {leader})")
+            }
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             s,
-            "  {:<10} {:>7} ms  {}",
+            "  {:<10} {:>7} ms  {}{handover}",
             format!("{:?}", st.step),
             st.ended_ms.saturating_sub(st.started_ms),
             st.note
@@ -143,14 +155,15 @@ pub fn markdown(op: &Switchover) -> String {
         op.freeze_epoch.map_or("-".into(), |e| e.to_string()),
         op.flip_epoch.map_or("-".into(), |e| e.to_string())
     );
-    let _ = writeln!(s, "\n| step | ms | note |\n|---|---:|---|");
+    let _ = writeln!(s, "\n| step | ms | note | leader |\n|---|---:|---|---|");
     for st in &op.steps {
         let _ = writeln!(
             s,
-            "| {:?} | {} | {} |",
+            "| {:?} | {} | {} | {} |",
             st.step,
             st.ended_ms.saturating_sub(st.started_ms),
-            st.note.replace('|', "\\|")
+            st.note.replace('|', "\\|"),
+            st.by
         );
     }
     s
@@ -274,12 +287,14 @@ mod tests {
                 started_ms: 0,
                 ended_ms: 3,
                 note: String::new(),
+                by: "op-us".into(),
             },
             StepRecord {
                 step: Step::Freeze,
                 started_ms: 3,
                 ended_ms: 40,
                 note: "every router | at epoch 8".into(),
+                by: "op-eu".into(),
             },
         ];
         op.frozen_at_ms = Some(3);
@@ -295,11 +310,15 @@ mod tests {
         let op = finished();
         let t = text(&op);
         assert!(t.contains("switchover of a to b"), "{t}");
+        assert!(
+            t.contains("(leader op-us)") && t.contains("(leader now op-eu)"),
+            "{t}"
+        );
         assert!(t.contains("write freeze: 500 ms"), "{t}");
         assert!(t.contains("result: succeeded"), "{t}");
         let m = markdown(&op);
         assert!(
-            m.contains("| Freeze | 37 | every router \\| at epoch 8 |"),
+            m.contains("| Freeze | 37 | every router \\| at epoch 8 | op-eu |"),
             "{m}"
         );
         assert!(m.contains("`1-1-9`"), "{m}");

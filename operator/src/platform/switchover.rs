@@ -145,6 +145,9 @@ pub struct StepRecord {
     pub ended_ms: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// The platform leader that ended the step (its election identity).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
 }
 
 /// The persisted record of one switchover or failback (`drills/<id>`).
@@ -939,6 +942,7 @@ fn enter(next: &mut Switchover, step: Step, now_ms: u64, note: String) {
         started_ms: next.step_started_ms,
         ended_ms: now_ms,
         note,
+        by: String::new(),
     });
     next.step = step;
     next.step_started_ms = now_ms;
@@ -983,6 +987,7 @@ fn note_error(next: &mut Switchover, error: String) {
         started_ms: next.step_started_ms,
         ended_ms: next.step_started_ms,
         note,
+        by: String::new(),
     });
 }
 
