@@ -8,6 +8,7 @@
 // a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+use kube::core::Rule;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -127,9 +128,11 @@ pub struct AppSpec {
     pub port: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
-    /// Extra environment for the app (the cell's connection settings are added by the operator).
+    /// Extra environment for the app (the cell's connection settings are added by the
+    /// operator; naming one of those is refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 128))]
+    #[x_kube(validation = reserved_env_rule())]
     pub env: Vec<EnvVar>,
     #[serde(default)]
     pub probes: Probes,
@@ -164,6 +167,19 @@ fn default_app_port() -> i32 {
     8080
 }
 
+/// The CEL rule refusing `spec.app.env` entries that name a variable the operator sets.
+fn reserved_env_rule() -> Rule {
+    let names: Vec<String> = crate::env::RESERVED
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect();
+    let message = format!(
+        "spec.app.env must not set the cell's own settings ({}): the operator sets them from the cell's stores; rename the variable",
+        crate::env::RESERVED.join(", ")
+    );
+    Rule::new(format!("self.all(e, !(e.name in [{}]))", names.join(", "))).message(message.as_str())
+}
+
 /// A plain environment variable.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct EnvVar {
@@ -174,12 +190,16 @@ pub struct EnvVar {
 }
 
 /// HTTP probes of the app.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Probes {
     #[serde(default = "default_readiness_path")]
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.app.probes.readinessPath must be an HTTP path starting with '/', e.g. /readyz"))]
     pub readiness_path: String,
     #[serde(default = "default_liveness_path")]
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.app.probes.livenessPath must be an HTTP path starting with '/', e.g. /livez"))]
     pub liveness_path: String,
 }
 
@@ -242,7 +262,7 @@ pub struct InClusterStore {
     pub replicas: i32,
     /// PersistentVolume size, e.g. `10Gi`.
     #[serde(default = "default_storage")]
-    #[x_kube(validation = Rule::new("self.matches('^[0-9]+(Mi|Gi|Ti)$')").message("storage must be a size like '10Gi' (units Mi, Gi or Ti)"))]
+    #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]*(Mi|Gi|Ti)$')").message("storage must be a size greater than zero like '10Gi' (units Mi, Gi or Ti)"))]
     #[schemars(length(max = 16))]
     pub storage: String,
     /// StorageClass of the volume; the cluster default when unset.
@@ -279,7 +299,7 @@ fn default_storage() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalStore {
-    /// `host:port` of the service.
+    /// `host:port` of the service (Kafka: a comma-separated list of them).
     #[schemars(length(min = 1, max = 512))]
     pub endpoint: String,
     /// Secret in the Cell's namespace holding the credentials (keys `username`, `password`).

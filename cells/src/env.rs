@@ -17,6 +17,22 @@ pub const MYSQL_DATABASE: &str = "MYSQL_DATABASE";
 /// Comma-separated `host:port` list of the cell's Kafka brokers.
 pub const KAFKA_BOOTSTRAP: &str = "KAFKA_BOOTSTRAP";
 
+/// Every variable the operator sets in a cell's app pods: `spec.app.env` may not name one
+/// (admission refuses it; the cell's own setting would be shadowed or duplicated).
+pub const RESERVED: [&str; 11] = [
+    CELL_NAME,
+    CELL_REGION,
+    CELL_PLATFORM,
+    CELL_ETCD,
+    REDIS_ADDR,
+    REDIS_PASSWORD,
+    MYSQL_ADDR,
+    MYSQL_USER,
+    MYSQL_PASSWORD,
+    MYSQL_DATABASE,
+    KAFKA_BOOTSTRAP,
+];
+
 /// The schema holding a cell's users in its MySQL shard: `cell_<name>` with `-` as `_`.
 /// Per cell, so a standby's MariaDB can hold its own schema and, replicated, the schema of
 /// the cell it stands by for.

@@ -117,6 +117,38 @@ async fn invalid_cells_are_rejected_by_the_api_server() -> anyhow::Result<()> {
             "spec.desiredState",
         ),
         (
+            "zero-storage",
+            Box::new(|v| {
+                v["spec"]["mysql"]["inCluster"]["storage"] = "0Gi".into();
+            }),
+            "storage must be a size greater than zero",
+        ),
+        (
+            "relative-probe-path",
+            Box::new(|v| {
+                v["spec"]["app"]["probes"] =
+                    serde_yaml::from_str("{readinessPath: readyz}").unwrap();
+            }),
+            "spec.app.probes.readinessPath must be an HTTP path starting with '/'",
+        ),
+        (
+            "env-shadows-a-cell-setting",
+            Box::new(|v| {
+                v["spec"]["app"]["env"] = serde_yaml::from_str(
+                    "[{name: FEATURE_X, value: '1'}, {name: REDIS_PASSWORD, value: hunter2}]",
+                )
+                .unwrap();
+            }),
+            "spec.app.env must not set the cell's own settings (CELL_NAME, CELL_REGION",
+        ),
+        (
+            "bad-advertise",
+            Box::new(|v| {
+                v["spec"]["app"]["advertise"] = "https://shop.example.com".into();
+            }),
+            "spec.app.advertise must be host:port",
+        ),
+        (
             "missing-image",
             Box::new(|v| {
                 v["spec"]["app"].as_mapping_mut().unwrap().remove("image");
