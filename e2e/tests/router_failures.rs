@@ -177,6 +177,13 @@ async fn without_a_key_the_client_address_picks_the_cell() -> anyhow::Result<()>
     let reply = get(&format!("http://{}/anything", strict.addr), &[]).await?;
     assert_eq!(reply.status, 400);
     assert!(reply.body.contains("no_user_key"), "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains("no user key: send the x-user-id header"),
+        "{}",
+        reply.body
+    );
     Ok(())
 }
 

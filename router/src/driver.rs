@@ -41,7 +41,7 @@ pub fn admit(
                 return Err(Rejection::new(
                     StatusCode::BAD_REQUEST,
                     "no_user_key",
-                    "no user key: send the X-User-Id header (or the configured key source)",
+                    format!("no user key: send {}", key::describe(&cfg.keys)),
                     None,
                 ))
             }

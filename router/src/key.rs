@@ -31,6 +31,26 @@ pub fn default_sources() -> Vec<KeySource> {
     vec![KeySource::Header("x-user-id".into())]
 }
 
+/// Where the configured sources look, for people: "the x-user-id header or the session
+/// cookie" (what a "no user key" answer asks the client to send).
+pub fn describe(sources: &[KeySource]) -> String {
+    let each: Vec<String> = sources
+        .iter()
+        .map(|s| match s {
+            KeySource::Header(h) => format!("the {h} header"),
+            KeySource::Cookie(c) => format!("the {c} cookie"),
+            KeySource::PathSegment(n) => format!("path segment {n} (0-based)"),
+            KeySource::Query(q) => format!("the {q} query parameter"),
+            KeySource::JwtClaim(c) => format!("the {c} claim of a bearer JWT"),
+        })
+        .collect();
+    if each.is_empty() {
+        "a user key (no key source is configured)".into()
+    } else {
+        each.join(" or ")
+    }
+}
+
 fn valid(key: &str) -> Option<&str> {
     (!key.is_empty() && key.len() <= MAX_KEY_LEN).then_some(key)
 }
@@ -136,6 +156,19 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_configured_sources_are_described_for_the_client() {
+        assert_eq!(describe(&default_sources()), "the x-user-id header");
+        let both = [
+            KeySource::Cookie("session".into()),
+            KeySource::PathSegment(1),
+        ];
+        assert_eq!(
+            describe(&both),
+            "the session cookie or path segment 1 (0-based)"
+        );
+    }
     use http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
