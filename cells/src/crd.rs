@@ -350,6 +350,9 @@ pub enum CellPhase {
     Drained,
     FailedOver,
     Standby,
+    /// The cell cannot be built as specified: `Ready=False` says why (`InvalidSpec`, or
+    /// `ApplyFailed` with the API server's message); cleared when the spec is fixed.
+    Failed,
 }
 
 /// A status condition, shaped like `metav1.Condition`.

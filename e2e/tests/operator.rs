@@ -74,6 +74,44 @@ async fn cell_converges_rolls_restores_and_cascades() -> anyhow::Result<()> {
         .unwrap()
         .contains(&"cellplane.io/registration".to_string()));
 
+    // A Cell that cannot be built (admitted: a quantity is not checked at admission yet)
+    // says so on itself: phase Failed, Ready=False with the reason and the message, a
+    // Warning event; fixing the spec clears it.
+    let bad = cell_yaml("c-bad", "example/shop:1").replace(
+        "replicas: 2}",
+        "replicas: 2, resources: {requests: {cpu: lots}}}",
+    );
+    apply_yaml(&client, "default", &bad).await?;
+    let failed = wait_for("Cell c-bad Failed", T, || async {
+        Ok(cells.get_opt("c-bad").await?.filter(|c| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(cellplane_cells::crd::CellPhase::Failed))
+        }))
+    })
+    .await?;
+    let ready = failed
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "False");
+    assert!(
+        ["InvalidSpec", "ApplyFailed"].contains(&ready.reason.as_str())
+            && ready.message.contains("quantities must match")
+            && ready.message.contains("fix the Cell's spec"),
+        "{ready:?}"
+    );
+    apply_yaml(&client, "default", &cell_yaml("c-bad", "example/shop:1")).await?;
+    let fixed = wait_ready(&cells, "c-bad").await?;
+    assert_eq!(
+        fixed.status.unwrap().phase,
+        Some(cellplane_cells::crd::CellPhase::Active)
+    );
+    cells.delete("c-bad", &Default::default()).await?;
+
     // Every child exists.
     let count = |kind: &str| -> anyhow::Result<usize> {
         Ok(region

@@ -33,6 +33,24 @@ pub enum Error {
     Serialization(#[source] serde_json::Error),
 }
 
+impl Error {
+    /// The API server refused the request itself (invalid object, bad request): retrying
+    /// the same spec cannot succeed, so the object says so.
+    pub fn refused_by_api_server(&self) -> Option<&str> {
+        match self {
+            Error::Kube(kube::Error::Api(e))
+                if matches!(e.code, 400 | 403 | 404 | 422)
+                    // Server-side apply answers 500 when the object cannot be converted
+                    // (an invalid quantity, for one): the spec, not the server, is at fault.
+                    || (e.code == 500 && e.message.contains("unable to convert")) =>
+            {
+                Some(e.message.as_str())
+            }
+            _ => None,
+        }
+    }
+}
+
 impl From<kube::Error> for Error {
     fn from(e: kube::Error) -> Self {
         Error::Kube(e)

@@ -173,12 +173,39 @@ pub fn phase(spec: &CellSpec, previous: Option<&CellStatus>, o: &Observed) -> Ce
     match (readiness(o).ready, spec.desired_state) {
         (false, _) => previous
             .and_then(|p| p.phase)
-            .filter(|p| *p != CellPhase::Active)
+            .filter(|p| !matches!(p, CellPhase::Active | CellPhase::Failed))
             .unwrap_or(CellPhase::Pending),
         (true, DesiredState::Active) => CellPhase::Active,
         (true, DesiredState::Draining) if o.slots == 0 => CellPhase::Drained,
         (true, DesiredState::Draining) => CellPhase::Draining,
     }
+}
+
+/// The status of a cell that cannot be built as specified: phase Failed, `Ready=False`
+/// with `reason` (`InvalidSpec`: the operator refused the spec; `ApplyFailed`: the API
+/// server refused one of the cell's objects) and the message naming what to fix.
+pub fn failed(
+    previous: Option<&CellStatus>,
+    generation: Option<i64>,
+    reason: &'static str,
+    message: &str,
+    now: &str,
+) -> CellStatus {
+    let mut next = previous.cloned().unwrap_or_default();
+    let refused = Readiness {
+        ready: false,
+        reason,
+        message: format!("{message}; fix the Cell's spec"),
+    };
+    set_condition(
+        &mut next.conditions,
+        condition::READY,
+        &refused,
+        generation,
+        now,
+    );
+    next.phase = Some(CellPhase::Failed);
+    next
 }
 
 /// The new status: `previous` is what the Cell has now; conditions keep their times
@@ -277,6 +304,32 @@ mod tests {
         d.status.as_mut().unwrap().ready_replicas = Some(2);
         assert!(deployment(Some(&d)).ready);
         assert!(!deployment(None).ready);
+    }
+
+    #[test]
+    fn a_failed_cell_says_why_and_recovers_through_pending() {
+        let spec = fixtures::spec();
+        let failed = failed(None, Some(2), "ApplyFailed", "quantities must match", "t1");
+        assert_eq!(failed.phase, Some(CellPhase::Failed));
+        let ready = cond(&failed, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ApplyFailed")
+        );
+        assert!(
+            ready.message.contains("quantities must match")
+                && ready.message.contains("fix the Cell's spec")
+        );
+        // Fixed but not ready yet: Pending, not still Failed; then Active.
+        let not_ready = Readiness {
+            ready: false,
+            reason: "PodsNotReady",
+            message: "0/1".into(),
+        };
+        let next = compute(&spec, Some(&failed), &observed(not_ready), "t2");
+        assert_eq!(next.phase, Some(CellPhase::Pending));
+        let next = compute(&spec, Some(&next), &observed(ok()), "t3");
+        assert_eq!(next.phase, Some(CellPhase::Active));
     }
 
     #[test]

@@ -254,17 +254,20 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
     let desired = match build::render(&cx, &passwords) {
         Ok(d) => d,
         Err(e) => {
-            ctx.event(
-                cell.as_ref(),
-                EventType::Warning,
-                "InvalidSpec",
-                e.to_string(),
-            )
-            .await;
+            mark_failed(&cell, ctx, "InvalidSpec", &e.to_string()).await?;
             return Err(e);
         }
     };
-    let applied = apply_all(&cell, r, &desired).await?;
+    let applied = match apply_all(&cell, r, &desired).await {
+        Ok(a) => a,
+        Err(e) => {
+            if let Some(message) = e.refused_by_api_server() {
+                let message = format!("the API server refused the cell's objects: {message}");
+                mark_failed(&cell, ctx, "ApplyFailed", &message).await?;
+            }
+            return Err(e);
+        }
+    };
     let (deployments, statefulsets) = (&applied.deployments, &applied.statefulsets);
     let app_service = applied
         .services
@@ -303,6 +306,26 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
     Ok(Action::requeue(RESYNC))
 }
 
+/// Says on the Cell (status and a Warning event) why it cannot be built.
+async fn mark_failed(
+    cell: &Cell,
+    ctx: &Context,
+    reason: &'static str,
+    message: &str,
+) -> Result<()> {
+    ctx.event(cell, EventType::Warning, reason, message.to_string())
+        .await;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let next = status::failed(
+        cell.status.as_ref(),
+        cell.metadata.generation,
+        reason,
+        message,
+        &now,
+    );
+    update_status(cell, ctx, next).await
+}
+
 fn state_key(cell: &Cell) -> String {
     format!(
         "{}/{}",
@@ -320,6 +343,7 @@ fn phase_name(phase: Option<CellPhase>) -> &'static str {
         Some(CellPhase::Drained) => "Drained",
         Some(CellPhase::FailedOver) => "FailedOver",
         Some(CellPhase::Standby) => "Standby",
+        Some(CellPhase::Failed) => "Failed",
     }
 }
 
