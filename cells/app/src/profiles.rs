@@ -233,6 +233,9 @@ impl Profiles {
             .map_err(paused)?;
         // 2. The truth.
         let version = self.write_db(user, profile, data).await?;
+        // A MySQL read already in flight for this key may have read the old row: readers
+        // that start from now on must not join it (they start their own read).
+        self.in_flight.lock().remove(&key);
         // 3. Readers may fill again, from this version on. If this fails, the in-flight
         // tombstone expires after `tombstone_ttl` and readers go to MySQL until then.
         let mut t = self.tombstone.key(&key);
