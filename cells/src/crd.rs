@@ -8,7 +8,7 @@
 // a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use kube::core::Rule;
+use crate::admission as rules;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -44,20 +44,24 @@ pub const DEFAULT_PLATFORM: &str = "default";
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    validation = rules::cell_name()[0].clone(),
+    validation = rules::cell_name()[1].clone(),
+    validation = rules::standby_not_self()
 )]
 #[x_kube(cel, validation = Rule::new("!has(self.standby) || self.standby.region != self.region").message("spec.standby.region must differ from spec.region: a standby protects against the loss of a whole region, so pair the cell with one in another region"))]
 #[serde(rename_all = "camelCase")]
 pub struct CellSpec {
     /// Region (one Kubernetes cluster in one data center). Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.region is immutable: create a new Cell in the other region and drain this one"))]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("spec.region must be a DNS label (lowercase letters, digits, '-'), e.g. 'eu-west'"))]
+    #[x_kube(validation = rules::dns_label("spec.region", "eu-west"))]
     #[schemars(length(min = 1, max = 63))]
     pub region: String,
 
-    /// Zone inside the region, used for pod topology.
+    /// Zone inside the region, used for pod topology (a label value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = rules::label_value("spec.zone"))]
     pub zone: Option<String>,
 
     /// Relative capacity: the share of slots placed on this cell is proportional to it.
@@ -71,7 +75,7 @@ pub struct CellSpec {
 
     /// Platform this cell belongs to (etcd prefix `/cellplane/<platform>/`).
     #[serde(default = "default_platform")]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("spec.platform must be a DNS label, e.g. 'shop'"))]
+    #[x_kube(validation = rules::dns_label("spec.platform", "shop"))]
     #[schemars(length(min = 1, max = 63))]
     pub platform: String,
 
@@ -119,6 +123,7 @@ pub struct StandbyRef {
 pub struct AppSpec {
     /// Container image, e.g. `ghcr.io/acme/shop:1.4.2`.
     #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = rules::image())]
     pub image: String,
     #[serde(default = "default_app_replicas")]
     #[schemars(range(min = 1, max = 1000))]
@@ -132,7 +137,7 @@ pub struct AppSpec {
     /// operator; naming one of those is refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 128))]
-    #[x_kube(validation = reserved_env_rule())]
+    #[x_kube(validation = rules::reserved_env())]
     pub env: Vec<EnvVar>,
     #[serde(default)]
     pub probes: Probes,
@@ -141,7 +146,7 @@ pub struct AppSpec {
     /// which other regions cannot resolve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 3, max = 261))]
-    #[x_kube(validation = Rule::new("self.matches('^[^:/ ]+:[0-9]{1,5}$')").message("spec.app.advertise must be host:port, e.g. shop-us-0.example.com:443"))]
+    #[x_kube(validation = rules::host_port("spec.app.advertise"))]
     pub advertise: Option<String>,
     /// How the app's Service is exposed. `LoadBalancer`: the cell registers the load
     /// balancer's address (and registers only once it has one), which is how routers in
@@ -167,19 +172,6 @@ fn default_app_port() -> i32 {
     8080
 }
 
-/// The CEL rule refusing `spec.app.env` entries that name a variable the operator sets.
-fn reserved_env_rule() -> Rule {
-    let names: Vec<String> = crate::env::RESERVED
-        .iter()
-        .map(|n| format!("'{n}'"))
-        .collect();
-    let message = format!(
-        "spec.app.env must not set the cell's own settings ({}): the operator sets them from the cell's stores; rename the variable",
-        crate::env::RESERVED.join(", ")
-    );
-    Rule::new(format!("self.all(e, !(e.name in [{}]))", names.join(", "))).message(message.as_str())
-}
-
 /// A plain environment variable.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct EnvVar {
@@ -195,11 +187,11 @@ pub struct EnvVar {
 pub struct Probes {
     #[serde(default = "default_readiness_path")]
     #[schemars(length(min = 1, max = 256))]
-    #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.app.probes.readinessPath must be an HTTP path starting with '/', e.g. /readyz"))]
+    #[x_kube(validation = rules::http_path("spec.app.probes.readinessPath", "/readyz"))]
     pub readiness_path: String,
     #[serde(default = "default_liveness_path")]
     #[schemars(length(min = 1, max = 256))]
-    #[x_kube(validation = Rule::new("self.startsWith('/')").message("spec.app.probes.livenessPath must be an HTTP path starting with '/', e.g. /livez"))]
+    #[x_kube(validation = rules::http_path("spec.app.probes.livenessPath", "/livez"))]
     pub liveness_path: String,
 }
 
@@ -219,13 +211,24 @@ fn default_liveness_path() -> String {
 }
 
 /// CPU/memory requests and limits as Kubernetes quantities (`"250m"`, `"512Mi"`).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resources {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(with = "BTreeMap<String, QuantitySchema>", extend("maxProperties" = rules::MAX_RESOURCES))]
+    #[x_kube(validation = rules::resource_names(), validation = rules::quantities())]
     pub requests: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(with = "BTreeMap<String, QuantitySchema>", extend("maxProperties" = rules::MAX_RESOURCES))]
+    #[x_kube(validation = rules::resource_names(), validation = rules::quantities())]
     pub limits: BTreeMap<String, String>,
 }
+
+/// The schema of one quantity string: bounded, so the API server can bound the cost of
+/// the rules that parse it.
+#[derive(JsonSchema)]
+#[schemars(transparent)]
+#[allow(dead_code)] // schema only
+struct QuantitySchema(#[schemars(length(min = 1, max = rules::MAX_QUANTITY_LEN))] String);
 
 /// A backing store: run inside the cell (`inCluster`) or use a managed service (`external`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -262,11 +265,13 @@ pub struct InClusterStore {
     pub replicas: i32,
     /// PersistentVolume size, e.g. `10Gi`.
     #[serde(default = "default_storage")]
-    #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]*(Mi|Gi|Ti)$')").message("storage must be a size greater than zero like '10Gi' (units Mi, Gi or Ti)"))]
+    #[x_kube(validation = rules::storage_size())]
     #[schemars(length(max = 16))]
     pub storage: String,
     /// StorageClass of the volume; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = rules::dns_label("storageClassName", "fast-ssd"))]
     pub storage_class_name: Option<String>,
     /// Keep data in an `emptyDir` instead of a PersistentVolume: data is lost with the
     /// pod. For demos and tests only.
@@ -296,11 +301,12 @@ fn default_storage() -> String {
 }
 
 /// A managed store outside the cluster.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ExternalStore {
     /// `host:port` of the service (Kafka: a comma-separated list of them).
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 3, max = rules::MAX_ENDPOINT_LEN))]
+    #[x_kube(validation = rules::endpoint_list())]
     pub endpoint: String,
     /// Secret in the Cell's namespace holding the credentials (keys `username`, `password`).
     pub secret_ref: SecretRef,
@@ -312,9 +318,10 @@ pub struct ExternalStore {
     pub admin_secret_ref: Option<SecretRef>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct SecretRef {
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::secret_name())]
     pub name: String,
 }
 
@@ -393,6 +400,7 @@ pub mod condition {
     status = "CellSetStatus",
     shortname = "cellset",
     category = "cellplane",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Cells", type_ = "integer", json_path = ".status.cells"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyCells"),
     printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.epoch"),
@@ -400,13 +408,16 @@ pub mod condition {
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    validation = rules::cellset_names()[0].clone(),
+    validation = rules::cellset_names()[1].clone(),
+    validation = rules::overrides_name_stamped_cells()
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CellSetSpec {
     /// Platform the cells belong to.
     #[serde(default = "default_platform")]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("spec.platform must be a DNS label, e.g. 'shop'"))]
+    #[x_kube(validation = rules::dns_label("spec.platform", "shop"))]
     #[schemars(length(min = 1, max = 63))]
     pub platform: String,
 
@@ -428,11 +439,13 @@ pub struct CellSetSpec {
 }
 
 /// Per-cell settings of a CellSet that replace the template's.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CellOverride {
     /// `spec.app.advertise` of this cell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 261))]
+    #[x_kube(validation = rules::host_port("spec.overrides[].advertise"))]
     pub advertise: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<StoreSpec>,
@@ -446,16 +459,24 @@ pub struct CellOverride {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionCells {
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("spec.regions[].name must be a DNS label, e.g. 'eu-west'"))]
+    #[x_kube(validation = rules::dns_label("spec.regions[].name", "eu-west"))]
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Number of cells in this region; scale by adding cells, not by growing them.
     #[schemars(range(min = 0, max = 256), with = "i32")]
     pub cells: u32,
-    /// Zones to spread the region's cells over, round-robin.
+    /// Zones to spread the region's cells over, round-robin (label values).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), with = "Vec<ZoneSchema>")]
+    #[x_kube(validation = rules::label_values("spec.regions[].zones"))]
     pub zones: Vec<String>,
 }
+
+/// The schema of one zone name (bounded for the cost of its rule).
+#[derive(JsonSchema)]
+#[schemars(transparent)]
+#[allow(dead_code)] // schema only
+struct ZoneSchema(#[schemars(length(min = 1, max = 63))] String);
 
 /// The per-cell template of a CellSet.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -474,6 +495,13 @@ pub struct CellTemplate {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CellSetStatus {
+    /// `Active` once its cells are applied; `Failed` when they cannot be (see `Ready`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<CellSetPhase>,
+    /// `Ready`: False with `InvalidSpec` (the operator refused the spec) or `ApplyFailed`
+    /// (the API server refused a stamped Cell, with its message); cleared when fixed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
     #[serde(default)]
     #[schemars(with = "i32")]
     pub cells: u32,
@@ -490,6 +518,15 @@ pub struct CellSetStatus {
     pub slots: BTreeMap<String, u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// Where a CellSet stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CellSetPhase {
+    /// Every wanted Cell is applied.
+    Active,
+    /// The set's Cells cannot be applied as specified; the `Ready` condition says why.
+    Failed,
 }
 
 /// A cell a CellSet wants: its name and full spec.

@@ -1,6 +1,7 @@
 //! The cellplane cell domain model. Pure logic, no I/O: CRD types, the slot hash,
 //! placement of slots onto cells, the routing table and its etcd encoding.
 
+pub mod admission;
 pub mod auth;
 pub mod crd;
 pub mod env;

@@ -74,12 +74,12 @@ async fn cell_converges_rolls_restores_and_cascades() -> anyhow::Result<()> {
         .unwrap()
         .contains(&"cellplane.io/registration".to_string()));
 
-    // A Cell that cannot be built (admitted: a quantity is not checked at admission yet)
-    // says so on itself: phase Failed, Ready=False with the reason and the message, a
-    // Warning event; fixing the spec clears it.
+    // A Cell that cannot be built (admitted: that a request exceeds its limit is checked
+    // by the API server on the Deployment) says so on itself: phase Failed, Ready=False
+    // with the reason and the message, a Warning event; fixing the spec clears it.
     let bad = cell_yaml("c-bad", "example/shop:1").replace(
         "replicas: 2}",
-        "replicas: 2, resources: {requests: {cpu: lots}}}",
+        "replicas: 2, resources: {requests: {cpu: '2'}, limits: {cpu: '1'}}}",
     );
     apply_yaml(&client, "default", &bad).await?;
     let failed = wait_for("Cell c-bad Failed", T, || async {
@@ -99,8 +99,10 @@ async fn cell_converges_rolls_restores_and_cascades() -> anyhow::Result<()> {
         .unwrap();
     assert_eq!(ready.status, "False");
     assert!(
-        ["InvalidSpec", "ApplyFailed"].contains(&ready.reason.as_str())
-            && ready.message.contains("quantities must match")
+        ready.reason == "ApplyFailed"
+            && ready
+                .message
+                .contains("must be less than or equal to cpu limit")
             && ready.message.contains("fix the Cell's spec"),
         "{ready:?}"
     );

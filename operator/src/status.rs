@@ -87,12 +87,23 @@ pub fn statefulset(s: Option<&StatefulSet>) -> Readiness {
     )
 }
 
-/// An external store is assumed reachable; the app's own readiness probe checks it.
-pub fn external() -> Readiness {
-    Readiness {
-        ready: true,
-        reason: "External",
-        message: "managed service outside the cluster".into(),
+/// An external store, from whether one of its endpoints accepted a TCP connection from
+/// the operator (`Err`: why none did). A connection is all the operator can check: its
+/// credentials are the app's, and the app's readiness probe checks those.
+pub fn external(field: &str, endpoint: &str, connected: &Result<(), String>) -> Readiness {
+    match connected {
+        Ok(()) => Readiness {
+            ready: true,
+            reason: "External",
+            message: format!("managed service at {endpoint} accepts connections"),
+        },
+        Err(why) => Readiness {
+            ready: false,
+            reason: "StoreUnreachable",
+            message: format!(
+                "spec.{field}.external.endpoint {endpoint} accepted no TCP connection from the operator ({why}); check the address and that the service is up and reachable from this region"
+            ),
+        },
     }
 }
 
@@ -368,6 +379,26 @@ mod tests {
         assert_eq!(
             compute(&spec, None, &o, "t").phase,
             Some(CellPhase::Drained)
+        );
+    }
+
+    #[test]
+    fn an_external_store_is_ready_only_when_it_accepts_a_connection() {
+        let up = external("mysql", "db.example.com:3306", &Ok(()));
+        assert!(up.ready);
+        let down = external(
+            "kafka",
+            "k1:9092,k2:9092",
+            &Err("k1:9092: connection refused; k2:9092: no answer in 2s".into()),
+        );
+        assert!(!down.ready);
+        assert_eq!(down.reason, "StoreUnreachable");
+        assert!(
+            down.message.starts_with(
+                "spec.kafka.external.endpoint k1:9092,k2:9092 accepted no TCP connection"
+            ) && down.message.contains("k2:9092: no answer in 2s"),
+            "{}",
+            down.message
         );
     }
 }

@@ -15,7 +15,7 @@ pub const ROUTER_SELECTOR: (&str, &str) = ("app.kubernetes.io/name", "cellplane-
 pub const APP: &str = "app";
 
 /// The three per-cell backing stores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Store {
     Redis,
     Mysql,

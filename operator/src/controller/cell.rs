@@ -23,13 +23,16 @@ use kube::runtime::reflector::{self, reflector, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::ResourceExt;
 use rand::distr::{Alphanumeric, SampleString};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub const CONTROLLER: &str = "cell";
 /// Re-check period when nothing changes (status drift, registration refresh).
 const RESYNC: Duration = Duration::from_secs(60);
+/// How soon a cell whose external store did not answer is checked again (nothing else
+/// would wake its reconcile when the store comes up).
+const EXTERNAL_RETRY: Duration = Duration::from_secs(10);
 
 /// The Cell reconciler's context: the shared one plus a reflector of CellSets (a cell's
 /// placement comes from its set's status, read from memory, not from the API server).
@@ -172,9 +175,53 @@ struct Applied {
     services: Vec<Service>,
 }
 
-fn store_readiness(cx: &CellContext, store: Store, sts: &[StatefulSet]) -> Readiness {
-    if cx.store(store).external.is_some() {
-        return status::external();
+/// How long the operator waits for an external store to accept a connection.
+const EXTERNAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether an external store accepted a connection (`Err`: why not).
+type Connected = std::result::Result<(), String>;
+
+/// Whether one of the `host:port` endpoints (comma-separated) accepts a TCP connection.
+async fn connects(endpoint: &str) -> Connected {
+    let mut errors = vec![];
+    for address in endpoint.split(',').map(str::trim) {
+        match tokio::time::timeout(
+            EXTERNAL_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(address),
+        )
+        .await
+        {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => errors.push(format!("{address}: {e}")),
+            Err(_) => errors.push(format!(
+                "{address}: no answer in {}s",
+                EXTERNAL_CONNECT_TIMEOUT.as_secs()
+            )),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Each external store's connection check, run side by side.
+async fn check_external_stores(cx: &CellContext<'_>) -> BTreeMap<Store, Connected> {
+    let checks = Store::ALL.into_iter().filter_map(|store| {
+        let endpoint = cx.store(store).external.as_ref()?.endpoint.clone();
+        Some(async move { (store, connects(&endpoint).await) })
+    });
+    futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .collect()
+}
+
+fn store_readiness(
+    cx: &CellContext,
+    store: Store,
+    sts: &[StatefulSet],
+    external: &BTreeMap<Store, Connected>,
+) -> Readiness {
+    if let (Some(spec), Some(connected)) = (&cx.store(store).external, external.get(&store)) {
+        return status::external(store.field(), &spec.endpoint, connected);
     }
     let name = names::store(cx.name, store);
     status::statefulset(
@@ -279,12 +326,13 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
         endpoints.insert("app".into(), a.clone());
     }
     let (slots, epoch) = fetched.placement;
+    let external = check_external_stores(&cx).await;
     let mut observed = Observed {
         generation: cell.metadata.generation,
         app: status::deployment(deployments.first()),
-        redis: store_readiness(&cx, Store::Redis, statefulsets),
-        mysql: store_readiness(&cx, Store::Mysql, statefulsets),
-        kafka: store_readiness(&cx, Store::Kafka, statefulsets),
+        redis: store_readiness(&cx, Store::Redis, statefulsets, &external),
+        mysql: store_readiness(&cx, Store::Mysql, statefulsets, &external),
+        kafka: store_readiness(&cx, Store::Kafka, statefulsets, &external),
         registered: None,
         slots,
         epoch,
@@ -303,6 +351,9 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
     };
     update_status(&cell, ctx, next).await?;
     ctx.metrics.cell_state(&state_key(&cell), Some(state));
+    if external.values().any(Result::is_err) {
+        return Ok(Action::requeue(EXTERNAL_RETRY));
+    }
     Ok(Action::requeue(RESYNC))
 }
 

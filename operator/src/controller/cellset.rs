@@ -5,7 +5,7 @@
 use super::{apply, error_action, Context};
 use crate::build::{cellset, names};
 use crate::{Error, Result};
-use cellplane_cells::crd::{Cell, CellSet};
+use cellplane_cells::crd::{Cell, CellSet, CellSetStatus};
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -31,20 +31,21 @@ async fn apply_set(set: Arc<CellSet>, ctx: &Context) -> Result<Action> {
     let (desired, slots) = match built {
         Ok(b) => b,
         Err(e) => {
-            ctx.event(
-                set.as_ref(),
-                EventType::Warning,
-                "InvalidSpec",
-                e.to_string(),
-            )
-            .await;
+            mark_failed(&set, ctx, "InvalidSpec", &e.to_string()).await?;
             return Err(e);
         }
     };
-    let next = cellset::status(&set, desired.len(), slots, &existing.items);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let next = cellset::status(&set, desired.len(), slots, &existing.items, &now);
     // Apply: every wanted cell; scale down: delete ours that are no longer wanted.
     for cell in &desired {
-        apply::<Cell>(&ctx.client, cell).await?;
+        if let Err(e) = apply::<Cell>(&ctx.client, cell).await {
+            if let Some(message) = e.refused_by_api_server() {
+                let message = format!("the API server refused Cell {}: {message}", cell.name_any());
+                mark_failed(&set, ctx, "ApplyFailed", &message).await?;
+            }
+            return Err(e);
+        }
     }
     for cell in &existing.items {
         if !desired.iter().any(|d| d.name_any() == cell.name_any()) {
@@ -59,28 +60,50 @@ async fn apply_set(set: Arc<CellSet>, ctx: &Context) -> Result<Action> {
             .await;
         }
     }
-    // Status, written only when it changed.
     let previous = set.status.clone().unwrap_or_default();
-    if previous != next {
-        if previous.epoch != next.epoch {
-            ctx.event(
-                set.as_ref(),
-                EventType::Normal,
-                "PlacementChanged",
-                format!("placement epoch {}", next.epoch),
-            )
-            .await;
-        }
-        let sets: Api<CellSet> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = serde_json::json!({ "status": next });
-        sets.patch_status(
-            &set.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
+    if previous.epoch != next.epoch {
+        ctx.event(
+            set.as_ref(),
+            EventType::Normal,
+            "PlacementChanged",
+            format!("placement epoch {}", next.epoch),
         )
-        .await?;
+        .await;
     }
+    write_status(&set, ctx, next).await?;
     Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// Says on the CellSet (status and a Warning event) why its cells cannot be applied.
+async fn mark_failed(
+    set: &CellSet,
+    ctx: &Context,
+    reason: &'static str,
+    message: &str,
+) -> Result<()> {
+    ctx.event(set, EventType::Warning, reason, message.to_string())
+        .await;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    write_status(set, ctx, cellset::failed(set, reason, message, &now)).await
+}
+
+/// Writes the status when it changed.
+async fn write_status(set: &CellSet, ctx: &Context, next: CellSetStatus) -> Result<()> {
+    if set.status.as_ref() == Some(&next) {
+        return Ok(());
+    }
+    let ns = set
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let sets: Api<CellSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({ "status": next });
+    sets.patch_status(
+        &set.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 pub async fn reconcile(set: Arc<CellSet>, ctx: Arc<Context>) -> Result<Action> {
