@@ -308,6 +308,45 @@ mod tests {
     use super::*;
     use cellplane_cells::crd::{ExternalStore, SecretRef};
 
+    /// The longest name admission allows leaves every derived name and label within 63
+    /// characters, counting what Kubernetes adds (a StatefulSet's pods are labelled
+    /// `<statefulset>-<10-character revision hash>`, a Deployment's ReplicaSets get a hash).
+    #[test]
+    fn the_longest_admitted_cell_name_fits_every_derived_name() {
+        use cellplane_cells::admission::MAX_CELL_NAME_LEN;
+        let spec = fixtures::spec();
+        let name = "c".repeat(MAX_CELL_NAME_LEN);
+        let mut ctx = fixtures::ctx(&spec);
+        ctx.name = &name;
+        let d = render(&ctx, &[]).unwrap();
+        let mut names: Vec<(String, usize)> = vec![];
+        let mut add = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+                       added: usize| {
+            names.push((meta.name.clone().unwrap(), added));
+            for value in meta.labels.iter().flat_map(|l| l.values()) {
+                names.push((value.clone(), 0));
+            }
+        };
+        d.statefulsets
+            .iter()
+            .for_each(|o| add(&o.metadata, "-0123456789".len()));
+        d.deployments
+            .iter()
+            .for_each(|o| add(&o.metadata, "-0123456789".len()));
+        d.services.iter().for_each(|o| add(&o.metadata, 0));
+        d.config_maps.iter().for_each(|o| add(&o.metadata, 0));
+        d.pdbs.iter().for_each(|o| add(&o.metadata, 0));
+        d.network_policies.iter().for_each(|o| add(&o.metadata, 0));
+        assert!(names.len() > 20);
+        for (n, added) in &names {
+            assert!(n.len() + added <= 63, "{n} (+{added}) is longer than 63");
+        }
+        assert!(
+            names.iter().any(|(n, added)| n.len() + added == 63),
+            "the limit is tight: one more character would not fit"
+        );
+    }
+
     #[test]
     fn full_in_cluster_cell_renders_every_object() {
         let spec = fixtures::spec();
