@@ -12,5 +12,6 @@ pub mod ownership;
 pub mod placement;
 pub mod routing;
 pub mod slot;
+pub mod user_key;
 
 pub use error::{Error, Result};

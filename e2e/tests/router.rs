@@ -465,3 +465,153 @@ async fn active_health_checks_take_a_dead_endpoint_out_before_requests_hit_it() 
     );
     Ok(())
 }
+
+/// One raw HTTP/1.1 request (its head as bytes, so header values may carry any byte) on a
+/// fresh connection; the status and the head and body as text.
+async fn raw_request(
+    addr: &str,
+    target: &str,
+    header: Option<&[u8]>,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head =
+        format!("GET {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n").into_bytes();
+    if let Some(value) = header {
+        head.extend_from_slice(b"x-user-id: ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(&head).await?;
+    let mut answer = vec![];
+    tokio::time::timeout(T, stream.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, answer))
+}
+
+/// The user-key contract (README, "User keys") on both serving paths: header keys are
+/// their raw UTF-8 bytes, path and query keys are percent-decoded, the longest key passes
+/// and a longer one, bytes that are not UTF-8 or a broken percent-encoding get 400 naming
+/// the rule; the slot of every key is the one an independent XXH3 (Python's `xxhash`,
+/// `cells/testdata/slot-vectors.tsv`) gives.
+#[tokio::test(flavor = "multi_thread")]
+async fn user_keys_follow_one_contract_on_both_serving_paths() -> anyhow::Result<()> {
+    let vectors: std::collections::HashMap<String, u32> = std::fs::read_to_string(
+        cellplane_e2e::repo_root().join("cells/testdata/slot-vectors.tsv"),
+    )?
+    .lines()
+    .filter(|l| !l.starts_with('#'))
+    .filter_map(|l| l.split_once('\t'))
+    .map(|(k, s)| (k.to_string(), s.parse().expect("slot")))
+    .collect();
+    let cell = Backend::start("a").await?;
+    let keys = "keys: [{from: header, name: x-user-id}, {from: pathSegment, name: 1}, {from: query, name: user}]\n";
+    let table = cellplane_e2e::net::one_cell_table(&cell.addr);
+    let (direct, _) = RouterProc::start_on_file(&table, "", keys, &test_dir("keys-direct")).await?;
+    let (hyper, _) = RouterProc::start_on_file(
+        &table,
+        "",
+        &format!("{keys}directHttp1: false\n"),
+        &test_dir("keys-hyper"),
+    )
+    .await?;
+
+    let longest = "k".repeat(256);
+    let routed: Vec<(&str, String, Option<Vec<u8>>)> = vec![
+        (
+            "Ünïcødé",
+            "/users".into(),
+            Some("Ünïcødé".as_bytes().to_vec()),
+        ),
+        (
+            "用户42",
+            "/users".into(),
+            Some("用户42".as_bytes().to_vec()),
+        ),
+        (
+            "😀 emoji",
+            "/users".into(),
+            Some("😀 emoji".as_bytes().to_vec()),
+        ),
+        (&longest, "/users".into(), Some(longest.as_bytes().to_vec())),
+        ("é", "/users/%C3%A9/profile".into(), None),
+        ("é", "/users/%c3%a9/profile".into(), None),
+        ("用户42", "/users/%E7%94%A8%E6%88%B742/cart".into(), None),
+        ("a/b", "/users/a%2Fb/cart".into(), None),
+        ("100%", "/users/100%25/cart".into(), None),
+        (
+            "café au lait",
+            "/search?user=caf%C3%A9%20au%20lait".into(),
+            None,
+        ),
+        (&longest, format!("/users/{}/x", "%6B".repeat(256)), None),
+        ("alice", "/users/alice/profile".into(), None),
+    ];
+    let refused: Vec<(String, Option<Vec<u8>>, &str)> = vec![
+        (
+            "/users".into(),
+            Some(vec![b'k'; 257]),
+            "the user key is 257 bytes long; the limit is 256 bytes",
+        ),
+        (
+            format!("/users/{}/x", "%6B".repeat(257)),
+            None,
+            "the user key is 257 bytes long",
+        ),
+        (
+            "/users".into(),
+            Some(b"J\xf6rg".to_vec()),
+            "in the x-user-id header: the user key is not valid UTF-8",
+        ),
+        (
+            "/users/%FF/x".into(),
+            None,
+            "in path segment 1 (0-based): the user key is not valid UTF-8",
+        ),
+        ("/users/50%/x".into(), None, "malformed percent-encoding"),
+        (
+            "/x?user=%G1".into(),
+            None,
+            "in the user query parameter: the user key has a malformed percent-encoding",
+        ),
+    ];
+    let mut failures = vec![];
+    for (path, router) in [("direct", &direct), ("hyper", &hyper)] {
+        for (key, target, header) in &routed {
+            let want = vectors[*key];
+            let (status, answer) = raw_request(&router.addr, target, header.as_deref()).await?;
+            let seen = answer
+                .lines()
+                .find_map(|l| l.strip_prefix("x-seen-slot: "))
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            if status != 200 || seen != Some(want) {
+                failures.push(format!(
+                    "{path} {target} ({key}): {status}, slot {seen:?}, want {want}"
+                ));
+            }
+        }
+        for (target, header, why) in &refused {
+            let (status, answer) = raw_request(&router.addr, target, header.as_deref()).await?;
+            if status != 400 || !answer.contains(why) || answer.contains("no user key") {
+                failures.push(format!(
+                    "{path} {target}: {status} {answer:?}, want 400 with {why:?}"
+                ));
+            }
+        }
+        // "No user key" only when no source holds one.
+        let (status, answer) = raw_request(&router.addr, "/", None).await?;
+        if status != 400 || !answer.contains("no user key: send the x-user-id header or path segment 1 (0-based) or the user query parameter") {
+            failures.push(format!("{path} no key: {status} {answer:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(
+        direct
+            .metric("cellplane_router_rejected_total{reason=\"bad_user_key\"}")
+            .await?,
+        refused.len() as f64
+    );
+    Ok(())
+}

@@ -37,7 +37,9 @@ fn bench(c: &mut Criterion) {
     let sources = default_sources();
     c.bench_function("extract header key + decide", |b| {
         b.iter(|| {
-            let key = extract(black_box(&sources), black_box(&headers), uri).unwrap();
+            let key = extract(black_box(&sources), black_box(&headers), uri)
+                .unwrap()
+                .unwrap();
             decide(&t, &key).cell_index
         })
     });

@@ -35,8 +35,16 @@ pub fn admit(
 ) -> Result<String, Rejection> {
     let cfg = &router.config;
     let key = match key::extract(&cfg.keys, headers, target) {
-        Some(k) => k,
-        None => match cfg.no_key {
+        Ok(Some(k)) => k,
+        Err(bad) => {
+            return Err(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "bad_user_key",
+                bad.to_string(),
+                None,
+            ))
+        }
+        Ok(None) => match cfg.no_key {
             NoKeyPolicy::Reject => {
                 return Err(Rejection::new(
                     StatusCode::BAD_REQUEST,

@@ -25,8 +25,9 @@ pub struct ReasonLabel {
 }
 
 /// Every reason the router answers a request itself with (`rejected_total{reason}`).
-pub const REJECT_REASONS: [&str; 15] = [
+pub const REJECT_REASONS: [&str; 16] = [
     "no_user_key",
+    "bad_user_key",
     "rate_limited",
     "body_too_large",
     "bad_body",

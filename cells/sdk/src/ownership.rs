@@ -4,6 +4,7 @@
 //! the pure `cellplane_cells::ownership::check`; this is the I/O wrapper.
 
 use cellplane_cells::ownership::{check, Verdict};
+use cellplane_cells::user_key::{self, KeyError};
 use cellplane_table::TableStore;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use std::future::Future;
@@ -18,29 +19,32 @@ pub const EPOCH_HEADER: &str = "x-cellplane-epoch";
 /// Set on 421 answers: who owns the slot at this cell's epoch.
 pub const OWNER_HEADER: &str = "x-cellplane-owner";
 
-/// How the layer finds a request's user key. Requests without one (health checks,
-/// metrics) pass through: ownership applies to user data only.
-pub type KeyFn = Arc<dyn Fn(&HeaderMap, &Uri) -> Option<String> + Send + Sync>;
+/// How the layer finds a request's user key, by the router's contract
+/// ([`cellplane_cells::user_key`]). Requests without one (health checks, metrics) pass
+/// through: ownership applies to user data only. A value that breaks the contract is
+/// answered 400.
+pub type KeyFn = Arc<dyn Fn(&HeaderMap, &Uri) -> Result<Option<String>, KeyError> + Send + Sync>;
 
-/// The user key from a header (the router's default is `X-User-Id`).
+/// The user key from a header (the router's default is `X-User-Id`): its UTF-8 bytes.
 pub fn key_from_header(name: &'static str) -> KeyFn {
     Arc::new(move |headers, _| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .map(str::to_string)
+        let value = headers.get(name).map(|v| v.as_bytes()).unwrap_or_default();
+        Ok(user_key::from_raw(value)?.map(str::to_string))
     })
 }
 
 /// The user key from the path segment after `prefix` (e.g. `/users/{key}/...` with prefix
-/// `users`). Apps that act on the user named in the path must fence on that same key: a
-/// header naming someone else must not let a request through to another cell's user.
+/// `users`), percent-decoded as the router decodes it. Apps that act on the user named in
+/// the path must fence on that same key: a header naming someone else must not let a
+/// request through to another cell's user.
 pub fn key_from_path(prefix: &'static str) -> KeyFn {
     Arc::new(move |_, uri| {
         let mut segments = uri.path().split('/').filter(|s| !s.is_empty());
-        segments.find(|s| *s == prefix)?;
-        segments.next().map(str::to_string)
+        if segments.find(|s| *s == prefix).is_none() {
+            return Ok(None);
+        }
+        let segment = segments.next().unwrap_or_default();
+        Ok(user_key::from_uri_component(segment)?.map(|k| k.into_owned()))
     })
 }
 
@@ -87,7 +91,17 @@ impl OwnershipLayer {
     /// The answer for a request, or what it may be served with (`None` for requests
     /// without a user key, which pass untouched).
     fn decide(&self, headers: &HeaderMap, uri: &Uri) -> Option<Result<Served, Refusal>> {
-        let key = (self.key)(headers, uri)?;
+        let key = match (self.key)(headers, uri) {
+            Ok(key) => key?,
+            Err(e) => {
+                return Some(Err(Refusal {
+                    ahead: None,
+                    status: StatusCode::BAD_REQUEST,
+                    headers: vec![],
+                    body: format!("bad user key: {e}\n"),
+                }))
+            }
+        };
         let request_epoch = headers
             .get(EPOCH_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -274,6 +288,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_key_that_breaks_the_contract_is_answered_400() {
+        let tables = Arc::new(TableStore::new(None, TableMetrics::default()));
+        tables.apply_bytes(&table(1).encode(), "test").unwrap();
+        let mut fenced = OwnershipLayer::new("a", tables, key_from_path("users")).layer(App);
+        let long = format!("/users/{}/profile", "k".repeat(300));
+        for (uri, why) in [
+            ("/users/%C3/profile", "not valid UTF-8"),
+            ("/users/50%/profile", "malformed percent-encoding"),
+            (long.as_str(), "300 bytes long"),
+        ] {
+            let req = Request::builder().uri(uri).body(String::new()).unwrap();
+            let resp = fenced.call(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{uri}");
+            assert!(resp.body().contains(why), "{uri}: {}", resp.body());
+        }
+        let ok = Request::builder()
+            .uri("/users/%C3%A9/profile")
+            .body(String::new())
+            .unwrap();
+        assert_eq!(fenced.call(ok).await.unwrap().status(), StatusCode::OK);
+    }
+
     #[test]
     fn keys_come_from_the_header_or_the_path() {
         let by_path = key_from_path("users");
@@ -281,14 +318,31 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-user-id", HeaderValue::from_static("alice"));
         let uri: Uri = "/users/bob/profile".parse().unwrap();
+        let some = |k: &str| Ok(Some(k.to_string()));
         assert_eq!(
-            by_path(&h, &uri).as_deref(),
-            Some("bob"),
+            by_path(&h, &uri),
+            some("bob"),
             "the path wins for path apps"
         );
-        assert_eq!(by_header(&h, &uri).as_deref(), Some("alice"));
-        assert_eq!(by_path(&h, &"/readyz".parse().unwrap()), None);
-        assert_eq!(by_path(&h, &"/users".parse().unwrap()), None);
-        assert_eq!(by_header(&HeaderMap::new(), &uri), None);
+        assert_eq!(by_header(&h, &uri), some("alice"));
+        assert_eq!(by_path(&h, &"/readyz".parse().unwrap()), Ok(None));
+        assert_eq!(by_path(&h, &"/users".parse().unwrap()), Ok(None));
+        assert_eq!(by_header(&HeaderMap::new(), &uri), Ok(None));
+        // The router's contract: path keys percent-decoded, header keys their UTF-8 bytes,
+        // so the fence checks the slot the router routed on.
+        assert_eq!(
+            by_path(&h, &"/users/%C3%A9/profile".parse().unwrap()),
+            some("é")
+        );
+        let mut utf8 = HeaderMap::new();
+        utf8.insert(
+            "x-user-id",
+            HeaderValue::from_bytes("用户42".as_bytes()).unwrap(),
+        );
+        assert_eq!(by_header(&utf8, &uri), some("用户42"));
+        assert_eq!(
+            by_path(&h, &"/users/%ZZ/profile".parse().unwrap()),
+            Err(KeyError::BadPercentEncoding)
+        );
     }
 }

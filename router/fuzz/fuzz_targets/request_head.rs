@@ -1,12 +1,13 @@
 //! Arbitrary bytes as an HTTP/1.1 request head (parsed like the server does), then every
 //! key source and the header handling both paths apply: none may panic, an extracted key
-//! is never empty or over the length cap and is the same from raw headers as from a header
-//! map, and the direct path's upstream request parses back without hop-by-hop or spoofed
+//! is never empty or over the length cap, and the key (or the refusal) is the same from raw
+//! headers as from a header map, and the direct path's upstream request parses back without hop-by-hop or spoofed
 //! routing headers. The same bytes also go through the chunked-body follower.
 #![no_main]
 
 use cellplane_router::h1::wire;
-use cellplane_router::key::{extract, KeySource, MAX_KEY_LEN};
+use cellplane_cells::user_key::MAX_KEY_LEN;
+use cellplane_router::key::{extract, KeySource};
 use cellplane_router::http_rules::{strip_hop_by_hop, upgrade_protocol};
 use libfuzzer_sys::fuzz_target;
 
@@ -40,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
     for s in &sources {
         let from_map = extract(std::slice::from_ref(s), &headers, target);
-        if let Some(k) = &from_map {
+        if let Ok(Some(k)) = &from_map {
             assert!(!k.is_empty() && k.len() <= MAX_KEY_LEN, "{s:?} gave {k:?}");
         }
         if headers.len() == req.headers.len() {
