@@ -223,8 +223,8 @@ async fn a_421_refreshes_the_table_and_retries_once() -> anyhow::Result<()> {
 async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
     let dir = test_dir("4xx");
     let (a1, b1) = (Backend::start("a1").await?, Backend::start("b1").await?);
-    let limits =
-        "limits: {perKeyRps: 1, perKeyBurst: 2, maxBodyBytes: 1024}\ntimeouts: {headerReadMs: 800}\n";
+    // One failure would eject an endpoint: a client's bad body must never be one.
+    let limits = "limits: {perKeyRps: 1, perKeyBurst: 2, maxBodyBytes: 1024, replayBufferBytes: 512}\ntimeouts: {headerReadMs: 800}\nejection: {consecutiveFailures: 1}\n";
     let (r, _) = RouterProc::start_on_file(&table(1, &[&a1], &[&b1]), "", limits, &dir).await?;
     let url = format!("http://{}/x", r.addr);
     let no_key = send("GET", &url, &[], bytes::Bytes::new()).await?;
@@ -258,6 +258,40 @@ async fn bad_requests_get_4xx_with_the_reason() -> anyhow::Result<()> {
         ok.body.ends_with(" 100"),
         "the body reached the cell: {}",
         ok.body
+    );
+
+    // A body streamed past maxBodyBytes without a length (chunked) is 413 as well, and
+    // counts against no endpoint, however often a client sends one.
+    for user in ["stream-1", "stream-2", "stream-3"] {
+        let (status, answer) = chunked_post(&r.addr, user, 4096).await?;
+        assert_eq!(status, 413, "{answer}");
+        assert!(
+            answer.contains("request body exceeds 1024 bytes"),
+            "{answer}"
+        );
+    }
+    let (status, answer) = chunked_post(&r.addr, "stream-ok", 900).await?;
+    assert_eq!(
+        status, 200,
+        "a streamed body under the limit reaches the cell: {answer}"
+    );
+    assert!(answer.ends_with(" 900"), "{answer}");
+    for cell in ["a", "b"] {
+        assert_eq!(
+            r.metric(&format!(
+                "cellplane_router_ejections_total{{cell=\"{cell}\"}}"
+            ))
+            .await
+            .unwrap_or(0.0),
+            0.0,
+            "client bodies ejected an endpoint of {cell}"
+        );
+    }
+    assert_eq!(
+        r.metric("cellplane_router_rejected_total{reason=\"body_too_large\"}")
+            .await?,
+        4.0,
+        "the Content-Length one and three streamed"
     );
 
     // A client that announces a body and then stalls gets 408, and nothing reaches a cell.
@@ -614,4 +648,31 @@ async fn user_keys_follow_one_contract_on_both_serving_paths() -> anyhow::Result
         refused.len() as f64
     );
     Ok(())
+}
+
+/// POSTs `size` bytes as a chunked body (no Content-Length, in 256-byte chunks) as `user`;
+/// the status and the whole answer.
+async fn chunked_post(addr: &str, user: &str, size: usize) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: x\r\nx-user-id: {user}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await?;
+    let mut sent = 0;
+    while sent < size {
+        let n = 256.min(size - sent);
+        let chunk = format!("{n:x}\r\n{}\r\n", "x".repeat(n));
+        // The router may answer and close before the whole body is sent.
+        if stream.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut answer = vec![];
+    let _ = tokio::time::timeout(T, stream.read_to_end(&mut answer)).await?;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, answer))
 }

@@ -188,7 +188,7 @@ pub fn downstream_headers(headers: &mut HeaderMap, switched: bool, cell: &Header
 
 /// An answer the router gives itself: a status and a JSON error naming the problem and the
 /// fix. Rendered by whichever path serves the request (and counted there).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Rejection {
     pub status: StatusCode,
     pub reason: &'static str,

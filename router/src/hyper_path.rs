@@ -48,10 +48,41 @@ pub async fn handle(
 }
 
 /// The request body as sent upstream: kept whole (so the request can be sent again) or
-/// streamed once.
+/// streamed once, with what went wrong on the client's side while it streamed.
 enum RequestBody {
     Kept(Bytes),
-    Streamed(Option<Body>),
+    Streamed(Option<Body>, Arc<ClientBodyFault>),
+}
+
+/// Set when a streamed request body fails on the client's side: past `maxBodyBytes`, or
+/// the client's own stream broke. The upstream request then fails too, but that is the
+/// client's doing: answered 413/400 and never counted against the endpoint's health.
+#[derive(Default)]
+struct ClientBodyFault(std::sync::OnceLock<Rejection>);
+
+impl ClientBodyFault {
+    fn record(&self, error: &BoxError, max_body_bytes: u64) {
+        let rejection = if error.is::<http_body_util::LengthLimitError>() {
+            Rejection::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body exceeds {max_body_bytes} bytes"),
+                None,
+            )
+        } else {
+            Rejection::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the request body broke off while it was being sent",
+                None,
+            )
+        };
+        let _ = self.0.set(rejection);
+    }
+
+    fn rejection(&self) -> Option<Rejection> {
+        self.0.get().cloned()
+    }
 }
 
 /// Reads a small body whole within `timeouts.headerReadMs` (a slow client trickling its
@@ -67,10 +98,15 @@ async fn request_body(
         return Ok(RequestBody::Kept(Bytes::new()));
     }
     if length.is_none_or(|n| n > limits.replay_buffer_bytes) {
-        let capped = Limited::new(body, limits.max_body_bytes as usize)
-            .map_err(|e| -> BoxError { e })
+        let fault = Arc::new(ClientBodyFault::default());
+        let (seen, max) = (fault.clone(), limits.max_body_bytes);
+        let capped = Limited::new(body, max as usize)
+            .map_err(move |e| -> BoxError {
+                seen.record(&e, max);
+                e
+            })
             .boxed();
-        return Ok(RequestBody::Streamed(Some(capped)));
+        return Ok(RequestBody::Streamed(Some(capped), fault));
     }
     let read = tokio::time::timeout(
         Duration::from_millis(router.config.timeouts.header_read_ms),
@@ -118,7 +154,7 @@ impl Exchange for HyperExchange<'_> {
         };
         let body = match &mut self.body {
             RequestBody::Kept(b) => full(b.clone()),
-            RequestBody::Streamed(s) => s.take().unwrap_or_else(empty),
+            RequestBody::Streamed(s, _) => s.take().unwrap_or_else(empty),
         };
         let target = Target {
             authority,
@@ -147,7 +183,13 @@ impl Exchange for HyperExchange<'_> {
         match client.request(upstream).await {
             Ok(resp) => Ok(resp),
             Err(e) if e.is_connect() => Err(Failure::Connect.into()),
-            Err(_) => Err(Failure::Broken.into()),
+            Err(_) => match &self.body {
+                RequestBody::Streamed(_, fault) => match fault.rejection() {
+                    Some(client_side) => Err(SendError::Refused(client_side)),
+                    None => Err(Failure::Broken.into()),
+                },
+                RequestBody::Kept(_) => Err(Failure::Broken.into()),
+            },
         }
     }
 
