@@ -192,6 +192,24 @@ pub fn phase(spec: &CellSpec, previous: Option<&CellStatus>, o: &Observed) -> Ce
     }
 }
 
+/// Sets `Ready=False` on an object that cannot be built as specified: `reason` and the
+/// message naming what to fix in the object of `kind`.
+pub fn set_refused(
+    conditions: &mut Vec<Condition>,
+    generation: Option<i64>,
+    kind: &str,
+    reason: &'static str,
+    message: &str,
+    now: &str,
+) {
+    let refused = Readiness {
+        ready: false,
+        reason,
+        message: format!("{message}; fix the {kind}'s spec"),
+    };
+    set_condition(conditions, condition::READY, &refused, generation, now);
+}
+
 /// The status of a cell that cannot be built as specified: phase Failed, `Ready=False`
 /// with `reason` (`InvalidSpec`: the operator refused the spec; `ApplyFailed`: the API
 /// server refused one of the cell's objects) and the message naming what to fix.
@@ -203,16 +221,12 @@ pub fn failed(
     now: &str,
 ) -> CellStatus {
     let mut next = previous.cloned().unwrap_or_default();
-    let refused = Readiness {
-        ready: false,
-        reason,
-        message: format!("{message}; fix the Cell's spec"),
-    };
-    set_condition(
+    set_refused(
         &mut next.conditions,
-        condition::READY,
-        &refused,
         generation,
+        "Cell",
+        reason,
+        message,
         now,
     );
     next.phase = Some(CellPhase::Failed);

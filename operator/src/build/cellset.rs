@@ -1,7 +1,7 @@
 //! CellSet -> the Cells it stamps out, its placement and its status. Pure.
 
 use super::{names, FIELD_MANAGER};
-use crate::status::{set_condition, Readiness};
+use crate::status::{set_condition, set_refused, Readiness};
 use crate::{Error, Result};
 use cellplane_cells::crd::{condition, Cell, CellPhase, CellSet, CellSetPhase, CellSetStatus};
 use cellplane_cells::placement::{place, Placement, WeightedCell};
@@ -152,16 +152,13 @@ pub fn status(
 /// of the status (placement, counts) stays as it was.
 pub fn failed(set: &CellSet, reason: &'static str, message: &str, now: &str) -> CellSetStatus {
     let mut next = set.status.clone().unwrap_or_default();
-    let refused = Readiness {
-        ready: false,
-        reason,
-        message: format!("{message}; fix the CellSet's spec"),
-    };
-    set_condition(
+    let generation = set.metadata.generation;
+    set_refused(
         &mut next.conditions,
-        condition::READY,
-        &refused,
-        set.metadata.generation,
+        generation,
+        "CellSet",
+        reason,
+        message,
         now,
     );
     next.phase = Some(CellSetPhase::Failed);
