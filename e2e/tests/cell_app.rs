@@ -355,6 +355,126 @@ async fn the_fence_answers_421_for_foreign_slots_and_for_a_frozen_cell() -> anyh
     Ok(())
 }
 
+/// The profiles read `(version, source)` by the app for `user`.
+async fn profile_read(app: &CellApp, user: &str) -> anyhow::Result<(u64, String, String)> {
+    let r = app.get(&format!("/users/{user}/profile")).await?;
+    anyhow::ensure!(r.status == 200, "{user}: {} {}", r.status, r.body);
+    let b = body(&r);
+    Ok((
+        b["version"].as_u64().unwrap_or(0),
+        b["email"].as_str().unwrap_or_default().to_string(),
+        b["source"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_announced_flip_lands_on_a_warm_cache_that_missed_no_late_write() -> anyhow::Result<()> {
+    // land-b stands by for land-a: its MySQL holds land-a's schema (here written directly,
+    // as replication would).
+    let stores = CellStores::up("land-b")?;
+    let t1 = table(1, &["land-a", "land-b"]);
+    let file = table_file(&stores.dir, &t1);
+    let app = CellApp::start(&stores, &file, &[]).await?;
+    wait_for("app ready", T, || async {
+        Ok((app.get("/readyz").await?.status == 200).then_some(()))
+    })
+    .await?;
+    let schema = cellplane_cells::env::mysql_database("land-a");
+    let own = stores.var("MYSQL_DATABASE").to_string();
+    let admin = stores.mysql_admin()?;
+    let mut db = admin.get_conn().await?;
+    db.query_drop(format!("CREATE DATABASE `{schema}`")).await?;
+    db.query_drop(format!(
+        "CREATE TABLE `{schema}`.profiles LIKE `{own}`.profiles"
+    ))
+    .await?;
+    db.query_drop(format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON `{schema}`.* TO 'app'@'127.0.0.1'"
+    ))
+    .await?;
+    let users: Vec<String> = (0..)
+        .map(|i| format!("lander{i}"))
+        .filter(|u| t1.route(u).1.name == "land-a")
+        .take(20)
+        .collect();
+    for u in &users {
+        db.exec_drop(
+            format!("INSERT INTO `{schema}`.profiles (user_id, name, email, version) VALUES (?, ?, ?, 1)"),
+            (u, u, format!("{u}@example.com")),
+        )
+        .await?;
+    }
+    let prewarmed = || app.metric("cellplane_app_landing_cache_prewarmed_total");
+
+    // A freeze of land-a announces the move: land-b warms land-a's profiles at once.
+    let frozen = t1.frozen("land-a")?;
+    std::fs::write(&file, frozen.encode())?;
+    wait_for("the first pre-landing", T, || async {
+        Ok((prewarmed().await? >= 20.0).then_some(()))
+    })
+    .await?;
+    // Called off (the operation rolled back): the pre-landing is forgotten, so the next
+    // freeze warms again.
+    let mut lifted = frozen.clone();
+    lifted.epoch += 1;
+    lifted.cells.iter_mut().for_each(|c| c.frozen = false);
+    std::fs::write(&file, lifted.encode())?;
+    wait_for("the lifted freeze applied", T, || async {
+        Ok((app.metric("cellplane_app_table_epoch").await? == 3.0).then_some(()))
+    })
+    .await?;
+    let frozen = lifted.frozen("land-a")?;
+    std::fs::write(&file, frozen.encode())?;
+    wait_for("the second pre-landing", T, || async {
+        Ok((prewarmed().await? >= 40.0).then_some(()))
+    })
+    .await?;
+
+    // The old home's last write arrives after the warm-up (and before the flip, which the
+    // leader writes only once this MySQL has the old home's final position).
+    let late = &users[0];
+    db.exec_drop(
+        format!("UPDATE `{schema}`.profiles SET email = ?, version = 2 WHERE user_id = ?"),
+        (format!("late-{late}@example.com"), late),
+    )
+    .await?;
+    let mut flip = frozen.failed_over("land-a")?;
+    flip.cells.iter_mut().for_each(|c| c.frozen = false);
+    std::fs::write(&file, flip.encode())?;
+    wait_for("the flip landed", T, || async {
+        let refreshed = app
+            .metric("cellplane_app_landing_cache_refreshed_total")
+            .await?;
+        let epoch = app.metric("cellplane_app_table_epoch").await?;
+        Ok((epoch == flip.epoch as f64 && refreshed >= 1.0).then_some(refreshed))
+    })
+    .await
+    .map(|refreshed| assert_eq!(refreshed, 1.0, "only the late write changed"))?;
+
+    // Every user lands on a warm cache: no read goes to MySQL, and the late write is seen.
+    assert_eq!(
+        profile_read(&app, late).await?,
+        (2, format!("late-{late}@example.com"), "cache".to_string())
+    );
+    for u in &users[1..] {
+        assert_eq!(
+            profile_read(&app, u).await?,
+            (1, format!("{u}@example.com"), "cache".to_string())
+        );
+    }
+    let db_reads = app
+        .metric(r#"cellplane_app_profile_reads_total{source="db"}"#)
+        .await?;
+    assert_eq!(db_reads, 0.0, "a cold read after the flip");
+    assert_eq!(
+        app.metric("cellplane_app_landing_cache_warmed_total")
+            .await?,
+        0.0,
+        "nothing left to warm after the flip"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_replica_catches_up_reports_lag_and_is_promoted_after_the_primary_is_fenced(
 ) -> anyhow::Result<()> {

@@ -47,6 +47,10 @@ pub struct Metrics {
     /// Landings: stale cache entries dropped, recent profiles warmed.
     pub landing_dropped: Counter,
     pub landing_warmed: Counter,
+    /// Pre-landings (before an announced flip): recent profiles warmed, and those filled
+    /// again at the flip because their row changed after the warm-up.
+    pub landing_prewarmed: Counter,
+    pub landing_refreshed: Counter,
     registry: Registry,
 }
 
@@ -63,6 +67,8 @@ impl Metrics {
             user_requests: Counter::default(),
             landing_dropped: Counter::default(),
             landing_warmed: Counter::default(),
+            landing_prewarmed: Counter::default(),
+            landing_refreshed: Counter::default(),
             orders_rejected: Family::default(),
             orders_persisted: Counter::default(),
             orders_duplicates: Counter::default(),
@@ -105,6 +111,16 @@ impl Metrics {
             "landing_cache_warmed",
             "Recently updated profiles filled into Redis when this cell started serving their slots",
             m.landing_warmed.clone(),
+        );
+        r.register(
+            "landing_cache_prewarmed",
+            "Recently updated profiles filled into Redis before an announced flip gave this cell their slots",
+            m.landing_prewarmed.clone(),
+        );
+        r.register(
+            "landing_cache_refreshed",
+            "Profiles filled before a flip and filled again at it because their row changed in between",
+            m.landing_refreshed.clone(),
         );
         r.register(
             "orders_duplicates",

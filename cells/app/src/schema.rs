@@ -10,7 +10,9 @@ const STATEMENTS: &[&str] = &[
         name VARCHAR(256) NOT NULL,
         email VARCHAR(256) NOT NULL,
         version BIGINT UNSIGNED NOT NULL,
-        updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3)
+        updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+        -- A landing warms the most recently updated profiles first.
+        KEY by_updated (updated_at)
     ) ENGINE=InnoDB",
     // One row per order id, whatever Kafka redelivers: the primary key is the fence.
     "CREATE TABLE IF NOT EXISTS orders (
