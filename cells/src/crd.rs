@@ -111,8 +111,11 @@ pub enum DesiredState {
 /// Names the standby cell in another region.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct StandbyRef {
+    /// Name of the standby Cell (in the other region); its MySQL replicates this cell's
+    /// and it takes this cell's users in a switchover or failover.
     #[schemars(length(min = 1, max = 253))]
     pub cell: String,
+    /// Region of the standby Cell; must differ from `spec.region`.
     #[schemars(length(min = 1, max = 63))]
     pub region: String,
 }
@@ -125,12 +128,15 @@ pub struct AppSpec {
     #[schemars(length(min = 1, max = 512))]
     #[x_kube(validation = rules::image())]
     pub image: String,
+    /// Pods of the app's Deployment (default 2; at most one may be unavailable at a time).
     #[serde(default = "default_app_replicas")]
     #[schemars(range(min = 1, max = 1000))]
     pub replicas: i32,
+    /// TCP port the app serves HTTP on, in the container and on its Service (default 8080).
     #[serde(default = "default_app_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// CPU and memory of each app container (Kubernetes quantities); none set by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
     /// Extra environment for the app (the cell's connection settings are added by the
@@ -139,6 +145,7 @@ pub struct AppSpec {
     #[schemars(length(max = 128))]
     #[x_kube(validation = rules::reserved_env())]
     pub env: Vec<EnvVar>,
+    /// HTTP paths of the app's readiness and liveness probes.
     #[serde(default)]
     pub probes: Probes,
     /// `host:port` that routers in every region can dial (a load balancer, a node port, a
@@ -175,8 +182,10 @@ fn default_app_port() -> i32 {
 /// A plain environment variable.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct EnvVar {
+    /// Variable name; not one of the cell's own settings (`REDIS_ADDR`, `MYSQL_*`, ...).
     #[schemars(length(min = 1, max = 256))]
     pub name: String,
+    /// Value, as is (default empty). Put secrets in a Secret, not here.
     #[serde(default)]
     pub value: String,
 }
@@ -185,10 +194,13 @@ pub struct EnvVar {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Probes {
+    /// Path of the readiness probe, starting with `/` (default `/readyz`: the reference
+    /// app answers 200 there once its three stores and a table are usable).
     #[serde(default = "default_readiness_path")]
     #[schemars(length(min = 1, max = 256))]
     #[x_kube(validation = rules::http_path("spec.app.probes.readinessPath", "/readyz"))]
     pub readiness_path: String,
+    /// Path of the liveness probe, starting with `/` (default `/livez`).
     #[serde(default = "default_liveness_path")]
     #[schemars(length(min = 1, max = 256))]
     #[x_kube(validation = rules::http_path("spec.app.probes.livenessPath", "/livez"))]
@@ -213,10 +225,15 @@ fn default_liveness_path() -> String {
 /// CPU/memory requests and limits as Kubernetes quantities (`"250m"`, `"512Mi"`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resources {
+    /// What the scheduler reserves, by resource name (`cpu`, `memory`,
+    /// `ephemeral-storage`, `hugepages-<size>`): e.g. `{cpu: 250m, memory: 512Mi}`.
+    /// Not more than the limit of the same resource.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(with = "BTreeMap<String, QuantitySchema>", extend("maxProperties" = rules::MAX_RESOURCES))]
     #[x_kube(validation = rules::resource_names(), validation = rules::quantities())]
     pub requests: BTreeMap<String, String>,
+    /// The most a container may use, by resource name: e.g. `{cpu: "1", memory: 1Gi}`
+    /// (memory beyond it gets the container killed; CPU beyond it is throttled).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(with = "BTreeMap<String, QuantitySchema>", extend("maxProperties" = rules::MAX_RESOURCES))]
     #[x_kube(validation = rules::resource_names(), validation = rules::quantities())]
@@ -277,6 +294,7 @@ pub struct InClusterStore {
     /// pod. For demos and tests only.
     #[serde(default)]
     pub ephemeral: bool,
+    /// CPU and memory of the store's container (Kubernetes quantities); none set by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
 }
@@ -318,8 +336,10 @@ pub struct ExternalStore {
     pub admin_secret_ref: Option<SecretRef>,
 }
 
+/// A Secret in the Cell's namespace.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct SecretRef {
+    /// Name of the Secret (a DNS subdomain, in the Cell's namespace).
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = rules::secret_name())]
     pub name: String,
@@ -329,10 +349,15 @@ pub struct SecretRef {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CellStatus {
+    /// Where the cell is in its life: Pending until its objects are applied, Active,
+    /// Draining/Drained, FailedOver, Standby, or Failed when it cannot be built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<CellPhase>,
+    /// `Ready` (all of the below), `AppReady`, `RedisReady`, `MySQLReady`, `KafkaReady`,
+    /// `Registered` (in the global etcd), each with a reason and a message.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Number of slots this cell is home for at `epoch`.
@@ -366,15 +391,19 @@ pub enum CellPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
+    /// What the condition is about, e.g. `Ready`, `MySQLReady`.
     #[serde(rename = "type")]
     pub type_: String,
     /// "True", "False" or "Unknown".
     pub status: String,
+    /// Why, in one CamelCase word (e.g. `ApplyFailed`, `StoreUnreachable`).
     pub reason: String,
+    /// Why, for a person: what is wrong and what fixes it.
     #[serde(default)]
     pub message: String,
     /// RFC 3339 time of the last change of `status`.
     pub last_transition_time: String,
+    /// The `metadata.generation` the condition was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
@@ -459,6 +488,7 @@ pub struct CellOverride {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionCells {
+    /// Region name, as the region's operator is started with (`--region`); a DNS label.
     #[x_kube(validation = rules::dns_label("spec.regions[].name", "eu-west"))]
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
@@ -482,6 +512,7 @@ struct ZoneSchema(#[schemars(length(min = 1, max = 63))] String);
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CellTemplate {
+    /// Each cell's share of the slots relative to the other cells' (1-100, default 10).
     #[serde(default = "default_weight")]
     #[schemars(range(min = 1, max = 100), with = "i32")]
     pub capacity_weight: u32,
@@ -502,9 +533,11 @@ pub struct CellSetStatus {
     /// (the API server refused a stamped Cell, with its message); cleared when fixed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Cells the set stamps (over all its regions).
     #[serde(default)]
     #[schemars(with = "i32")]
     pub cells: u32,
+    /// Of those, the Cells whose `Ready` condition is True.
     #[serde(default)]
     #[schemars(with = "i32")]
     pub ready_cells: u32,
@@ -516,6 +549,7 @@ pub struct CellSetStatus {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(with = "BTreeMap<String, i32>")]
     pub slots: BTreeMap<String, u32>,
+    /// The `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
@@ -731,6 +765,66 @@ mod tests {
         ] {
             assert!(crd.contains(needle), "CRD lacks {needle}");
         }
+    }
+
+    /// Paths of the schema's properties (under `path`) that carry no description.
+    fn undescribed(schema: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+        if let Some(props) = schema["properties"].as_object() {
+            for (name, prop) in props {
+                let here = format!("{path}.{name}");
+                if prop["description"]
+                    .as_str()
+                    .is_none_or(|d| d.trim().is_empty())
+                {
+                    out.push(here.clone());
+                }
+                undescribed(prop, &here, out);
+            }
+        }
+        undescribed_in(&schema["items"], &format!("{path}[]"), out);
+        undescribed_in(&schema["additionalProperties"], &format!("{path}{{}}"), out);
+    }
+
+    fn undescribed_in(schema: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+        if schema.is_object() {
+            undescribed(schema, path, out);
+        }
+    }
+
+    /// `kubectl explain` shows these descriptions: every field of both kinds says what it
+    /// does (defaults and units included), down to the last nested one.
+    #[test]
+    fn every_field_of_both_kinds_is_described_for_kubectl_explain() {
+        let mut missing = Vec::new();
+        for crd in [Cell::crd(), CellSet::crd()] {
+            let crd = serde_json::to_value(crd).unwrap();
+            let kind = crd["spec"]["names"]["kind"].as_str().unwrap().to_string();
+            let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+            let mut fields = Vec::new();
+            undescribed(
+                &schema["properties"]["spec"],
+                &format!("{kind}.spec"),
+                &mut fields,
+            );
+            undescribed(
+                &schema["properties"]["status"],
+                &format!("{kind}.status"),
+                &mut fields,
+            );
+            missing.extend(fields);
+        }
+        assert!(
+            missing.is_empty(),
+            "fields without a description: {missing:#?}"
+        );
+        // The walk sees nested fields (a check that cannot fail would prove nothing).
+        let mut probe = Vec::new();
+        undescribed(
+            &serde_json::json!({"properties": {"a": {"items": {"properties": {"b": {}}}}}}),
+            "x",
+            &mut probe,
+        );
+        assert_eq!(probe, ["x.a", "x.a[].b"]);
     }
 
     fn cel(value: &serde_json::Value, old: Option<&serde_json::Value>) -> Result<(), String> {
