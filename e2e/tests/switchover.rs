@@ -44,6 +44,30 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
     let (us_users, eu_users) = (lab.users_of(HOME, 8), lab.users_of(STANDBY, 8));
     let all_users: Vec<String> = us_users.iter().chain(&eu_users).cloned().collect();
     lab.put_profiles(&all_users).await?;
+
+    // A standby that cannot take users is a preflight refusal: its Redis down, its app
+    // not ready, its region reports it unhealthy.
+    lab.standby.kill("redis")?;
+    let unhealthy = |want: bool| {
+        let etcd = &lab.etcd;
+        move || async move {
+            let reg = etcd.registration(STANDBY).await?;
+            Ok(reg.filter(|r| r.healthy == want).map(|_| ()))
+        }
+    };
+    wait_for("the standby reported unhealthy", T, unhealthy(false)).await?;
+    let (code, out) = lab.cellplane(&["switchover", HOME, "--dry-run"]).await?;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("refused by the standby gate")
+            && out.contains("shop-eu-0 is not registered and healthy"),
+        "{out}"
+    );
+    lab.standby.start("redis")?;
+    wait_for("the standby healthy again", T, unhealthy(true)).await?;
+    // The restarted Redis (no persistence in the lab) lost the sale's stock: open it again.
+    lab.standby_app.set_stock("flash", 1_000_000).await?;
+
     // Load for the whole run: four clients, each reading a profile and placing an order
     // per round, for users of both cells.
     let load = Load::start(&router.addr, &all_users, 4);
