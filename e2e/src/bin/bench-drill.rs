@@ -127,8 +127,15 @@ async fn main() -> Result<()> {
         if i == 0 {
             // The landing: the new home's MySQL and the users' latency over 10 s after it.
             let released = op.released_at_ms.context("released")?;
+            let misses = r#"cellplane_app_profile_reads_total{source="db"}"#;
+            let misses_before = lab.standby_app.metric(misses).await?;
             let after = queries_per_sec(&standby_sql, Duration::from_secs(10)).await?;
-            landing = Some((released, after));
+            let missed = lab.standby_app.metric(misses).await? - misses_before;
+            let warmed = lab
+                .standby_app
+                .metric("cellplane_app_landing_cache_prewarmed_total")
+                .await?;
+            landing = Some((released, after, missed, warmed));
         }
         freezes.push(freeze);
         // The next operation's preflight wants the new standby replicating.
@@ -222,7 +229,7 @@ async fn main() -> Result<()> {
     println!("  requests held       {held} ({timeouts} timed out)");
     println!("  answers not 2xx     {not_ok:?}");
     println!("  acknowledged orders {total}, lost {lost}   (must be 0)");
-    if let Some((released, after)) = landing {
+    if let Some((released, after, missed, warmed)) = landing {
         let p99 = |from: u64, to: u64| {
             let mut l: Vec<u64> = answers
                 .iter()
@@ -236,6 +243,9 @@ async fn main() -> Result<()> {
             "  landing (1st switchover): {STANDBY}'s MySQL {before:.0} queries/s in 10 s before, {after:.0} in the 10 s after the flip; users' p99 {} ms before, {} ms after",
             p99(before_started, before_started + 10_000),
             p99(released, released + 10_000)
+        );
+        println!(
+            "  landing cache: {warmed:.0} profiles warmed before the flip; {missed:.0} profile reads went to MySQL in the 10 s after it"
         );
     }
     if lost > 0 {
