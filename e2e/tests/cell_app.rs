@@ -149,6 +149,47 @@ async fn cache_aside_never_serves_a_stale_profile_to_a_read_that_starts_after_th
     }
     let r = app.get("/users/nobody/profile").await?;
     assert_eq!(r.status, 404);
+
+    // A burst of misses for different users is read in batches: fewer MySQL queries than
+    // reads, and every user still gets its own profile (or 404 when it has none).
+    let burst: Vec<String> = (0..64).map(|i| format!("burst{i}")).collect();
+    for u in burst.iter().step_by(2) {
+        let r = app
+            .send_json(
+                "PUT",
+                &format!("/users/{u}/profile"),
+                json!({"name": u, "email": format!("{u}@example.com")}),
+            )
+            .await?;
+        anyhow::ensure!(r.status == 200, "PUT {u}: {}", r.body);
+    }
+    let queries = || app.metric("cellplane_app_profile_db_queries_total");
+    let queries_before = queries().await?;
+    let paths: Vec<String> = burst
+        .iter()
+        .map(|u| format!("/users/{u}/profile"))
+        .collect();
+    let reads = futures::future::join_all(paths.iter().map(|p| app.get(p))).await;
+    for (i, (u, r)) in burst.iter().zip(reads).enumerate() {
+        let r = r?;
+        if i % 2 == 0 {
+            assert_eq!(
+                (r.status, body(&r)["name"].as_str()),
+                (200, Some(u.as_str())),
+                "{}",
+                r.body
+            );
+        } else {
+            assert_eq!(r.status, 404, "{u} has no profile: {}", r.body);
+        }
+    }
+    let made = queries().await? - queries_before;
+    assert!(
+        (1.0..64.0).contains(&made),
+        "64 concurrent misses took {made} MySQL queries"
+    );
+    println!("64 concurrent misses: {made} MySQL queries");
+
     let r = app
         .send_json(
             "PUT",

@@ -2,11 +2,13 @@
 //! shard and Kafka, and shows the platform's patterns per user.
 //!
 //! - `profiles`: cache-aside reads (hot keys in process, Redis, MySQL), updates that write
-//!   MySQL and then invalidate without the stale-fill race (`cache`).
+//!   MySQL and then invalidate without the stale-fill race (`cache`); misses read MySQL
+//!   in batches across users (`batch`).
 //! - `orders` + `consumer`: flash sale stock in Redis, orders queued on Kafka, persisted to
 //!   MySQL exactly once per order id.
 //! - `http`: routes behind the slot-ownership fence, health, lag and replication status.
 
+pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod consumer;

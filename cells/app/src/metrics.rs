@@ -51,6 +51,8 @@ pub struct Metrics {
     /// again at the flip because their row changed after the warm-up.
     pub landing_prewarmed: Counter,
     pub landing_refreshed: Counter,
+    /// MySQL queries made by profile reads (each reads a batch of users).
+    pub profile_db_queries: Counter,
     registry: Registry,
 }
 
@@ -69,6 +71,7 @@ impl Metrics {
             landing_warmed: Counter::default(),
             landing_prewarmed: Counter::default(),
             landing_refreshed: Counter::default(),
+            profile_db_queries: Counter::default(),
             orders_rejected: Family::default(),
             orders_persisted: Counter::default(),
             orders_duplicates: Counter::default(),
@@ -111,6 +114,11 @@ impl Metrics {
             "landing_cache_warmed",
             "Recently updated profiles filled into Redis when this cell started serving their slots",
             m.landing_warmed.clone(),
+        );
+        r.register(
+            "profile_db_queries",
+            "MySQL queries made by profile reads; each reads a batch of users (fewer than the reads under load)",
+            m.profile_db_queries.clone(),
         );
         r.register(
             "landing_cache_prewarmed",

@@ -5,6 +5,7 @@
 //! and updates pause (503), because an update whose invalidation cannot be written could
 //! leave a stale entry behind. MySQL down -> cached profiles are still served.
 
+use crate::batch::BatchReads;
 use crate::cache::{self, Entry, HotCache};
 use crate::error::{AppError, AppResult};
 use crate::metrics::Metrics;
@@ -59,6 +60,7 @@ pub struct Profiles {
     hot: HotCache,
     in_flight: InFlight,
     db_fallback: Semaphore,
+    db_reads: Arc<BatchReads>,
     fill: redis::Script,
     tombstone: redis::Script,
 }
@@ -74,6 +76,12 @@ impl Profiles {
             hot: HotCache::new(cfg.local_ttl, cfg.local_capacity, cfg.hot_reads_per_sec),
             in_flight: InFlight::default(),
             db_fallback: Semaphore::new(cfg.db_fallback_concurrency),
+            db_reads: BatchReads::new(
+                stores.clone(),
+                metrics.clone(),
+                cfg.db_reads_in_flight,
+                cfg.db_read_batch,
+            ),
             fill: redis::Script::new(cache::FILL_SCRIPT),
             tombstone: redis::Script::new(cache::TOMBSTONE_SCRIPT),
             stores,
@@ -139,24 +147,14 @@ impl Profiles {
     }
 
     async fn read_db(&self, user: &str, data: &Dataset) -> AppResult<(Profile, u64)> {
-        let cfg = &self.stores.cfg;
-        let query = format!(
-            "SELECT name, email, version FROM {} WHERE user_id = ?",
-            data.table("profiles")
-        );
-        let row: Option<(String, String, u64)> = retry_read(cfg.read_attempts, || async {
-            let mut c = self.stores.mysql_conn().await?;
-            timed(
-                "mysql",
-                cfg.store_timeout,
-                c.exec_first(query.as_str(), (user,)),
-            )
-            .await
+        let found = retry_read(self.stores.cfg.read_attempts, || async {
+            self.db_reads
+                .read(user, data)
+                .await
+                .map_err(|e| AppError::unavailable("mysql", e))
         })
         .await?;
-        let (name, email, version) =
-            row.ok_or_else(|| AppError::NotFound(format!("profile of {user}")))?;
-        Ok((Profile { name, email }, version))
+        found.ok_or_else(|| AppError::NotFound(format!("profile of {user}")))
     }
 
     async fn read_db_and_fill(

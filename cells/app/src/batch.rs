@@ -1,0 +1,200 @@
+//! Profile reads from MySQL, batched across users: a burst of cache misses (a cold cache
+//! after a landing, a flushed Redis, a crowd of new users) becomes a few `IN (...)` reads
+//! instead of one round trip per user.
+//!
+//! At most `in_flight` reads run at once. A miss that finds a free place is read at once,
+//! alone (no added latency when the load is light); misses that arrive while every place
+//! is taken wait, and the next read to finish takes up to `max_batch` of them (for one
+//! schema) in one query. So batches grow with the load by themselves, with no timer, and
+//! MySQL never sees more than `in_flight` profile reads from this process: the miss rate
+//! it has to answer is bounded, whatever the cache does.
+//!
+//! The IN list is padded to a power of two (repeating the last user), so each connection
+//! prepares at most seven statements per schema instead of one per batch size.
+
+use crate::metrics::Metrics;
+use crate::profiles::Profile;
+use crate::stores::{timed, Dataset, Stores};
+use mysql_async::prelude::Queryable;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// One user's row: the profile and its version, or None when the user has none.
+pub type Found = Option<(Profile, u64)>;
+
+/// A batch's outcome for each of its users; a failed read fails the whole batch with
+/// its reason (the callers retry, as for any read).
+type Answer = Result<Found, String>;
+
+struct Waiter {
+    data: Dataset,
+    user: String,
+    answer: oneshot::Sender<Answer>,
+}
+
+#[derive(Default)]
+struct Queue {
+    running: usize,
+    waiting: VecDeque<Waiter>,
+}
+
+pub struct BatchReads {
+    stores: Arc<Stores>,
+    metrics: Arc<Metrics>,
+    in_flight: usize,
+    max_batch: usize,
+    queue: Mutex<Queue>,
+}
+
+/// Takes the oldest waiter and, behind it, up to `max - 1` more for the same key (in
+/// arrival order); the others keep their places.
+fn take_batch<W, K: PartialEq>(
+    waiting: &mut VecDeque<W>,
+    max: usize,
+    key: impl Fn(&W) -> &K,
+) -> Vec<W> {
+    let Some(first) = waiting.pop_front() else {
+        return Vec::new();
+    };
+    let mut batch = vec![first];
+    let mut i = 0;
+    while i < waiting.len() && batch.len() < max {
+        if key(&waiting[i]) == key(&batch[0]) {
+            batch.extend(waiting.remove(i));
+        } else {
+            i += 1;
+        }
+    }
+    batch
+}
+
+/// The IN-list length a batch of `n` users is padded to: the next power of two.
+fn padded_len(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// Gives the place back when a driver ends, also if it panicked.
+struct Place<'a>(&'a Mutex<Queue>);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.lock().running -= 1;
+    }
+}
+
+impl BatchReads {
+    /// `in_flight` >= 1 reads at once, `max_batch` >= 1 users per read.
+    pub fn new(
+        stores: Arc<Stores>,
+        metrics: Arc<Metrics>,
+        in_flight: usize,
+        max_batch: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            stores,
+            metrics,
+            in_flight: in_flight.max(1),
+            max_batch: max_batch.max(1),
+            queue: Mutex::default(),
+        })
+    }
+
+    /// `user`'s profile in `data`, read alone or with other users' misses.
+    pub async fn read(self: &Arc<Self>, user: &str, data: &Dataset) -> Result<Found, String> {
+        let (tx, rx) = oneshot::channel();
+        let start_driver = {
+            let mut q = self.queue.lock();
+            q.waiting.push_back(Waiter {
+                data: data.clone(),
+                user: user.to_string(),
+                answer: tx,
+            });
+            let free = q.running < self.in_flight;
+            if free {
+                q.running += 1;
+            }
+            free
+        };
+        if start_driver {
+            tokio::spawn(self.clone().drive());
+        }
+        // The driver answers every waiter it takes, within the store deadline.
+        rx.await
+            .unwrap_or_else(|_| Err("the batched read was dropped".into()))
+    }
+
+    /// Reads batches until none is waiting, then gives its place back.
+    async fn drive(self: Arc<Self>) {
+        let _place = Place(&self.queue);
+        loop {
+            let batch = take_batch(&mut self.queue.lock().waiting, self.max_batch, |w| &w.data);
+            if batch.is_empty() {
+                return;
+            }
+            let users: Vec<&str> = batch.iter().map(|w| w.user.as_str()).collect();
+            let rows = self.query(&batch[0].data, &users).await;
+            for w in batch {
+                let answer = match &rows {
+                    Ok(rows) => Ok(rows.get(&w.user).cloned()),
+                    Err(e) => Err(e.clone()),
+                };
+                let _ = w.answer.send(answer);
+            }
+        }
+    }
+
+    async fn query(
+        &self,
+        data: &Dataset,
+        users: &[&str],
+    ) -> Result<HashMap<String, (Profile, u64)>, String> {
+        let n = padded_len(users.len());
+        let marks = vec!["?"; n].join(",");
+        let query = format!(
+            "SELECT user_id, name, email, version FROM {} WHERE user_id IN ({marks})",
+            data.table("profiles")
+        );
+        let last = users[users.len() - 1];
+        let params: Vec<&str> = users
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(last, n - users.len()))
+            .collect();
+        let cfg = &self.stores.cfg;
+        self.metrics.profile_db_queries.inc();
+        let read = async {
+            let mut c = self.stores.mysql_conn().await?;
+            timed("mysql", cfg.store_timeout, c.exec(query.as_str(), params)).await
+        };
+        let rows: Vec<(String, String, String, u64)> = read.await.map_err(|e| e.to_string())?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, name, email, version)| (user, (Profile { name, email }, version)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_the_oldest_waiter_and_the_next_ones_of_its_schema() {
+        let mut waiting: VecDeque<(&str, u32)> =
+            [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("b", 5), ("a", 6)].into();
+        let batch = take_batch(&mut waiting, 3, |w| &w.0);
+        assert_eq!(batch, [("a", 1), ("a", 3), ("a", 4)]);
+        assert_eq!(waiting, [("b", 2), ("b", 5), ("a", 6)], "order kept");
+        assert_eq!(take_batch(&mut waiting, 3, |w| &w.0), [("b", 2), ("b", 5)]);
+        assert_eq!(take_batch(&mut waiting, 1, |w| &w.0), [("a", 6)]);
+        assert!(take_batch(&mut waiting, 3, |w| &w.0).is_empty());
+    }
+
+    #[test]
+    fn in_lists_are_padded_to_powers_of_two() {
+        let lens: Vec<usize> = [0, 1, 2, 3, 5, 8, 9, 33, 64].map(padded_len).into();
+        assert_eq!(lens, [1, 1, 2, 4, 8, 8, 16, 64, 64]);
+    }
+}
