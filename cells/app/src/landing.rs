@@ -125,7 +125,7 @@ impl Landing {
 #[derive(Default)]
 struct Prepared {
     slots: Gains,
-    filled: BTreeMap<String, Vec<(String, u64)>>,
+    filled: FilledProfiles,
 }
 
 impl Prepared {
@@ -185,22 +185,8 @@ pub async fn run(
                     "landed announced slots: the profiles filled before the flip checked, changed ones filled again"
                 );
             } else {
-                let dropped = drop_cached(&stores, &current, &all).await;
                 profiles.forget_local();
-                let mut warmed = 0;
-                for (home, slots) in &gained {
-                    warmed += warm(&stores, &current, home, slots).await.len() as u64;
-                }
-                metrics.landing_dropped.inc_by(dropped);
-                metrics.landing_warmed.inc_by(warmed);
-                tracing::info!(
-                    epoch = current.epoch,
-                    slots = all.len(),
-                    dropped,
-                    warmed,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "landed slots: stale cache entries dropped, recent profiles warmed"
-                );
+                drop_and_warm(&stores, &metrics, &current, &gained, WarmUp::AfterFlip).await;
             }
             landing.clear(&all);
             prepared = Prepared::default();
@@ -217,31 +203,59 @@ pub async fn run(
             prepared = Prepared::default();
         }
         if !expected.is_empty() && !prepared.covers(&expected) {
-            let all = union(&expected);
-            landing.mark(&all);
-            let started = Instant::now();
-            let dropped = drop_cached(&stores, &current, &all).await;
-            let mut filled = BTreeMap::new();
-            for (home, slots) in &expected {
-                filled.insert(home.clone(), warm(&stores, &current, home, slots).await);
-            }
-            let warmed: usize = filled.values().map(Vec::len).sum();
-            metrics.landing_dropped.inc_by(dropped);
-            metrics.landing_prewarmed.inc_by(warmed as u64);
-            tracing::info!(
-                epoch = current.epoch,
-                slots = all.len(),
-                dropped,
-                warmed,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "pre-landed announced slots before the flip: stale entries dropped, recent profiles warmed"
-            );
+            landing.mark(&union(&expected));
+            let filled =
+                drop_and_warm(&stores, &metrics, &current, &expected, WarmUp::BeforeFlip).await;
             prepared = Prepared {
                 slots: expected,
                 filled,
             };
         }
     }
+}
+
+/// Profiles filled, as (user, version), per data home.
+type FilledProfiles = BTreeMap<String, Vec<(String, u64)>>;
+
+/// When a warm-up runs: before a flip the table announced, or after one it did not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WarmUp {
+    BeforeFlip,
+    AfterFlip,
+}
+
+/// Drops every Redis profile entry of the slots of `gains`, then fills the most recent
+/// profiles of each data home's slots; counts and logs both, returns what was filled.
+async fn drop_and_warm(
+    stores: &Stores,
+    metrics: &Metrics,
+    table: &RoutingTable,
+    gains: &Gains,
+    when: WarmUp,
+) -> FilledProfiles {
+    let started = Instant::now();
+    let slots = union(gains);
+    let dropped = drop_cached(stores, table, &slots).await;
+    let mut filled = FilledProfiles::new();
+    for (home, slots) in gains {
+        filled.insert(home.clone(), warm(stores, table, home, slots).await);
+    }
+    let warmed: u64 = filled.values().map(|f| f.len() as u64).sum();
+    metrics.landing_dropped.inc_by(dropped);
+    match when {
+        WarmUp::BeforeFlip => metrics.landing_prewarmed.inc_by(warmed),
+        WarmUp::AfterFlip => metrics.landing_warmed.inc_by(warmed),
+    };
+    tracing::info!(
+        epoch = table.epoch,
+        slots = slots.len(),
+        dropped,
+        warmed,
+        before_flip = when == WarmUp::BeforeFlip,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "landing: stale cache entries of the slots dropped, their recent profiles warmed"
+    );
+    filled
 }
 
 /// Deletes every Redis profile entry of `slots`.
@@ -367,10 +381,7 @@ async fn warm(
 /// Reads the current rows of the profiles filled before the flip (per data home) and fills
 /// again every one whose version moved on since; returns how many were filled again, or
 /// None when a read failed (the caller then drops the slots' entries instead).
-async fn refresh_changed(
-    stores: &Stores,
-    filled: &BTreeMap<String, Vec<(String, u64)>>,
-) -> Option<u64> {
+async fn refresh_changed(stores: &Stores, filled: &FilledProfiles) -> Option<u64> {
     let mut changed: Vec<Row> = Vec::new();
     for (home, filled) in filled {
         let data = stores.dataset(home);
