@@ -75,12 +75,19 @@ fn padded_len(n: usize) -> usize {
     n.max(1).next_power_of_two()
 }
 
-/// Gives the place back when a driver ends, also if it panicked.
-struct Place<'a>(&'a Mutex<Queue>);
+/// A driver's place among the `in_flight`: given back under the queue's lock when the
+/// driver finds nothing left to read (so a waiter queued just then is never stranded
+/// without a driver), or on drop if the driver panicked.
+struct Place<'a> {
+    queue: &'a Mutex<Queue>,
+    held: bool,
+}
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        self.0.lock().running -= 1;
+        if self.held {
+            self.queue.lock().running -= 1;
+        }
     }
 }
 
@@ -120,19 +127,33 @@ impl BatchReads {
         if start_driver {
             tokio::spawn(self.clone().drive());
         }
-        // The driver answers every waiter it takes, within the store deadline.
-        rx.await
-            .unwrap_or_else(|_| Err("the batched read was dropped".into()))
+        // The driver answers every waiter it takes within the store deadline; the wait in
+        // the queue before that is bounded too.
+        let deadline = self.stores.cfg.store_timeout * 2;
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err("the batched read was dropped".into()),
+            Err(_) => Err(format!("no answer within {deadline:?}")),
+        }
     }
 
     /// Reads batches until none is waiting, then gives its place back.
     async fn drive(self: Arc<Self>) {
-        let _place = Place(&self.queue);
+        let mut place = Place {
+            queue: &self.queue,
+            held: true,
+        };
         loop {
-            let batch = take_batch(&mut self.queue.lock().waiting, self.max_batch, |w| &w.data);
-            if batch.is_empty() {
-                return;
-            }
+            let batch = {
+                let mut q = self.queue.lock();
+                let batch = take_batch(&mut q.waiting, self.max_batch, |w| &w.data);
+                if batch.is_empty() {
+                    q.running -= 1;
+                    place.held = false;
+                    return;
+                }
+                batch
+            };
             let users: Vec<&str> = batch.iter().map(|w| w.user.as_str()).collect();
             let rows = self.query(&batch[0].data, &users).await;
             for w in batch {
