@@ -337,6 +337,14 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
     for cell in ["shop-us-0", "shop-us-1", "shop-eu-0"] {
         assert!(stdout.contains(cell), "{stdout}");
     }
+    // Not a terminal: plain text, no colour codes.
+    assert!(!stdout.contains('\x1b'), "{stdout:?}");
+    let (code, stdout, _) = cli(&["cells", "-o", "yaml"])?;
+    assert_eq!(code, 0);
+    let listed: Vec<serde_json::Value> = serde_yaml::from_str(&stdout)?;
+    let names: Vec<&str> = listed.iter().filter_map(|c| c["cell"].as_str()).collect();
+    assert_eq!(names.len(), t4.cells.len(), "{stdout}");
+    assert!(names.contains(&"shop-eu-0"), "{stdout}");
     let (code, _, stderr) = cli(&["switchover", "shop-us-9"])?;
     assert_eq!(code, 1);
     assert!(stderr.contains("unknown cell \"shop-us-9\""), "{stderr}");

@@ -6,6 +6,7 @@
 //! 3 rolled back (a drain or failback of a region exits like the member that stopped it).
 
 use anyhow::{bail, Context as _};
+use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{
     cells_prefix, drill_key, drills_prefix, pins_key, routers_prefix, Intent, Registration,
     RouterAck,
@@ -56,10 +57,19 @@ struct Cli {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
+    /// Aligned text for a person (coloured on a terminal unless NO_COLOR is set).
     Table,
     Json,
+    Yaml,
     /// Reports as Markdown (for a ticket or a postmortem).
     Markdown,
+}
+
+impl Output {
+    /// Data for scripts (JSON or YAML) rather than text for people.
+    fn structured(self) -> bool {
+        matches!(self, Output::Json | Output::Yaml)
+    }
 }
 
 /// Flags shared by the commands that start an operation.
@@ -106,21 +116,34 @@ enum Scope {
 #[derive(Subcommand)]
 enum Command {
     /// Where a user is served: slot, home cell, region, epoch (from the live table).
+    #[command(
+        after_help = "Examples:\n  cellplane route alice\n  cellplane route alice -o json | jq .cell"
+    )]
     Route { user: String },
     /// Every cell in the table: state, region, slots, MySQL role, lag, health.
+    #[command(
+        after_help = "States are coloured on a terminal (green serving, yellow moving, red failed over); NO_COLOR=1 or a pipe gives plain text.\n\nExamples:\n  cellplane cells\n  cellplane cells -o yaml"
+    )]
     Cells,
     /// The routing table in force (or its history).
+    #[command(after_help = "Examples:\n  cellplane table\n  cellplane table --history -o json")]
     Table {
         #[arg(long)]
         history: bool,
     },
     /// Move a cell's users to its standby, with nothing lost.
+    #[command(
+        after_help = "Exit codes: 0 done, 1 error, 2 refused by a preflight gate (named), 3 rolled back.\n\nExamples:\n  cellplane switchover shop-us-0 --dry-run\n  cellplane switchover shop-us-0\n  cellplane switchover shop-us-0 --no-wait -o json"
+    )]
     Switchover {
         cell: String,
         #[command(flatten)]
         flags: OpFlags,
     },
     /// Switch every serving cell of a region (or one cell) over to its standby, in waves.
+    #[command(
+        after_help = "Examples:\n  cellplane drain region us-east --wave 2\n  cellplane drain cell shop-us-0 --dry-run"
+    )]
     Drain {
         scope: Scope,
         name: String,
@@ -131,6 +154,9 @@ enum Command {
         flags: OpFlags,
     },
     /// Bring a failed-over cell's users back to it (or every failed-over cell of a region).
+    #[command(
+        after_help = "Examples:\n  cellplane failback shop-us-0\n  cellplane failback --region us-east --wave 2"
+    )]
     Failback {
         /// The failed-over cell.
         #[arg(required_unless_present = "region", conflicts_with = "region")]
@@ -146,6 +172,9 @@ enum Command {
     },
     /// Pin a slot (or a user's slot) to a serving cell, on top of the placement; without a
     /// cell, list the pins.
+    #[command(
+        after_help = "Examples:\n  cellplane pin --user vip-42 --cell shop-eu-0\n  cellplane pin 1234 --cell shop-us-1\n  cellplane pin --list"
+    )]
     Pin {
         /// The slot, or `--user`.
         #[arg(required_unless_present_any = ["user", "list"])]
@@ -161,6 +190,7 @@ enum Command {
         list: bool,
     },
     /// Remove a slot's pin (or a user's slot's).
+    #[command(after_help = "Examples:\n  cellplane unpin --user vip-42\n  cellplane unpin 1234")]
     Unpin {
         #[arg(required_unless_present = "user")]
         slot: Option<u32>,
@@ -168,7 +198,15 @@ enum Command {
         user: Option<String>,
     },
     /// List operations, or show one report (`-o markdown` for a ticket).
+    #[command(
+        after_help = "Examples:\n  cellplane drills\n  cellplane drills switchover-shop-us-0-1796173200981 -o markdown > report.md"
+    )]
     Drills { id: Option<String> },
+    /// Print a shell completion script (needs no etcd).
+    #[command(
+        after_help = "Examples:\n  cellplane completions bash > /etc/bash_completion.d/cellplane\n  cellplane completions zsh > \"${fpath[1]}/_cellplane\"\n  cellplane completions fish > ~/.config/fish/completions/cellplane.fish"
+    )]
+    Completions { shell: clap_complete::Shell },
 }
 
 struct Platform {
@@ -196,17 +234,52 @@ impl Platform {
     }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+/// Prints `v` as JSON, or as YAML with `-o yaml`.
+fn print_data<T: serde::Serialize>(out: Output, v: &T) -> anyhow::Result<()> {
+    if out == Output::Yaml {
+        print!("{}", serde_yaml::to_string(v)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    }
     Ok(())
+}
+
+/// ANSI colour of a cell's state in a table: green serving, yellow moving, red failed over
+/// or failed; None for plain text.
+fn state_colour(state: CellPhase, frozen: bool) -> Option<&'static str> {
+    if frozen {
+        return Some("33");
+    }
+    match state {
+        CellPhase::Active => Some("32"),
+        CellPhase::Draining | CellPhase::Pending => Some("33"),
+        CellPhase::FailedOver | CellPhase::Failed => Some("31"),
+        CellPhase::Drained | CellPhase::Standby => None,
+    }
+}
+
+/// `text` (already padded) in `colour` when colours are on.
+fn paint(text: &str, colour: Option<&str>, colours: bool) -> String {
+    match colour {
+        Some(c) if colours => format!("\x1b[{c}m{text}\x1b[0m"),
+        _ => text.to_string(),
+    }
+}
+
+/// Colours only for a person at a terminal, and never with NO_COLOR set
+/// (https://no-color.org).
+fn colours_wanted() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 async fn route(p: &mut Platform, user: &str, out: Output) -> anyhow::Result<ExitCode> {
     let t = p.table().await?;
     let (slot, cell) = t.route(user);
     let pinned = t.pinned(slot).is_some();
-    if out == Output::Json {
-        print_json(
+    if out.structured() {
+        print_data(
+            out,
             &serde_json::json!({"user": user, "slot": slot, "cell": cell.name, "region": cell.region, "epoch": t.epoch, "pinned": pinned, "frozen": cell.frozen}),
         )?;
     } else {
@@ -241,10 +314,11 @@ async fn cells(p: &mut Platform, out: Output) -> anyhow::Result<ExitCode> {
             })
         })
         .collect();
-    if out == Output::Json {
-        print_json(&rows)?;
+    if out.structured() {
+        print_data(out, &rows)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let colours = colours_wanted();
     println!("epoch {}", t.epoch);
     println!(
         "{:<24} {:<8} {:<11} {:>6} {:<24} {:<10} {:<9}",
@@ -257,10 +331,10 @@ async fn cells(p: &mut Platform, out: Output) -> anyhow::Result<ExitCode> {
             Some(_) => "writable",
             None => "-",
         };
-        let health = match reg {
-            None => "no lease",
-            Some(r) if r.healthy => "healthy",
-            Some(_) => "unhealthy",
+        let (health, health_colour) = match reg {
+            None => ("no lease", Some("31")),
+            Some(r) if r.healthy => ("healthy", Some("32")),
+            Some(_) => ("unhealthy", Some("31")),
         };
         let state = if c.frozen {
             format!("{:?}*", c.state)
@@ -268,14 +342,18 @@ async fn cells(p: &mut Platform, out: Output) -> anyhow::Result<ExitCode> {
             format!("{:?}", c.state)
         };
         println!(
-            "{:<24} {:<8} {:<11} {:>6} {:<24} {:<10} {:<9}",
+            "{:<24} {:<8} {} {:>6} {:<24} {:<10} {}",
             c.name,
             c.region,
-            state,
+            paint(
+                &format!("{state:<11}"),
+                state_colour(c.state, c.frozen),
+                colours
+            ),
             t.slot_count(&c.name),
             c.standby.as_deref().unwrap_or("-"),
             role,
-            health
+            paint(&format!("{health:<9}"), health_colour, colours)
         );
     }
     if t.cells.iter().any(|c| c.frozen) {
@@ -290,8 +368,8 @@ async fn table(p: &mut Platform, history: bool, out: Output) -> anyhow::Result<E
     } else {
         vec![p.table().await?]
     };
-    if out == Output::Json {
-        print_json(&tables)?;
+    if out.structured() {
+        print_data(out, &tables)?;
         return Ok(ExitCode::SUCCESS);
     }
     for t in &tables {
@@ -444,8 +522,8 @@ async fn start(
         };
         let (checked, _) = switchover::advance(member, &observed);
         if let Some(Outcome::Refused { gate, message }) = &checked.outcome {
-            if out == Output::Json {
-                print_json(&checked)?;
+            if out.structured() {
+                print_data(out, &checked)?;
             } else {
                 eprintln!("refused by the {gate} gate ({}): {message}", member.cell);
             }
@@ -453,8 +531,11 @@ async fn start(
         }
     }
     if flags.dry_run {
-        if out == Output::Json {
-            print_json(&serde_json::json!({"operation": req.summary, "preflight": "passed"}))?;
+        if out.structured() {
+            print_data(
+                out,
+                &serde_json::json!({"operation": req.summary, "preflight": "passed"}),
+            )?;
         } else {
             println!("preflight passed: {}", req.summary);
         }
@@ -477,12 +558,12 @@ async fn start(
     if !p.client.txn(txn).await?.succeeded() {
         bail!("operation {id} exists already; try again");
     }
-    if out != Output::Json {
+    if !out.structured() {
         println!("started {}", req.summary);
     }
     if flags.no_wait {
-        if out == Output::Json {
-            print_json(&req.op)?;
+        if out.structured() {
+            print_data(out, &req.op)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -500,7 +581,7 @@ async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitC
             .cloned()
             .with_context(|| format!("operation {id} disappeared"))?;
         let members = switchovers(&all);
-        if out != Output::Json {
+        if !out.structured() {
             let mine: Vec<&Switchover> = match &op {
                 Operation::Switchover(s) => vec![s],
                 Operation::Batch(b) => b.members.iter().filter_map(|m| members.get(m)).collect(),
@@ -551,12 +632,12 @@ fn show(
     out: Output,
 ) -> anyhow::Result<ExitCode> {
     match (op, out) {
-        (Operation::Switchover(s), Output::Json) => print_json(s)?,
+        (Operation::Switchover(s), Output::Json | Output::Yaml) => print_data(out, s)?,
         (Operation::Switchover(s), Output::Markdown) => print!("{}", report::markdown(s)),
         (Operation::Switchover(s), Output::Table) => print!("{}", report::text(s)),
-        (Operation::Batch(b), Output::Json) => {
+        (Operation::Batch(b), Output::Json | Output::Yaml) => {
             let mine: Vec<&Switchover> = b.members.iter().filter_map(|m| members.get(m)).collect();
-            print_json(&serde_json::json!({"batch": b, "members": mine}))?
+            print_data(out, &serde_json::json!({"batch": b, "members": mine}))?
         }
         (Operation::Batch(b), Output::Markdown) => print!("{}", report::batch_markdown(b, members)),
         (Operation::Batch(b), Output::Table) => print!("{}", report::batch_text(b, members)),
@@ -585,8 +666,8 @@ async fn read_pins(p: &mut Platform) -> anyhow::Result<(Pins, i64)> {
 async fn show_pins(p: &mut Platform, out: Output) -> anyhow::Result<ExitCode> {
     let (pins, _) = read_pins(p).await?;
     let t = p.table().await?;
-    if out == Output::Json {
-        print_json(&pins)?;
+    if out.structured() {
+        print_data(out, &pins)?;
         return Ok(ExitCode::SUCCESS);
     }
     for (slot, cell) in &pins {
@@ -668,8 +749,9 @@ async fn change_pin(
         loop {
             let now = p.table().await?;
             if now.pinned(slot) == cell.as_deref() {
-                if out == Output::Json {
-                    print_json(
+                if out.structured() {
+                    print_data(
+                        out,
                         &serde_json::json!({"slot": slot, "cell": cell, "epoch": now.epoch}),
                     )?;
                 } else {
@@ -707,8 +789,8 @@ async fn drills(p: &mut Platform, id: Option<String>, out: Output) -> anyhow::Re
             .with_context(|| format!("no operation {id:?}; list them with `cellplane drills`"))?;
         return show(op, &members, out);
     }
-    if out == Output::Json {
-        print_json(&all.values().collect::<Vec<_>>())?;
+    if out.structured() {
+        print_data(out, &all.values().collect::<Vec<_>>())?;
         return Ok(ExitCode::SUCCESS);
     }
     let markdown = out == Output::Markdown;
@@ -757,6 +839,16 @@ async fn drills(p: &mut Platform, id: Option<String>, out: Output) -> anyhow::Re
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "cellplane",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     let run = async {
         if cli.etcd_endpoints.is_empty() {
             bail!("no etcd: pass --etcd-endpoints (or set CELLPLANE_ETCD_ENDPOINTS) to the global etcd, e.g. http://10.0.0.1:2379");
@@ -875,6 +967,7 @@ async fn main() -> ExitCode {
                 }
             }
             Command::Unpin { slot, user } => change_pin(&mut p, slot, user, None, cli.output).await,
+            Command::Completions { .. } => unreachable!("answered before connecting"),
         }
     };
     match run.await {
@@ -888,9 +981,68 @@ async fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_name_every_command_and_every_command_shows_an_example() {
+        use clap::CommandFactory;
+        let mut script = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "cellplane",
+            &mut script,
+        );
+        let script = String::from_utf8(script).unwrap();
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            assert!(
+                script.contains(sub.get_name()),
+                "{} not completed",
+                sub.get_name()
+            );
+            let help = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(
+                help.contains(&format!("cellplane {}", sub.get_name())),
+                "`cellplane {} --help` shows no example",
+                sub.get_name()
+            );
+        }
+        assert!(
+            script.contains("yaml") && script.contains("markdown"),
+            "-o values"
+        );
+    }
+
+    #[test]
+    fn colours_only_when_wanted_and_padding_is_kept() {
+        assert_eq!(paint("Active     ", Some("32"), false), "Active     ");
+        assert_eq!(
+            paint("Active     ", Some("32"), true),
+            "\x1b[32mActive     \x1b[0m"
+        );
+        assert_eq!(paint("Drained", None, true), "Drained");
+        assert_eq!(state_colour(CellPhase::Active, false), Some("32"));
+        assert_eq!(
+            state_colour(CellPhase::Active, true),
+            Some("33"),
+            "frozen: moving"
+        );
+        assert_eq!(state_colour(CellPhase::FailedOver, false), Some("31"));
+    }
+
+    #[test]
+    fn yaml_and_json_are_the_structured_outputs() {
+        assert!(Output::Json.structured() && Output::Yaml.structured());
+        assert!(!Output::Table.structured() && !Output::Markdown.structured());
     }
 }
