@@ -321,17 +321,29 @@ pub fn free_port() -> Result<u16> {
     Ok(free_ports::<1>()?[0])
 }
 
-/// `N` distinct free ports: all are held at once while they are picked, so the OS cannot
-/// hand the same one out twice (it readily does between two single picks).
+/// `N` distinct free ports, from the ledger the region and store scripts share
+/// (`e2e/bin/free-ports`): a port handed to any caller on this machine stays reserved for
+/// 10 minutes, so tests, regions and stores started in parallel never pick the same one
+/// before they bind it.
 pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let mut ports = [0u16; N];
-    for (p, l) in ports.iter_mut().zip(&listeners) {
-        *p = l.local_addr()?.port();
+    let out = Command::new(repo_root().join("e2e/bin/free-ports"))
+        .arg(N.to_string())
+        .output()
+        .context("running e2e/bin/free-ports")?;
+    if !out.status.success() {
+        bail!(
+            "e2e/bin/free-ports: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    Ok(ports)
+    let picked: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()
+        .context("e2e/bin/free-ports printed something other than ports")?;
+    picked.try_into().map_err(|p: Vec<u16>| {
+        anyhow::anyhow!("e2e/bin/free-ports gave {} ports, not {N}", p.len())
+    })
 }
 
 /// Polls `check` until it returns Some or `timeout` passes; the error names `what`.
