@@ -171,30 +171,47 @@ impl BatchReads {
         data: &Dataset,
         users: &[&str],
     ) -> Result<HashMap<String, (Profile, u64)>, String> {
-        let n = padded_len(users.len());
-        let marks = vec!["?"; n].join(",");
-        let query = format!(
-            "SELECT user_id, name, email, version FROM {} WHERE user_id IN ({marks})",
-            data.table("profiles")
-        );
-        let last = users[users.len() - 1];
-        let params: Vec<&str> = users
-            .iter()
-            .copied()
-            .chain(std::iter::repeat_n(last, n - users.len()))
-            .collect();
-        let cfg = &self.stores.cfg;
         self.metrics.profile_db_queries.inc();
-        let read = async {
-            let mut c = self.stores.mysql_conn().await?;
-            timed("mysql", cfg.store_timeout, c.exec(query.as_str(), params)).await
-        };
-        let rows: Vec<(String, String, String, u64)> = read.await.map_err(|e| e.to_string())?;
-        Ok(rows
-            .into_iter()
-            .map(|(user, name, email, version)| (user, (Profile { name, email }, version)))
-            .collect())
+        read_profiles(&self.stores, data, users).await
     }
+}
+
+/// The profiles of `users` in `data` (absent users are not in the map), in one query: the
+/// IN list padded to a power of two (repeating the last user), so each connection prepares
+/// few statements. Also how a landing re-reads the profiles it warmed.
+pub async fn read_profiles(
+    stores: &Stores,
+    data: &Dataset,
+    users: &[&str],
+) -> Result<HashMap<String, (Profile, u64)>, String> {
+    let Some(&last) = users.last() else {
+        return Ok(HashMap::new());
+    };
+    let n = padded_len(users.len());
+    let marks = vec!["?"; n].join(",");
+    let query = format!(
+        "SELECT user_id, name, email, version FROM {} WHERE user_id IN ({marks})",
+        data.table("profiles")
+    );
+    let params: Vec<&str> = users
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(last, n - users.len()))
+        .collect();
+    let read = async {
+        let mut c = stores.mysql_conn().await?;
+        timed(
+            "mysql",
+            stores.cfg.store_timeout,
+            c.exec(query.as_str(), params),
+        )
+        .await
+    };
+    let rows: Vec<(String, String, String, u64)> = read.await.map_err(|e| e.to_string())?;
+    Ok(rows
+        .into_iter()
+        .map(|(user, name, email, version)| (user, (Profile { name, email }, version)))
+        .collect())
 }
 
 #[cfg(test)]

@@ -28,9 +28,10 @@
 //! At start the app has no earlier table and trusts its cache (a cell restarted while
 //! another cell served its users should flush its Redis; the operator does not do it yet).
 
+use crate::batch::read_profiles;
 use crate::cache::FILL_SCRIPT;
 use crate::metrics::Metrics;
-use crate::profiles::Profiles;
+use crate::profiles::{Profile, Profiles};
 use crate::stores::Stores;
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::routing::RoutingTable;
@@ -50,7 +51,7 @@ pub const WARM_KEYS: usize = 2_000;
 const FILLS_IN_FLIGHT: usize = 64;
 
 /// Profiles per batched version check at the flip.
-const CHECK_BATCH: usize = 500;
+const CHECK_BATCH: usize = 512;
 
 /// Slots grouped by the cell whose schema holds their data.
 pub type Gains = BTreeMap<String, BTreeSet<Slot>>;
@@ -168,8 +169,7 @@ pub async fn run(
             let all = union(&gained);
             landing.mark(&all);
             let started = Instant::now();
-            let announced = !prepared.slots.is_empty() && prepared.covers(&gained);
-            let refreshed = if announced {
+            let refreshed = if prepared.covers(&gained) {
                 profiles.forget_local();
                 refresh_changed(&stores, &prepared.filled).await
             } else {
@@ -310,8 +310,8 @@ async fn drop_cached(stores: &Stores, table: &RoutingTable, slots: &BTreeSet<Slo
     }
 }
 
-/// One profile row: user, name, email, version.
-type Row = (String, String, String, u64);
+/// One profile to fill: user, profile, version.
+type Row = (String, Profile, u64);
 
 /// Profiles filled: (user, version) of each, and how many fills failed (Redis away). A fill
 /// refused because Redis holds a newer version is neither.
@@ -326,8 +326,8 @@ async fn fill(stores: &Stores, rows: Vec<Row>) -> Filled {
     let script = redis::Script::new(FILL_SCRIPT);
     let ttl = stores.cfg.cache_ttl.as_secs();
     let outcomes: Vec<_> = futures::stream::iter(rows)
-        .map(|(user, name, email, version)| {
-            let body = serde_json::json!({"name": name, "email": email}).to_string();
+        .map(|(user, profile, version)| {
+            let body = serde_json::to_string(&profile).expect("a profile serializes");
             let mut inv = script.key(format!("profile:{user}"));
             inv.arg(version).arg(body).arg(ttl);
             async move {
@@ -366,7 +366,7 @@ async fn warm(
         data.table("profiles"),
         WARM_KEYS * 4
     );
-    let rows: Vec<Row> = match stores.mysql_conn().await {
+    let rows: Vec<(String, String, String, u64)> = match stores.mysql_conn().await {
         Ok(mut c) => c.query(query).await.unwrap_or_default(),
         Err(_) => return Vec::new(),
     };
@@ -374,6 +374,7 @@ async fn warm(
         .into_iter()
         .filter(|(u, ..)| slots.contains(&slot_for_key(u, table.slots)))
         .take(WARM_KEYS)
+        .map(|(user, name, email, version)| (user, Profile { name, email }, version))
         .collect();
     fill(stores, rows).await.done
 }
@@ -387,14 +388,8 @@ async fn refresh_changed(stores: &Stores, filled: &FilledProfiles) -> Option<u64
         let data = stores.dataset(home);
         let known: BTreeMap<&str, u64> = filled.iter().map(|(u, v)| (u.as_str(), *v)).collect();
         for batch in filled.chunks(CHECK_BATCH) {
-            let marks = vec!["?"; batch.len()].join(",");
-            let query = format!(
-                "SELECT user_id, name, email, version FROM {} WHERE user_id IN ({marks})",
-                data.table("profiles")
-            );
             let users: Vec<&str> = batch.iter().map(|(u, _)| u.as_str()).collect();
-            let mut c = stores.mysql_conn().await.ok()?;
-            let rows: Vec<Row> = match c.exec(query, users).await {
+            let rows = match read_profiles(stores, &data, &users).await {
                 Ok(rows) => rows,
                 Err(error) => {
                     tracing::warn!(%error, "landing: checking the profiles filled before the flip failed");
@@ -403,7 +398,8 @@ async fn refresh_changed(stores: &Stores, filled: &FilledProfiles) -> Option<u64
             };
             changed.extend(
                 rows.into_iter()
-                    .filter(|(u, .., v)| known.get(u.as_str()).is_some_and(|k| v > k)),
+                    .filter(|(u, (_, v))| known.get(u.as_str()).is_some_and(|k| v > k))
+                    .map(|(user, (profile, version))| (user, profile, version)),
             );
         }
     }
