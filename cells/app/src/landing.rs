@@ -139,7 +139,7 @@ impl Prepared {
     }
 
     fn all_slots(&self) -> BTreeSet<Slot> {
-        self.slots.values().flatten().copied().collect()
+        union(&self.slots)
     }
 }
 
