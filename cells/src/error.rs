@@ -17,6 +17,9 @@ pub enum Error {
     #[error("routing table {field}: {problem}")]
     InvalidTable { field: String, problem: String },
 
+    #[error("failover timing {field}: {problem}")]
+    Timing { field: String, problem: String },
+
     #[error("routing table: cannot decode: {0}")]
     Decode(String),
 }

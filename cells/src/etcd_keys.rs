@@ -62,6 +62,18 @@ pub fn drill_key(platform: &str, id: &str) -> String {
     format!("/cellplane/{platform}/drills/{id}")
 }
 
+/// `/cellplane/<platform>/owners/<cell>/` : the ownership leases of a serving cell's apps
+/// (one key per app process, on its own lease); the cell may take writes only while its
+/// app holds one (`failover_timing`).
+pub fn owners_prefix(platform: &str, cell: &str) -> String {
+    format!("/cellplane/{platform}/owners/{cell}/")
+}
+
+/// `/cellplane/<platform>/owners/` : prefix of every ownership lease.
+pub fn all_owners_prefix(platform: &str) -> String {
+    format!("/cellplane/{platform}/owners/")
+}
+
 /// What a Ready cell publishes under [`cell_key`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -165,6 +177,10 @@ pub struct RouterAck {
     /// Of those, the ones answered 503 because the hold timed out (a counter).
     #[serde(default)]
     pub hold_timeouts_total: u64,
+    /// Cells whose every endpoint this router sees down (ejected): with two other regions'
+    /// routers agreeing, a cell without an ownership lease is lost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<String>,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod crd;
 pub mod env;
 pub mod error;
 pub mod etcd_keys;
+pub mod failover_timing;
 pub mod gtid;
 pub mod ownership;
 pub mod placement;

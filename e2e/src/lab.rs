@@ -154,9 +154,14 @@ impl PairLab {
         for (cell, source) in [(STANDBY, HOME), (HOME, STANDBY)] {
             lab.wait_replicating(cell, source).await?;
         }
-        for app in [&lab.home_app, &lab.standby_app] {
+        for (cell, app) in [(HOME, &lab.home_app), (STANDBY, &lab.standby_app)] {
             wait_for("the app ready", T, || async {
                 Ok((app.get("/readyz").await?.status == 200).then_some(()))
+            })
+            .await?;
+            // Writes need the cell's ownership lease, taken once the table lists it.
+            wait_for(&format!("{cell}'s ownership lease"), T, || async {
+                Ok((lab.etcd.owner_leases(cell).await? > 0).then_some(()))
             })
             .await?;
             app.set_stock("flash", 1_000_000).await?;

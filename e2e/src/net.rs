@@ -147,6 +147,16 @@ impl Etcd {
         )
     }
 
+    /// Live ownership leases of `cell` in platform `shop` (one per app process holding one).
+    pub async fn owner_leases(&self, cell: &str) -> Result<usize> {
+        let prefix = cellplane_cells::etcd_keys::owners_prefix("shop", cell);
+        let opts = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_keys_only();
+        let resp = self.client().await?.get(prefix, Some(opts)).await?;
+        Ok(resp.kvs().len())
+    }
+
     /// Kills every member like a crash.
     pub fn kill(&mut self) {
         for i in 0..self.members.len() {

@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use cellplane_cells::crd::CellSet;
+use cellplane_cells::failover_timing::FailoverTimings;
 use cellplane_operator::controller::{self, Context};
 use cellplane_operator::leader::LeaderElector;
 use cellplane_operator::metrics::Metrics;
@@ -54,8 +55,9 @@ struct RunArgs {
     /// etcd endpoints for cell registration (comma-separated); none disables registration.
     #[arg(long, env = "CELLPLANE_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
-    /// Registration lease TTL in seconds.
-    #[arg(long, env = "CELLPLANE_REGISTRATION_TTL", default_value_t = 15)]
+    /// Registration lease TTL in seconds: how long a region cut off from the global etcd
+    /// stays registered, i.e. how soon its cells are found lost.
+    #[arg(long, env = "CELLPLANE_REGISTRATION_TTL", default_value_t = FailoverTimings::default().registration_ttl_ms / 1000)]
     registration_ttl: u64,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "CELLPLANE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
@@ -94,6 +96,27 @@ struct RunArgs {
     /// How often this region carries out its cells' intents and reports their MySQL (ms).
     #[arg(long, env = "CELLPLANE_AGENT_INTERVAL_MS", default_value_t = 500)]
     agent_interval_ms: u64,
+    /// Fail a lost cell over to its standby without asking a person (the leader does it
+    /// after --failover-grace-ms; at most once per cell per --no-flap-window-secs). Off:
+    /// `cellplane failover CELL --emergency` asks for it.
+    #[arg(long, env = "CELLPLANE_AUTO_FAILOVER", default_value_t = true, action = clap::ArgAction::Set)]
+    auto_failover: bool,
+    /// How long a cell must stay lost before the leader fails it over (ms).
+    #[arg(long, env = "CELLPLANE_FAILOVER_GRACE_MS", default_value_t = FailoverTimings::default().grace_ms)]
+    failover_grace_ms: u64,
+    /// No second automatic failover of a cell within this window (seconds).
+    #[arg(long, env = "CELLPLANE_NO_FLAP_WINDOW_SECS", default_value_t = FailoverTimings::default().no_flap_window_ms / 1000)]
+    no_flap_window_secs: u64,
+    /// The apps' ownership lease TTL and fence, and the leader's margin after the last
+    /// lease of a lost cell expired (ms); the apps must be given the same TTL and fence
+    /// (CELL_OWNER_LEASE_TTL_MS, CELL_FENCE_AFTER_MS). Defaults and the safety argument:
+    /// `cellplane_cells::failover_timing`.
+    #[arg(long, env = "CELLPLANE_OWNER_LEASE_TTL_MS", default_value_t = FailoverTimings::default().owner_lease_ttl_ms)]
+    owner_lease_ttl_ms: u64,
+    #[arg(long, env = "CELLPLANE_FENCE_AFTER_MS", default_value_t = FailoverTimings::default().fence_after_ms)]
+    fence_after_ms: u64,
+    #[arg(long, env = "CELLPLANE_EXPIRY_MARGIN_MS", default_value_t = FailoverTimings::default().expiry_margin_ms)]
+    expiry_margin_ms: u64,
     /// Routing tables kept in etcd under routing-history/.
     #[arg(long, default_value_t = cellplane_table::write::DEFAULT_HISTORY)]
     routing_history: u64,
@@ -190,6 +213,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // A follower is healthy and ready (it serves probes), it just does not reconcile.
     health.ready.store(true, Ordering::Relaxed);
+    let timings = FailoverTimings {
+        owner_lease_ttl_ms: args.owner_lease_ttl_ms,
+        fence_after_ms: args.fence_after_ms,
+        registration_ttl_ms: args.registration_ttl * 1000,
+        expiry_margin_ms: args.expiry_margin_ms,
+        grace_ms: args.failover_grace_ms,
+        no_flap_window_ms: args.no_flap_window_secs * 1000,
+        ..FailoverTimings::default()
+    };
+    // The reference app's store deadline bounds how long an admitted write may take.
+    timings
+        .validate(800)
+        .context("the failover timings (--owner-lease-ttl-ms, --fence-after-ms, --expiry-margin-ms, --registration-ttl)")?;
     let registrar = if args.etcd_endpoints.is_empty() {
         tracing::warn!("no --etcd-endpoints: cells will not be registered");
         None
@@ -214,6 +250,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lease: Duration::from_secs(args.platform_lease.max(2)),
             resync: Duration::from_millis(args.platform_resync_ms.max(100)),
             history: args.routing_history.max(1),
+            timings: timings.clone(),
+            auto_failover: args.auto_failover,
         }),
         (None, _) => None,
     };
@@ -241,6 +279,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 etcd_endpoints: args.etcd_endpoints.clone(),
                 interval: Duration::from_millis(args.agent_interval_ms.max(50)),
                 replication_secret,
+                fence_after: timings.fence_after(),
             },
             reg.clone(),
         )),

@@ -71,6 +71,10 @@ pub struct Metrics {
     pub table_plan_errors: Counter,
     /// Operations (switchovers, drains) this leader brought to an end, any outcome.
     pub operations_finished: Counter,
+    /// Cells the leader sees lost now (no ownership lease, region gone or unhealthy).
+    pub cells_lost: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Unplanned failovers this leader started by itself.
+    pub failovers_started: Counter,
     /// Epoch of the last table this operator wrote.
     pub table_epoch: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub registry: Registry,
@@ -111,8 +115,19 @@ impl Metrics {
         );
         let platform_leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         let table_epoch = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-        let [platform_terms, table_writes, table_conflicts, table_plan_errors, operations_finished] =
+        let [platform_terms, table_writes, table_conflicts, table_plan_errors, operations_finished, failovers_started] =
             std::array::from_fn(|_| Counter::default());
+        let cells_lost = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "cells_lost",
+            "Cells the platform leader sees lost now (no ownership lease; region gone, unhealthy or seen down by routers)",
+            cells_lost.clone(),
+        );
+        registry.register(
+            "failovers_started",
+            "Unplanned failovers the platform leader started by itself",
+            failovers_started.clone(),
+        );
         registry.register(
             "operations_finished",
             "Operations (switchovers, drains) brought to an end by this leader, any outcome",
@@ -162,6 +177,8 @@ impl Metrics {
             table_conflicts,
             table_plan_errors,
             operations_finished,
+            cells_lost,
+            failovers_started,
             table_epoch,
             registry,
         }

@@ -60,13 +60,14 @@ impl Registrar {
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(5));
         let mut client = Client::connect(endpoints, Some(options)).await?;
-        let ttl_secs = ttl.as_secs().max(3) as i64;
+        let ttl_secs = ttl.as_secs().max(2) as i64;
         let lease = client.lease_grant(ttl_secs, None).await?.id();
         let lease = Arc::new(AtomicI64::new(lease));
-        let (mut c, l) = (client.clone(), lease.clone());
+        let records: Arc<parking_lot::Mutex<HashMap<(String, String), Parts>>> = Default::default();
+        let (mut c, l, known) = (client.clone(), lease.clone(), records.clone());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs((ttl_secs / 3).max(1) as u64)).await;
+                tokio::time::sleep(Duration::from_millis(ttl_secs as u64 * 1000 / 3)).await;
                 let id = l.load(Ordering::Relaxed);
                 let alive = match c.lease_keep_alive(id).await {
                     Ok((mut keeper, mut stream)) => {
@@ -79,6 +80,22 @@ impl Registrar {
                     tracing::warn!(lease = id, "registration lease lost; granting a new one");
                     if let Ok(r) = c.lease_grant(ttl_secs, None).await {
                         l.store(r.id(), Ordering::Relaxed);
+                        // Every known cell again at once (a region back from a cut is
+                        // seen again without waiting for each cell's next reconcile).
+                        let again: Vec<((String, String), Registration)> = known
+                            .lock()
+                            .iter()
+                            .filter_map(|(k, parts)| Some((k.clone(), merged(parts)?)))
+                            .collect();
+                        for ((platform, cell), reg) in again {
+                            let value = serde_json::to_vec(&reg).unwrap_or_default();
+                            let opts = PutOptions::new().with_lease(r.id());
+                            if let Err(e) =
+                                c.put(cell_key(&platform, &cell), value, Some(opts)).await
+                            {
+                                tracing::warn!(%cell, error = %e, "could not register the cell again");
+                            }
+                        }
                     }
                 }
             }
@@ -86,7 +103,7 @@ impl Registrar {
         Ok(Self {
             client,
             lease,
-            records: Default::default(),
+            records,
         })
     }
 

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use cellplane_cell_sdk::ownership::{key_from_path, OwnershipLayer, Served};
 use cellplane_cell_sdk::replication;
 use cellplane_cells::auth::bearer_matches;
+use cellplane_table::owner_lease::OwnerLease;
 use cellplane_table::TableStore;
 use mysql_async::prelude::Queryable;
 use rdkafka::consumer::StreamConsumer;
@@ -36,11 +37,17 @@ pub struct App {
     pub tables: Arc<TableStore>,
     pub consumer: Arc<StreamConsumer>,
     pub landing: Arc<crate::landing::Landing>,
+    /// With a table from etcd: writes need a fresh ownership lease.
+    pub owner_lease: Option<Arc<OwnerLease>>,
 }
 
 pub fn router(app: App) -> Router {
     let max_body = app.stores.cfg.max_body_bytes;
-    let fence = OwnershipLayer::new(&app.stores.cell, app.tables.clone(), key_from_path("users"));
+    let mut fence =
+        OwnershipLayer::new(&app.stores.cell, app.tables.clone(), key_from_path("users"));
+    if let Some(lease) = &app.owner_lease {
+        fence = fence.with_owner_lease(lease.clone());
+    }
     let users = Router::new()
         .route("/users/{user}/profile", get(get_profile).put(put_profile))
         .route("/users/{user}/orders", post(place_order))

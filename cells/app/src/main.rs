@@ -19,6 +19,8 @@ use cellplane_cell_app::profiles::Profiles;
 use cellplane_cell_app::stores::Stores;
 use cellplane_cell_app::{consumer, schema};
 use cellplane_cell_sdk::settings::CellSettings;
+use cellplane_cells::failover_timing::FailoverTimings;
+use cellplane_table::owner_lease::OwnerLease;
 use cellplane_table::TableSource;
 use cellplane_table::TableStore;
 use clap::Parser;
@@ -51,6 +53,15 @@ struct Args {
     /// Deadline of every store call, in milliseconds.
     #[arg(long, env = "CELL_STORE_TIMEOUT_MS", default_value_t = 800)]
     store_timeout_ms: u64,
+    /// The ownership lease's TTL, renewal period and fence (see
+    /// `cellplane_cells::failover_timing`; defaults there), in milliseconds. Must match the
+    /// platform leader's.
+    #[arg(long, env = "CELL_OWNER_LEASE_TTL_MS")]
+    owner_lease_ttl_ms: Option<u64>,
+    #[arg(long, env = "CELL_OWNER_RENEW_EVERY_MS")]
+    owner_renew_every_ms: Option<u64>,
+    #[arg(long, env = "CELL_FENCE_AFTER_MS")]
+    fence_after_ms: Option<u64>,
 }
 
 #[tokio::main]
@@ -81,6 +92,21 @@ async fn main() -> anyhow::Result<()> {
         orders_group: args.orders_group,
         ..AppConfig::default()
     };
+    let mut timings = FailoverTimings::default();
+    timings.owner_lease_ttl_ms = args
+        .owner_lease_ttl_ms
+        .unwrap_or(timings.owner_lease_ttl_ms);
+    timings.owner_renew_every_ms = args
+        .owner_renew_every_ms
+        .unwrap_or(timings.owner_renew_every_ms);
+    timings.fence_after_ms = args.fence_after_ms.unwrap_or(timings.fence_after_ms);
+    // A write starts its durable step (a profile's MySQL write, an order's Kafka produce)
+    // only while the lease is fresh; the MySQL write takes at most one store deadline. An
+    // order's produce may end later (message.timeout.ms) on the old home's own log, which
+    // the platform replays into the new home when the region returns.
+    timings
+        .validate(cfg.store_timeout.as_millis() as u64)
+        .context("the ownership lease's timings")?;
     tracing::info!(?settings, "starting");
     let stores =
         Arc::new(Stores::connect(&settings, cfg).context("connecting to the cell's stores")?);
@@ -89,6 +115,23 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = source.refresh(&tables).await {
         tracing::warn!(error = %e, "no routing table yet; user requests get 503 until one arrives");
     }
+    // A table from etcd: the cell takes writes only while it holds an ownership lease there.
+    let owner_lease = match &source {
+        TableSource::Etcd {
+            endpoints,
+            platform,
+        } => {
+            let lease = OwnerLease::new(timings, metrics.owner_lease.clone());
+            stores.owner_lease.set(lease.clone()).ok();
+            tokio::spawn(lease.clone().run(
+                endpoints.clone(),
+                platform.clone(),
+                settings.cell.clone(),
+            ));
+            Some(lease)
+        }
+        TableSource::File { .. } => None,
+    };
     tokio::spawn(source.follow(tables.clone()));
     // The schema is needed before the first request; wait for MySQL rather than serve errors.
     let mut backoff = Duration::from_millis(200);
@@ -120,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
         tables,
         consumer,
         landing,
+        owner_lease,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

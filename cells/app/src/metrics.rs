@@ -1,5 +1,6 @@
 //! Prometheus metrics of the reference app.
 
+use cellplane_table::owner_lease::OwnerLeaseMetrics;
 use cellplane_table::TableMetrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -53,6 +54,8 @@ pub struct Metrics {
     pub landing_refreshed: Counter,
     /// MySQL queries made by profile reads (each reads a batch of users).
     pub profile_db_queries: Counter,
+    /// The ownership lease that admits writes (unplanned failover's fence).
+    pub owner_lease: OwnerLeaseMetrics,
     registry: Registry,
 }
 
@@ -78,6 +81,7 @@ impl Metrics {
             orders_poison: Counter::default(),
             degraded: Family::default(),
             table: TableMetrics::default(),
+            owner_lease: OwnerLeaseMetrics::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -156,6 +160,7 @@ impl Metrics {
             m.latency.clone(),
         );
         m.table.register(&mut r);
+        m.owner_lease.register(&mut r);
         Self { registry: r, ..m }
     }
 

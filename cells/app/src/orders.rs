@@ -186,13 +186,21 @@ impl Orders {
         let record = FutureRecord::to(&cfg.orders_topic)
             .key(user)
             .payload(&payload);
-        // The delivery future ends by itself within message.timeout.ms.
-        match self
-            .stores
-            .producer
-            .send(record, Duration::from_millis(0))
-            .await
-        {
+        // The order goes on the log only while the cell holds its ownership lease. The
+        // delivery future ends by itself within message.timeout.ms.
+        let delivered = match self.stores.may_write() {
+            Ok(()) => self
+                .stores
+                .producer
+                .send(record, Duration::from_millis(0))
+                .await
+                .map_err(|(e, _)| AppError::unavailable(
+                    "orders",
+                    format!("the order queue (Kafka) did not take the order: {e}; new orders are refused until it is back, nothing was charged"),
+                )),
+            Err(fenced) => Err(fenced),
+        };
+        match delivered {
             Ok(_) => {
                 self.metrics.orders_accepted.inc();
                 Ok(OrderStatus {
@@ -201,8 +209,13 @@ impl Orders {
                     stock_left: Some(left),
                 })
             }
-            Err((e, _)) => {
-                self.metrics.order_rejected("kafka");
+            Err(refusal) => {
+                self.metrics.order_rejected(match &refusal {
+                    AppError::Unavailable {
+                        what: "ownership", ..
+                    } => "fenced",
+                    _ => "kafka",
+                });
                 let mut release = self.release.key(&stock);
                 release.key(&marker).arg(req.qty);
                 let released = self
@@ -213,10 +226,7 @@ impl Orders {
                 if let Err(re) = released {
                     tracing::error!(%order_id, error = %re, "stock of a refused order could not be given back");
                 }
-                Err(AppError::unavailable(
-                    "orders",
-                    format!("the order queue (Kafka) did not take the order: {e}; new orders are refused until it is back, nothing was charged"),
-                ))
+                Err(refusal)
             }
         }
     }

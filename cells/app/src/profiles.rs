@@ -229,7 +229,8 @@ impl Profiles {
             })
             .await
             .map_err(paused)?;
-        // 2. The truth.
+        // 2. The truth, only while the cell holds its ownership lease.
+        self.stores.may_write()?;
         let version = self.write_db(user, profile, data).await?;
         // A MySQL read already in flight for this key may have read the old row: readers
         // that start from now on must not join it (they start their own read).

@@ -4,6 +4,7 @@
 use crate::config::AppConfig;
 use crate::error::{AppError, AppResult};
 use cellplane_cell_sdk::settings::CellSettings;
+use cellplane_table::owner_lease::OwnerLease;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -139,6 +140,9 @@ pub struct Stores {
     pub producer: FutureProducer,
     pub kafka_brokers: String,
     pub cfg: AppConfig,
+    /// Set when the table comes from etcd: a write's durable step (the MySQL write of a
+    /// profile, the Kafka produce of an order) starts only while it is fresh.
+    pub owner_lease: std::sync::OnceLock<Arc<OwnerLease>>,
 }
 
 impl Stores {
@@ -177,6 +181,7 @@ impl Stores {
             producer,
             kafka_brokers: settings.kafka_bootstrap.clone(),
             cfg,
+            owner_lease: std::sync::OnceLock::new(),
         })
     }
 
@@ -187,6 +192,16 @@ impl Stores {
             self.own.clone()
         } else {
             Dataset::new(&cellplane_cells::env::mysql_database(data_home))
+        }
+    }
+
+    /// Whether a write may start its durable step now (503 when the ownership lease is not
+    /// fresh: the cell may be cut off from the global etcd and its standby about to take
+    /// over).
+    pub fn may_write(&self) -> AppResult<()> {
+        match self.owner_lease.get().map(|l| l.check()) {
+            Some(Err(fenced)) => Err(AppError::unavailable("ownership", fenced)),
+            _ => Ok(()),
         }
     }
 

@@ -5,8 +5,9 @@
 
 use cellplane_cells::ownership::{check, Verdict};
 use cellplane_cells::user_key::{self, KeyError};
+use cellplane_table::owner_lease::OwnerLease;
 use cellplane_table::TableStore;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -77,6 +78,8 @@ pub struct OwnershipLayer {
     cell: Arc<str>,
     tables: Arc<TableStore>,
     key: KeyFn,
+    /// Writes (any method but GET, HEAD and OPTIONS) also need a fresh ownership lease.
+    writes: Option<Arc<OwnerLease>>,
 }
 
 impl OwnershipLayer {
@@ -85,12 +88,25 @@ impl OwnershipLayer {
             cell: cell.into(),
             tables,
             key,
+            writes: None,
         }
+    }
+
+    /// Admits writes only while `lease` is fresh: a home cut off from the global etcd stops
+    /// writing before its standby can be promoted (reads go on being served).
+    pub fn with_owner_lease(mut self, lease: Arc<OwnerLease>) -> Self {
+        self.writes = Some(lease);
+        self
     }
 
     /// The answer for a request, or what it may be served with (`None` for requests
     /// without a user key, which pass untouched).
-    fn decide(&self, headers: &HeaderMap, uri: &Uri) -> Option<Result<Served, Refusal>> {
+    fn decide(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        uri: &Uri,
+    ) -> Option<Result<Served, Refusal>> {
         let key = match (self.key)(headers, uri) {
             Ok(key) => key?,
             Err(e) => {
@@ -112,11 +128,29 @@ impl OwnershipLayer {
                 slot,
                 epoch,
                 data_home,
-            } => Ok(Served {
-                slot,
-                epoch,
-                data_home: data_home.into(),
-            }),
+            } => {
+                let fenced = self
+                    .writes
+                    .as_ref()
+                    .filter(|_| is_write(method))
+                    .and_then(|lease| lease.check().err());
+                match fenced {
+                    Some(fenced) => Err(Refusal {
+                        ahead: None,
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        headers: vec![("retry-after", "1".into())],
+                        body: format!(
+                            "cell {} refuses writes: {fenced}; reads are still served\n",
+                            self.cell
+                        ),
+                    }),
+                    None => Ok(Served {
+                        slot,
+                        epoch,
+                        data_home: data_home.into(),
+                    }),
+                }
+            }
             Verdict::Misdirected { slot, epoch, owner } => Err(Refusal {
                 ahead: None,
                 status: StatusCode::MISDIRECTED_REQUEST,
@@ -143,6 +177,11 @@ impl OwnershipLayer {
         let mut epochs = self.tables.subscribe();
         let _ = tokio::time::timeout(CATCH_UP_WAIT, epochs.wait_for(|e| *e >= epoch)).await;
     }
+}
+
+/// Methods that change data.
+fn is_write(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
 fn refused<B: From<String>>(refusal: Refusal) -> Response<B> {
@@ -191,7 +230,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        match self.layer.decide(req.headers(), req.uri()) {
+        match self.layer.decide(req.method(), req.headers(), req.uri()) {
             None => Box::pin(self.inner.call(req)),
             Some(Ok(served)) => {
                 req.extensions_mut().insert(served);
@@ -207,7 +246,7 @@ where
                 let layer = self.layer.clone();
                 Box::pin(async move {
                     layer.catch_up(epoch).await;
-                    match layer.decide(req.headers(), req.uri()) {
+                    match layer.decide(req.method(), req.headers(), req.uri()) {
                         None => inner.call(req).await,
                         Some(Ok(served)) => {
                             req.extensions_mut().insert(served);
@@ -309,6 +348,37 @@ mod tests {
             .body(String::new())
             .unwrap();
         assert_eq!(fenced.call(ok).await.unwrap().status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn without_a_fresh_ownership_lease_writes_are_refused_and_reads_served() {
+        let tables = Arc::new(TableStore::new(None, TableMetrics::default()));
+        tables.apply_bytes(&table(1).encode(), "test").unwrap();
+        let lease = OwnerLease::new(Default::default(), Default::default());
+        let mut fenced = OwnershipLayer::new("a", tables, key_from_path("users"))
+            .with_owner_lease(lease.clone())
+            .layer(App);
+        let req = |method: Method| {
+            Request::builder()
+                .method(method)
+                .uri("/users/bob/orders")
+                .body(String::new())
+                .unwrap()
+        };
+        let read = fenced.call(req(Method::GET)).await.unwrap();
+        assert_eq!(read.status(), StatusCode::OK);
+        for method in [Method::POST, Method::PUT, Method::DELETE] {
+            let write = fenced.call(req(method.clone())).await.unwrap();
+            assert_eq!(write.status(), StatusCode::SERVICE_UNAVAILABLE, "{method}");
+            assert!(
+                write
+                    .body()
+                    .contains("refuses writes: the cell holds no ownership lease"),
+                "{}",
+                write.body()
+            );
+        }
+        assert_eq!(lease.metrics.writes_fenced.get(), 3);
     }
 
     #[test]

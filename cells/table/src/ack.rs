@@ -68,6 +68,7 @@ impl Acknowledger {
                     applied_at_ms: store.applied_at_ms(),
                     held_total: self.holds.as_ref().map_or(0, |h| h.held.get()),
                     hold_timeouts_total: self.holds.as_ref().map_or(0, |h| h.timed_out.get()),
+                    down: Vec::new(),
                 };
                 let value = serde_json::to_vec(&ack).expect("an ack always serializes");
                 client

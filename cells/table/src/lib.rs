@@ -6,12 +6,14 @@
 //! - [`source`]: where tables come from: etcd (read, then watch, reconnecting with
 //!   backoff) or a static file (polled).
 //! - [`ack`]: telling the platform leader which epoch this follower applied (on a lease).
+//! - [`owner_lease`]: a serving cell's ownership lease, without which it takes no writes.
 //! - [`write`]: the platform leader's compare-and-swap of the table, with its history.
 //! - [`metrics`]: epoch, applied time, refusals, watch health; registered under the
 //!   owner's prefix.
 
 pub mod ack;
 pub mod metrics;
+pub mod owner_lease;
 pub mod source;
 pub mod store;
 pub mod write;

@@ -15,9 +15,11 @@ use cellplane_cells::routing::RoutingTable;
 use cellplane_operator::platform::batch::{
     cells_of_region, operation_for, Batch, BatchOutcome, Operation,
 };
-use cellplane_operator::platform::operations::read_values;
+use cellplane_operator::platform::operations::{read_owners, read_values};
 use cellplane_operator::platform::report;
-use cellplane_operator::platform::switchover::{self, Kind, Limits, Observed, Outcome, Switchover};
+use cellplane_operator::platform::switchover::{
+    self, Kind, Limits, Loss, Observed, Outcome, Switchover,
+};
 use cellplane_table::write;
 use clap::{Parser, Subcommand, ValueEnum};
 use etcd_client::Client;
@@ -137,6 +139,20 @@ enum Command {
     )]
     Switchover {
         cell: String,
+        #[command(flatten)]
+        flags: OpFlags,
+    },
+    /// Fail a lost cell over to its standby now, without its last writes: for a cell whose
+    /// region is gone or cut off while automatic failover is off (or held back by the
+    /// no-flap window). Refused while the cell still holds an ownership lease.
+    #[command(
+        after_help = "The standby is promoted only after every ownership lease of the cell expired (plus the margin), so the old home can no longer take a write; what it wrote and the standby never got is counted when it returns, and it stays fenced.\n\nExit codes: 0 done (or waiting for the old home to return), 1 error, 2 refused (the gate named).\n\nExamples:\n  cellplane failover shop-us-0 --emergency --dry-run\n  cellplane failover shop-us-0 --emergency --no-wait"
+    )]
+    Failover {
+        cell: String,
+        /// Required: the cell's last writes may not have reached its standby.
+        #[arg(long, required = true)]
+        emergency: bool,
         #[command(flatten)]
         flags: OpFlags,
     },
@@ -474,11 +490,7 @@ fn batch_of(
     let preflight = b
         .cells
         .iter()
-        .map(|c| match kind {
-            Kind::Switchover | Kind::Failback => {
-                operation_of(kind, t, c, &b.member_id(c), limits, now)
-            }
-        })
+        .map(|c| operation_of(kind, t, c, &b.member_id(c), limits, now))
         .collect::<anyhow::Result<_>>()?;
     Ok(Request {
         summary: format!("{}: {}", b.id, report::batch_title(&b)),
@@ -502,6 +514,7 @@ async fn start(
     let intents: BTreeMap<String, Intent> = p
         .prefix(&cellplane_cells::etcd_keys::intents_prefix(&p.name))
         .await?;
+    let owners = read_owners(&mut p.client, &p.name).await?;
     let running: Vec<Switchover> = p
         .operations()
         .await?
@@ -518,6 +531,7 @@ async fn start(
             cells: &cells,
             routers: &routers,
             intents: &intents,
+            owners: &owners,
             busy: running.iter().any(|r| r.overlaps(member)),
         };
         let (checked, _) = switchover::advance(member, &observed);
@@ -608,6 +622,16 @@ async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitC
         }
         if op.finished() {
             return show(&op, &members, out);
+        }
+        if let Operation::Switchover(s) = &op {
+            if s.waiting_long() {
+                if out.structured() {
+                    print_data(out, s)?;
+                } else {
+                    println!("{} now serves {}'s users; {} stays fenced until its region returns (follow with `cellplane drills {id}`)", s.target, s.cell, s.source);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
         }
         if tokio::time::Instant::now() > deadline {
             bail!("{id} is still running after an hour; follow it with `cellplane drills {id}`");
@@ -875,6 +899,35 @@ async fn main() -> ExitCode {
                     &flags.limits(),
                     now,
                 )?;
+                let req = Request {
+                    summary: format!("{}: {}", op.id, report::title(&op)),
+                    preflight: vec![op.clone()],
+                    op: Operation::Switchover(op),
+                };
+                start(&mut p, req, &flags, cli.output).await
+            }
+            Command::Failover { cell, flags, .. } => {
+                let t = p.table().await?;
+                let now = cellplane_table::store::now_ms();
+                let entry = t.cell(&cell).ok_or_else(|| unknown_cell(&t, &cell))?;
+                let standby = entry
+                    .standby
+                    .clone()
+                    .with_context(|| format!("{cell} has no standby to fail over to"))?;
+                let loss = Loss {
+                    detected_at_ms: now,
+                    reason: format!("declared lost by {}", who()),
+                    ..Loss::default()
+                };
+                let limits = flags.limits();
+                let op = Switchover::emergency(
+                    &format!("failover-{cell}-{now}"),
+                    &cell,
+                    &standby,
+                    &who(),
+                    limits,
+                    loss,
+                );
                 let req = Request {
                     summary: format!("{}: {}", op.id, report::title(&op)),
                     preflight: vec![op.clone()],

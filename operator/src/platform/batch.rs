@@ -87,7 +87,9 @@ pub fn cells_of_region(t: &RoutingTable, kind: Kind, region: &str) -> Result<Vec
     let mut cells: Vec<String> = in_region
         .iter()
         .filter(|c| match kind {
-            Kind::Switchover => serves_traffic(c.state) && t.slot_count(&c.name) > 0,
+            Kind::Switchover | Kind::Emergency => {
+                serves_traffic(c.state) && t.slot_count(&c.name) > 0
+            }
             Kind::Failback => c.state == CellPhase::FailedOver,
         })
         .map(|c| c.name.clone())
@@ -95,7 +97,9 @@ pub fn cells_of_region(t: &RoutingTable, kind: Kind, region: &str) -> Result<Vec
     cells.sort();
     if cells.is_empty() {
         return Err(match kind {
-            Kind::Switchover => format!("region {region} serves no slots; nothing to drain"),
+            Kind::Switchover | Kind::Emergency => {
+                format!("region {region} serves no slots; nothing to drain")
+            }
             Kind::Failback => {
                 format!("no cell of region {region} is failed over; nothing to fail back")
             }
@@ -265,6 +269,9 @@ pub fn operation_for(
         ));
     };
     match kind {
+        Kind::Emergency => Err(format!(
+            "{cell}: an unplanned failover is started for one lost cell (`cellplane failover {cell} --emergency`), not in waves"
+        )),
         Kind::Switchover => {
             let standby = entry.standby.as_deref().ok_or_else(|| {
                 format!("{cell} has no standby; pair it (CellSets pair every cell with one in the next region)")

@@ -9,6 +9,7 @@
 //! succeeded for two thirds of it, before the lease can expire under it.
 
 pub mod batch;
+pub mod detect;
 pub mod election;
 pub mod intents;
 pub mod operations;
@@ -21,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::Result;
 use cellplane_cells::crd::CellSet;
 use cellplane_cells::etcd_keys::{cells_prefix, pins_key, platform_prefix, Registration};
+use cellplane_cells::failover_timing::FailoverTimings;
 use cellplane_cells::slot::{Slot, DEFAULT_SLOTS};
 use cellplane_table::write::{self, Fence, Swap};
 use election::Term;
@@ -49,6 +51,10 @@ pub struct PlatformConfig {
     pub resync: Duration,
     /// Tables kept in `routing-history/`.
     pub history: u64,
+    /// Unplanned failover's timings (detection, margin, grace, no-flap window).
+    pub timings: FailoverTimings,
+    /// Fail lost cells over without asking a person.
+    pub auto_failover: bool,
 }
 
 /// Campaigns, leads while elected, campaigns again; returns when `stop` resolves.
@@ -132,6 +138,7 @@ async fn write_tables(
         )
         .await?;
     let routers = cellplane_cells::etcd_keys::routers_prefix(&cfg.platform);
+    let mut detector = detect::Detector::default();
     loop {
         match write_table_once(client, cfg, sets, fence, metrics).await? {
             Some(Swap::NotLeader) => return Ok(()),
@@ -141,8 +148,7 @@ async fn write_tables(
             }
             Some(Swap::Written { .. }) | None => {}
         }
-        let Some(operating) =
-            operations::drive(client, &cfg.platform, fence, &cfg.identity, metrics).await?
+        let Some(operating) = operations::drive(client, cfg, fence, &mut detector, metrics).await?
         else {
             return Ok(());
         };

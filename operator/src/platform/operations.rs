@@ -5,12 +5,13 @@
 //! whose step the next leader runs again, which changes nothing that already happened.
 
 use super::batch::{self, Batch, Operation};
+use super::detect::{self, Detector};
 use super::switchover::{self, Action, Observed, Switchover};
 use crate::metrics::Metrics;
 use crate::Result;
 use cellplane_cells::etcd_keys::{
-    cells_prefix, drill_key, drills_prefix, intent_key, intents_prefix, routers_prefix, Intent,
-    Registration, RouterAck,
+    all_owners_prefix, cells_prefix, drill_key, drills_prefix, intent_key, intents_prefix,
+    routers_prefix, Intent, Registration, RouterAck,
 };
 use cellplane_table::write::{self, Fence, Swap};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
@@ -57,11 +58,12 @@ pub async fn read_values<T: DeserializeOwned>(
 /// (the caller then polls faster) or None when this leader lost its term.
 pub async fn drive(
     client: &mut Client,
-    platform: &str,
+    cfg: &super::PlatformConfig,
     fence: &Fence,
-    leader: &str,
+    detector: &mut Detector,
     metrics: &Metrics,
 ) -> Result<Option<bool>> {
+    let (platform, leader) = (cfg.platform.as_str(), cfg.identity.as_str());
     let ops: BTreeMap<String, (Operation, i64)> =
         read_prefix(client, &drills_prefix(platform)).await?;
     // Batches first: a wave they start is advanced in the same pass.
@@ -85,6 +87,7 @@ pub async fn drive(
             None => return Ok(None),
         }
     }
+    let all_operations: Vec<Switchover> = switchovers.values().map(|(op, _)| op.clone()).collect();
     let running: Vec<(String, Switchover, i64)> = switchovers
         .into_iter()
         .filter(|(_, (op, _))| !op.finished())
@@ -109,14 +112,46 @@ pub async fn drive(
             }
         }
     }
-    if running.is_empty() {
-        return Ok(Some(false));
-    }
     let intents: BTreeMap<String, Intent> = read_values(client, &intents_prefix(platform)).await?;
     let cells: BTreeMap<String, Registration> =
         read_values(client, &cells_prefix(platform)).await?;
     let routers: BTreeMap<String, RouterAck> =
         read_values(client, &routers_prefix(platform)).await?;
+    let owners = read_owners(client, platform).await?;
+    if let Some(table) = write::read(client, platform)
+        .await
+        .map_err(super::table_error)?
+        .table
+    {
+        let observed = Observed {
+            now_ms: cellplane_table::store::now_ms(),
+            table: &table,
+            cells: &cells,
+            routers: &routers,
+            intents: &intents,
+            owners: &owners,
+            busy: false,
+        };
+        match detect(
+            client,
+            cfg,
+            fence,
+            detector,
+            metrics,
+            &observed,
+            &all_operations,
+        )
+        .await?
+        {
+            Some(false) => return Ok(None),
+            // The new record runs from the next pass (50 ms), with its revision.
+            Some(true) => return Ok(Some(true)),
+            None => {}
+        }
+    }
+    if running.is_empty() {
+        return Ok(Some(false));
+    }
     for (i, (id, op, revision)) in running.iter().enumerate() {
         let current = write::read(client, platform)
             .await
@@ -133,6 +168,7 @@ pub async fn drive(
             cells: &cells,
             routers: &routers,
             intents: &intents,
+            owners: &owners,
             busy,
         };
         let (mut next, actions) = switchover::advance(op, &observed);
@@ -187,7 +223,80 @@ pub async fn drive(
             }
         }
     }
-    Ok(Some(true))
+    // An operation waiting for a lost region's return need not be polled fast.
+    Ok(Some(running.iter().any(|(_, op, _)| !op.waiting_long())))
+}
+
+/// Live ownership leases by cell (`owners/<cell>/<lease>`).
+pub async fn read_owners(client: &mut Client, platform: &str) -> Result<BTreeMap<String, usize>> {
+    let prefix = all_owners_prefix(platform);
+    let resp = client
+        .get(
+            prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await?;
+    let mut owners = BTreeMap::new();
+    for kv in resp.kvs() {
+        let rest = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+        if let Some((cell, _lease)) = rest.split_once('/') {
+            *owners.entry(cell.to_string()).or_insert(0) += 1;
+        }
+    }
+    Ok(owners)
+}
+
+/// Looks for lost cells; starts the failover of one (automatic mode) when allowed.
+/// Some(true): one was started; Some(false): the term is over; None: nothing started.
+async fn detect(
+    client: &mut Client,
+    cfg: &super::PlatformConfig,
+    fence: &Fence,
+    detector: &mut Detector,
+    metrics: &Metrics,
+    observed: &Observed<'_>,
+    operations: &[Switchover],
+) -> Result<Option<bool>> {
+    let now_ms = observed.now_ms;
+    let (found, lost_now) = detector.observe(observed, cfg.timings.grace_ms);
+    metrics.cells_lost.set(lost_now as i64);
+    for f in found {
+        let allowed = if cfg.auto_failover {
+            detect::may_start_automatically(&f, operations, now_ms, &cfg.timings)
+        } else {
+            Err(format!(
+                "automatic failover is off; fail it over with `cellplane failover {} --emergency`",
+                f.cell
+            ))
+        };
+        if let Err(why) = allowed {
+            if detector.announce(&f.cell, &why) {
+                tracing::error!(cell = %f.cell, lost = %f.loss.reason, %why, "cell lost; not failing it over");
+            }
+            continue;
+        }
+        let limits = switchover::Limits {
+            expiry_margin_ms: cfg.timings.expiry_margin_ms,
+            ..switchover::Limits::default()
+        };
+        let id = format!("failover-{}-{}", f.cell, now_ms);
+        let op = Switchover::emergency(&id, &f.cell, &f.standby, detect::AUTOMATIC, limits, f.loss);
+        if !put_record(
+            client,
+            &cfg.platform,
+            &Operation::Switchover(op.clone()),
+            0,
+            fence,
+        )
+        .await?
+        {
+            return Ok(Some(false));
+        }
+        metrics.failovers_started.inc();
+        tracing::error!(operation = %id, cell = %f.cell, standby = %f.standby, lost = ?op.loss.as_ref().map(|l| &l.reason), "cell lost: unplanned failover started");
+        return Ok(Some(true));
+    }
+    Ok(None)
 }
 
 /// Advances each running batch: the members it starts are created (their records did not

@@ -39,6 +39,9 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// The platform secret replication passwords are derived from (None: no replication).
     pub replication_secret: Option<Arc<Vec<u8>>>,
+    /// How long without a confirmed contact with the etcd majority before the region's
+    /// cells go read_only (`FailoverTimings::fence_after_ms`).
+    pub fence_after: Duration,
 }
 
 /// How long a cell's admin credentials are used before its Secret is read again.
@@ -77,6 +80,12 @@ pub async fn run(
     .default_backoff()
     .for_each(|_| async {});
     tokio::pin!(drive, stop);
+    // When the last pass that reached the etcd majority read its intents, and each cell's
+    // MySQL pool: after `fence_after` without a contact, the watchdog puts this region's
+    // cells read_only, before their ownership leases can expire and a standby elsewhere is
+    // promoted. It runs beside the passes: a pass stuck on an unreachable etcd must not
+    // hold the fence back.
+    let watch = Arc::new(Watchdog::default());
     let work = async {
         let mut states: HashMap<String, CellState> = HashMap::new();
         let mut client: Option<Client> = None;
@@ -96,7 +105,7 @@ pub async fn run(
                         .await
                         .ok();
                 }
-                match pass(&cfg, &kube, &registrar, c, &cells, &mut states).await {
+                match pass(&cfg, &kube, &registrar, c, &cells, &mut states, &watch).await {
                     Ok(b) => busy = b,
                     Err(e) => {
                         tracing::warn!(error = %e, "region agent: pass failed");
@@ -124,10 +133,82 @@ pub async fn run(
             }
         }
     };
+    let fence = watch.run(cfg.fence_after);
     tokio::select! {
         _ = &mut stop => {}
         _ = &mut drive => tracing::error!("Cell watch of the region agent ended"),
         _ = work => {}
+        _ = fence => {}
+    }
+}
+
+/// The region's self-fence: cut off from the etcd majority for `fence_after`, every
+/// writable cell of the region goes `read_only` (the app's sessions killed), so nothing
+/// this region still serves locally is written while a standby elsewhere may be promoted.
+/// Intents restore them once etcd answers again.
+#[derive(Default)]
+struct Watchdog {
+    /// When the last confirmed read from the etcd majority was sent.
+    contact: parking_lot::Mutex<Option<Instant>>,
+    pools: parking_lot::Mutex<HashMap<String, mysql_async::Pool>>,
+}
+
+impl Watchdog {
+    fn contacted(&self, sent: Instant) {
+        let mut c = self.contact.lock();
+        if c.is_none_or(|at| sent > at) {
+            *c = Some(sent);
+        }
+    }
+
+    async fn run(&self, fence_after: Duration) {
+        let mut fenced = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let Some(contact) = *self.contact.lock() else {
+                continue;
+            };
+            let lost = contact.elapsed() >= fence_after;
+            if lost && !fenced {
+                fenced = true;
+                let pools: Vec<(String, mysql_async::Pool)> = self
+                    .pools
+                    .lock()
+                    .iter()
+                    .map(|(c, p)| (c.clone(), p.clone()))
+                    .collect();
+                for (cell, pool) in pools {
+                    fence_cell(&cell, &pool, fence_after).await;
+                }
+            } else if !lost && fenced {
+                fenced = false;
+                tracing::info!(
+                    "region agent: the global etcd answers again; the cells follow their intents"
+                );
+            }
+        }
+    }
+}
+
+async fn fence_cell(cell: &str, pool: &mysql_async::Pool, after: Duration) {
+    let fenced = async {
+        let pos = replication::position(pool).await?;
+        if pos.read_only {
+            return Ok(None);
+        }
+        replication::demote(pool).await.map(Some)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), fenced).await {
+        Ok(Ok(Some(p))) => {
+            tracing::warn!(%cell, position = %p.gtid_binlog_pos, no_contact_ms = after.as_millis() as u64, "fenced itself: no contact with the global etcd majority; read_only until it answers again")
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => {
+            tracing::error!(%cell, error = %e, "could not fence the cell's MySQL after losing the global etcd")
+        }
+        Err(_) => {
+            tracing::error!(%cell, "fencing the cell's MySQL timed out after losing the global etcd")
+        }
     }
 }
 
@@ -140,9 +221,12 @@ async fn pass(
     client: &mut Client,
     cells: &KubeStore<Cell>,
     states: &mut HashMap<String, CellState>,
+    watch: &Watchdog,
 ) -> Result<bool> {
+    let sent = Instant::now();
     let intents: BTreeMap<String, Intent> =
         read_values(client, &intents_prefix(&cfg.platform)).await?;
+    watch.contacted(sent);
     let regs: BTreeMap<String, Registration> =
         read_values(client, &cells_prefix(&cfg.platform)).await?;
     let mine: Vec<Arc<Cell>> = cells
@@ -159,6 +243,9 @@ async fn pass(
         let name = cell.name_any();
         let started = Instant::now();
         let outcome = serve_cell(cfg, kube, &cell, intents.get(&name), &regs, states).await;
+        if let Some(st) = states.get(&name) {
+            watch.pools.lock().insert(name.clone(), st.pool.clone());
+        }
         tracing::debug!(cell = %name, elapsed_ms = started.elapsed().as_millis() as u64, "region agent: cell served");
         let state = states.get_mut(&name);
         match outcome {

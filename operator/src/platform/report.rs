@@ -45,12 +45,13 @@ pub fn title(op: &Switchover) -> String {
     match op.kind {
         Kind::Switchover => format!("switchover of {} to {}", op.cell, op.target),
         Kind::Failback => format!("failback of {} from {}", op.cell, op.source),
+        Kind::Emergency => format!("unplanned failover of {} to {}", op.cell, op.target),
     }
 }
 
 pub fn batch_title(b: &Batch) -> String {
     let what = match b.kind {
-        Kind::Switchover => "drain",
+        Kind::Switchover | Kind::Emergency => "drain",
         Kind::Failback => "failback",
     };
     format!(

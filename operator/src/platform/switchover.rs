@@ -36,6 +36,7 @@
 use super::intents::default_for;
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{Intent, Registration, RouterAck};
+use cellplane_cells::failover_timing::FailoverTimings;
 use cellplane_cells::gtid;
 use cellplane_cells::routing::{serves_traffic, RoutingTable};
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,14 @@ pub struct Limits {
     pub ack_timeout_ms: u64,
     /// How long any other step may take.
     pub step_timeout_ms: u64,
+    /// Unplanned failover: how long after the lost cell's last ownership lease was seen
+    /// gone the standby may be promoted (`FailoverTimings::expiry_margin_ms`).
+    #[serde(default = "default_expiry_margin")]
+    pub expiry_margin_ms: u64,
+}
+
+fn default_expiry_margin() -> u64 {
+    FailoverTimings::default().expiry_margin_ms
 }
 
 fn default_max_lag_secs() -> u64 {
@@ -89,6 +98,7 @@ impl Default for Limits {
             max_utilization_pct: default_max_utilization(),
             ack_timeout_ms: 5_000,
             step_timeout_ms: 30_000,
+            expiry_margin_ms: default_expiry_margin(),
         }
     }
 }
@@ -102,6 +112,9 @@ pub enum Kind {
     Switchover,
     /// Back to a failed-over cell from the cell that serves its slots.
     Failback,
+    /// Unplanned: the cell is lost (its region cut off or dead); its standby is promoted
+    /// once the cell's ownership leases have expired, without waiting for a final position.
+    Emergency,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +127,12 @@ pub enum Step {
     Promote,
     Flip,
     Reverse,
+    /// Unplanned failover: wait until no ownership lease of the lost cell is left, plus
+    /// the margin; from then on the cell cannot take a write.
+    Expire,
+    /// Unplanned failover: wait for the old home to return, count what it wrote that the
+    /// new home never got (errant transactions), keep it fenced.
+    Rejoin,
     RollBack,
     Done,
 }
@@ -121,7 +140,10 @@ pub enum Step {
 impl Step {
     /// Steps after which the operation only goes forward.
     fn past_promotion(self) -> bool {
-        matches!(self, Step::Promote | Step::Flip | Step::Reverse)
+        matches!(
+            self,
+            Step::Promote | Step::Flip | Step::Reverse | Step::Rejoin
+        )
     }
 }
 
@@ -196,8 +218,44 @@ pub struct Switchover {
     /// Intent generations this operation asked for, by cell.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub intents: BTreeMap<String, u64>,
+    /// Unplanned failover: what was lost, when it was seen, and the data at risk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<Box<Loss>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
+}
+
+/// What an unplanned failover records about the lost cell (its RPO, first estimated, then
+/// counted when the old home returns).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Loss {
+    /// When the leader found the cell lost, and why.
+    pub detected_at_ms: u64,
+    pub reason: String,
+    /// The home's last position the leader saw, and how far the standby was behind it
+    /// then: the estimated RPO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_home_gtid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_lag_gtids: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_lag_secs: Option<u64>,
+    /// When the leader saw no ownership lease of the cell left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases_gone_at_ms: Option<u64>,
+    /// The new home's position when it was promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_at_gtid: Option<String>,
+    /// Of the last position seen, what the new home had not applied at its promotion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_lost_gtids: Option<u64>,
+    /// The old home's position when it came back, and its transactions that never reached
+    /// the new home (counted, never dropped: it stays fenced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returned_gtid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errant_transactions: Option<u64>,
 }
 
 impl Switchover {
@@ -230,7 +288,24 @@ impl Switchover {
             held_requests: None,
             hold_timeouts: None,
             intents: BTreeMap::new(),
+            loss: None,
             outcome: None,
+        }
+    }
+
+    /// An unplanned failover of the lost `cell` to its standby `target`.
+    pub fn emergency(
+        id: &str,
+        cell: &str,
+        target: &str,
+        started_by: &str,
+        limits: Limits,
+        loss: Loss,
+    ) -> Self {
+        Self {
+            kind: Kind::Emergency,
+            loss: Some(Box::new(loss.clone())),
+            ..Self::new(id, cell, target, started_by, limits, loss.detected_at_ms)
         }
     }
 
@@ -264,6 +339,11 @@ impl Switchover {
     fn after(&self, step: Step) -> Step {
         match (self.kind, step) {
             (_, Step::Preflight) => Step::Freeze,
+            (Kind::Emergency, Step::Freeze) => Step::Expire,
+            (Kind::Emergency, Step::Expire) => Step::Promote,
+            (Kind::Emergency, Step::Promote) => Step::Flip,
+            (Kind::Emergency, Step::Flip) => Step::Rejoin,
+            (Kind::Emergency, _) => Step::Done,
             (_, Step::Freeze) => Step::Drain,
             (_, Step::Drain) => Step::Fence,
             (_, Step::Fence) => Step::CatchUp,
@@ -278,6 +358,12 @@ impl Switchover {
 
     pub fn finished(&self) -> bool {
         self.step == Step::Done
+    }
+
+    /// Waiting for something that may take hours (a lost region's return): the leader
+    /// need not poll it fast.
+    pub fn waiting_long(&self) -> bool {
+        self.step == Step::Rejoin
     }
 
     /// How long the cell's writes were frozen (freeze written -> slots released).
@@ -296,6 +382,8 @@ pub struct Observed<'a> {
     pub routers: &'a BTreeMap<String, RouterAck>,
     /// The intents in force by cell.
     pub intents: &'a BTreeMap<String, Intent>,
+    /// Live ownership leases by cell (`owners/<cell>/`).
+    pub owners: &'a BTreeMap<String, usize>,
     /// Another unfinished operation touches the cell or its standby.
     pub busy: bool,
 }
@@ -320,6 +408,9 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
     let timed_out = |limit: u64| elapsed > limit;
     let home = obs.cells.get(&op.source);
     let target = obs.cells.get(&op.target);
+    if op.kind == Kind::Emergency && matches!(op.step, Step::Freeze | Step::Expire | Step::Rejoin) {
+        return advance_lost(op, obs);
+    }
     match op.step {
         Step::Preflight => match preflight(op, obs) {
             Err((gate, message)) => {
@@ -488,6 +579,15 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                     })
             });
             if promoted {
+                if let (Some(loss), Some(m)) =
+                    (next.loss.as_mut(), target.and_then(|t| t.mysql.as_ref()))
+                {
+                    loss.estimated_lost_gtids = loss
+                        .last_home_gtid
+                        .as_ref()
+                        .map(|last| gtid::lag(last, &m.gtid_binlog_pos));
+                    loss.promoted_at_gtid = Some(m.gtid_binlog_pos.clone());
+                }
                 enter(
                     &mut next,
                     op.after(Step::Promote),
@@ -636,7 +736,162 @@ pub fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                 );
             }
         }
-        Step::Done => {}
+        // Only unplanned failovers have these (advance_lost above).
+        Step::Expire | Step::Rejoin | Step::Done => {}
+    }
+    (next, actions)
+}
+
+/// Why `cell` counts as lost (Err: why it does not): none of its apps holds an ownership
+/// lease (none can take a write) and its region's registration expired or says it is
+/// unhealthy, or routers in two regions other than its own see all its endpoints down.
+pub fn lost(obs: &Observed, cell: &str) -> Result<String, String> {
+    let owners = obs.owners.get(cell).copied().unwrap_or(0);
+    if owners > 0 {
+        return Err(format!(
+            "{cell} still holds {owners} ownership lease(s): its app reaches the global etcd and takes writes; move it with `cellplane switchover` (zero loss)"
+        ));
+    }
+    let region = obs.table.cell(cell).map(|c| c.region.as_str());
+    let mut seen_down: Vec<&str> = obs
+        .routers
+        .values()
+        .filter(|r| Some(r.region.as_str()) != region && r.down.iter().any(|c| c == cell))
+        .map(|r| r.region.as_str())
+        .collect();
+    seen_down.sort_unstable();
+    seen_down.dedup();
+    match obs.cells.get(cell) {
+        None => Ok(format!(
+            "{cell}'s registration expired (its region lost the global etcd) and it holds no ownership lease"
+        )),
+        Some(r) if !r.healthy => Ok(format!(
+            "{cell} is registered unhealthy (its app does not answer in its region) and holds no ownership lease"
+        )),
+        Some(_) if seen_down.len() >= 2 => Ok(format!(
+            "routers in {} see every endpoint of {cell} down and it holds no ownership lease",
+            seen_down.join(", ")
+        )),
+        Some(_) => Err(format!(
+            "{cell} is registered and healthy; it holds no ownership lease but is not lost (its app may be starting)"
+        )),
+    }
+}
+
+/// The steps only an unplanned failover has: freeze without the home, wait out its
+/// ownership leases, and take it back fenced when it returns.
+fn advance_lost(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
+    let mut next = op.clone();
+    let mut actions = Vec::new();
+    let elapsed = obs.now_ms.saturating_sub(op.step_started_ms);
+    let home = obs.cells.get(&op.source);
+    match op.step {
+        Step::Freeze => {
+            // Fenced for good whenever its region hears from etcd again: no writes, and no
+            // replication (its GTIDs are compared with the new home's first).
+            want_intent(&mut next, &mut actions, obs, &op.source, false, Vec::new());
+            match obs.table.cell(&op.source).map(|c| c.frozen) {
+                Some(true) => {
+                    let epoch = *next.freeze_epoch.get_or_insert(obs.table.epoch);
+                    next.frozen_at_ms.get_or_insert(obs.now_ms);
+                    // No router acknowledgement is awaited: the lost region's routers cannot
+                    // give one, and safety comes from the ownership leases, not the routers.
+                    enter(
+                        &mut next,
+                        Step::Expire,
+                        obs.now_ms,
+                        format!("frozen at epoch {epoch}: no new ownership lease can be taken"),
+                    );
+                }
+                _ => match obs.table.frozen(&op.source) {
+                    Ok(t) => {
+                        next.frozen_at_ms.get_or_insert(obs.now_ms);
+                        actions.push(Action::WriteTable(Box::new(t)));
+                    }
+                    Err(e) => return roll_back(op, obs, format!("could not freeze: {e}")),
+                },
+            }
+        }
+        Step::Expire => {
+            let owners = obs.owners.get(&op.source).copied().unwrap_or(0);
+            let loss = next.loss.get_or_insert_with(Box::default);
+            if home.is_some_and(|h| h.healthy) {
+                return roll_back(
+                    op,
+                    obs,
+                    format!(
+                        "{} is registered and healthy again before its standby was promoted",
+                        op.source
+                    ),
+                );
+            }
+            if owners > 0 {
+                loss.leases_gone_at_ms = None;
+                if elapsed > op.limits.step_timeout_ms {
+                    return roll_back(
+                        op,
+                        obs,
+                        format!(
+                            "{} still holds {owners} ownership lease(s) after {} ms: it reaches the global etcd, so it is not lost",
+                            op.source, op.limits.step_timeout_ms
+                        ),
+                    );
+                }
+            } else {
+                let gone = *loss.leases_gone_at_ms.get_or_insert(obs.now_ms);
+                if obs.now_ms >= gone + op.limits.expiry_margin_ms {
+                    enter(
+                        &mut next,
+                        Step::Promote,
+                        obs.now_ms,
+                        format!(
+                            "no ownership lease of {} since {} ms ago (margin {} ms)",
+                            op.source,
+                            obs.now_ms - gone,
+                            op.limits.expiry_margin_ms
+                        ),
+                    );
+                }
+            }
+        }
+        Step::Rejoin => {
+            // Keep the old home fenced and away from replication until its data is sorted.
+            let generation =
+                want_intent(&mut next, &mut actions, obs, &op.source, false, Vec::new());
+            let returned = home.and_then(|h| {
+                let m = h.mysql.as_ref()?;
+                (h.intent_generation >= generation && m.read_only).then_some(m)
+            });
+            let new_home = obs.cells.get(&op.target).and_then(|t| t.mysql.as_ref());
+            if let (Some(old), Some(new)) = (returned, new_home) {
+                let errant = gtid::lag(&old.gtid_binlog_pos, &new.gtid_binlog_pos);
+                let loss = next.loss.get_or_insert_with(Box::default);
+                let first = loss.errant_transactions.is_none();
+                loss.returned_gtid = Some(old.gtid_binlog_pos.clone());
+                loss.errant_transactions = Some(errant);
+                if errant == 0 {
+                    let warnings = warnings(&next);
+                    finish_with_note(
+                        &mut next,
+                        obs.now_ms,
+                        Outcome::Succeeded { warnings },
+                        format!(
+                            "{} returned at {} with nothing the new home lacks; it becomes {}'s replica",
+                            op.source, old.gtid_binlog_pos, op.target
+                        ),
+                    );
+                } else if first {
+                    note_error(
+                        &mut next,
+                        format!(
+                            "{} returned with {errant} transaction(s) that never reached {} (its position {}, the new home's {}); it stays fenced, nothing is dropped",
+                            op.source, op.target, old.gtid_binlog_pos, new.gtid_binlog_pos
+                        ),
+                    );
+                }
+            }
+        }
+        _ => unreachable!("advance_lost runs the unplanned steps only"),
     }
     (next, actions)
 }
@@ -661,7 +916,7 @@ fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, Strin
         ));
     }
     match op.kind {
-        Kind::Switchover => {
+        Kind::Switchover | Kind::Emergency => {
             if cell.frozen || !serves_traffic(cell.state) {
                 return Err((
                     "state",
@@ -720,7 +975,7 @@ fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, Strin
         ),
     ))?;
     let target_ok = match op.kind {
-        Kind::Switchover => serves_traffic(target.state),
+        Kind::Switchover | Kind::Emergency => serves_traffic(target.state),
         Kind::Failback => true,
     };
     if !target_ok || target.frozen {
@@ -750,6 +1005,13 @@ fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, Strin
             op.target
         ),
     ))?;
+    if op.kind == Kind::Emergency {
+        // The home cannot be asked for anything: it must be lost, and nothing else gates.
+        return match lost(obs, &op.source) {
+            Ok(_) => Ok(()),
+            Err(why) => Err(("lost", why)),
+        };
+    }
     let home = obs.cells.get(&op.source).ok_or((
         "home",
         format!(
@@ -845,7 +1107,7 @@ fn capacity_gate(
 /// on its standby, a failback's cell Active with its slots back; the source unfrozen.
 fn flipped(t: &RoutingTable, op: &Switchover) -> cellplane_cells::Result<RoutingTable> {
     let mut next = match op.kind {
-        Kind::Switchover => t.failed_over(&op.cell)?,
+        Kind::Switchover | Kind::Emergency => t.failed_over(&op.cell)?,
         Kind::Failback => t.failed_back(&op.cell)?,
     };
     if let Some(i) = next.index_of(&op.source) {
@@ -859,7 +1121,7 @@ fn flipped(t: &RoutingTable, op: &Switchover) -> cellplane_cells::Result<Routing
 fn moved(t: &RoutingTable, op: &Switchover) -> bool {
     let state = t.cell(&op.cell).map(|c| c.state);
     let arrived = match op.kind {
-        Kind::Switchover => state == Some(CellPhase::FailedOver),
+        Kind::Switchover | Kind::Emergency => state == Some(CellPhase::FailedOver),
         Kind::Failback => state.is_some_and(serves_traffic),
     };
     arrived && t.cell(&op.source).is_some_and(|c| !c.frozen)
@@ -1038,6 +1300,16 @@ mod tests {
         /// Each cell's measured user requests per second.
         rps: BTreeMap<String, u64>,
         busy: bool,
+        /// Live ownership leases by cell.
+        owners: BTreeMap<String, usize>,
+        /// Random mode: the writer takes no writes itself (the unplanned-failover model
+        /// writes through the app's ownership lease instead).
+        writes_gated: bool,
+        /// The replica's binlog holds the writer's domain at what it applied (MariaDB's
+        /// log_slave_updates), as the real cells run.
+        log_replica_updates: bool,
+        /// Largest time step in random mode.
+        max_step_ms: u64,
     }
 
     fn pos(cell: &str, seq: u64) -> String {
@@ -1070,6 +1342,10 @@ mod tests {
                 replica: "b",
                 applied: 500,
                 odds: [100, 100, 100],
+                owners: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]),
+                writes_gated: false,
+                log_replica_updates: false,
+                max_step_ms: 3000,
             };
             // Each cell stands by for the other (the two-region ring).
             for (cell, source) in [("a", "b"), ("b", "a")] {
@@ -1105,6 +1381,7 @@ mod tests {
                 cells: &self.cells,
                 routers: &self.routers,
                 intents: &self.intents,
+                owners: &self.owners,
                 busy: self.busy,
             }
         }
@@ -1135,7 +1412,7 @@ mod tests {
 
         fn tick(&mut self) {
             self.now_ms += match self.dice.as_mut() {
-                Some(d) => 1 + d.below(3000),
+                Some(d) => 1 + d.below(self.max_step_ms),
                 None => 100,
             };
             if self.dice.is_some() {
@@ -1146,10 +1423,14 @@ mod tests {
                     .get(self.writer)
                     .and_then(|r| r.mysql.as_ref())
                     .is_some_and(|m| !m.read_only);
-                if writable && self.roll(80) {
+                if writable && !self.writes_gated && self.roll(80) {
                     *self.writes.get_mut(self.writer).unwrap() += 1;
                 }
-                if self.roll(self.odds[2]) {
+                let replicating = self
+                    .intents
+                    .get(self.replica)
+                    .is_some_and(|i| i.replicate_from.iter().any(|c| c == self.writer));
+                if replicating && !self.replica_frozen && self.roll(self.odds[2]) {
                     let step = self.dice.as_mut().unwrap().below(3);
                     self.applied = (self.applied + step).min(self.writes[self.writer]);
                 }
@@ -1174,7 +1455,8 @@ mod tests {
             for cell in names {
                 let intent = self.intents[&cell].clone();
                 let old = self.cells.get(&cell).cloned();
-                if (self.deaf_regions.contains(&cell) || !self.roll(self.odds[1])) && old.is_some()
+                // A deaf region reports nothing (a cut-off one not even a first time).
+                if self.deaf_regions.contains(&cell) || (!self.roll(self.odds[1]) && old.is_some())
                 {
                     continue;
                 }
@@ -1212,7 +1494,15 @@ mod tests {
                         healthy: true,
                         mysql: Some(MysqlReport {
                             read_only: !intent.writable,
-                            gtid_binlog_pos: pos(&cell, self.writes[&cell]),
+                            gtid_binlog_pos: if self.log_replica_updates && cell == self.replica {
+                                format!(
+                                    "{},{}",
+                                    pos(self.writer, self.applied),
+                                    pos(&cell, self.writes[&cell])
+                                )
+                            } else {
+                                pos(&cell, self.writes[&cell])
+                            },
                             replicas,
                         }),
                         kafka_lag: Some(if cell == self.writer {
@@ -1780,5 +2070,346 @@ mod tests {
             outcomes.get("succeeded") > Some(&100) && outcomes.get("rolled back") > Some(&100),
             "{outcomes:?}"
         );
+    }
+
+    /// Region us (cell `a`) cut off from the etcd majority and from `b`, as the lab's netlab
+    /// does it: `a`'s app and region keep running but renew nothing; its registration and
+    /// ownership lease expire on etcd's clock; `b` stops receiving `a`'s writes.
+    struct Cut {
+        w: World,
+        t: FailoverTimings,
+        /// When the cut began and ends (None: not cut / never heals).
+        cut_at: u64,
+        heal_at: Option<u64>,
+        /// `a`'s app: when its last confirmed renewal was sent, and when etcd expires it.
+        confirmed_sent: Option<u64>,
+        lease_expires: u64,
+        /// `a`'s region: its last registration renewal.
+        registered_at: u64,
+        /// Percent per tick that `a`'s clients send a write.
+        write_odds: u64,
+        /// When `a`'s app last admitted a write, and when the slots moved to `b`.
+        last_admit: Option<u64>,
+        flipped_at: Option<u64>,
+    }
+
+    impl Cut {
+        fn new(cut_at: u64, heal_at: Option<u64>, dice: Dice, odds: [u64; 3]) -> Self {
+            let mut w = World::new();
+            w.dice = Some(dice);
+            w.odds = odds;
+            w.writes_gated = true;
+            w.log_replica_updates = true;
+            w.max_step_ms = 300;
+            let now = w.now_ms;
+            let t = FailoverTimings::default();
+            Self {
+                w,
+                cut_at,
+                heal_at,
+                confirmed_sent: Some(now),
+                lease_expires: now + t.owner_lease_ttl_ms,
+                registered_at: now,
+                write_odds: 80,
+                last_admit: None,
+                flipped_at: None,
+                t,
+            }
+        }
+
+        fn cut(&self) -> bool {
+            let now = self.w.now_ms;
+            now >= self.cut_at && self.heal_at.is_none_or(|h| now < h)
+        }
+
+        fn tick(&mut self) {
+            let cut = self.cut();
+            self.w.deaf_regions = if cut { vec!["a".into()] } else { vec![] };
+            self.w.replica_frozen = cut;
+            self.w.tick();
+            let now = self.w.now_ms;
+            if !self.cut() {
+                // `a` reaches etcd: it renews a live lease, or takes a new one when the
+                // table lets it (serving, unfrozen).
+                let entry = self.w.table.cell("a").unwrap();
+                let may_take = serves_traffic(entry.state) && !entry.frozen;
+                if now < self.lease_expires || may_take {
+                    self.confirmed_sent = Some(now);
+                    self.lease_expires = now + self.t.owner_lease_ttl_ms;
+                }
+                self.registered_at = now;
+            } else if now >= self.registered_at + self.t.registration_ttl_ms {
+                self.w.cells.remove("a");
+            }
+            let live = usize::from(now < self.lease_expires);
+            self.w.owners.insert("a".into(), live);
+            // `a`'s app admits writes only while its lease is fresh (its clients inside the
+            // cut-off region keep sending them).
+            if may_write(self.confirmed_sent, now, &self.t) && self.w.roll(self.write_odds) {
+                *self.w.writes.get_mut("a").unwrap() += 1;
+                self.last_admit = Some(now);
+                assert!(
+                    self.flipped_at.is_none(),
+                    "a took a write at {now} after its slots moved at {:?}",
+                    self.flipped_at
+                );
+            }
+        }
+    }
+
+    use cellplane_cells::failover_timing::may_write;
+
+    /// A lease taken between the preflight and the freeze (the cell came back just then):
+    /// the standby is not promoted while it lives; the cell registered healthy again gets
+    /// its slots back; one that keeps a lease without registering is rolled back at the
+    /// step timeout.
+    #[test]
+    fn a_lost_cell_that_still_holds_a_lease_is_not_promoted_over() {
+        let mut w = World::new();
+        w.deaf_regions = vec!["a".into()];
+        w.cells.remove("a");
+        w.owners.insert("a".into(), 0);
+        let loss = Loss {
+            detected_at_ms: w.now_ms,
+            reason: "test".into(),
+            ..Loss::default()
+        };
+        let op = Switchover::emergency("f", "a", "b", "test", Limits::default(), loss);
+        let (op, _) = w.run(op, 3);
+        assert_eq!(op.step, Step::Expire, "{:?}", op.steps);
+        assert!(w.table.cell("a").unwrap().frozen);
+        assert!(!w.intents["a"].writable, "fenced by intent at the freeze");
+        // The lease came back just before the freeze: the standby waits, then gives up.
+        w.owners.insert("a".into(), 1);
+        let (op, tables) = w.run(op, 400);
+        assert_eq!(
+            tables.last().map(|t| t.cell("a").unwrap().frozen),
+            Some(false)
+        );
+        match &op.outcome {
+            Some(Outcome::RolledBack { step, reason }) => {
+                assert_eq!(*step, Step::Expire);
+                assert!(reason.contains("still holds 1 ownership lease"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(w.table.cell("a").unwrap().state, CellPhase::Active);
+        assert!(w.intents["a"].writable);
+    }
+
+    /// The whole unplanned path: found lost, frozen, leases waited out plus the margin,
+    /// promoted without a final position, flipped; the old home returns fenced and what it
+    /// wrote that the standby never got is counted, never dropped.
+    #[test]
+    fn an_unplanned_failover_promotes_after_the_leases_and_counts_errant_writes_on_return() {
+        let mut w = World::new();
+        w.log_replica_updates = true;
+        // b applied a's writes up to 495 of 500 when the region was cut.
+        w.applied = 495;
+        w.replica_frozen = true;
+        w.deaf_regions = vec!["a".into()];
+        w.cells.remove("a");
+        w.owners.insert("a".into(), 0);
+        let loss = Loss {
+            detected_at_ms: w.now_ms,
+            reason: "test".into(),
+            last_home_gtid: Some(pos("a", 500)),
+            ..Loss::default()
+        };
+        let op = Switchover::emergency("f", "a", "b", "test", Limits::default(), loss);
+        let (op, tables) = w.run(op, 50);
+        assert_eq!(
+            steps(&op),
+            [
+                Step::Preflight,
+                Step::Freeze,
+                Step::Expire,
+                Step::Promote,
+                Step::Flip
+            ]
+        );
+        assert_eq!(op.step, Step::Rejoin, "waits for the old home");
+        let expire = &op.steps[2];
+        assert!(expire.ended_ms - expire.started_ms >= Limits::default().expiry_margin_ms);
+        assert_eq!(tables.len(), 2, "freeze, then the flip");
+        assert_eq!(w.table.cell("a").unwrap().state, CellPhase::FailedOver);
+        assert_eq!(w.table.slot_count("a"), 0);
+        let loss = op.loss.clone().unwrap();
+        assert_eq!(loss.estimated_lost_gtids, Some(5), "500 seen, 495 applied");
+        assert!(loss.promoted_at_gtid.unwrap().contains("1-1-495"));
+        // b replicates nothing from a any more, and a is fenced with no replication.
+        assert!(w.intents["b"].replicate_from.is_empty());
+        assert!(!w.intents["a"].writable && w.intents["a"].replicate_from.is_empty());
+        // The region returns: a wrote 3 more in its last moments before its fence.
+        *w.writes.get_mut("a").unwrap() += 3;
+        w.deaf_regions.clear();
+        w.tick();
+        let (op, _) = w.run(op, 5);
+        let loss = op.loss.clone().unwrap();
+        assert_eq!(
+            loss.errant_transactions,
+            Some(8),
+            "5 never sent plus 3 late"
+        );
+        assert_eq!(loss.returned_gtid.as_deref(), Some(pos("a", 503).as_str()));
+        assert_eq!(
+            op.step,
+            Step::Rejoin,
+            "kept fenced while errant writes exist"
+        );
+        assert!(w.cells["a"].mysql.as_ref().unwrap().read_only);
+        assert!(warnings(&op)[0].contains("8 transaction(s) that never reached b"));
+    }
+
+    /// Model check of unplanned failover: thousands of random worlds in which region us is
+    /// cut off at a random time (and maybe heals), time moves in random steps, regions and
+    /// the replica act late, and the leader loses its actions at random. Whatever happens:
+    /// the slots move to `b` only when `a` holds no lease, at least the write-completion
+    /// budget after `a`'s last admitted write; `a` never takes a write after that; a cell
+    /// that returns before the promotion gets its slots back; one that returns after it is
+    /// kept fenced with exactly the writes `b` never got counted as errant.
+    #[test]
+    fn model_check_an_unplanned_failover_never_lets_two_cells_take_writes() {
+        let mut outcomes = BTreeMap::<String, u32>::new();
+        for seed in 1..=2000u64 {
+            let mut dice = Dice(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let levels = [20, 60, 95];
+            let odds = [0, 1, 2].map(|_| levels[dice.below(3) as usize]);
+            let cut_at = 1_500 + dice.below(3_000);
+            let heal_at = match dice.below(3) {
+                0 => None,
+                _ => Some(cut_at + 500 + dice.below(6_000)),
+            };
+            let write_odds = [80, 80, 10, 0][dice.below(4) as usize];
+            let mut m = Cut::new(cut_at, heal_at, dice, odds);
+            m.write_odds = write_odds;
+            let budget = m.t.write_completion_budget_ms();
+            let mut detector = super::super::detect::Detector::default();
+            let mut op: Option<Switchover> = None;
+            for _ in 0..3_000 {
+                m.tick();
+                let Some(current) = op.clone() else {
+                    if heal_at.is_some_and(|h| m.w.now_ms > h + 5_000) {
+                        break;
+                    }
+                    let (found, _) = detector.observe(&m.w.observed(), 0);
+                    if let Some(f) = found.first() {
+                        let limits = Limits {
+                            expiry_margin_ms: m.t.expiry_margin_ms,
+                            ..Limits::default()
+                        };
+                        op = Some(Switchover::emergency(
+                            "f",
+                            &f.cell,
+                            &f.standby,
+                            "model",
+                            limits,
+                            f.loss.clone(),
+                        ));
+                    }
+                    continue;
+                };
+                let (next, actions) = advance(&current, &m.w.observed());
+                if next.step == Step::Promote && current.step != Step::Promote {
+                    let now = m.w.now_ms;
+                    assert_eq!(
+                        m.w.owners["a"], 0,
+                        "seed {seed}: promoted with a live lease"
+                    );
+                    assert!(
+                        now >= m.lease_expires + m.t.expiry_margin_ms,
+                        "seed {seed}: promoted at {now}, {} ms after a's lease expired (margin {})",
+                        now - m.lease_expires,
+                        m.t.expiry_margin_ms
+                    );
+                }
+                let crashed = seed % 3 == 0 && !actions.is_empty() && m.w.roll(10);
+                if !crashed {
+                    for a in &actions {
+                        if let Action::WriteTable(t) = a {
+                            if t.slot_count("a") == 0 && m.w.table.slot_count("a") > 0 {
+                                let now = m.w.now_ms;
+                                assert_eq!(m.w.owners["a"], 0, "seed {seed}");
+                                if let Some(last) = m.last_admit {
+                                    assert!(
+                                        now >= last + budget,
+                                        "seed {seed}: slots moved at {now}, {} ms after a's last write (budget {budget})",
+                                        now - last
+                                    );
+                                }
+                                m.flipped_at = Some(now);
+                            }
+                        }
+                    }
+                    m.w.apply(actions);
+                }
+                op = Some(next);
+                let op = op.as_ref().unwrap();
+                if op.finished() || (op.step == Step::Rejoin && m.heal_at.is_none()) {
+                    break;
+                }
+                if op.step == Step::Rejoin
+                    && op.loss.as_ref().unwrap().errant_transactions.is_some()
+                {
+                    break;
+                }
+            }
+            let Some(op) = op else {
+                // A short cut: back before its leases expired, never lost.
+                assert!(
+                    heal_at.is_some_and(|h| h < cut_at + m.t.owner_lease_ttl_ms + 300),
+                    "seed {seed}: a never found lost (cut at {cut_at}, heal {heal_at:?})"
+                );
+                assert_eq!(m.w.table.cell("a").unwrap().state, CellPhase::Active);
+                *outcomes.entry("a blip, never lost".into()).or_default() += 1;
+                continue;
+            };
+            let key = match (&op.outcome, op.step) {
+                (Some(Outcome::Refused { gate, .. }), _) => {
+                    // Back between the detection and the freeze: the preflight saw it.
+                    assert_eq!(gate, "lost", "seed {seed}");
+                    assert!(
+                        m.flipped_at.is_none()
+                            && m.w.table.cell("a").unwrap().state == CellPhase::Active,
+                        "seed {seed}"
+                    );
+                    "refused (returned before the freeze)".to_string()
+                }
+                (Some(Outcome::RolledBack { .. }), _) => {
+                    assert!(m.flipped_at.is_none(), "seed {seed}");
+                    assert!(!m.w.table.cell("a").unwrap().frozen, "seed {seed}");
+                    assert!(m.w.intents["a"].writable, "seed {seed}");
+                    "rolled back (returned in time)".to_string()
+                }
+                (Some(Outcome::Succeeded { .. }), _) | (None, Step::Rejoin) => {
+                    assert!(m.flipped_at.is_some(), "seed {seed}");
+                    assert_eq!(m.w.table.cell("a").unwrap().state, CellPhase::FailedOver);
+                    assert!(!m.w.intents["a"].writable, "seed {seed}");
+                    let loss = op.loss.as_ref().unwrap();
+                    match (loss.errant_transactions, m.heal_at) {
+                        (Some(errant), Some(_)) => {
+                            assert_eq!(
+                                errant,
+                                m.w.writes["a"] - m.w.applied,
+                                "seed {seed}: errant transactions miscounted"
+                            );
+                            assert_eq!(op.finished(), errant == 0, "seed {seed}");
+                            if errant == 0 {
+                                "failed over, nothing lost"
+                            } else {
+                                "failed over, errant kept"
+                            }
+                            .to_string()
+                        }
+                        (None, None) => "failed over, region still away".to_string(),
+                        other => panic!("seed {seed}: {other:?} at {:?}", op.step),
+                    }
+                }
+                other => panic!("seed {seed}: ended {other:?}"),
+            };
+            *outcomes.entry(key).or_default() += 1;
+        }
+        // Every path was taken.
+        assert_eq!(outcomes.len(), 6, "{outcomes:?}");
     }
 }
