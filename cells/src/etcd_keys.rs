@@ -69,6 +69,18 @@ pub fn owners_prefix(platform: &str, cell: &str) -> String {
     format!("/cellplane/{platform}/owners/{cell}/")
 }
 
+/// `/cellplane/<platform>/leased/<cell>` : written by the leader the first time it sees the
+/// cell hold an ownership lease; only such cells are failed over automatically (a cell
+/// whose app never took one cannot be shown fenced). Survives leader changes.
+pub fn leased_key(platform: &str, cell: &str) -> String {
+    format!("/cellplane/{platform}/leased/{cell}")
+}
+
+/// `/cellplane/<platform>/leased/`
+pub fn leased_prefix(platform: &str) -> String {
+    format!("/cellplane/{platform}/leased/")
+}
+
 /// `/cellplane/<platform>/owners/` : prefix of every ownership lease.
 pub fn all_owners_prefix(platform: &str) -> String {
     format!("/cellplane/{platform}/owners/")

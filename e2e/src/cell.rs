@@ -2,12 +2,13 @@
 //! reference app as a separate process. Everything stops on drop, also when a test fails.
 
 use crate::net::{get, metric_value, send, wait_ok, Reply};
+use crate::netlab::Place;
 use crate::{free_port, repo_root, workspace_bin};
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 /// Redis, MariaDB and Kafka of one cell, on free loopback ports.
@@ -15,16 +16,24 @@ pub struct CellStores {
     pub cell: String,
     pub dir: PathBuf,
     root: PathBuf,
+    /// Where the stores run (MariaDB is reached on its host by other regions).
+    pub place: Place,
     /// The env file's variables (what the operator would inject).
     pub env: HashMap<String, String>,
 }
 
 impl CellStores {
     pub fn up(cell: &str) -> Result<Self> {
+        Self::up_in(cell, Place::local())
+    }
+
+    /// The stores of `cell` at `place` (a netlab region).
+    pub fn up_in(cell: &str, place: Place) -> Result<Self> {
         let root = std::env::temp_dir().join(format!("cellplane-stores-{}", std::process::id()));
         std::fs::create_dir_all(&root)?;
-        let status = Command::new(repo_root().join("e2e/bin/stores"))
-            .args(["up", cell])
+        let status = place
+            .command(repo_root().join("e2e/bin/stores"))
+            .args(["up", cell, "--address", &place.host])
             .env("CELLPLANE_STORES_DIR", &root)
             .stdout(Stdio::null())
             .status()
@@ -41,12 +50,15 @@ impl CellStores {
             cell: cell.into(),
             dir,
             root,
+            place,
             env,
         })
     }
 
     fn run(&self, args: &[&str]) -> Result<()> {
-        let status = Command::new(repo_root().join("e2e/bin/stores"))
+        let status = self
+            .place
+            .command(repo_root().join("e2e/bin/stores"))
             .args(args)
             .env("CELLPLANE_STORES_DIR", &self.root)
             .stdout(Stdio::null())
@@ -100,7 +112,7 @@ impl CellStores {
     /// A pool on the cell's MariaDB as root (for checks and replication control).
     pub fn mysql_admin(&self) -> Result<mysql_async::Pool> {
         let opts = mysql_async::OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
+            .ip_or_hostname(self.place.host.clone())
             .tcp_port(self.var("MYSQL_PORT").parse()?)
             .user(Some("root"))
             .pass(Some(self.var("MYSQL_ROOT_PASSWORD")))
@@ -160,6 +172,7 @@ pub struct CellApp {
     pub admin_token: String,
     pub log: PathBuf,
     env: Vec<(String, String)>,
+    place: Place,
 }
 
 impl CellApp {
@@ -199,7 +212,8 @@ impl CellApp {
             .collect();
         let admin_token = format!("t-{}-{port}", std::process::id());
         env.push(("CELL_ADMIN_TOKEN".into(), admin_token.clone()));
-        env.push(("CELL_LISTEN".into(), format!("127.0.0.1:{port}")));
+        let place = stores.place.clone();
+        env.push(("CELL_LISTEN".into(), place.addr(port)));
         env.push((
             "RUST_LOG".into(),
             "info,librdkafka=error,rdkafka=error".into(),
@@ -209,7 +223,8 @@ impl CellApp {
         }
         let mut app = Self {
             child: None,
-            addr: format!("127.0.0.1:{port}"),
+            addr: place.addr(port),
+            place,
             admin_token,
             log: stores.dir.join(format!("logs/app-{port}.log")),
             env,
@@ -223,7 +238,9 @@ impl CellApp {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(workspace_bin("cellplane-cell-app"))
+        let child = self
+            .place
+            .command(workspace_bin("cellplane-cell-app"))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log)
             .stderr(Stdio::null())

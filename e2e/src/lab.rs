@@ -8,6 +8,7 @@
 
 use crate::cell::{overrides_yaml, CellApp, CellStores};
 use crate::net::{send, Etcd, Reply, RouterProc};
+use crate::netlab::{NetLab, Place};
 use crate::{apply_yaml, test_dir, wait_for, workspace_bin, Operator, Region};
 use anyhow::{Context as _, Result};
 use cellplane_cells::etcd_keys::drill_key;
@@ -35,8 +36,14 @@ pub struct PairLab {
     pub table: RoutingTable,
     pub dir: PathBuf,
     pub operators: Vec<Operator>,
+    /// Routers inside the cells' regions besides `router` (the netlab: us's own router,
+    /// which its clients keep reaching when the region is cut off).
+    pub local_routers: Vec<RouterProc>,
     // Kept for their drop (they stop the control planes); declared last so they go last.
     pub regions: Vec<Region>,
+    /// The netlab the regions run in (None: everything on the host's loopback); removed
+    /// after everything else.
+    pub net: Option<NetLab>,
 }
 
 fn cellset(cells: &[(&str, &CellStores, &str)]) -> String {
@@ -58,11 +65,17 @@ spec:
     )
 }
 
-/// A region's operator as the lab runs it: platform leadership, replication, a fast agent.
-fn platform_operator(region: &Region, etcd: &Etcd, dir: &std::path::Path) -> Result<Operator> {
+/// Region `i`'s operator as the lab runs it: platform leadership, replication, a fast agent,
+/// its own etcd member first.
+fn platform_operator(
+    i: usize,
+    region: &Region,
+    etcd: &Etcd,
+    dir: &std::path::Path,
+) -> Result<Operator> {
     let secret = dir.join("platform-secret");
     region.platform_operator(
-        &etcd.endpoints_flag(),
+        &etcd.endpoints_from(i),
         &[
             "--replication-secret-file",
             secret.to_str().context("path")?,
@@ -75,7 +88,7 @@ fn platform_operator(region: &Region, etcd: &Etcd, dir: &std::path::Path) -> Res
 impl PairLab {
     /// Starts region `i`'s operator again (after a kill), with the same settings.
     pub fn restart_operator(&mut self, i: usize) -> Result<()> {
-        self.operators[i] = platform_operator(&self.regions[i], &self.etcd, &self.dir)?;
+        self.operators[i] = platform_operator(i, &self.regions[i], &self.etcd, &self.dir)?;
         Ok(())
     }
 
@@ -94,11 +107,29 @@ impl PairLab {
     /// Everything up and converged: the table holds both cells, each replicates the other,
     /// both apps are ready with a flash sale open, the router follows the table.
     pub async fn up(name: &str) -> Result<Self> {
+        Self::up_at(name, None).await
+    }
+
+    /// The same platform with each region in its own netlab namespace (us, eu and ap; ap
+    /// holds the third member of the global etcd only), so a region can be cut off: a
+    /// router in each cell's region, the one in eu as `router` (the test reaches it over
+    /// the bridge), the one in us in `local_routers`.
+    pub async fn up_cuttable(name: &str) -> Result<Self> {
+        let net = NetLab::up(&["us", "eu", "ap"])?;
+        Self::up_at(name, Some(net)).await
+    }
+
+    async fn up_at(name: &str, net: Option<NetLab>) -> Result<Self> {
+        let place = |region: &str| match &net {
+            Some(n) => n.place(region),
+            None => Ok(Place::local()),
+        };
+        let (us_at, eu_at, ap_at) = (place("us")?, place("eu")?, place("ap")?);
         let ((us, eu), (home, standby)) = std::thread::scope(|s| {
-            let us = s.spawn(|| Region::up("us"));
-            let eu = s.spawn(|| Region::up("eu"));
-            let home = s.spawn(|| CellStores::up(HOME));
-            let standby = s.spawn(|| CellStores::up(STANDBY));
+            let us = s.spawn(|| Region::up_in("us", us_at.clone()));
+            let eu = s.spawn(|| Region::up_in("eu", eu_at.clone()));
+            let home = s.spawn(|| CellStores::up_in(HOME, us_at.clone()));
+            let standby = s.spawn(|| CellStores::up_in(STANDBY, eu_at.clone()));
             (
                 (us.join().expect("region us"), eu.join().expect("region eu")),
                 (
@@ -108,39 +139,59 @@ impl PairLab {
             )
         });
         let (us, eu, home, standby) = (us?, eu?, home?, standby?);
-        let etcd = Etcd::cluster(3).await?;
+        let etcd = Etcd::cluster_at(&[us_at.clone(), eu_at.clone(), ap_at]).await?;
         let dir = test_dir(name);
         let secret_file = dir.join("platform-secret");
         std::fs::write(&secret_file, "fedcba9876543210fedcba9876543210")?;
         // The real apps, following the table in etcd as operator-made pods do.
-        let endpoints = etcd.endpoints().join(",");
-        let home_app = CellApp::start_on_etcd(&home, &endpoints, "shop", &[]).await?;
-        let standby_app = CellApp::start_on_etcd(&standby, &endpoints, "shop", &[]).await?;
+        let home_app = CellApp::start_on_etcd(&home, &etcd.endpoints_from(0), "shop", &[]).await?;
+        let standby_app =
+            CellApp::start_on_etcd(&standby, &etcd.endpoints_from(1), "shop", &[]).await?;
         let set = cellset(&[
             (HOME, &home, &home_app.addr),
             (STANDBY, &standby, &standby_app.addr),
         ]);
         let mut operators = Vec::new();
-        for (region, stores) in [(&us, &home), (&eu, &standby)] {
+        for (i, (region, stores)) in [(&us, &home), (&eu, &standby)].into_iter().enumerate() {
             region.install_crds()?;
             let client = region.client().await?;
             stores.apply_secrets(&client).await?;
             apply_yaml(&client, "default", &set).await?;
-            operators.push(platform_operator(region, &etcd, &dir)?);
+            operators.push(platform_operator(i, region, &etcd, &dir)?);
         }
         let table = wait_for("a table with both cells", T, || async {
             Ok(etcd.routing_table().await?.filter(|t| t.cells.len() == 2))
         })
         .await?;
-        let lab = Self {
-            router: RouterProc::start(
-                &format!(
-                    "table: {{etcd: {{endpoints: [{}], platform: shop, routerId: r-us, region: us, ackTtlSecs: 3}}}}\n",
-                    etcd.endpoints().iter().map(|e| format!("'{e}'")).collect::<Vec<_>>().join(", ")
-                ),
-                &dir,
+        let router_config = |id: &str, region: &str, member: usize| {
+            format!(
+                "table: {{etcd: {{endpoints: [{}], platform: shop, routerId: {id}, region: {region}, ackTtlSecs: 3}}}}\n",
+                etcd.endpoints_from(member).split(',').map(|e| format!("'{e}'")).collect::<Vec<_>>().join(", ")
             )
-            .await?,
+        };
+        // One router on the host for the loopback lab; one per cell region in the netlab.
+        let (router, local_routers) = match &net {
+            None => (
+                RouterProc::start(&router_config("r-us", "us", 0), &dir).await?,
+                Vec::new(),
+            ),
+            Some(_) => (
+                RouterProc::start_at(&router_config("r-eu", "eu", 1), &dir, "/readyz", &eu.place)
+                    .await?,
+                vec![
+                    RouterProc::start_at(
+                        &router_config("r-us", "us", 0),
+                        &dir,
+                        "/readyz",
+                        &us.place,
+                    )
+                    .await?,
+                ],
+            ),
+        };
+        let lab = Self {
+            router,
+            local_routers,
             etcd,
             home,
             standby,
@@ -150,6 +201,7 @@ impl PairLab {
             dir,
             operators,
             regions: vec![us, eu],
+            net,
         };
         for (cell, source) in [(STANDBY, HOME), (HOME, STANDBY)] {
             lab.wait_replicating(cell, source).await?;

@@ -5,7 +5,10 @@
 pub mod cell;
 pub mod lab;
 pub mod net;
+pub mod netlab;
 pub mod pki;
+
+use netlab::Place;
 
 use anyhow::{bail, Context as _, Result};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -54,17 +57,25 @@ pub struct Region {
     pub name: String,
     pub dir: PathBuf,
     state_root: PathBuf,
+    /// Where its control plane and operators run.
+    pub place: Place,
 }
 
 impl Region {
     /// Starts region `name` in its own state directory (unique per process, so test
     /// runs never collide).
     pub fn up(name: &str) -> Result<Self> {
+        Self::up_in(name, Place::local())
+    }
+
+    /// Starts region `name` at `place` (a netlab region's namespace and address).
+    pub fn up_in(name: &str, place: Place) -> Result<Self> {
         let state_root =
             std::env::temp_dir().join(format!("cellplane-e2e-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&state_root)?;
-        let status = Command::new(repo_root().join("e2e/bin/region"))
-            .args(["up", name])
+        let status = place
+            .command(repo_root().join("e2e/bin/region"))
+            .args(["up", name, "--address", &place.host])
             .env("CELLPLANE_REGIONS_DIR", &state_root)
             .stdout(Stdio::null())
             .status()
@@ -73,6 +84,7 @@ impl Region {
             name: name.into(),
             dir: state_root.join(name),
             state_root,
+            place,
         };
         if !status.success() {
             bail!(
@@ -165,7 +177,9 @@ impl Region {
 
     /// Kills the API server like a crash and starts it again on the same port.
     pub fn restart_apiserver(&self) -> Result<()> {
-        let status = Command::new(repo_root().join("e2e/bin/region"))
+        let status = self
+            .place
+            .command(repo_root().join("e2e/bin/region"))
             .args(["restart-apiserver", &self.name])
             .env("CELLPLANE_REGIONS_DIR", &self.state_root)
             .stdout(Stdio::null())
@@ -202,13 +216,15 @@ impl Region {
             .join(format!("operator-{identity}.log"));
         let log = std::fs::File::create(&log_path)?;
         let port = free_port()?;
-        let child = Command::new(workspace_bin("cellplane-operator"))
+        let child = self
+            .place
+            .command(workspace_bin("cellplane-operator"))
             .args([
                 "run",
                 "--identity",
                 identity,
                 "--http-addr",
-                &format!("127.0.0.1:{port}"),
+                &self.place.addr(port),
                 "--lease-duration",
                 "6",
             ])
@@ -222,6 +238,7 @@ impl Region {
         Ok(Operator {
             child,
             port,
+            host: self.place.host.clone(),
             log: log_path,
         })
     }
@@ -242,6 +259,8 @@ impl Drop for Region {
 pub struct Operator {
     child: Child,
     pub port: u16,
+    /// The address its HTTP port listens on.
+    pub host: String,
     pub log: PathBuf,
 }
 
@@ -268,7 +287,12 @@ impl Operator {
     /// Its /metrics text.
     pub fn metrics(&self) -> Result<String> {
         let out = Command::new("curl")
-            .args(["-sf", &format!("http://127.0.0.1:{}/metrics", self.port)])
+            .args([
+                "-sf",
+                "--max-time",
+                "2",
+                &format!("http://{}:{}/metrics", self.host, self.port),
+            ])
             .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).into())
     }

@@ -1,6 +1,7 @@
 //! Real HTTP pieces for router tests (I/O): an etcd server, backend cells that report who
 //! answered and can fence by epoch, a router process, and a small HTTP client.
 
+use crate::netlab::Place;
 use crate::{free_port, free_ports, tools_bin, wait_for, workspace_bin};
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
@@ -30,33 +31,40 @@ impl Etcd {
 
     /// Starts `n` members that form one cluster, and waits until it is healthy.
     pub async fn cluster(n: usize) -> Result<Self> {
+        Self::cluster_at(&vec![Place::local(); n]).await
+    }
+
+    /// One member at each place (a netlab region each: one member per region).
+    pub async fn cluster_at(places: &[Place]) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "cellplane-etcd-{}-{}",
             std::process::id(),
             free_port()?
         ));
-        let ports: Vec<[u16; 2]> = (0..n).map(|_| free_ports()).collect::<Result<_>>()?;
+        let ports: Vec<[u16; 2]> = places.iter().map(|_| free_ports()).collect::<Result<_>>()?;
         let initial = ports
             .iter()
+            .zip(places)
             .enumerate()
-            .map(|(i, [_, peer])| format!("m{i}=http://127.0.0.1:{peer}"))
+            .map(|(i, ([_, peer], p))| format!("m{i}=http://{}", p.addr(*peer)))
             .collect::<Vec<_>>()
             .join(",");
         let mut members = Vec::new();
         let mut endpoints = Vec::new();
-        for (i, [client, peer]) in ports.iter().enumerate() {
-            let child = Command::new(tools_bin().join("etcd"))
+        for (i, ([client, peer], place)) in ports.iter().zip(places).enumerate() {
+            let child = place
+                .command(tools_bin().join("etcd"))
                 .args(["--name", &format!("m{i}"), "--data-dir"])
                 .arg(dir.join(format!("m{i}")))
                 .args([
                     "--listen-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("http://{}", place.addr(*client)),
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{client}"),
+                    &format!("http://{}", place.addr(*client)),
                     "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
+                    &format!("http://{}", place.addr(*peer)),
                     "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{peer}"),
+                    &format!("http://{}", place.addr(*peer)),
                     "--initial-cluster",
                     &initial,
                     "--initial-cluster-token",
@@ -68,7 +76,7 @@ impl Etcd {
                 .spawn()
                 .context("starting etcd (run e2e/bin/tools first)")?;
             members.push(Some(child));
-            endpoints.push(format!("http://127.0.0.1:{client}"));
+            endpoints.push(format!("http://{}", place.addr(*client)));
         }
         let etcd = Self {
             members,
@@ -103,8 +111,19 @@ impl Etcd {
         self.endpoints.join(",")
     }
 
+    /// The client URLs starting at member `i` (a region's own member first: the lab puts
+    /// member i in region i), as flags take them.
+    pub fn endpoints_from(&self, i: usize) -> String {
+        let n = self.endpoints.len();
+        (0..n)
+            .map(|k| self.endpoints[(i + k) % n].as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A client on a member of the majority (a member cut off by the netlab is skipped).
     pub async fn client(&self) -> Result<etcd_client::Client> {
-        Ok(etcd_client::Client::connect(&self.endpoints, None).await?)
+        Ok(cellplane_table::etcd::connect(&self.endpoints, Duration::from_secs(2)).await?)
     }
 
     pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<()> {
@@ -145,6 +164,35 @@ impl Etcd {
                 None => None,
             },
         )
+    }
+
+    /// Makes member `i` the etcd leader (moved by the current leader) and waits until it
+    /// leads: a test that cuts a region off keeps the leader elsewhere, since a leader
+    /// change renews every lease by a full TTL.
+    pub async fn move_leader_to(&self, i: usize) -> Result<()> {
+        let target = self.endpoints[i].clone();
+        let id_of = |e: String| async move {
+            let mut c = etcd_client::Client::connect([e], None).await?;
+            let st = c.status().await?;
+            let me = st.header().map(|h| h.member_id()).unwrap_or_default();
+            anyhow::Ok((me, st.leader()))
+        };
+        let (target_id, leader) = id_of(target).await?;
+        if target_id == leader {
+            return Ok(());
+        }
+        for e in &self.endpoints {
+            let (me, _) = id_of(e.clone()).await?;
+            if me == leader {
+                let mut c = etcd_client::Client::connect([e.clone()], None).await?;
+                c.move_leader(target_id).await?;
+            }
+        }
+        wait_for("the etcd leader moved", Duration::from_secs(20), || async {
+            let (_, leader) = id_of(self.endpoints[i].clone()).await?;
+            Ok((leader == target_id).then_some(()))
+        })
+        .await
     }
 
     /// Live ownership leases of `cell` in platform `shop` (one per app process holding one).
@@ -351,14 +399,30 @@ impl RouterProc {
         dir: &std::path::Path,
         path: &str,
     ) -> Result<Self> {
+        Self::start_at(config_yaml, dir, path, &Place::local()).await
+    }
+
+    /// Starts the router at `place` (a netlab region) and waits until it answers `path`
+    /// on its metrics port.
+    pub async fn start_at(
+        config_yaml: &str,
+        dir: &std::path::Path,
+        path: &str,
+        place: &Place,
+    ) -> Result<Self> {
         let [port, mport] = free_ports()?;
         let cfg = dir.join(format!("router-{port}.yaml"));
         std::fs::write(
             &cfg,
-            format!("listen: 127.0.0.1:{port}\nmetricsListen: 127.0.0.1:{mport}\n{config_yaml}"),
+            format!(
+                "listen: {}\nmetricsListen: {}\n{config_yaml}",
+                place.addr(port),
+                place.addr(mport)
+            ),
         )?;
         let log = dir.join(format!("router-{port}.log"));
-        let child = Command::new(workspace_bin("cellplane-router"))
+        let child = place
+            .command(workspace_bin("cellplane-router"))
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", "info")
@@ -367,8 +431,8 @@ impl RouterProc {
             .spawn()?;
         let r = Self {
             child,
-            addr: format!("127.0.0.1:{port}"),
-            metrics_addr: format!("127.0.0.1:{mport}"),
+            addr: place.addr(port),
+            metrics_addr: place.addr(mport),
             log,
         };
         let ready = format!("http://{}{path}", r.metrics_addr);

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 #[derive(Clone)]
 pub struct Registrar {
-    client: Client,
+    /// Replaced by the lease keeper when its member stops answering.
+    client: Arc<parking_lot::Mutex<Client>>,
     lease: Arc<AtomicI64>,
     /// Per (platform, cell): what the Cell's reconcile registered last, and what the
     /// region's agent measured last (MySQL, Kafka, intent applied). Two writers fill one
@@ -56,27 +57,36 @@ impl Registrar {
     /// Connects, grants a lease of `ttl` and keeps it alive in the background; a lost
     /// lease is replaced and the next reconcile of each cell registers it again.
     pub async fn connect(endpoints: &[String], ttl: Duration) -> Result<Self> {
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(5));
-        let mut client = Client::connect(endpoints, Some(options)).await?;
+        let timeout = Duration::from_secs(2);
+        let mut client = cellplane_table::etcd::connect(endpoints, timeout).await?;
         let ttl_secs = ttl.as_secs().max(2) as i64;
         let lease = client.lease_grant(ttl_secs, None).await?.id();
         let lease = Arc::new(AtomicI64::new(lease));
         let records: Arc<parking_lot::Mutex<HashMap<(String, String), Parts>>> = Default::default();
-        let (mut c, l, known) = (client.clone(), lease.clone(), records.clone());
+        let shared = Arc::new(parking_lot::Mutex::new(client));
+        let (l, known, current) = (lease.clone(), records.clone(), shared.clone());
+        let endpoints = endpoints.to_vec();
         tokio::spawn(async move {
+            let renew_every = Duration::from_millis(ttl_secs as u64 * 1000 / 3);
             loop {
-                tokio::time::sleep(Duration::from_millis(ttl_secs as u64 * 1000 / 3)).await;
+                tokio::time::sleep(renew_every).await;
                 let id = l.load(Ordering::Relaxed);
-                let alive = match c.lease_keep_alive(id).await {
-                    Ok((mut keeper, mut stream)) => {
-                        keeper.keep_alive().await.is_ok()
-                            && matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0)
-                    }
-                    Err(_) => false,
+                let mut c = current.lock().clone();
+                let renewed = async {
+                    let (mut keeper, mut stream) = c.lease_keep_alive(id).await.ok()?;
+                    keeper.keep_alive().await.ok()?;
+                    stream.message().await.ok()?.map(|r| r.ttl() > 0)
                 };
+                let alive = matches!(
+                    tokio::time::timeout(renew_every, renewed).await,
+                    Ok(Some(true))
+                );
                 if !alive {
+                    // The member may be the problem: the next one in the majority serves.
+                    if let Ok(fresh) = cellplane_table::etcd::connect(&endpoints, timeout).await {
+                        *current.lock() = fresh.clone();
+                        c = fresh;
+                    }
                     tracing::warn!(lease = id, "registration lease lost; granting a new one");
                     if let Ok(r) = c.lease_grant(ttl_secs, None).await {
                         l.store(r.id(), Ordering::Relaxed);
@@ -101,7 +111,7 @@ impl Registrar {
             }
         });
         Ok(Self {
-            client,
+            client: shared,
             lease,
             records,
         })
@@ -141,8 +151,8 @@ impl Registrar {
     async fn put(&self, platform: &str, cell: &str, reg: &Registration) -> Result<()> {
         let value = serde_json::to_vec(reg).map_err(crate::Error::Serialization)?;
         let opts = PutOptions::new().with_lease(self.lease.load(Ordering::Relaxed));
-        self.client
-            .clone()
+        let mut client = self.client.lock().clone();
+        client
             .put(cell_key(platform, cell), value, Some(opts))
             .await?;
         Ok(())
@@ -152,10 +162,8 @@ impl Registrar {
         self.records
             .lock()
             .remove(&(platform.to_string(), cell.to_string()));
-        self.client
-            .clone()
-            .delete(cell_key(platform, cell), None)
-            .await?;
+        let mut client = self.client.lock().clone();
+        client.delete(cell_key(platform, cell), None).await?;
         Ok(())
     }
 }

@@ -7,7 +7,7 @@
 use crate::store::TableStore;
 use crate::Result;
 use cellplane_cells::etcd_keys::{router_key, RouterAck};
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::PutOptions;
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,10 +47,7 @@ impl Acknowledger {
 
     /// One lease: publish, then republish on every new epoch; renew a third of the TTL.
     async fn session(&self, store: &TableStore) -> Result<()> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(3));
-        let mut client = Client::connect(&self.endpoints, Some(options)).await?;
+        let mut client = crate::etcd::connect(&self.endpoints, Duration::from_secs(2)).await?;
         let ttl = self.ttl.as_secs().max(2) as i64;
         let lease = client.lease_grant(ttl, None).await?.id();
         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;

@@ -12,6 +12,7 @@
 //!   owner's prefix.
 
 pub mod ack;
+pub mod etcd;
 pub mod metrics;
 pub mod owner_lease;
 pub mod source;

@@ -13,7 +13,7 @@ use crate::Result;
 use cellplane_cells::etcd_keys::{owners_prefix, routing_key};
 use cellplane_cells::failover_timing::{may_write, FailoverTimings};
 use cellplane_cells::routing::{serves_traffic, RoutingTable};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -124,8 +124,10 @@ impl OwnerLease {
     /// new one when it is lost.
     pub async fn run(self: Arc<Self>, endpoints: Vec<String>, platform: String, cell: String) {
         let mut said = String::new();
+        // The lease held, kept across reconnections to another member while it lives.
+        let mut held = None;
         loop {
-            let result = self.session(&endpoints, &platform, &cell).await;
+            let result = self.session(&endpoints, &platform, &cell, &mut held).await;
             self.metrics.held.set(0);
             if let Err(e) = result {
                 // Said once per distinct error, not every attempt.
@@ -139,12 +141,19 @@ impl OwnerLease {
         }
     }
 
-    async fn session(&self, endpoints: &[String], platform: &str, cell: &str) -> Result<()> {
+    async fn session(
+        &self,
+        endpoints: &[String],
+        platform: &str,
+        cell: &str,
+        held: &mut Option<i64>,
+    ) -> Result<()> {
         let renew = self.timings.owner_renew_every();
-        let options = ConnectOptions::new()
-            .with_connect_timeout(renew * 4)
-            .with_timeout(renew * 4);
-        let mut client = Client::connect(endpoints, Some(options)).await?;
+        let mut client = crate::etcd::connect(endpoints, renew * 2).await?;
+        if let Some(lease) = *held {
+            // Still alive? Then keep renewing it from this member.
+            return self.keep(&mut client, lease, held).await;
+        }
         let ttl = (self.timings.owner_lease_ttl_ms / 1000).max(2) as i64;
         // The lease may be taken only while the table lets the cell serve.
         let (lease, granted_at) = loop {
@@ -182,26 +191,43 @@ impl OwnerLease {
         self.metrics.acquired.inc();
         self.confirm(granted_at);
         tracing::info!(%cell, lease = format!("{lease:x}"), "ownership lease taken");
+        *held = Some(lease);
+        self.keep(&mut client, lease, held).await
+    }
+
+    /// Renews `lease` until it fails; forgets it (`held`) once etcd says it expired.
+    async fn keep(
+        &self,
+        client: &mut etcd_client::Client,
+        lease: i64,
+        held: &mut Option<i64>,
+    ) -> Result<()> {
+        let renew = self.timings.owner_renew_every();
         let mut tick = tokio::time::interval(renew);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        'stream: loop {
-            // A fresh stream per timeout: a late answer on an old stream must never be
-            // taken for a renewal sent after it.
-            let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
-            loop {
-                tick.tick().await;
-                let sent = self.now_ms();
-                keeper.keep_alive().await?;
-                match tokio::time::timeout(renew * 2, answers.message()).await {
-                    Ok(Ok(Some(a))) if a.ttl() > 0 => self.confirm(sent),
-                    Ok(Ok(_)) => {
-                        return Err(etcd_client::Error::LeaseKeepAliveError(
-                            "the ownership lease expired".into(),
-                        )
-                        .into())
-                    }
-                    Ok(Err(e)) => return Err(e.into()),
-                    Err(_) => continue 'stream,
+        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+        loop {
+            tick.tick().await;
+            let sent = self.now_ms();
+            keeper.keep_alive().await?;
+            match tokio::time::timeout(renew * 2, answers.message()).await {
+                Ok(Ok(Some(a))) if a.ttl() > 0 => self.confirm(sent),
+                Ok(Ok(_)) => {
+                    *held = None;
+                    return Err(etcd_client::Error::LeaseKeepAliveError(
+                        "the ownership lease expired".into(),
+                    )
+                    .into());
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                // The member may be the one cut off: start over on another (a late answer
+                // on this stream is never taken for a renewal sent after it).
+                Err(_) => {
+                    return Err(etcd_client::Error::LeaseKeepAliveError(format!(
+                        "no renewal answer in {:?}",
+                        renew * 2
+                    ))
+                    .into())
                 }
             }
         }

@@ -4,7 +4,7 @@
 use crate::store::{read_file, TableStore};
 use crate::Result;
 use cellplane_cells::etcd_keys::routing_key;
-use etcd_client::{Client, ConnectOptions, EventType, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,11 +21,8 @@ pub enum TableSource {
     },
 }
 
-fn options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(3))
-}
+/// Connect and request timeout of table following.
+const TIMEOUT: Duration = Duration::from_secs(2);
 
 impl TableSource {
     /// Reads the current table once (at start, and when a cell answers 421).
@@ -38,7 +35,7 @@ impl TableSource {
                 endpoints,
                 platform,
             } => {
-                let mut client = Client::connect(endpoints, Some(options())).await?;
+                let mut client = crate::etcd::connect(endpoints, TIMEOUT).await?;
                 let resp = client.get(routing_key(platform), None).await?;
                 if let Some(kv) = resp.kvs().first() {
                     store.apply_bytes(kv.value(), "etcd")?;
@@ -92,7 +89,7 @@ fn store_metrics_down(store: &TableStore) {
 }
 
 async fn watch_once(endpoints: &[String], platform: &str, store: &TableStore) -> Result<()> {
-    let mut client = Client::connect(endpoints, Some(options())).await?;
+    let mut client = crate::etcd::connect(endpoints, TIMEOUT).await?;
     let key = routing_key(platform);
     let resp = client.get(key.as_str(), None).await?;
     if let Some(kv) = resp.kvs().first() {

@@ -22,7 +22,8 @@ pub struct Detector {
     last_seen: BTreeMap<String, Registration>,
     /// What was last said about each lost cell not failed over (said once, not per pass).
     announced: BTreeMap<String, String>,
-    /// Cells seen holding an ownership lease (this term). Only those can be failed over
+    /// Cells seen holding an ownership lease (this term, or recorded under `leased/` by
+    /// any leader). Only those can be failed over
     /// automatically: a cell whose app never took a lease (one that does not use the SDK's
     /// lease, or never started) cannot be shown fenced, so a person decides
     /// (`cellplane failover --emergency`).
@@ -99,6 +100,11 @@ impl Detector {
 }
 
 impl Detector {
+    /// Cells known (from etcd) to have held an ownership lease before.
+    pub fn remember_leased(&mut self, cells: impl IntoIterator<Item = String>) {
+        self.leased.extend(cells);
+    }
+
     /// True the first time `why` is given for `cell` (log it then).
     pub fn announce(&mut self, cell: &str, why: &str) -> bool {
         self.announced
@@ -121,11 +127,17 @@ pub fn may_start_automatically(
     if let Some(op) = operations.iter().find(|op| !op.finished() && touches(op)) {
         return Err(format!("operation {} is running on {}", op.id, op.cell));
     }
+    // Only a failover that moved the slots counts: one refused or rolled back moved nothing.
     let recent = operations.iter().find(|op| {
+        let started = op
+            .loss
+            .as_ref()
+            .map_or(op.step_started_ms, |l| l.detected_at_ms);
         op.kind == Kind::Emergency
             && op.started_by == AUTOMATIC
+            && op.flip_epoch.is_some()
             && touches(op)
-            && now_ms < op.step_started_ms + timings.no_flap_window_ms
+            && now_ms < started + timings.no_flap_window_ms
     });
     match recent {
         Some(op) => Err(format!(
@@ -319,7 +331,13 @@ mod tests {
         let e = may_start_automatically(&found, std::slice::from_ref(&op), 10, &t).unwrap_err();
         assert!(e.contains("operation f-1 is running"), "{e}");
         op.step = switchover::Step::Done;
-        op.step_started_ms = 1_000;
+        op.loss.as_mut().unwrap().detected_at_ms = 1_000;
+        // Refused (nothing moved): no window.
+        assert_eq!(
+            may_start_automatically(&found, std::slice::from_ref(&op), 2_000, &t),
+            Ok(())
+        );
+        op.flip_epoch = Some(9);
         let e = may_start_automatically(&found, std::slice::from_ref(&op), 2_000, &t).unwrap_err();
         assert!(
             e.contains("no flapping") && e.contains("cellplane failover a --emergency"),

@@ -113,10 +113,7 @@ async fn lead_once(cfg: &PlatformConfig, sets: &Store<CellSet>, metrics: &Metric
 }
 
 pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(3));
-    Ok(Client::connect(endpoints, Some(options)).await?)
+    Ok(cellplane_table::etcd::connect(endpoints, Duration::from_secs(2)).await?)
 }
 
 /// The leader's loop: read, plan, compare-and-swap; then wait for a change under the

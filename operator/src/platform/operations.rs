@@ -118,6 +118,29 @@ pub async fn drive(
     let routers: BTreeMap<String, RouterAck> =
         read_values(client, &routers_prefix(platform)).await?;
     let owners = read_owners(client, platform).await?;
+    // Which cells held a lease once, recorded for the next leader.
+    let leased_prefix = cellplane_cells::etcd_keys::leased_prefix(platform);
+    let marked: BTreeSet<String> = client
+        .get(
+            leased_prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await?
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key()[leased_prefix.len()..]).into_owned())
+        .collect();
+    for cell in owners
+        .iter()
+        .filter(|(c, n)| **n > 0 && !marked.contains(*c))
+        .map(|(c, _)| c)
+    {
+        let key = cellplane_cells::etcd_keys::leased_key(platform, cell);
+        if !fenced_put(client, &key, b"1".to_vec(), None, fence).await? {
+            return Ok(None);
+        }
+    }
+    detector.remember_leased(marked);
     if let Some(table) = write::read(client, platform)
         .await
         .map_err(super::table_error)?

@@ -1,0 +1,88 @@
+//! A client of the lab's platform that can run inside a netlab region (`ip netns exec`):
+//! it writes users' profiles through a router for a while and records every answer, one
+//! JSON line each, so a test can tell which cell took which write and when (wall clock,
+//! shared by every process of the machine).
+//!
+//!   lab-client --router ADDR --users u1,u2 --secs N --tag T --out FILE [--workers N]
+
+use anyhow::{bail, Context as _, Result};
+use cellplane_e2e::lab::router_send;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+fn now_ms() -> u64 {
+    cellplane_table::store::now_ms()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut router, mut users, mut secs, mut tag, mut out, mut workers) =
+        (None, Vec::new(), 10u64, "w".to_string(), None, 2usize);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--router" => router = Some(value),
+            "--users" => users = value.split(',').map(str::to_string).collect(),
+            "--secs" => secs = value.parse()?,
+            "--tag" => tag = value,
+            "--out" => out = Some(value),
+            "--workers" => workers = value.parse()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    let router = router.context("--router")?;
+    let out = out.context("--out")?;
+    anyhow::ensure!(!users.is_empty(), "--users");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (router, users, tag) = (router.clone(), users.clone(), tag.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lines = Vec::new();
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let user = &users[(n * workers + w) % users.len()];
+                n += 1;
+                let value = format!("{tag}-{w}-{n}");
+                let body = serde_json::json!({"name": value, "email": format!("{user}@example.com")});
+                let sent_ms = now_ms();
+                let attempt = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    router_send(&router, "PUT", user, "profile", Some(body)),
+                )
+                .await;
+                let (status, served_by, body) = match attempt {
+                    Ok(Ok(r)) => (
+                        r.status,
+                        r.headers
+                            .get("x-cellplane-served-by")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string(),
+                        r.body,
+                    ),
+                    Ok(Err(e)) => (0, String::new(), e.to_string()),
+                    Err(_) => (0, String::new(), "no answer in 3 s".into()),
+                };
+                lines.push(serde_json::json!({
+                    "user": user, "value": value, "sentMs": sent_ms, "answeredMs": now_ms(),
+                    "status": status, "servedBy": served_by, "body": body.chars().take(200).collect::<String>(),
+                }));
+                if status != 200 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            lines
+        }));
+    }
+    let mut file = std::fs::File::create(&out).with_context(|| format!("creating {out}"))?;
+    for t in tasks {
+        for line in t.await? {
+            writeln!(file, "{line}")?;
+        }
+    }
+    Ok(())
+}
