@@ -73,6 +73,55 @@ fn detail(op: &Switchover) -> Option<String> {
     }
 }
 
+/// What an unplanned failover lost and when (one line each, for both reports).
+fn loss_lines(op: &Switchover) -> Vec<String> {
+    let Some(l) = op.loss.as_deref() else {
+        return Vec::new();
+    };
+    let mut lines = vec![format!("lost: {}", l.reason)];
+    if let Some(at) = op.released_at_ms {
+        lines.push(format!(
+            "slots served by {} {} ms after the loss was found",
+            op.target,
+            at.saturating_sub(l.detected_at_ms)
+        ));
+    }
+    if let Some(last) = &l.last_home_gtid {
+        lines.push(format!(
+            "last position seen of {}: {last} (the standby {} transaction(s){} behind then)",
+            op.source,
+            l.last_lag_gtids.map_or("?".into(), |n| n.to_string()),
+            l.last_lag_secs
+                .map_or(String::new(), |s| format!(", {s} s"))
+        ));
+    }
+    if let Some(p) = &l.promoted_at_gtid {
+        lines.push(format!(
+            "{} promoted at {p}; estimated RPO: {} transaction(s)",
+            op.target,
+            l.estimated_lost_gtids
+                .map_or("unknown".into(), |n| n.to_string())
+        ));
+    }
+    lines.push(match (&l.returned_gtid, l.errant_transactions) {
+        (Some(pos), Some(n)) => format!(
+            "{} returned at {pos}: {n} errant transaction(s) it took that {} never got{}",
+            op.source,
+            op.target,
+            if n > 0 {
+                "; kept fenced, nothing dropped"
+            } else {
+                ""
+            }
+        ),
+        _ => format!(
+            "{} has not returned yet (it stays fenced when it does)",
+            op.source
+        ),
+    });
+    lines
+}
+
 /// The terminal report of one operation.
 pub fn text(op: &Switchover) -> String {
     let mut s = String::new();
@@ -120,6 +169,9 @@ pub fn text(op: &Switchover) -> String {
     if let Some(g) = &op.final_gtid {
         let _ = writeln!(s, "  final position of {}: {g}", op.source);
     }
+    for line in loss_lines(op) {
+        let _ = writeln!(s, "  {line}");
+    }
     let _ = write!(s, "  result: {}", result(op));
     if let Some(d) = detail(op) {
         let _ = write!(s, ": {d}");
@@ -142,6 +194,9 @@ pub fn markdown(op: &Switchover) -> String {
     }
     if let Some(g) = &op.final_gtid {
         let _ = writeln!(s, "- final GTID position of {}: `{g}`", op.source);
+    }
+    for line in loss_lines(op) {
+        let _ = writeln!(s, "- {}", line.replace('|', "\\|"));
     }
     if let Some(held) = op.held_requests {
         let _ = writeln!(
@@ -330,6 +385,39 @@ mod tests {
         });
         assert!(text(&fb).contains("failback of a from b"));
         assert!(text(&fb).contains("rolled back at CatchUp: a 3 transactions behind"));
+    }
+
+    #[test]
+    fn an_unplanned_failover_report_says_what_was_lost_and_counted() {
+        let loss = crate::platform::switchover::Loss {
+            detected_at_ms: 1_000,
+            reason: "a's registration expired".into(),
+            last_home_gtid: Some("1-1-500".into()),
+            last_lag_gtids: Some(5),
+            last_lag_secs: Some(1),
+            ..Default::default()
+        };
+        let mut op = Switchover::emergency("f-1", "a", "b", "platform", Limits::default(), loss);
+        op.released_at_ms = Some(3_400);
+        let t = text(&op);
+        assert!(t.contains("unplanned failover of a to b"), "{t}");
+        assert!(
+            t.contains("slots served by b 2400 ms after the loss was found"),
+            "{t}"
+        );
+        assert!(
+            t.contains("1-1-500 (the standby 5 transaction(s), 1 s behind then)"),
+            "{t}"
+        );
+        assert!(t.contains("a has not returned yet"), "{t}");
+        let l = op.loss.as_mut().unwrap();
+        l.promoted_at_gtid = Some("1-1-495,2-2-9".into());
+        l.estimated_lost_gtids = Some(5);
+        l.returned_gtid = Some("1-1-503".into());
+        l.errant_transactions = Some(8);
+        let m = markdown(&op);
+        assert!(m.contains("estimated RPO: 5 transaction(s)"), "{m}");
+        assert!(m.contains("a returned at 1-1-503: 8 errant transaction(s) it took that b never got; kept fenced, nothing dropped"), "{m}");
     }
 
     #[test]
