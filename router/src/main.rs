@@ -263,6 +263,26 @@ impl Connection {
     }
 }
 
+/// The cells of the table in use whose every endpoint this router sees down.
+fn down_cells(router: Arc<Router>) -> cellplane_table::ack::DownCells {
+    Arc::new(move || {
+        let Some(table) = router.tables.get() else {
+            return Vec::new();
+        };
+        table
+            .cells
+            .iter()
+            .filter(|c| {
+                !c.endpoints.is_empty()
+                    && c.endpoints
+                        .iter()
+                        .all(|a| router.endpoints.is_ejected(&router.endpoints.state(a)))
+            })
+            .map(|c| c.name.clone())
+            .collect()
+    })
+}
+
 fn default_router_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
@@ -293,6 +313,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "initial table read failed; serving from the cache if any");
     }
     tokio::spawn(source.clone().follow(tables.clone()));
+
+    let router = Arc::new(Router::new(
+        cfg.clone(),
+        tables.clone(),
+        source,
+        metrics.clone(),
+    )?);
     if let Some(e) = &cfg.table.etcd {
         // Tell the platform leader which epoch this router applied.
         let ack = Acknowledger {
@@ -310,11 +337,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     })
                     .clone(),
             }),
+            down: Some(down_cells(router.clone())),
         };
         tokio::spawn(ack.run(tables.clone()));
     }
-
-    let router = Arc::new(Router::new(cfg.clone(), tables, source, metrics)?);
     tokio::spawn(cellplane_router::health::run(router.clone()));
     if let Some(admin) = cfg.admin.clone() {
         let token = cellplane_router::admin::load_token(&admin)?;

@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Acknowledger {
     pub endpoints: Vec<String>,
     pub platform: String,
@@ -23,7 +23,13 @@ pub struct Acknowledger {
     pub ttl: Duration,
     /// The follower's hold counters, published with each acknowledgement (routers).
     pub holds: Option<HoldCounters>,
+    /// The cells whose every endpoint the follower sees down (routers), published when it
+    /// changes: the leader's second signal that a cell is lost.
+    pub down: Option<DownCells>,
 }
+
+/// Names the cells whose every endpoint is down, as the follower sees them now.
+pub type DownCells = std::sync::Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
 /// A router's counters of held requests and of holds that timed out.
 #[derive(Clone, Debug, Default)]
@@ -57,6 +63,8 @@ impl Acknowledger {
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.tick().await;
         let mut publish = true;
+        let down_now = || self.down.as_ref().map(|f| f()).unwrap_or_default();
+        let mut down = down_now();
         loop {
             if publish {
                 let ack = RouterAck {
@@ -65,7 +73,7 @@ impl Acknowledger {
                     applied_at_ms: store.applied_at_ms(),
                     held_total: self.holds.as_ref().map_or(0, |h| h.held.get()),
                     hold_timeouts_total: self.holds.as_ref().map_or(0, |h| h.timed_out.get()),
-                    down: Vec::new(),
+                    down: down.clone(),
                 };
                 let value = serde_json::to_vec(&ack).expect("an ack always serializes");
                 client
@@ -88,7 +96,9 @@ impl Acknowledger {
                     if !matches!(responses.message().await?, Some(r) if r.ttl() > 0) {
                         return Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into()).into());
                     }
-                    publish = false;
+                    let seen = down_now();
+                    publish = seen != down;
+                    down = seen;
                 }
             }
         }
