@@ -77,6 +77,16 @@ impl CellStores {
         self.run(&["kill", &self.cell, store])
     }
 
+    /// Freezes a store (SIGSTOP): alive, connections open, no answers.
+    pub fn pause(&self, store: &str) -> Result<()> {
+        self.run(&["pause", &self.cell, store])
+    }
+
+    /// Lets a paused store go on (SIGCONT).
+    pub fn resume(&self, store: &str) -> Result<()> {
+        self.run(&["resume", &self.cell, store])
+    }
+
     /// Starts a killed store again on the same port with the same data.
     pub fn start(&self, store: &str) -> Result<()> {
         self.run(&["start", &self.cell, store])

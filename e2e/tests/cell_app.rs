@@ -802,3 +802,142 @@ async fn each_store_killed_in_turn_degrades_as_documented_and_loses_nothing_acce
     .await?;
     Ok(())
 }
+
+/// Orders whose delivery to Kafka is in doubt. First the broker is frozen (SIGSTOP) while
+/// orders are in flight: their deliveries time out, the clients are told "refused" (503)
+/// and the orders are voided; then the broker goes on and stores them after all, and the
+/// persister must not write a single one (the sale would oversell). Then the broker is
+/// killed in the middle of a burst: every order is either accepted and persisted once, or
+/// refused and never persisted, and units sold plus units left is the stock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orders_in_doubt_are_voided_and_never_persisted_when_the_broker_stored_them_after_all(
+) -> anyhow::Result<()> {
+    let (stores, app) = lone_cell("in-doubt").await?;
+    let app = Arc::new(app);
+    app.set_stock("doubt", 1_000).await?;
+    let burst = |prefix: &'static str, n: usize| {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let app = app.clone();
+            set.spawn(async move {
+                let id = format!("{prefix}-{i}");
+                let r = order(&app, &format!("u{i}"), "doubt", Some(&id)).await?;
+                anyhow::Ok((id, r.status, r.body))
+            });
+        }
+        set
+    };
+    let settle = |mut set: tokio::task::JoinSet<anyhow::Result<(String, u16, String)>>| async move {
+        let mut answers = Vec::new();
+        while let Some(r) = set.join_next().await {
+            answers.push(r??);
+        }
+        anyhow::Ok(answers)
+    };
+    let persisted = |stores: &CellStores| {
+        let pool = stores.mysql_admin();
+        async move {
+            let mut c = pool?.get_conn().await?;
+            let ids: Vec<String> = c.query("SELECT order_id FROM orders").await?;
+            anyhow::Ok(ids)
+        }
+    };
+
+    // 1. The broker frozen with 30 orders in flight (a produce times out after 3 s), once
+    //    the producer is connected (so the orders are sent, not waiting for a connection).
+    let r = order(&app, "warm", "doubt", Some("warm-up")).await?;
+    assert_eq!(r.status, 202, "{}", r.body);
+    stores.pause("kafka")?;
+    let answers = settle(burst("frozen", 30)).await?;
+    stores.resume("kafka")?;
+    assert!(
+        answers
+            .iter()
+            .all(|(_, s, b)| *s == 503 && b.contains("did not take the order")),
+        "{answers:?}"
+    );
+    assert_eq!(app.metric("cellplane_app_orders_voided_total").await?, 30.0);
+    // The broker had them in its socket buffers: it stores them now, and the persister
+    // finds every one voided.
+    // (The consumer may have to rejoin its group after the pause: a longer wait.)
+    wait_for("the stored orders read and skipped", T * 2, || async {
+        let skipped = app
+            .metric("cellplane_app_orders_void_skipped_total")
+            .await?;
+        Ok((skipped >= 30.0).then_some(()))
+    })
+    .await
+    .inspect_err(|_| eprintln!("order log of the app: {:?}", app.log))?;
+    let ids = persisted(&stores).await?;
+    assert!(
+        ids.iter().all(|id| !id.starts_with("frozen-")),
+        "a voided order was persisted: {ids:?}"
+    );
+    assert_eq!(
+        app.stock("doubt").await?,
+        Some(999),
+        "every unit back but the warm-up's"
+    );
+    // A retry with a voided id is told so, and takes nothing.
+    let r = order(&app, "u0", "doubt", Some("frozen-0")).await?;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("voided"), "{}", r.body);
+
+    // 2. The broker killed in the middle of a burst of 300 orders.
+    let set = burst("burst", 300);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stores.kill("kafka")?;
+    let answers = settle(set).await?;
+    stores.start("kafka")?;
+    let accepted: Vec<&String> = answers
+        .iter()
+        .filter(|(_, s, _)| *s == 202 || *s == 200)
+        .map(|(id, _, _)| id)
+        .collect();
+    let refused: Vec<&String> = answers
+        .iter()
+        .filter(|(_, s, _)| *s == 503)
+        .map(|(id, _, _)| id)
+        .collect();
+    assert_eq!(accepted.len() + refused.len(), 300, "{answers:?}");
+    wait_for("every accepted order persisted", T, || async {
+        let ids = persisted(&stores).await?;
+        Ok(accepted.iter().all(|id| ids.contains(id)).then_some(ids))
+    })
+    .await?;
+    // Whatever else the restarted broker had stored is read and settled too.
+    wait_for("the order log read to its end", T, || async {
+        let status = body(&app.get("/status").await?);
+        Ok((status["orders"]["lag"].as_i64() == Some(0)).then_some(()))
+    })
+    .await?;
+    let ids = persisted(&stores).await?;
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "an order persisted twice");
+    assert!(
+        refused.iter().all(|id| !ids.contains(id)),
+        "a refused order was persisted"
+    );
+    assert_eq!(
+        ids.len(),
+        accepted.len() + 1,
+        "the accepted ones and the warm-up"
+    );
+    let left = app.stock("doubt").await?.unwrap_or_default();
+    assert_eq!(
+        left + ids.len() as i64,
+        1_000,
+        "sold {} + left {left}",
+        ids.len()
+    );
+    println!(
+        "broker killed mid-burst: {} accepted, {} refused ({} voided in all, {} found stored after all)",
+        accepted.len(),
+        refused.len(),
+        app.metric("cellplane_app_orders_voided_total").await?,
+        app.metric("cellplane_app_orders_void_skipped_total").await?
+    );
+    Ok(())
+}

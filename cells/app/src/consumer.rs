@@ -94,12 +94,17 @@ async fn persist_until_done(stores: &Stores, metrics: &Metrics, e: &OrderEvent, 
     let mut backoff = Duration::from_millis(100);
     loop {
         match persist(stores, e, offset).await {
-            Ok(true) => {
+            Ok(Persisted::New) => {
                 metrics.orders_persisted.inc();
                 return;
             }
-            Ok(false) => {
+            Ok(Persisted::Duplicate) => {
                 metrics.orders_duplicates.inc();
+                return;
+            }
+            Ok(Persisted::Voided) => {
+                metrics.orders_void_skipped.inc();
+                tracing::warn!(order_id = %e.order_id, "a voided order was on the log after all; not persisted (its client was told it was refused)");
                 return;
             }
             Err(err) => {
@@ -112,31 +117,63 @@ async fn persist_until_done(stores: &Stores, metrics: &Metrics, e: &OrderEvent, 
     }
 }
 
-/// `Ok(true)` when the row is new, `Ok(false)` for a redelivered order.
+/// What persisting one order from the log did.
+enum Persisted {
+    New,
+    /// Redelivered: its row exists.
+    Duplicate,
+    /// Voided by the app (its delivery was in doubt and its client told "refused").
+    Voided,
+}
+
+/// Writes the order unless it was voided. The void check locks the order's key in
+/// `voided_orders` (`FOR UPDATE`, a gap lock when absent), so a void racing with this
+/// write either lands first (and the order is skipped) or waits until the order is written
+/// (and the app finds it persisted); see `orders::void`.
 async fn persist(
     stores: &Stores,
     e: &OrderEvent,
     offset: i64,
-) -> Result<bool, crate::error::AppError> {
+) -> Result<Persisted, crate::error::AppError> {
     let data = e.schema.as_deref().map_or(stores.own.clone(), Dataset::new);
-    let insert = format!(
-        "INSERT IGNORE INTO {} (order_id, user_id, sku, qty, accepted_at_ms, kafka_offset) VALUES (?, ?, ?, ?, ?, ?)",
-        data.table("orders")
-    );
+    let (orders, voided) = (data.table("orders"), data.table("voided_orders"));
     let mut c = stores.mysql_conn().await?;
-    let write = c.exec_iter(
-        insert.as_str(),
-        (
-            &e.order_id,
-            &e.user_id,
-            &e.sku,
-            e.qty,
-            e.accepted_at_ms,
-            offset,
-        ),
-    );
-    let result = crate::stores::timed("mysql", stores.cfg.store_timeout * 2, write).await?;
-    Ok(result.affected_rows() == 1)
+    let write = async {
+        let mut tx = c.start_transaction(Default::default()).await?;
+        let void: Option<String> = tx
+            .exec_first(
+                format!("SELECT order_id FROM {voided} WHERE order_id = ? FOR UPDATE"),
+                (&e.order_id,),
+            )
+            .await?;
+        if void.is_some() {
+            tx.commit().await?;
+            return Ok(Persisted::Voided);
+        }
+        let insert = format!(
+            "INSERT IGNORE INTO {orders} (order_id, user_id, sku, qty, accepted_at_ms, kafka_offset) VALUES (?, ?, ?, ?, ?, ?)"
+        );
+        tx.exec_drop(
+            insert.as_str(),
+            (
+                &e.order_id,
+                &e.user_id,
+                &e.sku,
+                e.qty,
+                e.accepted_at_ms,
+                offset,
+            ),
+        )
+        .await?;
+        let new = tx.affected_rows() == 1;
+        tx.commit().await?;
+        Ok::<_, mysql_async::Error>(if new {
+            Persisted::New
+        } else {
+            Persisted::Duplicate
+        })
+    };
+    crate::stores::timed("mysql", stores.cfg.store_timeout * 2, write).await
 }
 
 #[derive(Debug, Serialize, Default)]

@@ -17,6 +17,10 @@ pub enum AppError {
     #[error("no sale is open for {0}; an operator sets its stock first")]
     NoSale(String),
 
+    /// The order id was voided (its delivery was in doubt and refused); it never persists.
+    #[error("order {0} was refused (its delivery to the order queue timed out) and voided; place it again with a new orderId")]
+    Voided(String),
+
     /// A store the request needs is down or slow; the request is refused, nothing is lost.
     #[error("{what} unavailable: {reason}")]
     Unavailable { what: &'static str, reason: String },
@@ -41,7 +45,9 @@ impl AppError {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
-            AppError::SoldOut { .. } | AppError::NoSale(_) => StatusCode::CONFLICT,
+            AppError::SoldOut { .. } | AppError::NoSale(_) | AppError::Voided(_) => {
+                StatusCode::CONFLICT
+            }
             AppError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -40,6 +40,11 @@ pub struct Metrics {
     pub orders_rejected: Family<ReasonLabel, Counter>,
     pub orders_persisted: Counter,
     pub orders_duplicates: Counter,
+    /// Orders whose delivery was in doubt, voided before the client was told "refused".
+    pub orders_voided: Counter,
+    /// Voided orders the persister found on the log and did not write (the broker had
+    /// stored them after all).
+    pub orders_void_skipped: Counter,
     pub orders_poison: Counter,
     pub degraded: Family<StoreLabel, Counter>,
     pub table: TableMetrics,
@@ -78,6 +83,8 @@ impl Metrics {
             orders_rejected: Family::default(),
             orders_persisted: Counter::default(),
             orders_duplicates: Counter::default(),
+            orders_voided: Counter::default(),
+            orders_void_skipped: Counter::default(),
             orders_poison: Counter::default(),
             degraded: Family::default(),
             table: TableMetrics::default(),
@@ -138,6 +145,16 @@ impl Metrics {
             "orders_duplicates",
             "Redelivered orders already in MySQL (not written twice)",
             m.orders_duplicates.clone(),
+        );
+        r.register(
+            "orders_voided",
+            "Orders whose delivery to Kafka was in doubt, voided before the client was told they were refused",
+            m.orders_voided.clone(),
+        );
+        r.register(
+            "orders_void_skipped",
+            "Voided orders found on the order log and not persisted (the broker had stored them after all)",
+            m.orders_void_skipped.clone(),
         );
         r.register(
             "orders_poison",

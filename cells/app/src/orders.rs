@@ -37,6 +37,26 @@ if redis.call('DEL', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[1], ARGV[1]) e
 return 1
 "#;
 
+/// KEYS: stock, order marker. ARGV: qty. A voided order: its stock back once, and its
+/// marker kept as `void:<user>` so a retry with the same id is told, not taken again.
+const VOID_SCRIPT: &str = r#"
+local m = redis.call('GET', KEYS[2])
+if m and string.sub(m, 1, 7) == 'queued:' then
+  redis.call('SET', KEYS[2], 'void:' .. string.sub(m, 8), 'KEEPTTL')
+  redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+return 1
+"#;
+
+/// What voiding an order in doubt found.
+enum Doubt {
+    /// Voided: the persister will never write it.
+    Voided,
+    /// It was persisted already (the broker had stored it and the persister was quicker):
+    /// the order stands.
+    Persisted,
+}
+
 const MARKER_TTL_SECS: u64 = 24 * 3600;
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +131,7 @@ pub struct Orders {
     metrics: Arc<Metrics>,
     reserve: redis::Script,
     release: redis::Script,
+    void: redis::Script,
 }
 
 fn stock_key(sku: &str) -> String {
@@ -127,6 +148,7 @@ impl Orders {
             metrics,
             reserve: redis::Script::new(RESERVE_SCRIPT),
             release: redis::Script::new(RELEASE_SCRIPT),
+            void: redis::Script::new(VOID_SCRIPT),
         }
     }
 
@@ -209,26 +231,119 @@ impl Orders {
                     stock_left: Some(left),
                 })
             }
-            Err(refusal) => {
-                self.metrics.order_rejected(match &refusal {
-                    AppError::Unavailable {
-                        what: "ownership", ..
-                    } => "fenced",
-                    _ => "kafka",
-                });
-                let mut release = self.release.key(&stock);
-                release.key(&marker).arg(req.qty);
-                let released = self
-                    .stores
-                    .redis
-                    .run(|mut c| async move { release.invoke_async::<i64>(&mut c).await })
+            // Never sent (the cell is fenced): nothing is in doubt.
+            Err(
+                refusal @ AppError::Unavailable {
+                    what: "ownership", ..
+                },
+            ) => {
+                self.metrics.order_rejected("fenced");
+                self.give_back(&self.release, &stock, &marker, req.qty, &order_id)
                     .await;
-                if let Err(re) = released {
-                    tracing::error!(%order_id, error = %re, "stock of a refused order could not be given back");
-                }
                 Err(refusal)
             }
+            // The delivery timed out or failed: the broker may still have stored it. Void
+            // it before telling the client "refused", or find it persisted and say so.
+            Err(refusal) => match self.void(&order_id, user, &req, data).await {
+                Ok(Doubt::Voided) => {
+                    self.metrics.order_rejected("kafka");
+                    self.metrics.orders_voided.inc();
+                    self.give_back(&self.void, &stock, &marker, req.qty, &order_id)
+                        .await;
+                    Err(refusal)
+                }
+                Ok(Doubt::Persisted) => {
+                    self.metrics.orders_accepted.inc();
+                    Ok(OrderStatus {
+                        order_id,
+                        status: "persisted",
+                        stock_left: Some(left),
+                    })
+                }
+                // Neither voided nor known persisted: keep the unit reserved (no oversell)
+                // and let the client ask again with the same id.
+                Err(e) => {
+                    self.metrics.order_rejected("in_doubt");
+                    tracing::error!(%order_id, error = %e, "order in doubt: delivery failed and it could not be voided; its stock stays reserved");
+                    Err(AppError::unavailable(
+                        "orders",
+                        format!("order {order_id} is in doubt (the order queue did not confirm it and it could not be voided); ask for it again with the same orderId"),
+                    ))
+                }
+            },
         }
+    }
+
+    /// Gives an order's stock back through `script` (release or void), once.
+    async fn give_back(
+        &self,
+        script: &redis::Script,
+        stock: &str,
+        marker: &str,
+        qty: i64,
+        order_id: &str,
+    ) {
+        let mut call = script.key(stock);
+        call.key(marker).arg(qty);
+        let done = self
+            .stores
+            .redis
+            .run(|mut c| async move { call.invoke_async::<i64>(&mut c).await })
+            .await;
+        if let Err(e) = done {
+            tracing::error!(%order_id, error = %e, "stock of a refused order could not be given back");
+        }
+    }
+
+    /// Voids an order whose delivery is in doubt, unless the persister wrote it already.
+    /// Both sides lock the order's keys (`FOR UPDATE` on the other table), so one of them
+    /// wins; a deadlock between them is retried.
+    async fn void(
+        &self,
+        order_id: &str,
+        user: &str,
+        req: &OrderRequest,
+        data: &Dataset,
+    ) -> AppResult<Doubt> {
+        let (orders, voided) = (data.table("orders"), data.table("voided_orders"));
+        let mut last = None;
+        for _ in 0..3 {
+            let mut c = match self.stores.mysql_conn().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let attempt = async {
+                let mut tx = c.start_transaction(Default::default()).await?;
+                let found: Option<String> = tx
+                    .exec_first(
+                        format!("SELECT user_id FROM {orders} WHERE order_id = ? FOR UPDATE"),
+                        (order_id,),
+                    )
+                    .await?;
+                if found.is_some() {
+                    tx.commit().await?;
+                    return Ok(Doubt::Persisted);
+                }
+                tx.exec_drop(
+                    format!("INSERT IGNORE INTO {voided} (order_id) VALUES (?)"),
+                    (order_id,),
+                )
+                .await?;
+                tx.commit().await?;
+                Ok::<_, mysql_async::Error>(Doubt::Voided)
+            };
+            match timed("mysql", self.stores.cfg.store_timeout * 2, attempt).await {
+                Ok(d) => {
+                    tracing::warn!(%order_id, %user, sku = %req.sku, voided = matches!(d, Doubt::Voided), "order delivery in doubt settled");
+                    return Ok(d);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("three attempts"))
     }
 
     /// Persisted (MySQL) or queued (marker in Redis); 404 otherwise or for another user.
@@ -283,6 +398,9 @@ impl Orders {
                 status: "queued",
                 stock_left: None,
             }),
+            Some(m) if m.strip_prefix("void:") == Some(user) => {
+                Err(AppError::Voided(order_id.into()))
+            }
             _ => Err(not_found()),
         }
     }

@@ -25,6 +25,13 @@ const STATEMENTS: &[&str] = &[
         persisted_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
         KEY by_user (user_id)
     ) ENGINE=InnoDB",
+    // Orders whose delivery to Kafka was in doubt (it timed out, though the broker may have
+    // stored it) and that the client was told were refused: the persister never writes
+    // them. Voiding and persisting lock the same keys (`orders::void`, the persister).
+    "CREATE TABLE IF NOT EXISTS voided_orders (
+        order_id VARCHAR(64) NOT NULL PRIMARY KEY,
+        voided_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)
+    ) ENGINE=InnoDB",
 ];
 
 pub async fn ensure(stores: &Stores) -> AppResult<()> {
