@@ -1,6 +1,7 @@
 //! The router binary against real etcd and real HTTP backends: pinning across restarts
 //! and routers, outlier ejection, table flips, 421 refresh, etcd loss, bad tables, limits.
 
+use anyhow::Context as _;
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::routing_key;
 use cellplane_cells::routing::{CellEntry, RoutingTable};
@@ -497,6 +498,50 @@ async fn active_health_checks_take_a_dead_endpoint_out_before_requests_hit_it() 
         0.0,
         "no request had to fail over"
     );
+    Ok(())
+}
+
+/// A router tells the platform leader which cells it sees down (every endpoint ejected by
+/// its health checks) in its acknowledgement: with two other regions' routers agreeing, a
+/// cell holding no ownership lease counts as lost. A cell with one endpoint alive is not
+/// down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_router_acknowledges_the_cells_it_sees_down() -> anyhow::Result<()> {
+    let dir = test_dir("down");
+    let etcd = Etcd::start().await?;
+    let (a1, a2, b1) = (
+        Backend::start("a1").await?,
+        Backend::start("a2").await?,
+        Backend::start("b1").await?,
+    );
+    etcd.put(&routing_key("shop"), table(1, &[&a1, &a2], &[&b1]).encode())
+        .await?;
+    let cfg = format!(
+        "table: {{etcd: {{endpoints: ['{}'], platform: shop, routerId: r-eu, region: eu, ackTtlSecs: 3}}}}\nhealthCheck: {{intervalMs: 100, unhealthyThreshold: 2, healthyThreshold: 1}}\n",
+        etcd.endpoint
+    );
+    let _r = RouterProc::start(&cfg, &dir).await?;
+    let ack = || async {
+        let bytes = etcd
+            .get(&cellplane_cells::etcd_keys::router_key("shop", "r-eu"))
+            .await?
+            .context("no acknowledgement")?;
+        anyhow::Ok(serde_json::from_slice::<
+            cellplane_cells::etcd_keys::RouterAck,
+        >(&bytes)?)
+    };
+    wait_for("the first acknowledgement", T, || async {
+        Ok(ack().await.ok().filter(|a| a.applied_epoch == 1))
+    })
+    .await?;
+    assert!(ack().await?.down.is_empty());
+    a1.kill();
+    b1.kill();
+    let seen = wait_for("b acknowledged down", T, || async {
+        Ok(ack().await.ok().filter(|a| !a.down.is_empty()))
+    })
+    .await?;
+    assert_eq!(seen.down, ["b"], "a still has a2");
     Ok(())
 }
 
