@@ -13,7 +13,7 @@ use cellplane_cells::etcd_keys::{
 };
 use cellplane_cells::routing::RoutingTable;
 use cellplane_operator::platform::batch::{
-    cells_of_region, operation_for, Batch, BatchOutcome, Operation,
+    blocked_by_batches, cells_of_region, operation_for, Batch, BatchOutcome, Operation,
 };
 use cellplane_operator::platform::operations::{read_owners, read_values};
 use cellplane_operator::platform::report;
@@ -515,12 +515,18 @@ async fn start(
         .prefix(&cellplane_cells::etcd_keys::intents_prefix(&p.name))
         .await?;
     let owners = read_owners(&mut p.client, &p.name).await?;
-    let running: Vec<Switchover> = p
-        .operations()
-        .await?
+    let operations = p.operations().await?;
+    let running: Vec<Switchover> = operations
+        .values()
+        .filter_map(|o| match o {
+            Operation::Switchover(s) if !s.finished() => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    let batches: Vec<Batch> = operations
         .into_values()
         .filter_map(|o| match o {
-            Operation::Switchover(s) if !s.finished() => Some(s),
+            Operation::Batch(b) if b.outcome.is_none() => Some(b),
             _ => None,
         })
         .collect();
@@ -532,7 +538,8 @@ async fn start(
             routers: &routers,
             intents: &intents,
             owners: &owners,
-            busy: running.iter().any(|r| r.overlaps(member)),
+            busy: running.iter().any(|r| r.overlaps(member))
+                || blocked_by_batches(member, &batches, &t),
         };
         let (checked, _) = switchover::advance(member, &observed);
         if let Some(Outcome::Refused { gate, message }) = &checked.outcome {

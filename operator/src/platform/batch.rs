@@ -108,7 +108,41 @@ pub fn cells_of_region(t: &RoutingTable, kind: Kind, region: &str) -> Result<Vec
     Ok(cells)
 }
 
+/// Whether `op` must wait for an unfinished batch started before it (a batch's own members
+/// excepted): one the batch will start touches a cell of `op`. A batch's members are
+/// created wave by wave, so until then only the batch says which cells it will move.
+pub fn blocked_by_batches(op: &Switchover, batches: &[Batch], t: &RoutingTable) -> bool {
+    let started = |b: &Batch| b.started_ms;
+    let op_started = batches
+        .iter()
+        .find(|b| op.parent.as_deref() == Some(b.id.as_str()))
+        .map_or(op.step_started_ms, started);
+    batches
+        .iter()
+        .filter(|b| b.outcome.is_none() && op.parent.as_deref() != Some(b.id.as_str()))
+        .filter(|b| started(b) <= op_started)
+        .any(|b| {
+            let claims = b.claims(t);
+            op.cells().iter().any(|c| claims.contains(*c))
+        })
+}
+
 impl Batch {
+    /// Every cell the batch's members will touch: its cells and, for each, the cell it
+    /// moves to or from.
+    pub fn claims(&self, t: &RoutingTable) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for cell in &self.cells {
+            out.insert(cell.clone());
+            let other = match self.kind {
+                Kind::Failback => t.serving_for(cell).map(|c| c.name.clone()),
+                _ => t.cell(cell).and_then(|c| c.standby.clone()),
+            };
+            out.extend(other);
+        }
+        out
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: &str,
@@ -334,6 +368,56 @@ mod tests {
         d.outcome = Some(outcome);
         d.step = super::super::switchover::Step::Done;
         d
+    }
+
+    /// A switchover started while a drain has not started the member that touches its
+    /// cells must wait (it once ran alongside and could not flip after its promotion);
+    /// the drain's own members, other cells and batches started later do not block it.
+    #[test]
+    fn an_operation_waits_for_a_batch_that_will_touch_its_cells() {
+        let t = table();
+        let drain = Batch::new(
+            "d1",
+            Kind::Switchover,
+            "region us",
+            vec!["u0".into(), "u1".into()],
+            1,
+            "sre",
+            Limits::default(),
+            1_000,
+        );
+        let batches = [drain.clone()];
+        let so = |cell: &str, standby: &str, at: u64| {
+            Switchover::new("so", cell, standby, "sre", Limits::default(), at)
+        };
+        assert!(
+            blocked_by_batches(&so("e0", "u0", 2_000), &batches, &t),
+            "e0 -> u0 meets the drain of u0"
+        );
+        assert!(blocked_by_batches(&so("e1", "u1", 2_000), &batches, &t));
+        let mut member = so("u0", "e0", 2_000);
+        member.parent = Some("d1".into());
+        assert!(!blocked_by_batches(&member, &batches, &t), "its own member");
+        assert!(
+            !blocked_by_batches(&so("e0", "u0", 500), &batches, &t),
+            "started before the drain"
+        );
+        let mut finished = drain.clone();
+        finished.outcome = Some(BatchOutcome::Succeeded);
+        assert!(!blocked_by_batches(&so("e0", "u0", 2_000), &[finished], &t));
+        // A failback of a region claims the cells serving its cells' slots.
+        let t2 = t.failed_over("u0").unwrap();
+        let fb = Batch::new(
+            "f1",
+            Kind::Failback,
+            "region us",
+            vec!["u0".into()],
+            1,
+            "sre",
+            Limits::default(),
+            1_000,
+        );
+        assert!(fb.claims(&t2).contains("e0"));
     }
 
     #[test]

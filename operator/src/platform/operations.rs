@@ -183,8 +183,13 @@ pub async fn drive(
             tracing::warn!(operation = %id, "no routing table yet; the operation waits");
             continue;
         };
-        // Operations run one at a time per cell: the oldest one wins.
-        let busy = running[..i].iter().any(|(_, other, _)| other.overlaps(op));
+        // Operations run one at a time per cell: the oldest one (or batch) wins.
+        let busy = running[..i].iter().any(|(_, other, _)| other.overlaps(op))
+            || batch::blocked_by_batches(
+                op,
+                &batches.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>(),
+                table,
+            );
         let observed = Observed {
             now_ms: cellplane_table::store::now_ms(),
             table,
