@@ -379,15 +379,7 @@ impl Load {
                                 }
                             };
                             let (status, served_by, body) = match r {
-                                Ok(r) => (
-                                    r.status,
-                                    r.headers
-                                        .get("x-cellplane-served-by")
-                                        .and_then(|v| v.to_str().ok())
-                                        .unwrap_or_default()
-                                        .to_string(),
-                                    r.body,
-                                ),
+                                Ok(r) => (r.status, r.served_by(), r.body),
                                 Err(e) => (0, String::new(), e.to_string()),
                             };
                             answers.push(Answer {

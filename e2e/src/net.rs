@@ -517,6 +517,15 @@ impl Reply {
     pub fn backend(&self) -> Option<&str> {
         self.headers.get("x-backend").and_then(|v| v.to_str().ok())
     }
+
+    /// The cell that answered (`x-cellplane-served-by`; empty when none did).
+    pub fn served_by(&self) -> String {
+        self.headers
+            .get("x-cellplane-served-by")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
 }
 
 /// One HTTP/1.1 request on a fresh connection.

@@ -55,15 +55,7 @@ async fn main() -> Result<()> {
                 )
                 .await;
                 let (status, served_by, body) = match attempt {
-                    Ok(Ok(r)) => (
-                        r.status,
-                        r.headers
-                            .get("x-cellplane-served-by")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_string(),
-                        r.body,
-                    ),
+                    Ok(Ok(r)) => (r.status, r.served_by(), r.body),
                     Ok(Err(e)) => (0, String::new(), e.to_string()),
                     Err(_) => (0, String::new(), "no answer in 3 s".into()),
                 };

@@ -154,49 +154,32 @@ pub fn may_start_automatically(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellplane_cells::crd::CellPhase;
     use cellplane_cells::etcd_keys::{Intent, MysqlReport, ReplicaReport, RouterAck};
-    use cellplane_cells::routing::{CellEntry, RoutingTable};
+    use cellplane_cells::routing::RoutingTable;
 
     fn table() -> RoutingTable {
-        let mut a = CellEntry::active("a", "us", vec!["a:80".into()]);
-        a.standby = Some("b".into());
-        let mut b = CellEntry::active("b", "eu", vec!["b:80".into()]);
-        b.standby = Some("a".into());
-        RoutingTable::placed("shop", 3, 64, vec![(a, 1), (b, 1)]).unwrap()
+        super::super::switchover::pair_table(3, 64)
     }
 
     fn reg(region: &str, pos: &str, replica_of: Option<(&str, &str)>) -> Registration {
-        Registration {
-            region: region.into(),
-            zone: None,
-            state: CellPhase::Active,
-            capacity_weight: 1,
-            standby: None,
-            endpoints: BTreeMap::new(),
-            healthy: true,
-            mysql: Some(MysqlReport {
-                read_only: false,
-                gtid_binlog_pos: pos.into(),
-                replicas: replica_of
-                    .map(|(c, p)| {
-                        (
-                            c.to_string(),
-                            ReplicaReport {
-                                running: true,
-                                gtid_slave_pos: p.into(),
-                                seconds_behind: Some(1),
-                                error: String::new(),
-                            },
-                        )
-                    })
-                    .into_iter()
-                    .collect(),
-            }),
-            kafka_lag: Some(0),
-            requests_per_sec: None,
-            intent_generation: 1,
-        }
+        let replicas = replica_of
+            .map(|(c, p)| {
+                let report = ReplicaReport {
+                    running: true,
+                    gtid_slave_pos: p.into(),
+                    seconds_behind: Some(1),
+                    error: String::new(),
+                };
+                (c.to_string(), report)
+            })
+            .into_iter()
+            .collect();
+        let mysql = MysqlReport {
+            read_only: false,
+            gtid_binlog_pos: pos.into(),
+            replicas,
+        };
+        super::super::switchover::healthy_registration(region, mysql)
     }
 
     struct Seen {

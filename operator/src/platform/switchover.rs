@@ -1260,12 +1260,44 @@ fn warnings(op: &Switchover) -> Vec<String> {
         .collect()
 }
 
+/// Two cells, `a` in us and `b` in eu, each the other's standby (tests of this module and
+/// of `detect`).
+#[cfg(test)]
+pub(crate) fn pair_table(epoch: u64, slots: u32) -> RoutingTable {
+    use cellplane_cells::routing::CellEntry;
+    let mut a = CellEntry::active("a", "us", vec!["a:80".into()]);
+    a.standby = Some("b".into());
+    let mut b = CellEntry::active("b", "eu", vec!["b:80".into()]);
+    b.standby = Some("a".into());
+    RoutingTable::placed("shop", epoch, slots, vec![(a, 1), (b, 1)]).expect("a valid pair")
+}
+
+/// A healthy Active cell's registration in `region` with its MySQL as given (tests of
+/// this module and of `detect`).
+#[cfg(test)]
+pub(crate) fn healthy_registration(
+    region: &str,
+    mysql: cellplane_cells::etcd_keys::MysqlReport,
+) -> Registration {
+    Registration {
+        region: region.into(),
+        zone: None,
+        state: CellPhase::Active,
+        capacity_weight: 1,
+        standby: None,
+        endpoints: BTreeMap::new(),
+        healthy: true,
+        mysql: Some(mysql),
+        kafka_lag: Some(0),
+        requests_per_sec: None,
+        intent_generation: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellplane_cells::crd::CellPhase;
     use cellplane_cells::etcd_keys::{MysqlReport, ReplicaReport};
-    use cellplane_cells::routing::CellEntry;
 
     /// The world a switchover acts on, with the regions and routers played by the test:
     /// intents are carried out and tables acknowledged on the next tick unless told not to.
@@ -1319,11 +1351,7 @@ mod tests {
 
     impl World {
         fn new() -> Self {
-            let mut a = CellEntry::active("a", "us", vec!["a:80".into()]);
-            a.standby = Some("b".into());
-            let mut b = CellEntry::active("b", "eu", vec!["b:80".into()]);
-            b.standby = Some("a".into());
-            let table = RoutingTable::placed("shop", 7, 256, vec![(a, 1), (b, 1)]).unwrap();
+            let table = pair_table(7, 256);
             let mut w = World {
                 now_ms: 1_000,
                 table,
@@ -1485,26 +1513,6 @@ mod tests {
                 self.cells.insert(
                     cell.clone(),
                     Registration {
-                        region: "r".into(),
-                        zone: None,
-                        state: CellPhase::Active,
-                        capacity_weight: 1,
-                        standby: None,
-                        endpoints: BTreeMap::new(),
-                        healthy: true,
-                        mysql: Some(MysqlReport {
-                            read_only: !intent.writable,
-                            gtid_binlog_pos: if self.log_replica_updates && cell == self.replica {
-                                format!(
-                                    "{},{}",
-                                    pos(self.writer, self.applied),
-                                    pos(&cell, self.writes[&cell])
-                                )
-                            } else {
-                                pos(&cell, self.writes[&cell])
-                            },
-                            replicas,
-                        }),
                         kafka_lag: Some(if cell == self.writer {
                             self.kafka_lag
                         } else {
@@ -1512,6 +1520,23 @@ mod tests {
                         }),
                         requests_per_sec: self.rps.get(&cell).copied(),
                         intent_generation: intent.generation,
+                        ..healthy_registration(
+                            "r",
+                            MysqlReport {
+                                read_only: !intent.writable,
+                                gtid_binlog_pos: if self.log_replica_updates && cell == self.replica
+                                {
+                                    format!(
+                                        "{},{}",
+                                        pos(self.writer, self.applied),
+                                        pos(&cell, self.writes[&cell])
+                                    )
+                                } else {
+                                    pos(&cell, self.writes[&cell])
+                                },
+                                replicas,
+                            },
+                        )
                     },
                 );
             }
@@ -2159,6 +2184,19 @@ mod tests {
 
     use cellplane_cells::failover_timing::may_write;
 
+    /// Region us cut off for good: `a` reports nothing, its registration and lease are
+    /// gone; what the leader found.
+    fn cut_off_a(w: &mut World) -> Loss {
+        w.deaf_regions = vec!["a".into()];
+        w.cells.remove("a");
+        w.owners.insert("a".into(), 0);
+        Loss {
+            detected_at_ms: w.now_ms,
+            reason: "test".into(),
+            ..Loss::default()
+        }
+    }
+
     /// A lease taken between the preflight and the freeze (the cell came back just then):
     /// the standby is not promoted while it lives; the cell registered healthy again gets
     /// its slots back; one that keeps a lease without registering is rolled back at the
@@ -2166,14 +2204,7 @@ mod tests {
     #[test]
     fn a_lost_cell_that_still_holds_a_lease_is_not_promoted_over() {
         let mut w = World::new();
-        w.deaf_regions = vec!["a".into()];
-        w.cells.remove("a");
-        w.owners.insert("a".into(), 0);
-        let loss = Loss {
-            detected_at_ms: w.now_ms,
-            reason: "test".into(),
-            ..Loss::default()
-        };
+        let loss = cut_off_a(&mut w);
         let op = Switchover::emergency("f", "a", "b", "test", Limits::default(), loss);
         let (op, _) = w.run(op, 3);
         assert_eq!(op.step, Step::Expire, "{:?}", op.steps);
@@ -2207,14 +2238,9 @@ mod tests {
         // b applied a's writes up to 495 of 500 when the region was cut.
         w.applied = 495;
         w.replica_frozen = true;
-        w.deaf_regions = vec!["a".into()];
-        w.cells.remove("a");
-        w.owners.insert("a".into(), 0);
         let loss = Loss {
-            detected_at_ms: w.now_ms,
-            reason: "test".into(),
             last_home_gtid: Some(pos("a", 500)),
-            ..Loss::default()
+            ..cut_off_a(&mut w)
         };
         let op = Switchover::emergency("f", "a", "b", "test", Limits::default(), loss);
         let (op, tables) = w.run(op, 50);
