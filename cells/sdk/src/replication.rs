@@ -224,6 +224,37 @@ pub async fn connections(replica: &Pool) -> Result<Vec<String>> {
 pub async fn stop_replica(replica: &Pool, name: &str) -> Result<()> {
     check_connection_name(name)?;
     let mut c = conn(replica).await?;
+    // Stop receiving first, then let the SQL thread apply what was already received (a
+    // promotion after losing the primary keeps every event that reached this replica:
+    // `RESET SLAVE ALL` drops the relay logs), at most APPLY_RECEIVED_WAIT.
+    match c.query_drop(format!("STOP SLAVE '{name}' IO_THREAD")).await {
+        Ok(()) => {
+            let row: Option<Row> = c
+                .query_first(format!("SHOW SLAVE '{name}' STATUS"))
+                .await
+                .map_err(mysql("SHOW SLAVE STATUS"))?;
+            let received = row
+                .and_then(|r| r.get_opt::<Option<String>, _>("Gtid_IO_Pos"))
+                .and_then(|r| r.ok())
+                .flatten()
+                .unwrap_or_default();
+            if !received.is_empty() {
+                let waited: Option<i64> = c
+                    .exec_first(
+                        "SELECT MASTER_GTID_WAIT(?, ?)",
+                        (&received, APPLY_RECEIVED_WAIT.as_secs_f64()),
+                    )
+                    .await
+                    .map_err(mysql("MASTER_GTID_WAIT"))?;
+                if waited != Some(0) {
+                    tracing::warn!(connection = name, %received, "the replica did not apply everything it received in time; the rest is dropped with its relay log");
+                }
+            }
+        }
+        // 1617: no such connection.
+        Err(mysql_async::Error::Server(s)) if s.code == 1617 => return Ok(()),
+        Err(e) => return Err(mysql("stop replica")(e)),
+    }
     for stmt in [
         format!("STOP SLAVE '{name}'"),
         format!("RESET SLAVE '{name}' ALL"),
@@ -237,6 +268,9 @@ pub async fn stop_replica(replica: &Pool, name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// How long stopping a replica waits for it to apply what it already received.
+const APPLY_RECEIVED_WAIT: Duration = Duration::from_secs(2);
 
 /// Makes the server writable for every account again (the end of a fence).
 pub async fn make_writable(primary: &Pool) -> Result<()> {
