@@ -860,14 +860,21 @@ async fn orders_in_doubt_are_voided_and_never_persisted_when_the_broker_stored_t
     // The broker had them in its socket buffers: it stores them now, and the persister
     // finds every one voided.
     // (The consumer may have to rejoin its group after the pause: a longer wait.)
-    wait_for("the stored orders read and skipped", T * 2, || async {
-        let skipped = app
-            .metric("cellplane_app_orders_void_skipped_total")
-            .await?;
-        Ok((skipped >= 30.0).then_some(()))
+    let log = wait_for("the order log read to its end", T * 2, || async {
+        let orders = body(&app.get("/status").await?)["orders"].clone();
+        eprintln!("after the pause: {orders}");
+        Ok((orders["lag"].as_i64() == Some(0)).then_some(orders))
     })
-    .await
-    .inspect_err(|_| eprintln!("order log of the app: {:?}", app.log))?;
+    .await?;
+    let stored = log["high"].as_i64().unwrap_or_default() - 1;
+    let skipped = app
+        .metric("cellplane_app_orders_void_skipped_total")
+        .await?;
+    println!("broker frozen: 30 voided, {stored} stored after all, {skipped} skipped");
+    assert_eq!(
+        skipped, stored as f64,
+        "every voided order the broker stored was skipped"
+    );
     let ids = persisted(&stores).await?;
     assert!(
         ids.iter().all(|id| !id.starts_with("frozen-")),
