@@ -91,6 +91,9 @@ impl Detector {
                         .map(|(home, r)| gtid::lag(home, &r.gtid_slave_pos)),
                     last_lag_secs: replica.and_then(|r| r.seconds_behind),
                     last_home_gtid,
+                    // Lost means no lease was left at this observation: the margin may
+                    // count from here (a lease taken again before the freeze resets it).
+                    leases_gone_at_ms: Some(obs.now_ms),
                     ..Loss::default()
                 },
             });
@@ -240,6 +243,11 @@ mod tests {
             "1-1-100 seen last, 1-1-97 applied"
         );
         assert_eq!(f.loss.last_lag_secs, Some(1));
+        assert_eq!(
+            f.loss.leases_gone_at_ms,
+            Some(3_500),
+            "no lease at the finding"
+        );
         assert!(
             f.loss.reason.contains("registration expired"),
             "{}",

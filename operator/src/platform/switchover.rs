@@ -2256,7 +2256,8 @@ mod tests {
         );
         assert_eq!(op.step, Step::Rejoin, "waits for the old home");
         let expire = &op.steps[2];
-        assert!(expire.ended_ms - expire.started_ms >= Limits::default().expiry_margin_ms);
+        let gone = op.loss.as_ref().unwrap().leases_gone_at_ms.unwrap();
+        assert!(expire.ended_ms >= gone + Limits::default().expiry_margin_ms);
         assert_eq!(tables.len(), 2, "freeze, then the flip");
         assert_eq!(w.table.cell("a").unwrap().state, CellPhase::FailedOver);
         assert_eq!(w.table.slot_count("a"), 0);
