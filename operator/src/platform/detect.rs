@@ -28,6 +28,7 @@ pub struct Detector {
     /// lease, or never started) cannot be shown fenced, so a person decides
     /// (`cellplane failover --emergency`).
     leased: BTreeSet<String>,
+    markers_loaded: bool,
 }
 
 /// A cell lost for at least the grace, with what its failover should record.
@@ -103,9 +104,19 @@ impl Detector {
 }
 
 impl Detector {
-    /// Cells known (from etcd) to have held an ownership lease before.
+    /// Cells known (from etcd, or just recorded there) to have held an ownership lease.
     pub fn remember_leased(&mut self, cells: impl IntoIterator<Item = String>) {
         self.leased.extend(cells);
+        self.markers_loaded = true;
+    }
+
+    /// Whether this term read the `leased/` records yet.
+    pub fn markers_loaded(&self) -> bool {
+        self.markers_loaded
+    }
+
+    pub fn is_leased(&self, cell: &str) -> bool {
+        self.leased.contains(cell)
     }
 
     /// True the first time `why` is given for `cell` (log it then).

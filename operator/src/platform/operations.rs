@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::Result;
 use cellplane_cells::etcd_keys::{
     all_owners_prefix, cells_prefix, drill_key, drills_prefix, intent_key, intents_prefix,
-    routers_prefix, Intent, Registration, RouterAck,
+    leased_key, leased_prefix, routers_prefix, Intent, Registration, RouterAck,
 };
 use cellplane_table::write::{self, Fence, Swap};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
@@ -99,12 +99,13 @@ pub async fn drive(
         .iter()
         .flat_map(|(_, op, _)| op.cells().map(str::to_string))
         .collect();
-    if let Some(table) = write::read(client, platform)
+    // Read once for the intents and the detection: neither writes the table.
+    let table = write::read(client, platform)
         .await
         .map_err(super::table_error)?
-        .table
-    {
-        for (cell, intent) in super::intents::to_write(&table, &intents, &busy) {
+        .table;
+    if let Some(table) = &table {
+        for (cell, intent) in super::intents::to_write(table, &intents, &busy) {
             let bytes = serde_json::to_vec(&intent).map_err(crate::Error::Serialization)?;
             tracing::info!(%cell, generation = intent.generation, writable = intent.writable, replicate_from = ?intent.replicate_from, "intent");
             if !fenced_put(client, &intent_key(platform, &cell), bytes, None, fence).await? {
@@ -118,37 +119,34 @@ pub async fn drive(
     let routers: BTreeMap<String, RouterAck> =
         read_values(client, &routers_prefix(platform)).await?;
     let owners = read_owners(client, platform).await?;
-    // Which cells held a lease once, recorded for the next leader.
-    let leased_prefix = cellplane_cells::etcd_keys::leased_prefix(platform);
-    let marked: BTreeSet<String> = client
-        .get(
-            leased_prefix.as_str(),
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await?
-        .kvs()
-        .iter()
-        .map(|kv| String::from_utf8_lossy(&kv.key()[leased_prefix.len()..]).into_owned())
-        .collect();
+    // Which cells held a lease once: read once per term, recorded for the next leader.
+    if !detector.markers_loaded() {
+        let marked = keys_under(client, &leased_prefix(platform)).await?;
+        detector.remember_leased(marked);
+    }
     for cell in owners
         .iter()
-        .filter(|(c, n)| **n > 0 && !marked.contains(*c))
-        .map(|(c, _)| c)
+        .filter(|(c, n)| **n > 0 && !detector.is_leased(c))
+        .map(|(c, _)| c.clone())
+        .collect::<Vec<_>>()
     {
-        let key = cellplane_cells::etcd_keys::leased_key(platform, cell);
-        if !fenced_put(client, &key, b"1".to_vec(), None, fence).await? {
+        if !fenced_put(
+            client,
+            &leased_key(platform, &cell),
+            b"1".to_vec(),
+            None,
+            fence,
+        )
+        .await?
+        {
             return Ok(None);
         }
+        detector.remember_leased([cell]);
     }
-    detector.remember_leased(marked);
-    if let Some(table) = write::read(client, platform)
-        .await
-        .map_err(super::table_error)?
-        .table
-    {
+    if let Some(table) = &table {
         let observed = Observed {
             now_ms: cellplane_table::store::now_ms(),
-            table: &table,
+            table,
             cells: &cells,
             routers: &routers,
             intents: &intents,
@@ -255,19 +253,22 @@ pub async fn drive(
     Ok(Some(running.iter().any(|(_, op, _)| !op.waiting_long())))
 }
 
+/// The keys under `prefix`, without it (no values read).
+async fn keys_under(client: &mut Client, prefix: &str) -> Result<Vec<String>> {
+    let opts = GetOptions::new().with_prefix().with_keys_only();
+    let resp = client.get(prefix, Some(opts)).await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned())
+        .collect())
+}
+
 /// Live ownership leases by cell (`owners/<cell>/<lease>`).
 pub async fn read_owners(client: &mut Client, platform: &str) -> Result<BTreeMap<String, usize>> {
-    let prefix = all_owners_prefix(platform);
-    let resp = client
-        .get(
-            prefix.as_str(),
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await?;
     let mut owners = BTreeMap::new();
-    for kv in resp.kvs() {
-        let rest = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
-        if let Some((cell, _lease)) = rest.split_once('/') {
+    for key in keys_under(client, &all_owners_prefix(platform)).await? {
+        if let Some((cell, _lease)) = key.split_once('/') {
             *owners.entry(cell.to_string()).or_insert(0) += 1;
         }
     }
