@@ -126,6 +126,36 @@ pub struct MysqlReport {
     pub gtid_binlog_pos: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub replicas: BTreeMap<String, ReplicaReport>,
+    /// The last rebuild its region carried out or is carrying out (see
+    /// [`Intent::rebuild_from`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildReport>,
+}
+
+/// How a cell's MySQL rebuild went, as its region reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildReport {
+    /// The operation whose intent asked for it.
+    pub operation: String,
+    /// The cell it was rebuilt from.
+    pub source: String,
+    /// Transactions the old position had that the source lacked, exported before anything
+    /// was dropped.
+    pub errant_transactions: u64,
+    /// Where they were exported (a file on the region operator's export volume).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub export_file: String,
+    /// The source's position at the snapshot: the rebuilt server's position.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cloned_at: String,
+    /// Rows copied.
+    #[serde(default)]
+    pub rows: u64,
+    /// Finished (with `error` empty: rebuilt).
+    pub done: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -171,6 +201,12 @@ pub struct Intent {
     /// The operation that asked for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
+    /// Rebuild this cell's MySQL from that cell's (an old home that returned with errant
+    /// transactions after an emergency failover): export the errant transactions to a
+    /// file, copy the cell schemas from a consistent snapshot of the new home, and take
+    /// the snapshot's position, so it can replicate from the new home again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild_from: Option<String>,
 }
 
 /// What a router publishes under [`router_key`]: the table it routes with.

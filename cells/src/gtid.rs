@@ -36,6 +36,71 @@ pub fn reached(replica: &str, target: &str) -> bool {
     lag(target, replica) == 0
 }
 
+/// One transaction's id: `domain-server-seqno`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gtid {
+    pub domain: u32,
+    pub server: u32,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for Gtid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}-{}", self.domain, self.server, self.seq)
+    }
+}
+
+impl Gtid {
+    pub fn parse(s: &str) -> Option<Gtid> {
+        let mut it = s.trim().split('-');
+        let g = Gtid {
+            domain: it.next()?.parse().ok()?,
+            server: it.next()?.parse().ok()?,
+            seq: it.next()?.parse().ok()?,
+        };
+        it.next().is_none().then_some(g)
+    }
+
+    /// The transaction is not in `pos` (its domain's sequence number there is lower): on
+    /// an old home that returned, such a transaction is errant when `pos` is the new
+    /// home's position.
+    pub fn beyond(&self, pos: &str) -> bool {
+        let known = parse(pos)
+            .into_iter()
+            .find(|(d, _)| *d == self.domain)
+            .map_or(0, |(_, s)| s);
+        self.seq > known
+    }
+}
+
+/// The GTID a binary log's `Gtid` event names (`SHOW BINLOG EVENTS` prints `BEGIN GTID
+/// 1-1-5`, or `GTID 1-1-6` for DDL, possibly followed by more words).
+pub fn of_gtid_event(info: &str) -> Option<Gtid> {
+    let mut words = info.split_whitespace();
+    words.find(|w| *w == "GTID")?;
+    Gtid::parse(words.next()?)
+}
+
+/// `primary`'s entries, plus the entries of `rest` for domains `primary` lacks: the
+/// replica position of a server rebuilt from a snapshot at `primary` that keeps
+/// replicating other domains from elsewhere.
+pub fn merge(primary: &str, rest: &str) -> String {
+    let domain = |g: &str| g.trim().split('-').next().map(str::to_string);
+    let mut out: Vec<String> = primary
+        .split(',')
+        .map(str::trim)
+        .filter(|g| Gtid::parse(g).is_some())
+        .map(str::to_string)
+        .collect();
+    let taken: Vec<Option<String>> = out.iter().map(|g| domain(g)).collect();
+    for g in rest.split(',').map(str::trim) {
+        if Gtid::parse(g).is_some() && !taken.contains(&domain(g)) {
+            out.push(g.to_string());
+        }
+    }
+    out.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +121,26 @@ mod tests {
             2,
             "malformed entries are skipped"
         );
+    }
+
+    #[test]
+    fn errant_transactions_are_those_beyond_the_new_home_position() {
+        let g = Gtid::parse("3-3-120").unwrap();
+        assert_eq!(g.to_string(), "3-3-120");
+        assert!(g.beyond("3-3-119,4-4-500"));
+        assert!(!g.beyond("3-3-120"));
+        assert!(g.beyond("4-4-500"), "a domain the position lacks is at 0");
+        assert_eq!(Gtid::parse("3-3"), None);
+        assert_eq!(Gtid::parse("3-3-1-1"), None);
+        assert_eq!(of_gtid_event("BEGIN GTID 3-3-121"), Gtid::parse("3-3-121"));
+        assert_eq!(of_gtid_event("GTID 0-1-2 cid=5"), Gtid::parse("0-1-2"));
+        assert_eq!(of_gtid_event("COMMIT /* xid=5 */"), None);
+    }
+
+    #[test]
+    fn merge_keeps_the_primary_and_adds_other_domains() {
+        assert_eq!(merge("1-1-10,2-2-5", "2-2-9,3-3-4"), "1-1-10,2-2-5,3-3-4");
+        assert_eq!(merge("", "3-3-4"), "3-3-4");
+        assert_eq!(merge("1-1-10", ""), "1-1-10");
     }
 }

@@ -230,6 +230,7 @@ impl Region {
             ])
             .args(extra)
             .env("KUBECONFIG", self.kubeconfig())
+            .env("CELLPLANE_EXPORT_DIR", self.dir.join("exports"))
             .env("RUST_LOG", "info,kube=warn")
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -18,7 +18,7 @@ use cellplane_e2e::lab::{PairLab, HOME, STANDBY};
 use cellplane_e2e::netlab::Place;
 use cellplane_e2e::{wait_for, workspace_bin};
 use cellplane_operator::platform::batch::Operation;
-use cellplane_operator::platform::switchover::{Kind, Step, Switchover};
+use cellplane_operator::platform::switchover::{Kind, Outcome, Step, Switchover};
 use mysql_async::prelude::Queryable;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -280,14 +280,8 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
         .count();
     assert_eq!(eu_own_failed, 0, "eu's own users were refused");
 
-    // The old home returned fenced, its errant writes counted and kept.
-    let home_db = lab.home.mysql_admin()?;
-    let mut conn = home_db.get_conn().await?;
-    let read_only: i64 = conn
-        .query_first("SELECT @@GLOBAL.read_only")
-        .await?
-        .unwrap_or_default();
-    assert_eq!(read_only, 1, "the old home stays fenced");
+    // The old home returned fenced, its errant writes counted, exported, and it was
+    // rebuilt from the new home.
     let after_cut: Vec<&&Answer> = us_taken
         .iter()
         .filter(|a| a.sent_ms >= cut_done_ms)
@@ -297,28 +291,76 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
         loss.errant_transactions,
         after_cut.len()
     );
-    assert!(loss.errant_transactions.unwrap() >= after_cut.len() as u64);
-    let mut users_written: Vec<&str> = after_cut.iter().map(|a| a.user.as_str()).collect();
-    users_written.dedup();
-    for user in users_written {
-        // Kept on the old home: the user's row there is the last write it acknowledged.
-        let last = us_taken
-            .iter()
-            .filter(|a| a.user == user)
-            .max_by_key(|a| a.answered_ms)
-            .unwrap();
-        let name: Option<String> = conn
-            .exec_first(
-                format!(
-                    "SELECT name FROM `{}`.profiles WHERE user_id = ?",
-                    lab.home.var("MYSQL_DATABASE")
-                ),
-                (user,),
-            )
-            .await?;
-        assert_eq!(name.as_deref(), Some(last.value.as_str()), "{user}");
+    let errant = loss.errant_transactions.unwrap();
+    assert!(errant >= after_cut.len() as u64);
+    let op = wait_for("the old home rebuilt", T, || async {
+        Ok(failover_of(&lab, HOME).await?.filter(|s| s.finished()))
+    })
+    .await
+    .inspect_err(|_| show_operator_logs(&lab))?;
+    println!(
+        "record after the rebuild: {}",
+        serde_json::to_string_pretty(&op)?
+    );
+    assert!(
+        matches!(op.outcome, Some(Outcome::Succeeded { .. })),
+        "{:?}",
+        op.outcome
+    );
+    let loss = op.loss.clone().unwrap();
+    assert_eq!(loss.errant_exported, Some(errant), "exported = counted");
+    let export = loss.errant_export.clone().expect("an export file");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&export)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines[0]["errantTransactions"], errant, "{:?}", lines[0]);
+    assert_eq!(lines.len() as u64, errant + 1);
+    // Every write the old home acknowledged after the cut is in the export, by value.
+    let statements: String = lines[1..]
+        .iter()
+        .flat_map(|t| t["statements"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for a in &after_cut {
+        assert!(
+            statements.contains(&a.value),
+            "{} ({}) not in the export {export}",
+            a.value,
+            a.user
+        );
     }
-    drop(conn);
+    println!(
+        "exported {errant} errant transaction(s) to {export}; rebuilt at {:?} ({:?} rows)",
+        loss.rebuilt_at_gtid, loss.rebuilt_rows
+    );
+
+    // Rebuilt: still fenced, replicating from the new home, with the new home's rows.
+    lab.wait_replicating(HOME, STANDBY).await?;
+    let home_db = lab.home.mysql_admin()?;
+    let standby_db = lab.standby.mysql_admin()?;
+    let profiles = format!("`{}`.profiles", lab.home.var("MYSQL_DATABASE"));
+    let read_only: i64 = home_db
+        .get_conn()
+        .await?
+        .query_first("SELECT @@GLOBAL.read_only")
+        .await?
+        .unwrap_or_default();
+    assert_eq!(read_only, 1, "the old home stays fenced");
+    let dump = |db: mysql_async::Pool| {
+        let q = format!("SELECT user_id, name FROM {profiles} ORDER BY user_id");
+        async move {
+            let rows: Vec<(String, String)> = db.get_conn().await?.query(q).await?;
+            anyhow::Ok(rows)
+        }
+    };
+    let want = dump(standby_db.clone()).await?;
+    wait_for("the old home has the new home's rows", T, || async {
+        Ok((dump(home_db.clone()).await? == want).then_some(()))
+    })
+    .await?;
     home_db.disconnect().await?;
+    standby_db.disconnect().await?;
     Ok(())
 }

@@ -117,6 +117,14 @@ struct RunArgs {
     fence_after_ms: u64,
     #[arg(long, env = "CELLPLANE_EXPIRY_MARGIN_MS", default_value_t = FailoverTimings::default().expiry_margin_ms)]
     expiry_margin_ms: u64,
+    /// Where this region exports the errant transactions of an old home that returned after
+    /// an emergency failover, before rebuilding it (mount a persistent volume here).
+    #[arg(
+        long,
+        env = "CELLPLANE_EXPORT_DIR",
+        default_value = "/var/lib/cellplane/exports"
+    )]
+    export_dir: PathBuf,
     /// Routing tables kept in etcd under routing-history/.
     #[arg(long, default_value_t = cellplane_table::write::DEFAULT_HISTORY)]
     routing_history: u64,
@@ -280,6 +288,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 interval: Duration::from_millis(args.agent_interval_ms.max(50)),
                 replication_secret,
                 fence_after: timings.fence_after(),
+                export_dir: args.export_dir.clone(),
             },
             reg.clone(),
         )),

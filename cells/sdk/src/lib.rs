@@ -7,8 +7,11 @@
 //!   variable and the fix.
 //! - [`replication`]: MariaDB GTID replication from a home cell to its standby: configure,
 //!   measure, promote, demote (fence). The failover controller calls these.
+//! - [`rebuild`]: an old home that returned with errant transactions: export them, clone
+//!   the new home's cell schemas, take its position.
 
 pub mod ownership;
+pub mod rebuild;
 pub mod replication;
 pub mod settings;
 

@@ -293,6 +293,9 @@ pub async fn ensure_replication_account(primary: &Pool, user: &str, password: &s
         format!(
             "GRANT REPLICATION SLAVE, REPLICATION CLIENT, BINLOG MONITOR ON *.* TO '{user}'@'%'"
         ),
+        // An old home that returned with errant transactions is rebuilt from a copy of
+        // the cell schemas (`rebuild`): read access to those, nothing else.
+        format!("GRANT SELECT, SHOW VIEW ON `cell\\_%`.* TO '{user}'@'%'"),
     ] {
         c.query_drop(stmt)
             .await

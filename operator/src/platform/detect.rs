@@ -192,6 +192,7 @@ mod tests {
             read_only: false,
             gtid_binlog_pos: pos.into(),
             replicas,
+            ..MysqlReport::default()
         };
         super::super::switchover::healthy_registration(region, mysql)
     }

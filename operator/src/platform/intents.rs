@@ -59,6 +59,7 @@ pub fn to_write(
                     writable,
                     replicate_from,
                     operation: None,
+                    rebuild_from: None,
                 },
             ))
         })

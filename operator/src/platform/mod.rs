@@ -14,6 +14,7 @@ pub mod election;
 pub mod intents;
 pub mod operations;
 pub mod plan;
+pub mod rebuild;
 pub mod region;
 pub mod report;
 pub mod switchover;

@@ -11,6 +11,7 @@
 
 use super::intents::{replication_password, REPLICATION_USER};
 use super::operations::read_values;
+use super::rebuild::{self, RebuildTask};
 use crate::build::{names, Store};
 use crate::registration::{Live, Registrar};
 use crate::Result;
@@ -42,6 +43,8 @@ pub struct AgentConfig {
     /// How long without a confirmed contact with the etcd majority before the region's
     /// cells go read_only (`FailoverTimings::fence_after_ms`).
     pub fence_after: Duration,
+    /// Where an old home's errant transactions are exported before it is rebuilt.
+    pub export_dir: std::path::PathBuf,
 }
 
 /// How long a cell's admin credentials are used before its Secret is read again.
@@ -60,6 +63,8 @@ struct CellState {
     reconfigured: HashMap<String, Instant>,
     /// The app's user request counter as read, oldest first, for the last minute's rate.
     request_samples: VecDeque<(Instant, u64)>,
+    /// The last rebuild of the cell's MySQL an intent asked for.
+    rebuild: Option<RebuildTask>,
 }
 
 /// Runs until `stop` resolves.
@@ -298,6 +303,36 @@ async fn pass(
     Ok(busy)
 }
 
+/// Where `source`'s MySQL is (its registration) and the replication account for it.
+fn replication_source(
+    cfg: &AgentConfig,
+    regs: &BTreeMap<String, Registration>,
+    source: &str,
+) -> Result<ReplicationSource> {
+    let secret = cfg.replication_secret.as_ref().ok_or_else(|| {
+        crate::Error::InvalidSpec(
+            "no --replication-secret-file: this region cannot set up replication".into(),
+        )
+    })?;
+    let addr = regs
+        .get(source)
+        .and_then(|r| r.endpoints.get("mysql"))
+        .ok_or_else(|| {
+            crate::Error::InvalidSpec(format!(
+                "{source} has no registered MySQL address to replicate from"
+            ))
+        })?;
+    let (host, port) = split(addr).ok_or_else(|| {
+        crate::Error::InvalidSpec(format!("{source}: MySQL address {addr:?} is not host:port"))
+    })?;
+    Ok(ReplicationSource {
+        host,
+        port,
+        user: REPLICATION_USER.into(),
+        password: replication_password(secret, source),
+    })
+}
+
 /// `host:port` -> (host, port).
 fn split(addr: &str) -> Option<(String, u16)> {
     let (h, p) = addr.rsplit_once(':')?;
@@ -412,6 +447,7 @@ async fn serve_cell(
             .as_ref()
             .map(|p| p.request_samples.clone())
             .unwrap_or_default();
+        let previous_rebuild = previous.as_ref().and_then(|p| p.rebuild.clone());
         states.insert(
             name.clone(),
             CellState {
@@ -422,6 +458,7 @@ async fn serve_cell(
                 last_error: previous.map(|p| p.last_error).unwrap_or_default(),
                 reconfigured: HashMap::new(),
                 request_samples: previous_samples,
+                rebuild: previous_rebuild,
             },
         );
     }
@@ -463,30 +500,7 @@ async fn serve_cell(
             if running || recently {
                 continue;
             }
-            let secret = cfg.replication_secret.as_ref().ok_or_else(|| {
-                crate::Error::InvalidSpec(
-                    "no --replication-secret-file: this region cannot set up replication".into(),
-                )
-            })?;
-            let addr = regs
-                .get(source)
-                .and_then(|r| r.endpoints.get("mysql"))
-                .ok_or_else(|| {
-                    crate::Error::InvalidSpec(format!(
-                        "{source} has no registered MySQL address to replicate from"
-                    ))
-                })?;
-            let (host, port) = split(addr).ok_or_else(|| {
-                crate::Error::InvalidSpec(format!(
-                    "{source}: MySQL address {addr:?} is not host:port"
-                ))
-            })?;
-            let src = ReplicationSource {
-                host,
-                port,
-                user: REPLICATION_USER.into(),
-                password: replication_password(secret, source),
-            };
+            let src = replication_source(cfg, regs, source)?;
             st.reconfigured.insert(source.clone(), Instant::now());
             if status.is_some() {
                 replication::stop_replica(&pool, source)
@@ -507,6 +521,11 @@ async fn serve_cell(
             // intent stopped starts at once when an intent asks for it again.
             st.reconfigured.remove(extra);
             tracing::info!(cell = %name, source = %extra, "replication stopped");
+        }
+        if let (Some(source), Some(operation)) = (&intent.rebuild_from, &intent.operation) {
+            if RebuildTask::needs_run(st.rebuild.as_ref(), operation) {
+                st.rebuild = Some(start_rebuild(cfg, &name, operation, source, regs, &pool)?);
+            }
         }
         st.applied_generation = intent.generation;
     }
@@ -541,6 +560,7 @@ async fn serve_cell(
             read_only: pos.read_only,
             gtid_binlog_pos: pos.gtid_binlog_pos,
             replicas,
+            rebuild: st.rebuild.as_ref().map(|t| t.report.lock().clone()),
         }),
         kafka_lag: app.order_backlog,
         requests_per_sec,
@@ -549,6 +569,49 @@ async fn serve_cell(
         healthy: Some(app.ready.unwrap_or(false)),
         intent_generation: st.applied_generation,
     })
+}
+
+/// Starts rebuilding `cell`'s MySQL from `source`'s (the new home), errant transactions
+/// exported first.
+fn start_rebuild(
+    cfg: &AgentConfig,
+    cell: &str,
+    operation: &str,
+    source: &str,
+    regs: &BTreeMap<String, Registration>,
+    target: &mysql_async::Pool,
+) -> Result<RebuildTask> {
+    let position = regs
+        .get(source)
+        .and_then(|r| r.mysql.as_ref())
+        .map(|m| m.gtid_binlog_pos.clone())
+        .ok_or_else(|| {
+            crate::Error::InvalidSpec(format!(
+                "{source} reports no MySQL position; its errant transactions cannot be told apart yet"
+            ))
+        })?;
+    let src = replication_source(cfg, regs, source)?;
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(src.host)
+        .tcp_port(src.port)
+        .user(Some(src.user))
+        .pass(Some(src.password))
+        .pool_opts(
+            mysql_async::PoolOpts::default()
+                .with_constraints(mysql_async::PoolConstraints::new(0, 1).expect("0 <= 1")),
+        );
+    tracing::warn!(%cell, %source, %operation, "rebuilding the old home: exporting its errant transactions, then cloning the new home");
+    Ok(rebuild::start(
+        rebuild::RebuildPlan {
+            cell: cell.to_string(),
+            operation: operation.to_string(),
+            source: source.to_string(),
+            source_position: position,
+            export_dir: cfg.export_dir.clone(),
+        },
+        target.clone(),
+        mysql_async::Pool::new(opts),
+    ))
 }
 
 /// What the agent reads from the app's `/status`.

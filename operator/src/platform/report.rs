@@ -108,10 +108,10 @@ fn loss_lines(op: &Switchover) -> Vec<String> {
             "{} returned at {pos}: {n} errant transaction(s) it took that {} never got{}",
             op.source,
             op.target,
-            if n > 0 {
-                "; kept fenced, nothing dropped"
-            } else {
-                ""
+            match (n, &l.rebuilt_at_gtid) {
+                (0, _) => "",
+                (_, None) => "; kept fenced, nothing dropped",
+                (_, Some(_)) => "; exported before it was rebuilt",
             }
         ),
         _ => format!(
@@ -119,6 +119,21 @@ fn loss_lines(op: &Switchover) -> Vec<String> {
             op.source
         ),
     });
+    if let (Some(file), Some(n)) = (&l.errant_export, l.errant_exported) {
+        lines.push(format!(
+            "{n} errant transaction(s) exported by {}'s region to {file}",
+            op.source
+        ));
+    }
+    if let Some(at) = &l.rebuilt_at_gtid {
+        lines.push(format!(
+            "{} rebuilt from {} at {at} ({} rows copied); it replicates from {} now",
+            op.source,
+            op.target,
+            l.rebuilt_rows.unwrap_or(0),
+            op.target
+        ));
+    }
     lines
 }
 
@@ -418,6 +433,28 @@ mod tests {
         let m = markdown(&op);
         assert!(m.contains("estimated RPO: 5 transaction(s)"), "{m}");
         assert!(m.contains("a returned at 1-1-503: 8 errant transaction(s) it took that b never got; kept fenced, nothing dropped"), "{m}");
+        let l = op.loss.as_mut().unwrap();
+        l.errant_export = Some("/exports/f-1-a-errant.jsonl".into());
+        l.errant_exported = Some(8);
+        l.rebuilt_at_gtid = Some("2-2-40".into());
+        l.rebuilt_rows = Some(1200);
+        let t = text(&op);
+        assert!(
+            t.contains(
+                "8 errant transaction(s) it took that b never got; exported before it was rebuilt"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "8 errant transaction(s) exported by a's region to /exports/f-1-a-errant.jsonl"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("a rebuilt from b at 2-2-40 (1200 rows copied); it replicates from b now"),
+            "{t}"
+        );
     }
 
     #[test]

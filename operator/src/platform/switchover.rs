@@ -256,6 +256,17 @@ pub struct Loss {
     pub returned_gtid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errant_transactions: Option<u64>,
+    /// Where the old home's region exported them (before anything was dropped), and how
+    /// many its binary log held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errant_export: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errant_exported: Option<u64>,
+    /// The new home's position the old home was rebuilt at, and the rows copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt_at_gtid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt_rows: Option<u64>,
 }
 
 impl Switchover {
@@ -855,40 +866,98 @@ fn advance_lost(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
             }
         }
         Step::Rejoin => {
-            // Keep the old home fenced and away from replication until its data is sorted.
-            let generation =
-                want_intent(&mut next, &mut actions, obs, &op.source, false, Vec::new());
+            // Keep the old home fenced and away from replication until its data is sorted:
+            // first count what it has that the new home lacks; with anything errant, have
+            // its region export that and rebuild it from the new home.
+            let errant_known = next.loss.as_ref().and_then(|l| l.errant_transactions);
+            let rebuild_from = errant_known.filter(|n| *n > 0).map(|_| op.target.clone());
+            let generation = want_intent_with(
+                &mut next,
+                &mut actions,
+                obs,
+                &op.source,
+                false,
+                Vec::new(),
+                rebuild_from.clone(),
+            );
             let returned = home.and_then(|h| {
                 let m = h.mysql.as_ref()?;
                 (h.intent_generation >= generation && m.read_only).then_some(m)
             });
             let new_home = obs.cells.get(&op.target).and_then(|t| t.mysql.as_ref());
-            if let (Some(old), Some(new)) = (returned, new_home) {
-                let errant = gtid::lag(&old.gtid_binlog_pos, &new.gtid_binlog_pos);
-                let loss = next.loss.get_or_insert_with(Box::default);
-                let first = loss.errant_transactions.is_none();
-                loss.returned_gtid = Some(old.gtid_binlog_pos.clone());
-                loss.errant_transactions = Some(errant);
-                if errant == 0 {
-                    let warnings = warnings(&next);
-                    finish_with_note(
-                        &mut next,
-                        obs.now_ms,
-                        Outcome::Succeeded { warnings },
-                        format!(
-                            "{} returned at {} with nothing the new home lacks; it becomes {}'s replica",
-                            op.source, old.gtid_binlog_pos, op.target
-                        ),
-                    );
-                } else if first {
-                    note_error(
-                        &mut next,
-                        format!(
-                            "{} returned with {errant} transaction(s) that never reached {} (its position {}, the new home's {}); it stays fenced, nothing is dropped",
-                            op.source, op.target, old.gtid_binlog_pos, new.gtid_binlog_pos
-                        ),
-                    );
+            match (returned, new_home, errant_known) {
+                (Some(old), Some(new), None) => {
+                    let errant = gtid::lag(&old.gtid_binlog_pos, &new.gtid_binlog_pos);
+                    let loss = next.loss.get_or_insert_with(Box::default);
+                    loss.returned_gtid = Some(old.gtid_binlog_pos.clone());
+                    loss.errant_transactions = Some(errant);
+                    if errant == 0 {
+                        let warnings = warnings(&next);
+                        finish_with_note(
+                            &mut next,
+                            obs.now_ms,
+                            Outcome::Succeeded { warnings },
+                            format!(
+                                "{} returned at {} with nothing the new home lacks; it becomes {}'s replica",
+                                op.source, old.gtid_binlog_pos, op.target
+                            ),
+                        );
+                    } else {
+                        note_error(
+                            &mut next,
+                            format!(
+                                "{} returned with {errant} transaction(s) that never reached {} (its position {}, the new home's {}); it stays fenced while they are exported and it is rebuilt from {}",
+                                op.source, op.target, old.gtid_binlog_pos, new.gtid_binlog_pos, op.target
+                            ),
+                        );
+                    }
                 }
+                (Some(old), _, Some(n)) if n > 0 => {
+                    let report = old
+                        .rebuild
+                        .as_ref()
+                        .filter(|r| r.operation == op.id && r.source == op.target);
+                    let Some(r) = report else {
+                        return (next, actions);
+                    };
+                    let loss = next.loss.get_or_insert_with(Box::default);
+                    if !r.export_file.is_empty() {
+                        loss.errant_export = Some(r.export_file.clone());
+                        loss.errant_exported = Some(r.errant_transactions);
+                    }
+                    if r.done && r.error.is_empty() {
+                        loss.rebuilt_at_gtid = Some(r.cloned_at.clone());
+                        loss.rebuilt_rows = Some(r.rows);
+                        let mut warnings = warnings(&next);
+                        if r.errant_transactions != n {
+                            warnings.push(format!(
+                                "{n} errant transaction(s) counted from the positions, {} found in the binary log",
+                                r.errant_transactions
+                            ));
+                        }
+                        finish_with_note(
+                            &mut next,
+                            obs.now_ms,
+                            Outcome::Succeeded { warnings },
+                            format!(
+                                "{} exported {} errant transaction(s) to {} and was rebuilt from {} at {} ({} rows); it becomes {}'s replica",
+                                op.source,
+                                r.errant_transactions,
+                                r.export_file,
+                                op.target,
+                                r.cloned_at,
+                                r.rows,
+                                op.target
+                            ),
+                        );
+                    } else if r.done {
+                        note_error(
+                            &mut next,
+                            format!("rebuilding {} failed (tried again): {}", op.source, r.error),
+                        );
+                    }
+                }
+                _ => {}
             }
         }
         _ => unreachable!("advance_lost runs the unplanned steps only"),
@@ -1175,10 +1244,24 @@ fn want_intent(
     writable: bool,
     replicate_from: Vec<String>,
 ) -> u64 {
+    want_intent_with(next, actions, obs, cell, writable, replicate_from, None)
+}
+
+/// [`want_intent`], with a rebuild of the cell's MySQL from `rebuild_from`.
+fn want_intent_with(
+    next: &mut Switchover,
+    actions: &mut Vec<Action>,
+    obs: &Observed,
+    cell: &str,
+    writable: bool,
+    replicate_from: Vec<String>,
+    rebuild_from: Option<String>,
+) -> u64 {
     let current = obs.intents.get(cell);
     if let Some(c) = current.filter(|c| {
         c.writable == writable
             && c.replicate_from == replicate_from
+            && c.rebuild_from == rebuild_from
             && c.operation.as_deref() == Some(next.id.as_str())
     }) {
         next.intents.insert(cell.into(), c.generation);
@@ -1193,6 +1276,7 @@ fn want_intent(
             writable,
             replicate_from,
             operation: Some(next.id.clone()),
+            rebuild_from,
         },
     });
     generation
@@ -1297,7 +1381,7 @@ pub(crate) fn healthy_registration(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellplane_cells::etcd_keys::{MysqlReport, ReplicaReport};
+    use cellplane_cells::etcd_keys::{MysqlReport, RebuildReport, ReplicaReport};
 
     /// The world a switchover acts on, with the regions and routers played by the test:
     /// intents are carried out and tables acknowledged on the next tick unless told not to.
@@ -1342,6 +1426,8 @@ mod tests {
         log_replica_updates: bool,
         /// Largest time step in random mode.
         max_step_ms: u64,
+        /// The rebuild each cell's region carried out.
+        rebuilds: BTreeMap<String, RebuildReport>,
     }
 
     fn pos(cell: &str, seq: u64) -> String {
@@ -1373,6 +1459,7 @@ mod tests {
                 owners: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]),
                 writes_gated: false,
                 log_replica_updates: false,
+                rebuilds: BTreeMap::new(),
                 max_step_ms: 3000,
             };
             // Each cell stands by for the other (the two-region ring).
@@ -1384,6 +1471,7 @@ mod tests {
                         writable: true,
                         replicate_from: vec![source.into()],
                         operation: None,
+                        rebuild_from: None,
                     },
                 );
             }
@@ -1488,6 +1576,28 @@ mod tests {
                 {
                     continue;
                 }
+                // The region rebuilds the cell from the new home once per operation: its
+                // errant writes exported, its position the new home's view of it.
+                if let (Some(src), Some(op)) = (&intent.rebuild_from, &intent.operation) {
+                    if self.rebuilds.get(&cell).is_none_or(|r| &r.operation != op) {
+                        let kept = if cell == self.writer { self.applied } else { 0 };
+                        let errant = self.writes[&cell] - kept;
+                        self.writes.insert(cell.clone(), kept);
+                        self.rebuilds.insert(
+                            cell.clone(),
+                            RebuildReport {
+                                operation: op.clone(),
+                                source: src.clone(),
+                                errant_transactions: errant,
+                                export_file: format!("/exports/{op}-{cell}-errant.jsonl"),
+                                cloned_at: pos(src, self.writes[src]),
+                                rows: 42,
+                                done: true,
+                                error: String::new(),
+                            },
+                        );
+                    }
+                }
                 let mut replicas = BTreeMap::new();
                 for source in &intent.replicate_from {
                     let applied =
@@ -1535,6 +1645,7 @@ mod tests {
                                     pos(&cell, self.writes[&cell])
                                 },
                                 replicas,
+                                rebuild: self.rebuilds.get(&cell).cloned(),
                             },
                         )
                     },
@@ -2271,7 +2382,7 @@ mod tests {
         *w.writes.get_mut("a").unwrap() += 3;
         w.deaf_regions.clear();
         w.tick();
-        let (op, _) = w.run(op, 5);
+        let (op, _) = w.run(op, 1);
         let loss = op.loss.clone().unwrap();
         assert_eq!(
             loss.errant_transactions,
@@ -2286,6 +2397,41 @@ mod tests {
         );
         assert!(w.cells["a"].mysql.as_ref().unwrap().read_only);
         assert!(warnings(&op)[0].contains("8 transaction(s) that never reached b"));
+        // Then its region is asked to export them and rebuild a from b; a stays fenced
+        // and replicates nothing until that is done.
+        let (op, _) = w.run(op, 1);
+        assert_eq!(op.step, Step::Rejoin);
+        assert_eq!(w.intents["a"].rebuild_from.as_deref(), Some("b"));
+        assert!(!w.intents["a"].writable && w.intents["a"].replicate_from.is_empty());
+        let (op, _) = w.run(op, 5);
+        assert_eq!(
+            op.outcome,
+            Some(Outcome::Succeeded {
+                warnings: warnings(&op)
+            })
+        );
+        let loss = op.loss.clone().unwrap();
+        assert_eq!(
+            loss.errant_transactions,
+            Some(8),
+            "the count on return stays"
+        );
+        assert_eq!(loss.errant_exported, Some(8));
+        assert_eq!(
+            loss.errant_export.as_deref(),
+            Some("/exports/f-a-errant.jsonl")
+        );
+        assert_eq!(loss.rebuilt_rows, Some(42));
+        assert!(loss.rebuilt_at_gtid.is_some());
+        assert!(
+            op.steps
+                .last()
+                .unwrap()
+                .note
+                .contains("exported 8 errant transaction(s) to /exports/f-a-errant.jsonl"),
+            "{:?}",
+            op.steps
+        );
     }
 
     /// Model check of unplanned failover: thousands of random worlds in which region us is
