@@ -86,6 +86,59 @@ pub fn all_owners_prefix(platform: &str) -> String {
     format!("/cellplane/{platform}/owners/")
 }
 
+/// `/cellplane/<platform>/replay/<cell>/` : the replay of a failed-over cell's orders,
+/// acknowledged on its own Kafka but maybe never persisted where its users are now served.
+pub fn replay_prefix(platform: &str, cell: &str) -> String {
+    format!("/cellplane/{platform}/replay/{cell}/")
+}
+
+/// `.../replay/<cell>/orders/` : one key per order the old home's app forwarded; the app of
+/// the cell now serving its users persists each (idempotent by order id) and deletes it.
+pub fn replay_orders_prefix(platform: &str, cell: &str) -> String {
+    format!("{}orders/", replay_prefix(platform, cell))
+}
+
+/// `.../replay/<cell>/sent` : [`ReplaySent`], written by the old home's app when it has
+/// forwarded everything.
+pub fn replay_sent_key(platform: &str, cell: &str) -> String {
+    format!("{}sent", replay_prefix(platform, cell))
+}
+
+/// `.../replay/<cell>/applied` : [`ReplayApplied`], kept by the apps persisting them.
+pub fn replay_applied_key(platform: &str, cell: &str) -> String {
+    format!("{}applied", replay_prefix(platform, cell))
+}
+
+/// What an old home's app forwarded after its cell failed over.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySent {
+    /// The table epoch at which the app saw its cell failed over (>= the flip's).
+    pub epoch: u64,
+    /// Orders forwarded.
+    pub forwarded: u64,
+    /// Orders on the log that had been voided (their clients were told "refused").
+    pub void_skipped: u64,
+    /// The log's offsets read, `[from, to)`.
+    pub from_offset: i64,
+    pub to_offset: i64,
+    pub at_ms: u64,
+}
+
+/// What the serving cell's apps did with the forwarded orders of one replay.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayApplied {
+    /// The replay's [`ReplaySent::epoch`].
+    pub epoch: u64,
+    /// Written now: acknowledged orders that were missing.
+    pub persisted: u64,
+    /// Already there (persisted before the cut and replicated).
+    pub duplicates: u64,
+    /// Voided where they are served now: not written.
+    pub voided: u64,
+}
+
 /// What a Ready cell publishes under [`cell_key`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -24,11 +24,15 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(120);
+const SKU: &str = "flash";
 
 /// One answer a lab client recorded.
 #[derive(serde::Deserialize, Debug, Clone)]
 #[serde(rename_all = "camelCase")]
 struct Answer {
+    /// `profile` (a PUT) or `order` (a POST whose id is `value`).
+    #[serde(default)]
+    kind: String,
     user: String,
     value: String,
     sent_ms: u64,
@@ -43,10 +47,14 @@ fn client(
     router: &str,
     users: &[String],
     secs: u64,
+    orders: Option<&str>,
     out: &std::path::Path,
 ) -> anyhow::Result<Child> {
-    Ok(place
-        .command(workspace_bin("lab-client"))
+    let mut cmd = place.command(workspace_bin("lab-client"));
+    if let Some(sku) = orders {
+        cmd.args(["--orders", sku]);
+    }
+    Ok(cmd
         .args([
             "--router",
             router,
@@ -128,8 +136,19 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
     let (us_at, eu_at) = (net.place("us")?, net.place("eu")?);
     let dir = cellplane_e2e::test_dir("region-loss-clients");
     let (eu_out, us_out) = (dir.join("eu.jsonl"), dir.join("us.jsonl"));
-    let mut eu_client = client(&eu_at, &lab.router.addr, &all, 18, &eu_out)?;
-    let mut us_client = client(&us_at, &lab.local_routers[0].addr, &us_users, 18, &us_out)?;
+    // us's clients also place orders (the sale is open in both cells).
+    for app in [&lab.home_app, &lab.standby_app] {
+        app.set_stock(SKU, 1_000_000).await?;
+    }
+    let mut eu_client = client(&eu_at, &lab.router.addr, &all, 18, None, &eu_out)?;
+    let mut us_client = client(
+        &us_at,
+        &lab.local_routers[0].addr,
+        &us_users,
+        18,
+        Some(SKU),
+        &us_out,
+    )?;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     // The cut.
@@ -214,9 +233,10 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
 
     // No instant with two cells taking writes for one of us's users: every write shop-us-0
     // acknowledged was answered before eu's first write for those users was even sent.
+    // Writes: profiles written (200) and orders accepted (202: on the cell's Kafka).
     let us_taken: Vec<&Answer> = us
         .iter()
-        .filter(|a| a.status == 200 && a.served_by == HOME)
+        .filter(|a| matches!(a.status, 200 | 202) && a.served_by == HOME)
         .collect();
     let eu_taken_for_us: Vec<&Answer> = eu
         .iter()
@@ -284,7 +304,7 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
     // rebuilt from the new home.
     let after_cut: Vec<&&Answer> = us_taken
         .iter()
-        .filter(|a| a.sent_ms >= cut_done_ms)
+        .filter(|a| a.sent_ms >= cut_done_ms && a.kind == "profile")
         .collect();
     println!(
         "errant transactions: {:?}; home writes acknowledged after the cut: {}",
@@ -360,6 +380,40 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
         Ok((dump(home_db.clone()).await? == want).then_some(()))
     })
     .await?;
+
+    // Every order the old home acknowledged is at the new home: persisted before the cut
+    // and replicated, or forwarded from the old home's log on its return (late, not lost).
+    let acknowledged: Vec<&str> = us
+        .iter()
+        .filter(|a| a.kind == "order" && a.status == 202 && a.served_by == HOME)
+        .map(|a| a.value.as_str())
+        .collect();
+    let late = acknowledged.len()
+        - us.iter()
+            .filter(|a| a.kind == "order" && a.status == 202 && a.served_by == HOME)
+            .filter(|a| a.sent_ms < cut_ms)
+            .count();
+    let replay = loss.replay.clone().expect("the replay in the record");
+    println!(
+        "orders acknowledged by the old home: {} ({late} after the cut); replay: {replay:?}",
+        acknowledged.len()
+    );
+    assert!(!acknowledged.is_empty());
+    assert!(replay.forwarded >= late as u64, "{replay:?}");
+    let orders = format!("`{}`.orders", lab.home.var("MYSQL_DATABASE"));
+    let stored: Vec<String> = standby_db
+        .get_conn()
+        .await?
+        .query(format!("SELECT order_id FROM {orders}"))
+        .await?;
+    let missing: Vec<&&str> = acknowledged
+        .iter()
+        .filter(|id| !stored.iter().any(|s| s == **id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged orders missing at the new home: {missing:?}"
+    );
     home_db.disconnect().await?;
     standby_db.disconnect().await?;
     Ok(())

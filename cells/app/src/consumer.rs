@@ -118,7 +118,7 @@ async fn persist_until_done(stores: &Stores, metrics: &Metrics, e: &OrderEvent, 
 }
 
 /// What persisting one order from the log did.
-enum Persisted {
+pub(crate) enum Persisted {
     New,
     /// Redelivered: its row exists.
     Duplicate,
@@ -130,7 +130,7 @@ enum Persisted {
 /// `voided_orders` (`FOR UPDATE`, a gap lock when absent), so a void racing with this
 /// write either lands first (and the order is skipped) or waits until the order is written
 /// (and the app finds it persisted); see `orders::void`.
-async fn persist(
+pub(crate) async fn persist(
     stores: &Stores,
     e: &OrderEvent,
     offset: i64,

@@ -5,7 +5,8 @@
 //!   MySQL and then invalidate without the stale-fill race (`cache`); misses read MySQL
 //!   in batches across users (`batch`).
 //! - `orders` + `consumer`: flash sale stock in Redis, orders queued on Kafka, persisted to
-//!   MySQL exactly once per order id.
+//!   MySQL exactly once per order id; `replay`: a failed-over cell's acknowledged orders
+//!   forwarded (through the global etcd) to the cell serving its users.
 //! - `http`: routes behind the slot-ownership fence, health, lag and replication status.
 
 pub mod batch;
@@ -18,5 +19,6 @@ pub mod landing;
 pub mod metrics;
 pub mod orders;
 pub mod profiles;
+pub mod replay;
 pub mod schema;
 pub mod stores;

@@ -62,6 +62,11 @@ struct Args {
     owner_renew_every_ms: Option<u64>,
     #[arg(long, env = "CELL_FENCE_AFTER_MS")]
     fence_after_ms: Option<u64>,
+    /// After this cell failed over, its orders are forwarded to the cell serving its users
+    /// from this long before its log's last message (seconds): orders persisted here in the
+    /// last moments may never have replicated.
+    #[arg(long, env = "CELL_REPLAY_LOOKBACK_SECS", default_value_t = 60)]
+    replay_lookback_secs: u64,
 }
 
 #[tokio::main]
@@ -128,6 +133,17 @@ async fn main() -> anyhow::Result<()> {
                 platform.clone(),
                 settings.cell.clone(),
             ));
+            tokio::spawn(
+                cellplane_cell_app::replay::Replayer {
+                    stores: stores.clone(),
+                    metrics: metrics.clone(),
+                    tables: tables.clone(),
+                    endpoints: endpoints.clone(),
+                    platform: platform.clone(),
+                    lookback: Duration::from_secs(args.replay_lookback_secs),
+                }
+                .run(),
+            );
             Some(lease)
         }
         TableSource::File { .. } => None,

@@ -45,6 +45,11 @@ pub struct Metrics {
     /// Voided orders the persister found on the log and did not write (the broker had
     /// stored them after all).
     pub orders_void_skipped: Counter,
+    /// A failed-over cell's acknowledged orders this (old home) app forwarded, and voided
+    /// ones it left out; those this (serving) app persisted because they were missing.
+    pub orders_replay_forwarded: Counter,
+    pub orders_replay_void_skipped: Counter,
+    pub orders_replayed: Counter,
     pub orders_poison: Counter,
     pub degraded: Family<StoreLabel, Counter>,
     pub table: TableMetrics,
@@ -85,6 +90,9 @@ impl Metrics {
             orders_duplicates: Counter::default(),
             orders_voided: Counter::default(),
             orders_void_skipped: Counter::default(),
+            orders_replay_forwarded: Counter::default(),
+            orders_replay_void_skipped: Counter::default(),
+            orders_replayed: Counter::default(),
             orders_poison: Counter::default(),
             degraded: Family::default(),
             table: TableMetrics::default(),
@@ -155,6 +163,21 @@ impl Metrics {
             "orders_void_skipped",
             "Voided orders found on the order log and not persisted (the broker had stored them after all)",
             m.orders_void_skipped.clone(),
+        );
+        r.register(
+            "orders_replay_forwarded",
+            "Acknowledged orders of this failed-over cell forwarded to the cell serving its users",
+            m.orders_replay_forwarded.clone(),
+        );
+        r.register(
+            "orders_replay_void_skipped",
+            "Orders of this failed-over cell not forwarded because they had been voided",
+            m.orders_replay_void_skipped.clone(),
+        );
+        r.register(
+            "orders_replayed",
+            "Forwarded orders of a failed-over cell that this cell persisted (they were missing)",
+            m.orders_replayed.clone(),
         );
         r.register(
             "orders_poison",

@@ -137,7 +137,7 @@ pub struct Orders {
 fn stock_key(sku: &str) -> String {
     format!("stock:{sku}")
 }
-fn marker_key(order_id: &str) -> String {
+pub(crate) fn marker_key(order_id: &str) -> String {
     format!("order:{order_id}")
 }
 

@@ -1,9 +1,10 @@
 //! A client of the lab's platform that can run inside a netlab region (`ip netns exec`):
-//! it writes users' profiles through a router for a while and records every answer, one
+//! it writes users' profiles (and, with `--orders SKU`, places an order every other time,
+//! its id the written value) through a router for a while and records every answer, one
 //! JSON line each, so a test can tell which cell took which write and when (wall clock,
 //! shared by every process of the machine).
 //!
-//!   lab-client --router ADDR --users u1,u2 --secs N --tag T --out FILE [--workers N]
+//!   lab-client --router ADDR --users u1,u2 --secs N --tag T --out FILE [--workers N] [--orders SKU]
 
 use anyhow::{bail, Context as _, Result};
 use cellplane_e2e::lab::router_send;
@@ -19,6 +20,7 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut router, mut users, mut secs, mut tag, mut out, mut workers) =
         (None, Vec::new(), 10u64, "w".to_string(), None, 2usize);
+    let mut orders: Option<String> = None;
     while let Some(flag) = args.next() {
         let value = args
             .next()
@@ -30,6 +32,7 @@ async fn main() -> Result<()> {
             "--tag" => tag = value,
             "--out" => out = Some(value),
             "--workers" => workers = value.parse()?,
+            "--orders" => orders = Some(value),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -39,7 +42,8 @@ async fn main() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let (router, users, tag) = (router.clone(), users.clone(), tag.clone());
+        let (router, users, tag, orders) =
+            (router.clone(), users.clone(), tag.clone(), orders.clone());
         tasks.push(tokio::spawn(async move {
             let mut lines = Vec::new();
             let mut n = 0usize;
@@ -47,11 +51,24 @@ async fn main() -> Result<()> {
                 let user = &users[(n * workers + w) % users.len()];
                 n += 1;
                 let value = format!("{tag}-{w}-{n}");
-                let body = serde_json::json!({"name": value, "email": format!("{user}@example.com")});
+                let (kind, method, what, body) = match &orders {
+                    Some(sku) if n.is_multiple_of(2) => (
+                        "order",
+                        "POST",
+                        "orders",
+                        serde_json::json!({"sku": sku, "orderId": value}),
+                    ),
+                    _ => (
+                        "profile",
+                        "PUT",
+                        "profile",
+                        serde_json::json!({"name": value, "email": format!("{user}@example.com")}),
+                    ),
+                };
                 let sent_ms = now_ms();
                 let attempt = tokio::time::timeout(
                     Duration::from_secs(3),
-                    router_send(&router, "PUT", user, "profile", Some(body)),
+                    router_send(&router, method, user, what, Some(body)),
                 )
                 .await;
                 let (status, served_by, body) = match attempt {
@@ -59,11 +76,12 @@ async fn main() -> Result<()> {
                     Ok(Err(e)) => (0, String::new(), e.to_string()),
                     Err(_) => (0, String::new(), "no answer in 3 s".into()),
                 };
+                let ok = (200..300).contains(&status);
                 lines.push(serde_json::json!({
-                    "user": user, "value": value, "sentMs": sent_ms, "answeredMs": now_ms(),
+                    "kind": kind, "user": user, "value": value, "sentMs": sent_ms, "answeredMs": now_ms(),
                     "status": status, "servedBy": served_by, "body": body.chars().take(200).collect::<String>(),
                 }));
-                if status != 200 {
+                if !ok {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }

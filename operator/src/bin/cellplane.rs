@@ -540,6 +540,7 @@ async fn start(
             owners: &owners,
             busy: running.iter().any(|r| r.overlaps(member))
                 || blocked_by_batches(member, &batches, &t),
+            replays: &BTreeMap::new(),
         };
         let (checked, _) = switchover::advance(member, &observed);
         if let Some(Outcome::Refused { gate, message }) = &checked.outcome {

@@ -203,6 +203,7 @@ mod tests {
         routers: BTreeMap<String, RouterAck>,
         owners: BTreeMap<String, usize>,
         intents: BTreeMap<String, Intent>,
+        replays: BTreeMap<String, super::super::switchover::ReplayState>,
     }
 
     impl Seen {
@@ -215,6 +216,7 @@ mod tests {
                 intents: &self.intents,
                 owners: &self.owners,
                 busy: false,
+                replays: &self.replays,
             }
         }
     }
@@ -229,6 +231,7 @@ mod tests {
             routers: BTreeMap::new(),
             owners: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]),
             intents: BTreeMap::new(),
+            replays: BTreeMap::new(),
         }
     }
 

@@ -6,12 +6,13 @@
 
 use super::batch::{self, Batch, Operation};
 use super::detect::{self, Detector};
-use super::switchover::{self, Action, Observed, Switchover};
+use super::switchover::{self, Action, Observed, ReplayState, Switchover};
 use crate::metrics::Metrics;
 use crate::Result;
 use cellplane_cells::etcd_keys::{
     all_owners_prefix, cells_prefix, drill_key, drills_prefix, intent_key, intents_prefix,
-    leased_key, leased_prefix, routers_prefix, Intent, Registration, RouterAck,
+    leased_key, leased_prefix, replay_applied_key, replay_orders_prefix, replay_sent_key,
+    routers_prefix, Intent, Registration, RouterAck,
 };
 use cellplane_table::write::{self, Fence, Swap};
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
@@ -152,6 +153,7 @@ pub async fn drive(
             intents: &intents,
             owners: &owners,
             busy: false,
+            replays: &BTreeMap::new(),
         };
         match detect(
             client,
@@ -173,6 +175,15 @@ pub async fn drive(
     if running.is_empty() {
         return Ok(Some(false));
     }
+    // Only an unplanned failover waiting for its old home needs the replay of its orders.
+    let rejoining: Vec<String> = running
+        .iter()
+        .filter(|(_, op, _)| {
+            op.kind == switchover::Kind::Emergency && op.step == switchover::Step::Rejoin
+        })
+        .map(|(_, op, _)| op.source.clone())
+        .collect();
+    let replays = read_replays(client, platform, rejoining).await?;
     for (i, (id, op, revision)) in running.iter().enumerate() {
         let current = write::read(client, platform)
             .await
@@ -196,6 +207,7 @@ pub async fn drive(
             intents: &intents,
             owners: &owners,
             busy,
+            replays: &replays,
         };
         let (mut next, actions) = switchover::advance(op, &observed);
         // The record says which leader ended each step (a handover shows in the report).
@@ -265,6 +277,50 @@ async fn keys_under(client: &mut Client, prefix: &str) -> Result<Vec<String>> {
 }
 
 /// Live ownership leases by cell (`owners/<cell>/<lease>`).
+/// The replays of the given failed-over cells' orders (`replay/<cell>/`).
+async fn read_replays(
+    client: &mut Client,
+    platform: &str,
+    cells: Vec<String>,
+) -> Result<BTreeMap<String, ReplayState>> {
+    let mut out = BTreeMap::new();
+    for cell in cells {
+        let pending = client
+            .get(
+                replay_orders_prefix(platform, &cell),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map_err(crate::Error::Etcd)?
+            .count();
+        let sent = get_bytes(client, &replay_sent_key(platform, &cell))
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let applied = get_bytes(client, &replay_applied_key(platform, &cell))
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        out.insert(
+            cell,
+            ReplayState {
+                sent,
+                applied,
+                pending: pending.max(0) as u64,
+            },
+        );
+    }
+    Ok(out)
+}
+
+async fn get_bytes(client: &mut Client, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(client
+        .get(key, None)
+        .await
+        .map_err(crate::Error::Etcd)?
+        .kvs()
+        .first()
+        .map(|kv| kv.value().to_vec()))
+}
+
 pub async fn read_owners(client: &mut Client, platform: &str) -> Result<BTreeMap<String, usize>> {
     let mut owners = BTreeMap::new();
     for key in keys_under(client, &all_owners_prefix(platform)).await? {

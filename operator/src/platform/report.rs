@@ -125,6 +125,12 @@ fn loss_lines(op: &Switchover) -> Vec<String> {
             op.source
         ));
     }
+    if let Some(r) = &l.replay {
+        lines.push(format!(
+            "orders {}'s log had acknowledged: {} forwarded ({} voided left out), {} persisted late at {}, {} already there, {} voided there",
+            op.source, r.forwarded, r.void_skipped, r.persisted, op.target, r.duplicates, r.voided
+        ));
+    }
     if let Some(at) = &l.rebuilt_at_gtid {
         lines.push(format!(
             "{} rebuilt from {} at {at} ({} rows copied); it replicates from {} now",
@@ -438,7 +444,15 @@ mod tests {
         l.errant_exported = Some(8);
         l.rebuilt_at_gtid = Some("2-2-40".into());
         l.rebuilt_rows = Some(1200);
+        l.replay = Some(crate::platform::switchover::ReplayFigures {
+            forwarded: 40,
+            void_skipped: 2,
+            persisted: 7,
+            duplicates: 33,
+            voided: 0,
+        });
         let t = text(&op);
+        assert!(t.contains("orders a's log had acknowledged: 40 forwarded (2 voided left out), 7 persisted late at b, 33 already there, 0 voided there"), "{t}");
         assert!(
             t.contains(
                 "8 errant transaction(s) it took that b never got; exported before it was rebuilt"

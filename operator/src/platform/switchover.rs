@@ -35,7 +35,7 @@
 
 use super::intents::default_for;
 use cellplane_cells::crd::CellPhase;
-use cellplane_cells::etcd_keys::{Intent, Registration, RouterAck};
+use cellplane_cells::etcd_keys::{Intent, Registration, ReplayApplied, ReplaySent, RouterAck};
 use cellplane_cells::failover_timing::FailoverTimings;
 use cellplane_cells::gtid;
 use cellplane_cells::routing::{serves_traffic, RoutingTable};
@@ -262,6 +262,13 @@ pub struct Loss {
     pub errant_export: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errant_exported: Option<u64>,
+    /// When the old home was seen back (fenced, its intent carried out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub returned_at_ms: Option<u64>,
+    /// The orders its log had acknowledged, forwarded by its app and persisted where its
+    /// users are served now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayFigures>,
     /// The new home's position the old home was rebuilt at, and the rows copied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuilt_at_gtid: Option<String>,
@@ -397,6 +404,58 @@ pub struct Observed<'a> {
     pub owners: &'a BTreeMap<String, usize>,
     /// Another unfinished operation touches the cell or its standby.
     pub busy: bool,
+    /// The replays of failed-over cells' orders (read for operations at `Rejoin` only).
+    pub replays: &'a BTreeMap<String, ReplayState>,
+}
+
+/// The replay of a failed-over cell's orders as etcd shows it (`replay/<cell>/`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReplayState {
+    pub sent: Option<ReplaySent>,
+    pub applied: Option<ReplayApplied>,
+    /// Forwarded orders not persisted yet.
+    pub pending: u64,
+}
+
+/// What a replay did, for the record.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayFigures {
+    /// Orders the old home's app forwarded, and voided ones it left out.
+    pub forwarded: u64,
+    pub void_skipped: u64,
+    /// Written by the new home because they were missing (acknowledged, late, not lost).
+    pub persisted: u64,
+    /// Already there.
+    pub duplicates: u64,
+    /// Voided at the new home: not written.
+    pub voided: u64,
+}
+
+/// How long after the old home's return the leader waits for its app to confirm the
+/// replay of its orders before it ends the operation with a warning.
+pub const REPLAY_CONFIRM_MS: u64 = 60_000;
+
+/// The replay of `op.source`'s orders, once its app forwarded everything after the flip
+/// and every forwarded order was persisted.
+fn replay_settled(op: &Switchover, obs: &Observed) -> Option<ReplayFigures> {
+    let state = obs.replays.get(&op.source)?;
+    let sent = state.sent.as_ref()?;
+    if sent.epoch < op.flip_epoch.unwrap_or(u64::MAX) || state.pending > 0 {
+        return None;
+    }
+    let applied = match &state.applied {
+        Some(a) if a.epoch == sent.epoch => a.clone(),
+        _ if sent.forwarded == 0 => ReplayApplied::default(),
+        _ => return None,
+    };
+    Some(ReplayFigures {
+        forwarded: sent.forwarded,
+        void_skipped: sent.void_skipped,
+        persisted: applied.persisted,
+        duplicates: applied.duplicates,
+        voided: applied.voided,
+    })
 }
 
 /// What the leader must do after persisting the next record.
@@ -868,7 +927,8 @@ fn advance_lost(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
         Step::Rejoin => {
             // Keep the old home fenced and away from replication until its data is sorted:
             // first count what it has that the new home lacks; with anything errant, have
-            // its region export that and rebuild it from the new home.
+            // its region export that and rebuild it from the new home. Meanwhile its app
+            // forwards the orders its log acknowledged; the operation ends once they are in.
             let errant_known = next.loss.as_ref().and_then(|l| l.errant_transactions);
             let rebuild_from = errant_known.filter(|n| *n > 0).map(|_| op.target.clone());
             let generation = want_intent_with(
@@ -878,31 +938,23 @@ fn advance_lost(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                 &op.source,
                 false,
                 Vec::new(),
-                rebuild_from.clone(),
+                rebuild_from,
             );
             let returned = home.and_then(|h| {
                 let m = h.mysql.as_ref()?;
                 (h.intent_generation >= generation && m.read_only).then_some(m)
             });
-            let new_home = obs.cells.get(&op.target).and_then(|t| t.mysql.as_ref());
-            match (returned, new_home, errant_known) {
-                (Some(old), Some(new), None) => {
+            let Some(old) = returned else {
+                return (next, actions);
+            };
+            let Some(errant) = errant_known else {
+                if let Some(new) = obs.cells.get(&op.target).and_then(|t| t.mysql.as_ref()) {
                     let errant = gtid::lag(&old.gtid_binlog_pos, &new.gtid_binlog_pos);
                     let loss = next.loss.get_or_insert_with(Box::default);
                     loss.returned_gtid = Some(old.gtid_binlog_pos.clone());
                     loss.errant_transactions = Some(errant);
-                    if errant == 0 {
-                        let warnings = warnings(&next);
-                        finish_with_note(
-                            &mut next,
-                            obs.now_ms,
-                            Outcome::Succeeded { warnings },
-                            format!(
-                                "{} returned at {} with nothing the new home lacks; it becomes {}'s replica",
-                                op.source, old.gtid_binlog_pos, op.target
-                            ),
-                        );
-                    } else {
+                    loss.returned_at_ms = Some(obs.now_ms);
+                    if errant > 0 {
                         note_error(
                             &mut next,
                             format!(
@@ -912,53 +964,86 @@ fn advance_lost(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
                         );
                     }
                 }
-                (Some(old), _, Some(n)) if n > 0 => {
-                    let report = old
-                        .rebuild
+                return (next, actions);
+            };
+            let mut note = if errant == 0 {
+                format!(
+                    "{} returned at {} with nothing the new home lacks",
+                    op.source,
+                    next.loss
                         .as_ref()
-                        .filter(|r| r.operation == op.id && r.source == op.target);
-                    let Some(r) = report else {
-                        return (next, actions);
-                    };
-                    let loss = next.loss.get_or_insert_with(Box::default);
-                    if !r.export_file.is_empty() {
-                        loss.errant_export = Some(r.export_file.clone());
-                        loss.errant_exported = Some(r.errant_transactions);
-                    }
-                    if r.done && r.error.is_empty() {
-                        loss.rebuilt_at_gtid = Some(r.cloned_at.clone());
-                        loss.rebuilt_rows = Some(r.rows);
-                        let mut warnings = warnings(&next);
-                        if r.errant_transactions != n {
-                            warnings.push(format!(
-                                "{n} errant transaction(s) counted from the positions, {} found in the binary log",
-                                r.errant_transactions
-                            ));
-                        }
-                        finish_with_note(
-                            &mut next,
-                            obs.now_ms,
-                            Outcome::Succeeded { warnings },
-                            format!(
-                                "{} exported {} errant transaction(s) to {} and was rebuilt from {} at {} ({} rows); it becomes {}'s replica",
-                                op.source,
-                                r.errant_transactions,
-                                r.export_file,
-                                op.target,
-                                r.cloned_at,
-                                r.rows,
-                                op.target
-                            ),
-                        );
-                    } else if r.done {
-                        note_error(
-                            &mut next,
-                            format!("rebuilding {} failed (tried again): {}", op.source, r.error),
-                        );
-                    }
+                        .and_then(|l| l.returned_gtid.clone())
+                        .unwrap_or_default()
+                )
+            } else {
+                let report = old
+                    .rebuild
+                    .as_ref()
+                    .filter(|r| r.operation == op.id && r.source == op.target);
+                let Some(r) = report else {
+                    return (next, actions);
+                };
+                let loss = next.loss.get_or_insert_with(Box::default);
+                if !r.export_file.is_empty() {
+                    loss.errant_export = Some(r.export_file.clone());
+                    loss.errant_exported = Some(r.errant_transactions);
                 }
-                _ => {}
+                if !r.done {
+                    return (next, actions);
+                }
+                if !r.error.is_empty() {
+                    note_error(
+                        &mut next,
+                        format!("rebuilding {} failed (tried again): {}", op.source, r.error),
+                    );
+                    return (next, actions);
+                }
+                loss.rebuilt_at_gtid = Some(r.cloned_at.clone());
+                loss.rebuilt_rows = Some(r.rows);
+                if r.errant_transactions != errant {
+                    note_error(
+                        &mut next,
+                        format!(
+                            "{errant} errant transaction(s) counted from the positions, {} found in the binary log",
+                            r.errant_transactions
+                        ),
+                    );
+                }
+                format!(
+                    "{} exported {} errant transaction(s) to {} and was rebuilt from {} at {} ({} rows)",
+                    op.source, r.errant_transactions, r.export_file, op.target, r.cloned_at, r.rows
+                )
+            };
+            let returned_at = next
+                .loss
+                .as_ref()
+                .and_then(|l| l.returned_at_ms)
+                .unwrap_or(obs.now_ms);
+            match replay_settled(op, obs) {
+                Some(figures) => {
+                    note.push_str(&format!(
+                        "; its log's orders replayed: {} forwarded, {} persisted late, {} already there, {} voided",
+                        figures.forwarded, figures.persisted, figures.duplicates, figures.voided + figures.void_skipped
+                    ));
+                    next.loss.get_or_insert_with(Box::default).replay = Some(figures);
+                }
+                None if obs.now_ms.saturating_sub(returned_at) < REPLAY_CONFIRM_MS => {
+                    return (next, actions);
+                }
+                None => note_error(
+                    &mut next,
+                    format!(
+                        "{}'s app did not confirm forwarding its log's orders within {} s of its return; orders it acknowledged in its last moments may be missing at {} (see `replay/{}/` in etcd and the app's log)",
+                        op.source,
+                        REPLAY_CONFIRM_MS / 1000,
+                        op.target,
+                        op.source
+                    ),
+                ),
             }
+            note.push_str(&format!("; it becomes {}'s replica", op.target));
+            let warnings = warnings(&next);
+            finish_with_note(&mut next, obs.now_ms, Outcome::Succeeded { warnings }, note);
         }
         _ => unreachable!("advance_lost runs the unplanned steps only"),
     }
@@ -1381,6 +1466,7 @@ pub(crate) fn healthy_registration(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cellplane_cells::crd::CellPhase;
     use cellplane_cells::etcd_keys::{MysqlReport, RebuildReport, ReplicaReport};
 
     /// The world a switchover acts on, with the regions and routers played by the test:
@@ -1428,6 +1514,11 @@ mod tests {
         max_step_ms: u64,
         /// The rebuild each cell's region carried out.
         rebuilds: BTreeMap<String, RebuildReport>,
+        /// The replays of failed-over cells' orders: the old home's app forwards 3 (one
+        /// was already persisted) once its region answers again.
+        replays: BTreeMap<String, ReplayState>,
+        /// The old home's app never forwards its orders.
+        app_silent: bool,
     }
 
     fn pos(cell: &str, seq: u64) -> String {
@@ -1460,6 +1551,8 @@ mod tests {
                 writes_gated: false,
                 log_replica_updates: false,
                 rebuilds: BTreeMap::new(),
+                replays: BTreeMap::new(),
+                app_silent: false,
                 max_step_ms: 3000,
             };
             // Each cell stands by for the other (the two-region ring).
@@ -1499,6 +1592,7 @@ mod tests {
                 intents: &self.intents,
                 owners: &self.owners,
                 busy: self.busy,
+                replays: &self.replays,
             }
         }
 
@@ -1575,6 +1669,31 @@ mod tests {
                 if self.deaf_regions.contains(&cell) || (!self.roll(self.odds[1]) && old.is_some())
                 {
                     continue;
+                }
+                // The old home's app forwards its log once it sees its cell failed over.
+                let failed_over = self
+                    .table
+                    .cell(&cell)
+                    .is_some_and(|c| c.state == CellPhase::FailedOver && !c.frozen);
+                if failed_over && !self.app_silent && !self.replays.contains_key(&cell) {
+                    let epoch = self.table.epoch;
+                    self.replays.insert(
+                        cell.clone(),
+                        ReplayState {
+                            sent: Some(ReplaySent {
+                                epoch,
+                                forwarded: 3,
+                                ..Default::default()
+                            }),
+                            applied: Some(ReplayApplied {
+                                epoch,
+                                persisted: 2,
+                                duplicates: 1,
+                                voided: 0,
+                            }),
+                            pending: 0,
+                        },
+                    );
                 }
                 // The region rebuilds the cell from the new home once per operation: its
                 // errant writes exported, its position the new home's view of it.
@@ -2432,6 +2551,50 @@ mod tests {
             "{:?}",
             op.steps
         );
+        // The orders a's log had acknowledged were forwarded and persisted at b.
+        assert_eq!(
+            loss.replay,
+            Some(ReplayFigures {
+                forwarded: 3,
+                persisted: 2,
+                duplicates: 1,
+                ..Default::default()
+            })
+        );
+        assert!(op.steps.last().unwrap().note.contains(
+            "its log's orders replayed: 3 forwarded, 2 persisted late, 1 already there, 0 voided"
+        ));
+    }
+
+    /// An old home whose app never confirms the replay of its orders: the operation ends
+    /// after `REPLAY_CONFIRM_MS` with a warning that says where to look.
+    #[test]
+    fn a_replay_never_confirmed_ends_the_failover_with_a_warning() {
+        let mut w = World::new();
+        w.log_replica_updates = true;
+        w.applied = 500;
+        *w.writes.get_mut("a").unwrap() = 500;
+        w.app_silent = true;
+        let loss = cut_off_a(&mut w);
+        let op = Switchover::emergency("f", "a", "b", "test", Limits::default(), loss);
+        let (op, _) = w.run(op, 50);
+        assert_eq!(op.step, Step::Rejoin);
+        w.deaf_regions.clear();
+        w.tick();
+        let (op, _) = w.run(op, 5);
+        assert_eq!(op.loss.as_ref().unwrap().errant_transactions, Some(0));
+        assert!(!op.finished(), "waits for the replay");
+        w.now_ms += REPLAY_CONFIRM_MS;
+        let (op, _) = w.run(op, 2);
+        assert!(op.finished());
+        assert!(op.loss.as_ref().unwrap().replay.is_none());
+        assert!(
+            warnings(&op)
+                .iter()
+                .any(|w| w.contains("did not confirm forwarding its log's orders within 60 s")),
+            "{:?}",
+            warnings(&op)
+        );
     }
 
     /// Model check of unplanned failover: thousands of random worlds in which region us is
@@ -2459,6 +2622,7 @@ mod tests {
             let budget = m.t.write_completion_budget_ms();
             let mut detector = super::super::detect::Detector::default();
             let mut op: Option<Switchover> = None;
+            let mut counted_errant: Option<u64> = None;
             for _ in 0..3_000 {
                 m.tick();
                 let Some(current) = op.clone() else {
@@ -2521,10 +2685,17 @@ mod tests {
                 if op.finished() || (op.step == Step::Rejoin && m.heal_at.is_none()) {
                     break;
                 }
-                if op.step == Step::Rejoin
-                    && op.loss.as_ref().unwrap().errant_transactions.is_some()
-                {
-                    break;
+                // Counted on return: what a wrote that b never applied (the rebuild that
+                // follows makes a's history b's view of it).
+                if op.step == Step::Rejoin && counted_errant.is_none() {
+                    if let Some(n) = op.loss.as_ref().unwrap().errant_transactions {
+                        assert_eq!(
+                            n,
+                            m.w.writes["a"] - m.w.applied,
+                            "seed {seed}: errant transactions miscounted"
+                        );
+                        counted_errant = Some(n);
+                    }
                 }
             }
             let Some(op) = op else {
@@ -2561,16 +2732,17 @@ mod tests {
                     let loss = op.loss.as_ref().unwrap();
                     match (loss.errant_transactions, m.heal_at) {
                         (Some(errant), Some(_)) => {
-                            assert_eq!(
-                                errant,
-                                m.w.writes["a"] - m.w.applied,
-                                "seed {seed}: errant transactions miscounted"
-                            );
-                            assert_eq!(op.finished(), errant == 0, "seed {seed}");
+                            assert_eq!(Some(errant), counted_errant, "seed {seed}");
+                            // Ended once the old home's orders were replayed and, with
+                            // errant writes, once they were exported and a rebuilt.
+                            assert!(op.finished(), "seed {seed}: {:?}", op.steps);
+                            assert!(loss.replay.is_some(), "seed {seed}");
                             if errant == 0 {
                                 "failed over, nothing lost"
                             } else {
-                                "failed over, errant kept"
+                                assert_eq!(loss.errant_exported, Some(errant), "seed {seed}");
+                                assert!(loss.rebuilt_at_gtid.is_some(), "seed {seed}");
+                                "failed over, errant exported, rebuilt"
                             }
                             .to_string()
                         }
