@@ -168,6 +168,11 @@ pub struct Registration {
     /// The generation of the cell's intent that its region has carried out (0: none).
     #[serde(default)]
     pub intent_generation: u64,
+    /// Since when (ms since the Unix epoch) the cell has been healthy without a break, as
+    /// its region measures it; a region cut off from the global etcd starts it again. A
+    /// failback after an unplanned failover waits for a stabilization window of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_since_ms: Option<u64>,
 }
 
 /// A cell's MySQL: its own position and role, and each replication connection it runs

@@ -65,8 +65,12 @@ spec:
     )
 }
 
+/// The lab's stabilization window before an automatic failback (after an unplanned
+/// failover only: planned moves are failed back by the tests).
+pub const FAILBACK_STABILIZATION_SECS: u64 = 15;
+
 /// Region `i`'s operator as the lab runs it: platform leadership, replication, a fast agent,
-/// its own etcd member first.
+/// its own etcd member first, automatic failback after a short stabilization window.
 fn platform_operator(
     i: usize,
     region: &Region,
@@ -81,6 +85,9 @@ fn platform_operator(
             secret.to_str().context("path")?,
             "--agent-interval-ms",
             "100",
+            "--auto-failback=true",
+            "--failback-stabilization-secs",
+            &FAILBACK_STABILIZATION_SECS.to_string(),
         ],
     )
 }

@@ -12,9 +12,10 @@
 //! clock); when the region heals, the old home stays fenced (MariaDB read_only) and its
 //! writes that never reached the new home are counted as errant, never dropped.
 
+use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::drills_prefix;
 use cellplane_cells::failover_timing::FailoverTimings;
-use cellplane_e2e::lab::{PairLab, HOME, STANDBY};
+use cellplane_e2e::lab::{PairLab, FAILBACK_STABILIZATION_SECS, HOME, STANDBY};
 use cellplane_e2e::netlab::Place;
 use cellplane_e2e::{wait_for, workspace_bin};
 use cellplane_operator::platform::batch::Operation;
@@ -77,6 +78,10 @@ fn answers(path: &std::path::Path) -> anyhow::Result<Vec<Answer>> {
 }
 
 async fn failover_of(lab: &PairLab, cell: &str) -> anyhow::Result<Option<Switchover>> {
+    operation_of(lab, Kind::Emergency, cell).await
+}
+
+async fn operation_of(lab: &PairLab, kind: Kind, cell: &str) -> anyhow::Result<Option<Switchover>> {
     let mut c = lab.etcd.client().await?;
     let resp = c
         .get(
@@ -86,7 +91,7 @@ async fn failover_of(lab: &PairLab, cell: &str) -> anyhow::Result<Option<Switcho
         .await?;
     for kv in resp.kvs() {
         if let Ok(Operation::Switchover(s)) = serde_json::from_slice::<Operation>(kv.value()) {
-            if s.kind == Kind::Emergency && s.cell == cell {
+            if s.kind == kind && s.cell == cell {
                 return Ok(Some(s));
             }
         }
@@ -416,5 +421,41 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
     );
     home_db.disconnect().await?;
     standby_db.disconnect().await?;
+
+    // Failback: a person is refused until the old home has stayed healthy for the window
+    // (the CLI's default, 300 s); the platform fails back by itself after the lab's.
+    let (code, out) = lab.cellplane(&["failback", HOME, "--dry-run"]).await?;
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("refused by the stable gate"), "{out}");
+    let back = wait_for("the automatic failback", T, || async {
+        Ok(operation_of(&lab, Kind::Failback, HOME)
+            .await?
+            .filter(|s| s.finished()))
+    })
+    .await
+    .inspect_err(|_| show_operator_logs(&lab))?;
+    assert_eq!(back.started_by, "platform (automatic)");
+    assert!(
+        matches!(back.outcome, Some(Outcome::Succeeded { .. })),
+        "{:?}",
+        back.outcome
+    );
+    let since = lab
+        .etcd
+        .registration(HOME)
+        .await?
+        .and_then(|r| r.healthy_since_ms)
+        .expect("healthy since");
+    let started = back.steps[0].started_ms;
+    println!(
+        "failback started {} ms after the old home was healthy again (window {} s); {}",
+        started - since,
+        FAILBACK_STABILIZATION_SECS,
+        cellplane_operator::platform::report::text(&back)
+    );
+    assert!(started >= since + FAILBACK_STABILIZATION_SECS * 1000);
+    let t = lab.etcd.routing_table().await?.unwrap();
+    assert_eq!(t.cell(HOME).unwrap().state, CellPhase::Active);
+    assert!(t.serving_for(HOME).is_none(), "its users are back");
     Ok(())
 }

@@ -101,6 +101,15 @@ struct RunArgs {
     /// `cellplane failover CELL --emergency` asks for it.
     #[arg(long, env = "CELLPLANE_AUTO_FAILOVER", default_value_t = true, action = clap::ArgAction::Set)]
     auto_failover: bool,
+    /// After an unplanned failover, bring the cell's users back to it by itself once its old
+    /// home has stayed healthy for --failback-stabilization-secs (a planned, zero-loss
+    /// failback). Off: `cellplane failback CELL` after the same window.
+    #[arg(long, env = "CELLPLANE_AUTO_FAILBACK", default_value_t = false, action = clap::ArgAction::Set)]
+    auto_failback: bool,
+    /// How long the old home of a cell failed over unplanned must stay healthy before it
+    /// fails back (seconds).
+    #[arg(long, env = "CELLPLANE_FAILBACK_STABILIZATION_SECS", default_value_t = cellplane_operator::platform::switchover::DEFAULT_STABILIZATION_MS / 1000)]
+    failback_stabilization_secs: u64,
     /// How long a cell must stay lost before the leader fails it over (ms).
     #[arg(long, env = "CELLPLANE_FAILOVER_GRACE_MS", default_value_t = FailoverTimings::default().grace_ms)]
     failover_grace_ms: u64,
@@ -260,6 +269,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             history: args.routing_history.max(1),
             timings: timings.clone(),
             auto_failover: args.auto_failover,
+            auto_failback: args.auto_failback,
+            stabilization: Duration::from_secs(args.failback_stabilization_secs),
         }),
         (None, _) => None,
     };

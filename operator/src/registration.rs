@@ -37,6 +37,7 @@ pub struct Live {
     /// Measured health (None: not measured; the registration's own value stands).
     pub healthy: Option<bool>,
     pub intent_generation: u64,
+    pub healthy_since_ms: Option<u64>,
 }
 
 fn merged(parts: &Parts) -> Option<Registration> {
@@ -49,6 +50,7 @@ fn merged(parts: &Parts) -> Option<Registration> {
             reg.healthy = h;
         }
         reg.intent_generation = live.intent_generation;
+        reg.healthy_since_ms = live.healthy_since_ms;
     }
     Some(reg)
 }

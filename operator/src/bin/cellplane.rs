@@ -18,7 +18,7 @@ use cellplane_operator::platform::batch::{
 use cellplane_operator::platform::operations::{read_owners, read_values};
 use cellplane_operator::platform::report;
 use cellplane_operator::platform::switchover::{
-    self, Kind, Limits, Loss, Observed, Outcome, Switchover,
+    self, Kind, Limits, Loss, Observed, Outcome, Recent, Switchover,
 };
 use cellplane_table::write;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -95,6 +95,10 @@ struct OpFlags {
     /// Capacity gate: highest utilization (percent) the target may reach after the move.
     #[arg(long, default_value_t = Limits::default().max_utilization_pct)]
     max_utilization: u64,
+    /// Failback after an unplanned failover: seconds the old home must have stayed healthy
+    /// since it came back (0: no wait).
+    #[arg(long, default_value_t = Limits::default().stabilization_ms / 1000)]
+    stabilization_secs: u64,
 }
 
 impl OpFlags {
@@ -104,6 +108,7 @@ impl OpFlags {
             max_lag_secs: self.max_lag_secs,
             capacity_rps_per_weight: self.capacity_rps_per_weight,
             max_utilization_pct: self.max_utilization,
+            stabilization_ms: self.stabilization_secs.saturating_mul(1000),
             ..Limits::default()
         }
     }
@@ -516,13 +521,18 @@ async fn start(
         .await?;
     let owners = read_owners(&mut p.client, &p.name).await?;
     let operations = p.operations().await?;
-    let running: Vec<Switchover> = operations
+    let switchovers: Vec<Switchover> = operations
         .values()
         .filter_map(|o| match o {
-            Operation::Switchover(s) if !s.finished() => Some(s.clone()),
+            Operation::Switchover(s) => Some(s.clone()),
             _ => None,
         })
         .collect();
+    let recent = Recent {
+        lost_at_ms: switchover::last_losses(&switchovers),
+        ..Recent::default()
+    };
+    let running: Vec<Switchover> = switchovers.into_iter().filter(|s| !s.finished()).collect();
     let batches: Vec<Batch> = operations
         .into_values()
         .filter_map(|o| match o {
@@ -540,7 +550,7 @@ async fn start(
             owners: &owners,
             busy: running.iter().any(|r| r.overlaps(member))
                 || blocked_by_batches(member, &batches, &t),
-            replays: &BTreeMap::new(),
+            recent: &recent,
         };
         let (checked, _) = switchover::advance(member, &observed);
         if let Some(Outcome::Refused { gate, message }) = &checked.outcome {

@@ -264,6 +264,7 @@ async fn register(
         kafka_lag: None,
         requests_per_sec: None,
         intent_generation: 0,
+        healthy_since_ms: None,
     };
     Some(
         match registrar

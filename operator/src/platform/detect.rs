@@ -2,9 +2,12 @@
 //! that stays lost ([`switchover::lost`]) for the grace is failed over to its standby,
 //! automatically when the platform allows it, at most once per cell per no-flap window.
 //! The detector remembers each cell's last registration, so the record can say how far the
-//! standby was behind the home's last reported position: the estimated RPO.
+//! standby was behind the home's last reported position: the estimated RPO. And the way
+//! back ([`failbacks_due`]): a cell failed over unplanned returns to its old home once that
+//! home stayed healthy for the stabilization window, when the platform is told to.
 
 use super::switchover::{self, Kind, Loss, Observed, Switchover};
+use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::Registration;
 use cellplane_cells::failover_timing::FailoverTimings;
 use cellplane_cells::gtid;
@@ -165,6 +168,49 @@ pub fn may_start_automatically(
     }
 }
 
+/// When an operation was started (its first step began then).
+fn started_ms(op: &Switchover) -> u64 {
+    op.steps
+        .first()
+        .map_or(op.step_started_ms, |s| s.started_ms)
+}
+
+/// Failed-over cells whose users may go back to them automatically, with the cell that
+/// serves them now: an unplanned failover moved them, the old home has been healthy
+/// without a break for `window_ms` since it came back, nothing runs on either cell, and
+/// no automatic failback of the cell was tried within the window (a refused one waits).
+pub fn failbacks_due(
+    obs: &Observed,
+    operations: &[Switchover],
+    window_ms: u64,
+) -> Vec<(String, String)> {
+    let t = obs.table;
+    t.cells
+        .iter()
+        .filter(|c| c.state == CellPhase::FailedOver && !c.frozen)
+        .filter_map(|c| {
+            let lost_at = *obs.recent.lost_at_ms.get(&c.name)?;
+            let serving = t.serving_for(&c.name)?.name.clone();
+            let reg = obs.cells.get(&c.name).filter(|r| r.healthy)?;
+            let since = reg.healthy_since_ms.filter(|s| *s > lost_at)?;
+            if obs.now_ms < since + window_ms {
+                return None;
+            }
+            let pair = [c.name.as_str(), serving.as_str()];
+            let busy = operations
+                .iter()
+                .any(|op| !op.finished() && op.cells().iter().any(|x| pair.contains(x)));
+            let tried = operations.iter().any(|op| {
+                op.kind == Kind::Failback
+                    && op.cell == c.name
+                    && op.started_by == AUTOMATIC
+                    && obs.now_ms < started_ms(op) + window_ms
+            });
+            (!busy && !tried).then(|| (c.name.clone(), serving))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,7 +249,7 @@ mod tests {
         routers: BTreeMap<String, RouterAck>,
         owners: BTreeMap<String, usize>,
         intents: BTreeMap<String, Intent>,
-        replays: BTreeMap<String, super::super::switchover::ReplayState>,
+        recent: super::super::switchover::Recent,
     }
 
     impl Seen {
@@ -216,7 +262,7 @@ mod tests {
                 intents: &self.intents,
                 owners: &self.owners,
                 busy: false,
-                replays: &self.replays,
+                recent: &self.recent,
             }
         }
     }
@@ -231,7 +277,7 @@ mod tests {
             routers: BTreeMap::new(),
             owners: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]),
             intents: BTreeMap::new(),
-            replays: BTreeMap::new(),
+            recent: Default::default(),
         }
     }
 

@@ -56,6 +56,10 @@ pub struct PlatformConfig {
     pub timings: FailoverTimings,
     /// Fail lost cells over without asking a person.
     pub auto_failover: bool,
+    /// Fail cells back after an unplanned failover without asking a person, once the old
+    /// home stayed healthy for `stabilization`.
+    pub auto_failback: bool,
+    pub stabilization: Duration,
 }
 
 /// Campaigns, leads while elected, campaigns again; returns when `stop` resolves.

@@ -6,7 +6,7 @@
 
 use super::batch::{self, Batch, Operation};
 use super::detect::{self, Detector};
-use super::switchover::{self, Action, Observed, ReplayState, Switchover};
+use super::switchover::{self, Action, Observed, Recent, ReplayState, Switchover};
 use crate::metrics::Metrics;
 use crate::Result;
 use cellplane_cells::etcd_keys::{
@@ -144,6 +144,10 @@ pub async fn drive(
         }
         detector.remember_leased([cell]);
     }
+    let mut recent = Recent {
+        lost_at_ms: switchover::last_losses(&all_operations),
+        ..Recent::default()
+    };
     if let Some(table) = &table {
         let observed = Observed {
             now_ms: cellplane_table::store::now_ms(),
@@ -153,7 +157,7 @@ pub async fn drive(
             intents: &intents,
             owners: &owners,
             busy: false,
-            replays: &BTreeMap::new(),
+            recent: &recent,
         };
         match detect(
             client,
@@ -183,7 +187,7 @@ pub async fn drive(
         })
         .map(|(_, op, _)| op.source.clone())
         .collect();
-    let replays = read_replays(client, platform, rejoining).await?;
+    recent.replays = read_replays(client, platform, rejoining).await?;
     for (i, (id, op, revision)) in running.iter().enumerate() {
         let current = write::read(client, platform)
             .await
@@ -207,7 +211,7 @@ pub async fn drive(
             intents: &intents,
             owners: &owners,
             busy,
-            replays: &replays,
+            recent: &recent,
         };
         let (mut next, actions) = switchover::advance(op, &observed);
         // The record says which leader ended each step (a handover shows in the report).
@@ -380,6 +384,25 @@ async fn detect(
         metrics.failovers_started.inc();
         tracing::error!(operation = %id, cell = %f.cell, standby = %f.standby, lost = ?op.loss.as_ref().map(|l| &l.reason), "cell lost: unplanned failover started");
         return Ok(Some(true));
+    }
+    if cfg.auto_failback {
+        let window = cfg.stabilization.as_millis() as u64;
+        if let Some((cell, source)) = detect::failbacks_due(observed, operations, window)
+            .into_iter()
+            .next()
+        {
+            let limits = switchover::Limits {
+                stabilization_ms: window,
+                ..switchover::Limits::default()
+            };
+            let id = format!("failback-{cell}-{now_ms}");
+            let op = Switchover::failback(&id, &cell, &source, detect::AUTOMATIC, limits, now_ms);
+            if !put_record(client, &cfg.platform, &Operation::Switchover(op), 0, fence).await? {
+                return Ok(Some(false));
+            }
+            tracing::warn!(operation = %id, %cell, from = %source, window_secs = window / 1000, "the old home stayed healthy for the stabilization window: failback started");
+            return Ok(Some(true));
+        }
     }
     Ok(None)
 }

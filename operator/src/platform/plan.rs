@@ -235,6 +235,7 @@ mod tests {
             kafka_lag: None,
             requests_per_sec: None,
             intent_generation: 0,
+            healthy_since_ms: None,
         }
     }
 

@@ -65,6 +65,9 @@ struct CellState {
     request_samples: VecDeque<(Instant, u64)>,
     /// The last rebuild of the cell's MySQL an intent asked for.
     rebuild: Option<RebuildTask>,
+    /// Since when the cell's app has answered ready without a break (and the region
+    /// reached the global etcd).
+    healthy_since_ms: Option<u64>,
 }
 
 /// Runs until `stop` resolves.
@@ -115,6 +118,11 @@ pub async fn run(
                     Err(e) => {
                         tracing::warn!(error = %e, "region agent: pass failed");
                         client = None;
+                        // Out of touch with the global etcd: no cell of this region counts
+                        // as healthy without a break any more (a failback waits for it).
+                        for st in states.values_mut() {
+                            st.healthy_since_ms = None;
+                        }
                     }
                 }
             }
@@ -448,6 +456,7 @@ async fn serve_cell(
             .map(|p| p.request_samples.clone())
             .unwrap_or_default();
         let previous_rebuild = previous.as_ref().and_then(|p| p.rebuild.clone());
+        let previous_healthy_since = previous.as_ref().and_then(|p| p.healthy_since_ms);
         states.insert(
             name.clone(),
             CellState {
@@ -459,6 +468,7 @@ async fn serve_cell(
                 reconfigured: HashMap::new(),
                 request_samples: previous_samples,
                 rebuild: previous_rebuild,
+                healthy_since_ms: previous_healthy_since,
             },
         );
     }
@@ -555,6 +565,11 @@ async fn serve_cell(
         st.request_samples.push_back((Instant::now(), total));
     }
     let requests_per_sec = rate_over_last_minute(&mut st.request_samples);
+    let healthy = app.ready.unwrap_or(false);
+    st.healthy_since_ms = healthy.then(|| {
+        st.healthy_since_ms
+            .unwrap_or_else(cellplane_table::store::now_ms)
+    });
     Ok(Live {
         mysql: Some(MysqlReport {
             read_only: pos.read_only,
@@ -566,8 +581,9 @@ async fn serve_cell(
         requests_per_sec,
         // The app's own readiness (its three stores and a table); an app that does not
         // answer at all is not healthy either.
-        healthy: Some(app.ready.unwrap_or(false)),
+        healthy: Some(healthy),
         intent_generation: st.applied_generation,
+        healthy_since_ms: st.healthy_since_ms,
     })
 }
 

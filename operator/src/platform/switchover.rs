@@ -71,6 +71,17 @@ pub struct Limits {
     /// gone the standby may be promoted (`FailoverTimings::expiry_margin_ms`).
     #[serde(default = "default_expiry_margin")]
     pub expiry_margin_ms: u64,
+    /// Failback after an unplanned failover: how long the old home must have been healthy
+    /// without a break (its registration's `healthySinceMs`) before its users go back.
+    #[serde(default = "default_stabilization")]
+    pub stabilization_ms: u64,
+}
+
+/// The default stabilization window before a failback after an unplanned failover.
+pub const DEFAULT_STABILIZATION_MS: u64 = 300_000;
+
+fn default_stabilization() -> u64 {
+    DEFAULT_STABILIZATION_MS
 }
 
 fn default_expiry_margin() -> u64 {
@@ -99,6 +110,7 @@ impl Default for Limits {
             ack_timeout_ms: 5_000,
             step_timeout_ms: 30_000,
             expiry_margin_ms: default_expiry_margin(),
+            stabilization_ms: default_stabilization(),
         }
     }
 }
@@ -404,8 +416,38 @@ pub struct Observed<'a> {
     pub owners: &'a BTreeMap<String, usize>,
     /// Another unfinished operation touches the cell or its standby.
     pub busy: bool,
-    /// The replays of failed-over cells' orders (read for operations at `Rejoin` only).
-    pub replays: &'a BTreeMap<String, ReplayState>,
+    /// What the records and etcd say beyond the registrations.
+    pub recent: &'a Recent,
+}
+
+/// What the leader (or the CLI) knows beyond the registrations: from etcd, the replays of
+/// failed-over cells' orders (read for operations at `Rejoin` only); from the records,
+/// when each cell whose slots an unplanned failover moved last was found lost.
+#[derive(Clone, Debug, Default)]
+pub struct Recent {
+    pub replays: BTreeMap<String, ReplayState>,
+    pub lost_at_ms: BTreeMap<String, u64>,
+}
+
+/// For each cell whose slots were last moved away by an unplanned failover (rather than
+/// a planned switchover), when it was found lost.
+pub fn last_losses(operations: &[Switchover]) -> BTreeMap<String, u64> {
+    let mut last: BTreeMap<&str, &Switchover> = BTreeMap::new();
+    for op in operations
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Switchover | Kind::Emergency) && o.flip_epoch.is_some())
+    {
+        let entry = last.entry(op.cell.as_str()).or_insert(op);
+        if op.flip_epoch > entry.flip_epoch {
+            *entry = op;
+        }
+    }
+    last.into_iter()
+        .filter_map(|(cell, op)| {
+            let loss = op.loss.as_ref().filter(|_| op.kind == Kind::Emergency)?;
+            Some((cell.to_string(), loss.detected_at_ms))
+        })
+        .collect()
 }
 
 /// The replay of a failed-over cell's orders as etcd shows it (`replay/<cell>/`).
@@ -439,7 +481,7 @@ pub const REPLAY_CONFIRM_MS: u64 = 60_000;
 /// The replay of `op.source`'s orders, once its app forwarded everything after the flip
 /// and every forwarded order was persisted.
 fn replay_settled(op: &Switchover, obs: &Observed) -> Option<ReplayFigures> {
-    let state = obs.replays.get(&op.source)?;
+    let state = obs.recent.replays.get(&op.source)?;
     let sent = state.sent.as_ref()?;
     if sent.epoch < op.flip_epoch.unwrap_or(u64::MAX) || state.pending > 0 {
         return None;
@@ -1050,6 +1092,24 @@ fn advance_lost(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
     (next, actions)
 }
 
+/// After an unplanned failover, the old home must have stayed healthy for the
+/// stabilization window since it came back before its users return to it.
+fn stable(op: &Switchover, reg: &Registration, lost_at: u64, now_ms: u64) -> Result<(), String> {
+    let window = op.limits.stabilization_ms;
+    let since = reg.healthy_since_ms.filter(|s| *s > lost_at);
+    let healthy_for = since.map_or(0, |s| now_ms.saturating_sub(s));
+    if healthy_for >= window {
+        return Ok(());
+    }
+    Err(format!(
+        "{} was lost (an unplanned failover) and has been healthy for {} s of the {} s stabilization window since it came back; wait {} s, or shorten the window with --stabilization-secs",
+        op.cell,
+        healthy_for / 1000,
+        window / 1000,
+        (window - healthy_for).div_ceil(1000)
+    ))
+}
+
 /// The gates, in order; the first that fails names itself and the fix.
 fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, String)> {
     let t = obs.table;
@@ -1159,6 +1219,9 @@ fn preflight(op: &Switchover, obs: &Observed) -> Result<(), (&'static str, Strin
             op.target
         ),
     ))?;
+    if let (Kind::Failback, Some(lost_at)) = (op.kind, obs.recent.lost_at_ms.get(&op.cell)) {
+        stable(op, reg, *lost_at, obs.now_ms).map_err(|why| ("stable", why))?;
+    }
     if op.kind == Kind::Emergency {
         // The home cannot be asked for anything: it must be lost, and nothing else gates.
         return match lost(obs, &op.source) {
@@ -1460,6 +1523,7 @@ pub(crate) fn healthy_registration(
         kafka_lag: Some(0),
         requests_per_sec: None,
         intent_generation: 1,
+        healthy_since_ms: Some(0),
     }
 }
 
@@ -1516,9 +1580,11 @@ mod tests {
         rebuilds: BTreeMap<String, RebuildReport>,
         /// The replays of failed-over cells' orders: the old home's app forwards 3 (one
         /// was already persisted) once its region answers again.
-        replays: BTreeMap<String, ReplayState>,
+        recent: Recent,
         /// The old home's app never forwards its orders.
         app_silent: bool,
+        /// What every region reports as its cells' `healthySinceMs`.
+        healthy_since_ms: Option<u64>,
     }
 
     fn pos(cell: &str, seq: u64) -> String {
@@ -1551,8 +1617,9 @@ mod tests {
                 writes_gated: false,
                 log_replica_updates: false,
                 rebuilds: BTreeMap::new(),
-                replays: BTreeMap::new(),
+                recent: Recent::default(),
                 app_silent: false,
+                healthy_since_ms: Some(0),
                 max_step_ms: 3000,
             };
             // Each cell stands by for the other (the two-region ring).
@@ -1592,7 +1659,7 @@ mod tests {
                 intents: &self.intents,
                 owners: &self.owners,
                 busy: self.busy,
-                replays: &self.replays,
+                recent: &self.recent,
             }
         }
 
@@ -1675,9 +1742,9 @@ mod tests {
                     .table
                     .cell(&cell)
                     .is_some_and(|c| c.state == CellPhase::FailedOver && !c.frozen);
-                if failed_over && !self.app_silent && !self.replays.contains_key(&cell) {
+                if failed_over && !self.app_silent && !self.recent.replays.contains_key(&cell) {
                     let epoch = self.table.epoch;
-                    self.replays.insert(
+                    self.recent.replays.insert(
                         cell.clone(),
                         ReplayState {
                             sent: Some(ReplaySent {
@@ -1749,6 +1816,7 @@ mod tests {
                         }),
                         requests_per_sec: self.rps.get(&cell).copied(),
                         intent_generation: intent.generation,
+                        healthy_since_ms: self.healthy_since_ms,
                         ..healthy_registration(
                             "r",
                             MysqlReport {
@@ -2124,6 +2192,103 @@ mod tests {
             assert!(w.intents[cell].writable, "{cell}");
             assert_eq!(w.intents[cell].replicate_from, vec![source.to_string()]);
         }
+    }
+
+    /// After an unplanned failover the old home must stay healthy for the stabilization
+    /// window (since it came back) before its users return; after a planned one, no wait.
+    #[test]
+    fn a_failback_after_a_loss_waits_for_the_stabilization_window() {
+        let (mut w, _) = failed_over_world();
+        let (op, _) = w.run(start_failback(&w), 100);
+        assert!(
+            matches!(op.outcome, Some(Outcome::Succeeded { .. })),
+            "planned: no window"
+        );
+        let (mut w, _) = failed_over_world();
+        let lost = w.now_ms;
+        w.recent.lost_at_ms.insert("a".into(), lost);
+        // Healthy since before the loss does not count: it was lost after that.
+        w.now_ms += 400_000;
+        w.tick();
+        let (op, _) = w.run(start_failback(&w), 3);
+        assert!(
+            matches!(&op.outcome, Some(Outcome::Refused { gate, message }) if gate == "stable" && message.contains("healthy for 0 s of the 300 s stabilization window") && message.contains("--stabilization-secs")),
+            "{:?}",
+            op.outcome
+        );
+        // Back 100 s ago: 200 s to wait.
+        w.healthy_since_ms = Some(w.now_ms - 100_000);
+        w.tick();
+        let (op, _) = w.run(start_failback(&w), 3);
+        assert!(
+            matches!(&op.outcome, Some(Outcome::Refused { message, .. }) if message.contains("healthy for 100 s") && message.contains("wait 200 s")),
+            "{:?}",
+            op.outcome
+        );
+        let due = |w: &World, ops: &[Switchover]| {
+            super::super::detect::failbacks_due(&w.observed(), ops, 300_000)
+        };
+        assert!(due(&w, &[]).is_empty(), "not yet");
+        w.now_ms += 200_000;
+        w.tick();
+        assert_eq!(due(&w, &[]), vec![("a".to_string(), "b".to_string())]);
+        // Not while another operation touches the pair, nor again soon after an
+        // automatic attempt (a refused one included).
+        let mut other = start(&w);
+        other.cell = "b".into();
+        assert!(due(&w, &[other]).is_empty());
+        let mut tried = Switchover::failback(
+            "fb-0",
+            "a",
+            "b",
+            super::super::detect::AUTOMATIC,
+            Limits::default(),
+            w.now_ms - 1,
+        );
+        tried.outcome = Some(Outcome::Refused {
+            gate: "rpo".into(),
+            message: String::new(),
+        });
+        assert!(due(&w, &[tried]).is_empty());
+        let (op, _) = w.run(start_failback(&w), 100);
+        assert!(
+            matches!(op.outcome, Some(Outcome::Succeeded { .. })),
+            "{:?}",
+            op.outcome
+        );
+        assert!(due(&w, &[]).is_empty(), "a serves its users again");
+    }
+
+    #[test]
+    fn last_losses_name_cells_whose_last_move_was_unplanned() {
+        let mut planned = Switchover::new("s", "a", "b", "t", Limits::default(), 10);
+        planned.flip_epoch = Some(5);
+        let mut lost = Switchover::emergency(
+            "f",
+            "a",
+            "b",
+            "t",
+            Limits::default(),
+            Loss {
+                detected_at_ms: 20,
+                ..Loss::default()
+            },
+        );
+        lost.flip_epoch = Some(9);
+        assert_eq!(
+            last_losses(&[planned.clone(), lost.clone()]),
+            BTreeMap::from([("a".to_string(), 20)])
+        );
+        planned.flip_epoch = Some(12);
+        assert!(
+            last_losses(&[planned, lost.clone()]).is_empty(),
+            "a planned move since"
+        );
+        lost.flip_epoch = None;
+        assert!(
+            last_losses(&[lost]).is_empty(),
+            "a failover that never flipped"
+        );
     }
 
     #[test]
