@@ -287,6 +287,24 @@ pub struct RouterAck {
     /// routers agreeing, a cell without an ownership lease is lost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub down: Vec<String>,
+    /// The last outage each cell's users saw through this router (by the cell whose data
+    /// they are: a failover does not change it): the RTO as clients see it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outages: BTreeMap<String, Outage>,
+}
+
+/// A run of failed requests (5xx, the router's own included) for one cell's users, ended
+/// by the first one served again.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Outage {
+    /// When the first and the last failed request were answered (ms since the Unix epoch).
+    pub first_failed_ms: u64,
+    pub last_failed_ms: u64,
+    pub failed_requests: u64,
+    /// When the first request after them was served (None: still failing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_at_ms: Option<u64>,
 }
 
 #[cfg(test)]

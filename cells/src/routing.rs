@@ -268,12 +268,18 @@ impl RoutingTable {
     /// The cell whose database holds `slot`'s data (its owner unless a failover moved it).
     #[inline]
     pub fn data_home(&self, slot: Slot) -> &CellEntry {
+        &self.cells[self.data_home_index(slot)]
+    }
+
+    /// Index in `cells` of [`RoutingTable::data_home`].
+    #[inline]
+    pub fn data_home_index(&self, slot: Slot) -> usize {
         let i = self
             .data_homes
             .get(slot as usize)
             .copied()
             .unwrap_or(self.owners[slot as usize]);
-        &self.cells[usize::from(i)]
+        usize::from(i)
     }
 
     /// Empties `data_homes` when every slot's data lives with its owner again.

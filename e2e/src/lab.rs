@@ -170,9 +170,17 @@ impl PairLab {
             Ok(etcd.routing_table().await?.filter(|t| t.cells.len() == 2))
         })
         .await?;
+        // In the netlab a router gives up on a cell after 2.5 s (the lab's clients wait 3 s):
+        // a request in flight to a region that was cut off fails in time for its client to
+        // ask again where the users went (the default, 15 s, outlasts the clients).
+        let timeouts = if net.is_some() {
+            "timeouts: {requestMs: 2500}\n"
+        } else {
+            ""
+        };
         let router_config = |id: &str, region: &str, member: usize| {
             format!(
-                "table: {{etcd: {{endpoints: [{}], platform: shop, routerId: {id}, region: {region}, ackTtlSecs: 3}}}}\n",
+                "table: {{etcd: {{endpoints: [{}], platform: shop, routerId: {id}, region: {region}, ackTtlSecs: 3}}}}\n{timeouts}",
                 etcd.endpoints_from(member).split(',').map(|e| format!("'{e}'")).collect::<Vec<_>>().join(", ")
             )
         };

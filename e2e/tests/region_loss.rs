@@ -398,6 +398,17 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
             .filter(|a| a.kind == "order" && a.status == 202 && a.served_by == HOME)
             .filter(|a| a.sent_ms < cut_ms)
             .count();
+    // The RTO clients saw, as the routers recorded it (from the first failed request's
+    // arrival to the first one served after), against this test's own measure.
+    println!(
+        "record: RTO seen by clients {:?} ms (measured here: {rto} ms); {:?}",
+        loss.client_rto_ms, loss.clients
+    );
+    let recorded = loss.client_rto_ms.expect("the clients' RTO in the record");
+    assert!(
+        recorded <= rto + 100 && recorded + 1_000 >= rto,
+        "recorded {recorded} ms, measured {rto} ms"
+    );
     let replay = loss.replay.clone().expect("the replay in the record");
     println!(
         "orders acknowledged by the old home: {} ({late} after the cut); replay: {replay:?}",

@@ -174,8 +174,70 @@ pub struct RequestFacts<'a> {
 }
 
 /// Routes and sends the request until it has its answer (the routed attempt it came from
-/// and the answer's head) or the router's own rejection.
+/// and the answer's head) or the router's own rejection. A 5xx either way, or a client
+/// that gave up waiting (the request dropped unanswered), counts in the outage of the
+/// users' cell (`outage`) at the time the request arrived.
 pub async fn drive<E: Exchange>(
+    router: &Router,
+    key: &str,
+    request: &RequestFacts<'_>,
+    exchange: &mut E,
+) -> Result<(Routed, E::Answer), Rejection> {
+    let mut unanswered = Unanswered {
+        router,
+        key,
+        arrived_ms: cellplane_table::store::now_ms(),
+        answered: false,
+    };
+    let result = attempt(router, key, request, exchange).await;
+    unanswered.answered = true;
+    let arrived_ms = unanswered.arrived_ms;
+    match &result {
+        Ok((routed, answer)) => {
+            note_outcome(&routed.view, routed.slot, E::status(answer), arrived_ms)
+        }
+        Err(r) => {
+            if let Some(view) = router.view() {
+                note_outcome(&view, decide(&view.table, key).slot, r.status, arrived_ms);
+            }
+        }
+    }
+    result
+}
+
+/// A request dropped before its answer (its client went away) failed for its user.
+struct Unanswered<'a> {
+    router: &'a Router,
+    key: &'a str,
+    arrived_ms: u64,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        if let Some(view) = self.router.view() {
+            let slot = decide(&view.table, self.key).slot;
+            note_outcome(&view, slot, StatusCode::GATEWAY_TIMEOUT, self.arrived_ms);
+        }
+    }
+}
+
+/// Counts the answer in the outage of the users' cell (the slot's data home): a failure
+/// at the time the request arrived, a success now.
+#[inline]
+fn note_outcome(view: &View, slot: u32, status: StatusCode, arrived_ms: u64) {
+    let tracker = &view.cells[view.table.data_home_index(slot)].outage;
+    if status.is_server_error() {
+        tracker.failed(arrived_ms);
+    } else {
+        tracker.served(arrived_ms, cellplane_table::store::now_ms);
+    }
+}
+
+async fn attempt<E: Exchange>(
     router: &Router,
     key: &str,
     request: &RequestFacts<'_>,

@@ -21,6 +21,7 @@ pub mod hyper_path;
 pub mod key;
 pub mod limits;
 pub mod metrics;
+pub mod outage;
 pub mod state;
 pub mod tls;
 pub mod upstream;

@@ -338,6 +338,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     .clone(),
             }),
             down: Some(down_cells(router.clone())),
+            outages: Some({
+                let r = router.clone();
+                Arc::new(move || r.outages.snapshot())
+            }),
         };
         tokio::spawn(ack.run(tables.clone()));
     }

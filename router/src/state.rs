@@ -7,6 +7,7 @@ use crate::limits::budget::RetryBudget;
 use crate::limits::hold::Holds;
 use crate::limits::rate::{Limiter, Rate, SharedBucket};
 use crate::metrics::{CellLabel, Metrics, RequestLabels};
+use crate::outage::{OutageTracker, Outages};
 use crate::upstream::pool::{Idle, Pools};
 use crate::upstream::HyperClients;
 use arc_swap::ArcSwapOption;
@@ -35,10 +36,18 @@ pub(crate) struct CellView {
     pub requests: [Counter; 5],
     pub latency: Histogram,
     pub ejections: Counter,
+    /// The outages this cell's users saw (by data home), kept across views.
+    pub outage: Arc<OutageTracker>,
 }
 
 impl View {
-    fn build(table: Arc<RoutingTable>, endpoints: &Endpoints, pools: &Pools, m: &Metrics) -> Self {
+    fn build(
+        table: Arc<RoutingTable>,
+        endpoints: &Endpoints,
+        pools: &Pools,
+        outages: &Outages,
+        m: &Metrics,
+    ) -> Self {
         let cells = table
             .cells
             .iter()
@@ -62,6 +71,7 @@ impl View {
                     }),
                     latency: m.latency.get_or_create(&cell).clone(),
                     ejections: m.ejections.get_or_create(&cell).clone(),
+                    outage: outages.of(&c.name),
                 }
             })
             .collect();
@@ -79,6 +89,8 @@ pub struct Router {
     pub retry_budget: RetryBudget,
     /// Cells held through the admin API.
     pub holds: Holds,
+    /// What each cell's users saw fail (published with the acknowledgements).
+    pub outages: Outages,
     access_log: Option<SharedBucket>,
     pub metrics: Arc<Metrics>,
     view: ArcSwapOption<View>,
@@ -117,6 +129,7 @@ impl Router {
             source,
             limiter,
             holds: Default::default(),
+            outages: Outages::default(),
             access_log,
             metrics,
             view: ArcSwapOption::empty(),
@@ -148,6 +161,7 @@ impl Router {
             table,
             &self.endpoints,
             &self.pools,
+            &self.outages,
             &self.metrics,
         ));
         self.view.store(Some(v.clone()));

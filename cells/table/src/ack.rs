@@ -6,9 +6,10 @@
 
 use crate::store::TableStore;
 use crate::Result;
-use cellplane_cells::etcd_keys::{router_key, RouterAck};
+use cellplane_cells::etcd_keys::{router_key, Outage, RouterAck};
 use etcd_client::PutOptions;
 use prometheus_client::metrics::counter::Counter;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +27,13 @@ pub struct Acknowledger {
     /// The cells whose every endpoint the follower sees down (routers), published when it
     /// changes: the leader's second signal that a cell is lost.
     pub down: Option<DownCells>,
+    /// The last outage each cell's users saw through the follower (routers), published
+    /// when it changes: the RTO as clients saw it.
+    pub outages: Option<CellOutages>,
 }
+
+/// Each cell's users' last outage, as the follower sees it now.
+pub type CellOutages = std::sync::Arc<dyn Fn() -> BTreeMap<String, Outage> + Send + Sync>;
 
 /// Names the cells whose every endpoint is down, as the follower sees them now.
 pub type DownCells = std::sync::Arc<dyn Fn() -> Vec<String> + Send + Sync>;
@@ -64,7 +71,9 @@ impl Acknowledger {
         renew.tick().await;
         let mut publish = true;
         let down_now = || self.down.as_ref().map(|f| f()).unwrap_or_default();
+        let outages_now = || self.outages.as_ref().map(|f| f()).unwrap_or_default();
         let mut down = down_now();
+        let mut outages = outages_now();
         loop {
             if publish {
                 let ack = RouterAck {
@@ -74,6 +83,7 @@ impl Acknowledger {
                     held_total: self.holds.as_ref().map_or(0, |h| h.held.get()),
                     hold_timeouts_total: self.holds.as_ref().map_or(0, |h| h.timed_out.get()),
                     down: down.clone(),
+                    outages: outages.clone(),
                 };
                 let value = serde_json::to_vec(&ack).expect("an ack always serializes");
                 client
@@ -96,9 +106,10 @@ impl Acknowledger {
                     if !matches!(responses.message().await?, Some(r) if r.ttl() > 0) {
                         return Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into()).into());
                     }
-                    let seen = down_now();
-                    publish = seen != down;
+                    let (seen, outages_seen) = (down_now(), outages_now());
+                    publish = seen != down || outages_seen != outages;
                     down = seen;
+                    outages = outages_seen;
                 }
             }
         }

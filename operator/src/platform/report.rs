@@ -125,6 +125,26 @@ fn loss_lines(op: &Switchover) -> Vec<String> {
             op.source
         ));
     }
+    for (id, c) in &l.clients {
+        let o = &c.outage;
+        lines.push(format!(
+            "clients through router {id} ({}): {} failed request(s) from {} ms to {} ms after the loss was found, {}",
+            c.region,
+            o.failed_requests,
+            o.first_failed_ms as i64 - l.detected_at_ms as i64,
+            o.last_failed_ms as i64 - l.detected_at_ms as i64,
+            match o.recovered_at_ms {
+                Some(r) => format!("served again {} ms after the first failure", r.saturating_sub(o.first_failed_ms)),
+                None => "not served again yet".into(),
+            }
+        ));
+    }
+    if let Some(rto) = l.client_rto_ms {
+        lines.push(format!(
+            "RTO seen by clients outside {}'s region: {rto} ms",
+            op.source
+        ));
+    }
     if let Some(r) = &l.replay {
         lines.push(format!(
             "orders {}'s log had acknowledged: {} forwarded ({} voided left out), {} persisted late at {}, {} already there, {} voided there",

@@ -35,7 +35,9 @@
 
 use super::intents::default_for;
 use cellplane_cells::crd::CellPhase;
-use cellplane_cells::etcd_keys::{Intent, Registration, ReplayApplied, ReplaySent, RouterAck};
+use cellplane_cells::etcd_keys::{
+    Intent, Outage, Registration, ReplayApplied, ReplaySent, RouterAck,
+};
 use cellplane_cells::failover_timing::FailoverTimings;
 use cellplane_cells::gtid;
 use cellplane_cells::routing::{serves_traffic, RoutingTable};
@@ -274,6 +276,14 @@ pub struct Loss {
     pub errant_export: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errant_exported: Option<u64>,
+    /// What clients saw through each router (by id): the failed requests for the cell's
+    /// users and when they were served again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub clients: BTreeMap<String, ClientOutage>,
+    /// The RTO clients saw: the longest outage (first failed request to the first served
+    /// again) through a router outside the lost cell's region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_rto_ms: Option<u64>,
     /// When the old home was seen back (fenced, its intent carried out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub returned_at_ms: Option<u64>,
@@ -418,6 +428,54 @@ pub struct Observed<'a> {
     pub busy: bool,
     /// What the records and etcd say beyond the registrations.
     pub recent: &'a Recent,
+}
+
+/// One router's view of a lost cell's users.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientOutage {
+    pub region: String,
+    #[serde(flatten)]
+    pub outage: Outage,
+}
+
+/// How long before the loss was found a router's failures still count as this incident's.
+const CLIENT_LOOKBACK_MS: u64 = 30_000;
+
+/// Takes the routers' outages of the lost cell's users into the record.
+fn note_clients(next: &mut Switchover, obs: &Observed) {
+    let region = obs.table.cell(&next.source).map(|c| c.region.clone());
+    let Some(loss) = next.loss.as_mut() else {
+        return;
+    };
+    let since = loss.detected_at_ms.saturating_sub(CLIENT_LOOKBACK_MS);
+    for (id, ack) in obs.routers {
+        if let Some(o) = ack
+            .outages
+            .get(&next.source)
+            .filter(|o| o.first_failed_ms >= since)
+        {
+            loss.clients.insert(
+                id.clone(),
+                ClientOutage {
+                    region: ack.region.clone(),
+                    outage: o.clone(),
+                },
+            );
+        }
+    }
+    loss.client_rto_ms = loss
+        .clients
+        .values()
+        .filter(|c| Some(&c.region) != region.as_ref())
+        .filter_map(|c| {
+            Some(
+                c.outage
+                    .recovered_at_ms?
+                    .saturating_sub(c.outage.first_failed_ms),
+            )
+        })
+        .max();
 }
 
 /// What the leader (or the CLI) knows beyond the registrations: from etcd, the replays of
@@ -971,6 +1029,7 @@ fn advance_lost(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
             // first count what it has that the new home lacks; with anything errant, have
             // its region export that and rebuild it from the new home. Meanwhile its app
             // forwards the orders its log acknowledged; the operation ends once they are in.
+            note_clients(&mut next, obs);
             let errant_known = next.loss.as_ref().and_then(|l| l.errant_transactions);
             let rebuild_from = errant_known.filter(|n| *n > 0).map(|_| op.target.clone());
             let generation = want_intent_with(
@@ -2729,6 +2788,49 @@ mod tests {
         assert!(op.steps.last().unwrap().note.contains(
             "its log's orders replayed: 3 forwarded, 2 persisted late, 1 already there, 0 voided"
         ));
+    }
+
+    /// The routers' view of the lost cell's users goes into the record; the RTO clients
+    /// saw counts routers outside the lost region (its own clients could reach nothing).
+    #[test]
+    fn the_record_keeps_what_clients_saw_through_each_router() {
+        let mut w = World::new();
+        let loss = cut_off_a(&mut w);
+        let found = loss.detected_at_ms;
+        let outage = |first: u64, recovered: Option<u64>| Outage {
+            first_failed_ms: found + first,
+            last_failed_ms: found + first + 10,
+            failed_requests: 4,
+            recovered_at_ms: recovered.map(|r| found + r),
+        };
+        for (id, region, o) in [
+            ("r-eu", "eu", outage(100, Some(900))),
+            ("r-us", "us", outage(50, None)),
+        ] {
+            let ack = w.routers.get_mut(id).unwrap();
+            ack.region = region.into();
+            ack.outages.insert("a".into(), o);
+            // Another cell's users' outage is not this one's.
+            ack.outages.insert("b".into(), outage(0, Some(10)));
+        }
+        let op = Switchover::emergency("f", "a", "b", "test", Limits::default(), loss);
+        let (op, _) = w.run(op, 50);
+        assert_eq!(op.step, Step::Rejoin);
+        let loss = op.loss.clone().unwrap();
+        assert_eq!(loss.clients.len(), 2);
+        assert_eq!(loss.clients["r-eu"].region, "eu");
+        assert_eq!(
+            loss.client_rto_ms,
+            Some(800),
+            "r-eu's; r-us is in the lost region"
+        );
+        let text = super::super::report::text(&op);
+        assert!(text.contains("clients through router r-eu (eu): 4 failed request(s) from 100 ms to 110 ms after the loss was found, served again 800 ms after the first failure"), "{text}");
+        assert!(text.contains("clients through router r-us (us): 4 failed request(s) from 50 ms to 60 ms after the loss was found, not served again yet"), "{text}");
+        assert!(
+            text.contains("RTO seen by clients outside a's region: 800 ms"),
+            "{text}"
+        );
     }
 
     /// An old home whose app never confirms the replay of its orders: the operation ends
