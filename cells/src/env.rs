@@ -16,10 +16,15 @@ pub const MYSQL_PASSWORD: &str = "MYSQL_PASSWORD";
 pub const MYSQL_DATABASE: &str = "MYSQL_DATABASE";
 /// Comma-separated `host:port` list of the cell's Kafka brokers.
 pub const KAFKA_BOOTSTRAP: &str = "KAFKA_BOOTSTRAP";
+/// The app's ownership lease (`failover_timing`): TTL, renewal period and fence, in ms;
+/// the operator passes its own so the app and the platform leader agree.
+pub const CELL_OWNER_LEASE_TTL_MS: &str = "CELL_OWNER_LEASE_TTL_MS";
+pub const CELL_OWNER_RENEW_EVERY_MS: &str = "CELL_OWNER_RENEW_EVERY_MS";
+pub const CELL_FENCE_AFTER_MS: &str = "CELL_FENCE_AFTER_MS";
 
 /// Every variable the operator sets in a cell's app pods: `spec.app.env` may not name one
 /// (admission refuses it; the cell's own setting would be shadowed or duplicated).
-pub const RESERVED: [&str; 11] = [
+pub const RESERVED: [&str; 14] = [
     CELL_NAME,
     CELL_REGION,
     CELL_PLATFORM,
@@ -31,6 +36,9 @@ pub const RESERVED: [&str; 11] = [
     MYSQL_PASSWORD,
     MYSQL_DATABASE,
     KAFKA_BOOTSTRAP,
+    CELL_OWNER_LEASE_TTL_MS,
+    CELL_OWNER_RENEW_EVERY_MS,
+    CELL_FENCE_AFTER_MS,
 ];
 
 /// The schema holding a cell's users in its MySQL shard: `cell_<name>` with `-` as `_`.

@@ -81,7 +81,13 @@ async fn failover_of(lab: &PairLab, cell: &str) -> anyhow::Result<Option<Switcho
     operation_of(lab, Kind::Emergency, cell).await
 }
 
+/// The first operation of `kind` on `cell`.
 async fn operation_of(lab: &PairLab, kind: Kind, cell: &str) -> anyhow::Result<Option<Switchover>> {
+    Ok(operations_of(lab, kind, cell).await?.into_iter().next())
+}
+
+/// Every operation of `kind` on `cell`, oldest first.
+async fn operations_of(lab: &PairLab, kind: Kind, cell: &str) -> anyhow::Result<Vec<Switchover>> {
     let mut c = lab.etcd.client().await?;
     let resp = c
         .get(
@@ -89,14 +95,20 @@ async fn operation_of(lab: &PairLab, kind: Kind, cell: &str) -> anyhow::Result<O
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await?;
-    for kv in resp.kvs() {
-        if let Ok(Operation::Switchover(s)) = serde_json::from_slice::<Operation>(kv.value()) {
-            if s.kind == kind && s.cell == cell {
-                return Ok(Some(s));
-            }
-        }
-    }
-    Ok(None)
+    let mut out: Vec<Switchover> = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| match serde_json::from_slice::<Operation>(kv.value()) {
+            Ok(Operation::Switchover(s)) if s.kind == kind && s.cell == cell => Some(s),
+            _ => None,
+        })
+        .collect();
+    out.sort_by_key(|s| {
+        s.steps
+            .first()
+            .map_or(s.step_started_ms, |st| st.started_ms)
+    });
+    Ok(out)
 }
 
 /// The operators' last log lines, for a failure's message.
@@ -468,5 +480,46 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
     let t = lab.etcd.routing_table().await?.unwrap();
     assert_eq!(t.cell(HOME).unwrap().state, CellPhase::Active);
     assert!(t.serving_for(HOME).is_none(), "its users are back");
+
+    // Then the region dies (every process of it killed) within the no-flap window: the
+    // leader finds the cell lost but does not fail it over again by itself; a person does.
+    net.kill("us")?;
+    let leader = lab.leader().expect("a leader");
+    wait_for("shop-us-0 found lost again", T, || async {
+        let m = lab.operators[leader].metrics()?;
+        let lost = cellplane_e2e::net::metric_value(&m, "cellplane_operator_cells_lost")?;
+        Ok((lost >= 1.0).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failovers = operations_of(&lab, Kind::Emergency, HOME).await?;
+    assert_eq!(
+        failovers.len(),
+        1,
+        "no second automatic failover within the window"
+    );
+    let (code, out) = lab
+        .cellplane(&["failover", HOME, "--emergency", "--no-wait"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    let again = wait_for("the person's failover flipped", T, || async {
+        Ok(operations_of(&lab, Kind::Emergency, HOME)
+            .await?
+            .into_iter()
+            .nth(1)
+            .filter(|s| s.flip_epoch.is_some()))
+    })
+    .await
+    .inspect_err(|_| show_operator_logs(&lab))?;
+    println!("{}", cellplane_operator::platform::report::text(&again));
+    assert_ne!(again.started_by, "platform (automatic)");
+    let user = &us_users[0];
+    let served = wait_for("a us user served in eu", T, || async {
+        let r =
+            cellplane_e2e::lab::router_send(&lab.router.addr, "GET", user, "profile", None).await?;
+        Ok((r.status == 200).then_some(r.served_by()))
+    })
+    .await?;
+    assert_eq!(served, STANDBY);
     Ok(())
 }

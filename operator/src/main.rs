@@ -307,6 +307,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let ctx = Arc::new(Context {
         etcd_endpoints: args.etcd_endpoints.clone(),
+        timings: timings.clone(),
         ..Context::new(
             client.clone(),
             metrics.clone(),

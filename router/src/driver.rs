@@ -186,19 +186,53 @@ pub async fn drive<E: Exchange>(
     let mut unanswered = Unanswered {
         router,
         key,
-        arrived_ms: cellplane_table::store::now_ms(),
+        arrived: Instant::now(),
         answered: false,
     };
-    let result = attempt(router, key, request, exchange).await;
+    let request_timeout = Duration::from_millis(router.config.timeouts.request_ms);
+    let mut attempts = Attempts::default();
+    // One loop, no inner future: this is every request's path.
+    let result = loop {
+        let routed = match route(router, key, &mut attempts).await {
+            Ok(r) => r,
+            Err(r) => break Err(r),
+        };
+        let started = Instant::now();
+        let sent = tokio::time::timeout(request_timeout, exchange.send(&routed))
+            .await
+            .unwrap_or(Err(SendError::Failed(Failure::Timeout)));
+        match sent {
+            Err(SendError::Refused(r)) => break Err(r),
+            Err(SendError::Failed(failure)) => {
+                if let Err(r) =
+                    after_failure(router, &routed, failure, request, &mut attempts).await
+                {
+                    break Err(r);
+                }
+            }
+            Ok(answer) => {
+                let status = E::status(&answer);
+                let again =
+                    after_response(router, &routed, status, started, request, &mut attempts).await;
+                if !again {
+                    break Ok((routed, answer));
+                }
+            }
+        }
+    };
     unanswered.answered = true;
-    let arrived_ms = unanswered.arrived_ms;
+    let arrived = unanswered.arrived;
     match &result {
         Ok((routed, answer)) => {
-            note_outcome(&routed.view, routed.slot, E::status(answer), arrived_ms)
+            let status = E::status(answer);
+            // Served while no outage is open anywhere: nothing to note (the common case).
+            if status.is_server_error() || router.outages.any_open() {
+                note_outcome(&routed.view, routed.slot, status, arrived);
+            }
         }
         Err(r) => {
             if let Some(view) = router.view() {
-                note_outcome(&view, decide(&view.table, key).slot, r.status, arrived_ms);
+                note_outcome(&view, decide(&view.table, key).slot, r.status, arrived);
             }
         }
     }
@@ -209,7 +243,7 @@ pub async fn drive<E: Exchange>(
 struct Unanswered<'a> {
     router: &'a Router,
     key: &'a str,
-    arrived_ms: u64,
+    arrived: Instant,
     answered: bool,
 }
 
@@ -220,51 +254,21 @@ impl Drop for Unanswered<'_> {
         }
         if let Some(view) = self.router.view() {
             let slot = decide(&view.table, self.key).slot;
-            note_outcome(&view, slot, StatusCode::GATEWAY_TIMEOUT, self.arrived_ms);
+            note_outcome(&view, slot, StatusCode::GATEWAY_TIMEOUT, self.arrived);
         }
     }
 }
 
 /// Counts the answer in the outage of the users' cell (the slot's data home): a failure
 /// at the time the request arrived, a success now.
-#[inline]
-fn note_outcome(view: &View, slot: u32, status: StatusCode, arrived_ms: u64) {
+fn note_outcome(view: &View, slot: u32, status: StatusCode, arrived: Instant) {
+    let now_ms = cellplane_table::store::now_ms();
+    let arrived_ms = now_ms.saturating_sub(arrived.elapsed().as_millis() as u64);
     let tracker = &view.cells[view.table.data_home_index(slot)].outage;
     if status.is_server_error() {
         tracker.failed(arrived_ms);
     } else {
-        tracker.served(arrived_ms, cellplane_table::store::now_ms);
-    }
-}
-
-async fn attempt<E: Exchange>(
-    router: &Router,
-    key: &str,
-    request: &RequestFacts<'_>,
-    exchange: &mut E,
-) -> Result<(Routed, E::Answer), Rejection> {
-    let request_timeout = Duration::from_millis(router.config.timeouts.request_ms);
-    let mut attempts = Attempts::default();
-    loop {
-        let routed = route(router, key, &mut attempts).await?;
-        let started = Instant::now();
-        let sent = tokio::time::timeout(request_timeout, exchange.send(&routed))
-            .await
-            .unwrap_or(Err(SendError::Failed(Failure::Timeout)));
-        match sent {
-            Err(SendError::Refused(r)) => return Err(r),
-            Err(SendError::Failed(failure)) => {
-                after_failure(router, &routed, failure, request, &mut attempts).await?;
-            }
-            Ok(answer) => {
-                let status = E::status(&answer);
-                let again =
-                    after_response(router, &routed, status, started, request, &mut attempts).await;
-                if !again {
-                    return Ok((routed, answer));
-                }
-            }
-        }
+        tracker.served(arrived_ms, || now_ms);
     }
 }
 

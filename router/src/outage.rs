@@ -4,21 +4,23 @@
 //! serving cell, not that), published with the router's acknowledgements, so the record of
 //! an unplanned failover holds the RTO as clients saw it.
 //!
-//! The serving path pays one relaxed atomic load per request while nothing fails.
+//! The serving path pays one relaxed load of a router-wide flag per request while no cell
+//! has an outage open.
 
 use cellplane_cells::etcd_keys::Outage;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// One cell's users' last outage. Failures count at the time their request arrived (a
 /// request that hangs until its client gives up failed from the start); the outage ends
 /// with the first request served that arrived after its last failure.
-#[derive(Default)]
 pub struct OutageTracker {
     /// An outage is open (failures since the last request served).
     open: AtomicBool,
+    /// How many cells of the router have one open.
+    open_cells: Arc<AtomicUsize>,
     last: Mutex<Option<Tracked>>,
 }
 
@@ -29,6 +31,14 @@ struct Tracked {
 }
 
 impl OutageTracker {
+    fn new(open_cells: Arc<AtomicUsize>) -> Self {
+        Self {
+            open: AtomicBool::new(false),
+            open_cells,
+            last: Mutex::new(None),
+        }
+    }
+
     /// A request for the cell's users that arrived at `arrived_ms` failed.
     pub fn failed(&self, arrived_ms: u64) {
         let mut last = self.last.lock();
@@ -50,7 +60,9 @@ impl OutageTracker {
                     },
                     recovered_by: None,
                 });
-                self.open.store(true, Ordering::Release);
+                if !self.open.swap(true, Ordering::AcqRel) {
+                    self.open_cells.fetch_add(1, Ordering::AcqRel);
+                }
             }
         }
     }
@@ -69,7 +81,9 @@ impl OutageTracker {
         {
             t.outage.recovered_at_ms = Some(now_ms());
             t.recovered_by = Some(arrived_ms);
-            self.open.store(false, Ordering::Release);
+            if self.open.swap(false, Ordering::AcqRel) {
+                self.open_cells.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 
@@ -82,9 +96,16 @@ impl OutageTracker {
 #[derive(Default)]
 pub struct Outages {
     by_cell: RwLock<HashMap<String, Arc<OutageTracker>>>,
+    open_cells: Arc<AtomicUsize>,
 }
 
 impl Outages {
+    /// Some cell's users have an outage open: only then do served requests need looking at.
+    #[inline]
+    pub fn any_open(&self) -> bool {
+        self.open_cells.load(Ordering::Relaxed) > 0
+    }
+
     /// The tracker of `cell` (resolved once per table, off the hot path).
     pub fn of(&self, cell: &str) -> Arc<OutageTracker> {
         if let Some(t) = self.by_cell.read().get(cell) {
@@ -93,7 +114,7 @@ impl Outages {
         self.by_cell
             .write()
             .entry(cell.to_string())
-            .or_default()
+            .or_insert_with(|| Arc::new(OutageTracker::new(self.open_cells.clone())))
             .clone()
     }
 
@@ -113,18 +134,22 @@ mod tests {
 
     #[test]
     fn an_outage_runs_from_the_first_failed_arrival_to_a_later_request_served() {
-        let t = OutageTracker::default();
+        let all = Outages::default();
+        let t = all.of("a");
+        assert!(!all.any_open());
         t.served(0, || {
             unreachable!("nothing open: not even the clock is read")
         });
         assert_eq!(t.last(), None);
         t.failed(250);
+        assert!(all.any_open());
         t.failed(100); // arrived earlier, failed later (its client gave up)
         t.failed(900);
         t.served(800, || {
             unreachable!("arrived before the last failure: not a recovery")
         });
         t.served(950, || 1_000);
+        assert!(!all.any_open());
         t.served(990, || 2_000);
         // A request that arrived before the recovering one fails late: same outage.
         t.failed(920);
@@ -146,8 +171,7 @@ mod tests {
                 recovered_at_ms: None,
             })
         );
-        let all = Outages::default();
-        all.of("a").failed(7);
+        assert!(all.any_open());
         let _ = all.of("b");
         assert_eq!(all.snapshot().keys().collect::<Vec<_>>(), vec!["a"]);
     }

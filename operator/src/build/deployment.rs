@@ -33,6 +33,15 @@ pub fn connection_env(ctx: &CellContext) -> Vec<EnvVar> {
             &info,
             "etcdEndpoints",
         ));
+        // The lease it takes there must expire exactly as the platform leader assumes.
+        let t = &ctx.timings;
+        for (var, ms) in [
+            (env::CELL_OWNER_LEASE_TTL_MS, t.owner_lease_ttl_ms),
+            (env::CELL_OWNER_RENEW_EVERY_MS, t.owner_renew_every_ms),
+            (env::CELL_FENCE_AFTER_MS, t.fence_after_ms),
+        ] {
+            vars.push(pod::env_value(var, ms.to_string()));
+        }
     }
     match &ctx.spec.redis.external {
         Some(ext) => vars.push(pod::env_from_secret(

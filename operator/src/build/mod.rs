@@ -14,6 +14,7 @@ pub mod statefulset;
 
 use crate::{Error, Result};
 use cellplane_cells::crd::{Cell, CellSpec, Expose, StoreSpec};
+use cellplane_cells::failover_timing::FailoverTimings;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -39,6 +40,9 @@ pub struct CellContext<'a> {
     /// The global etcd the app follows the routing table in (the operator's own
     /// `--etcd-endpoints`); empty: the app gets no table source from the operator.
     pub etcd_endpoints: &'a [String],
+    /// The ownership lease timings the app must use (the platform leader's); passed with
+    /// the table source.
+    pub timings: FailoverTimings,
 }
 
 impl<'a> CellContext<'a> {
@@ -63,12 +67,15 @@ impl<'a> CellContext<'a> {
             owner,
             spec: &cell.spec,
             etcd_endpoints: &[],
+            timings: FailoverTimings::default(),
         })
     }
 
-    /// Tells the app where its routing table lives.
-    pub fn with_etcd(mut self, endpoints: &'a [String]) -> Self {
+    /// Tells the app where its routing table lives, and the ownership lease timings it
+    /// must keep there.
+    pub fn with_etcd(mut self, endpoints: &'a [String], timings: &FailoverTimings) -> Self {
         self.etcd_endpoints = endpoints;
+        self.timings = timings.clone();
         self
     }
 
@@ -298,6 +305,7 @@ pub(crate) mod fixtures {
                 block_owner_deletion: Some(true),
             },
             etcd_endpoints: &[],
+            timings: FailoverTimings::default(),
             spec,
         }
     }
@@ -387,9 +395,33 @@ mod tests {
             "http://10.0.0.1:2379".to_string(),
             "http://10.0.0.2:2379".into(),
         ];
-        let d = render(&fixtures::ctx(&spec).with_etcd(&etcd), &[]).unwrap();
+        let timings = FailoverTimings {
+            owner_lease_ttl_ms: 3_000,
+            fence_after_ms: 1_800,
+            ..FailoverTimings::default()
+        };
+        let d = render(&fixtures::ctx(&spec).with_etcd(&etcd, &timings), &[]).unwrap();
         assert_eq!(d.endpoints["app"], "10.1.2.3:31080");
         assert!(env(&d).contains(&"CELL_ETCD".to_string()));
+        // The app keeps its ownership lease with the platform's timings, not its defaults.
+        let app = d.deployments[0]
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .clone()
+            .unwrap_or_default();
+        let value = |name: &str| {
+            app.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(value("CELL_OWNER_LEASE_TTL_MS").as_deref(), Some("3000"));
+        assert_eq!(value("CELL_FENCE_AFTER_MS").as_deref(), Some("1800"));
+        assert_eq!(value("CELL_OWNER_RENEW_EVERY_MS").as_deref(), Some("250"));
         let info = d
             .config_maps
             .iter()

@@ -296,7 +296,7 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
         // Another region's operator runs this cell.
         return Ok(Action::await_change());
     }
-    let cx = CellContext::from_cell(&cell)?.with_etcd(&ctx.etcd_endpoints);
+    let cx = CellContext::from_cell(&cell)?.with_etcd(&ctx.etcd_endpoints, &ctx.timings);
     let fetched = fetch(&cell, &cx, r).await?;
     let passwords = new_passwords(build::missing_secrets(&cx, &fetched.secrets));
     let desired = match build::render(&cx, &passwords) {

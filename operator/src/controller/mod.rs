@@ -35,6 +35,8 @@ pub struct Context {
     pub retries: Retries,
     /// The global etcd, told to app pods so they follow the routing table.
     pub etcd_endpoints: Vec<String>,
+    /// The ownership lease timings told to app pods with the table source.
+    pub timings: cellplane_cells::failover_timing::FailoverTimings,
 }
 
 /// Consecutive failures per object: each object backs off on its own, and one success
@@ -74,6 +76,7 @@ impl Context {
             region,
             retries: Retries::default(),
             etcd_endpoints: Vec::new(),
+            timings: Default::default(),
         }
     }
 
