@@ -65,6 +65,9 @@ spec:
     )
 }
 
+/// The bearer token of the lab operators' topology page (`/console#token=...`).
+pub const CONSOLE_TOKEN: &str = "lab-console-token-0123456789";
+
 /// The lab's stabilization window before an automatic failback (after an unplanned
 /// failover only: planned moves are failed back by the tests).
 pub const FAILBACK_STABILIZATION_SECS: u64 = 15;
@@ -78,6 +81,7 @@ fn platform_operator(
     dir: &std::path::Path,
 ) -> Result<Operator> {
     let secret = dir.join("platform-secret");
+    let console = dir.join("console-token");
     region.platform_operator(
         &etcd.endpoints_from(i),
         &[
@@ -85,6 +89,8 @@ fn platform_operator(
             secret.to_str().context("path")?,
             "--agent-interval-ms",
             "100",
+            "--console-token-file",
+            console.to_str().context("path")?,
             "--auto-failback=true",
             "--failback-stabilization-secs",
             &FAILBACK_STABILIZATION_SECS.to_string(),
@@ -150,6 +156,7 @@ impl PairLab {
         let dir = test_dir(name);
         let secret_file = dir.join("platform-secret");
         std::fs::write(&secret_file, "fedcba9876543210fedcba9876543210")?;
+        std::fs::write(dir.join("console-token"), CONSOLE_TOKEN)?;
         // The real apps, following the table in etcd as operator-made pods do.
         let home_app = CellApp::start_on_etcd(&home, &etcd.endpoints_from(0), "shop", &[]).await?;
         let standby_app =

@@ -2,6 +2,7 @@
 //! separate process, and condition waits. Everything started here stops on drop, also
 //! when a test fails.
 
+pub mod browser;
 pub mod cell;
 pub mod lab;
 pub mod net;

@@ -40,6 +40,9 @@ struct Answer {
     answered_ms: u64,
     status: u16,
     served_by: String,
+    /// The table epoch the cell served it at.
+    #[serde(default)]
+    epoch: Option<u64>,
     body: String,
 }
 
@@ -278,6 +281,23 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
         last_home_write < first_standby_write,
         "{last_home_write} >= {first_standby_write}"
     );
+    // And by epoch: every write the home took was served before the flip's epoch, every
+    // write the standby took for us's users at it or after.
+    let flip = op.flip_epoch.expect("flipped");
+    for a in &us_taken {
+        assert!(
+            a.epoch.is_some_and(|e| e < flip),
+            "home wrote at {:?} (flip {flip}): {a:?}",
+            a.epoch
+        );
+    }
+    for a in &eu_taken_for_us {
+        assert!(
+            a.epoch.is_some_and(|e| e >= flip),
+            "standby wrote at {:?} (flip {flip}): {a:?}",
+            a.epoch
+        );
+    }
     // The home fenced itself: its own clients got refusals, not writes, soon after the cut.
     assert!(
         last_home_write < cut_ms + t.fence_after_ms + 1_500,

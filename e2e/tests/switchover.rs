@@ -12,7 +12,10 @@
 //! after the freeze reached the old home until the slots came back; requests sent during a
 //! freeze are held and answered; every answer that is not a success is counted and shown.
 
-use cellplane_e2e::lab::{router_send, started_id, Answer, Load, PairLab, HOME, STANDBY};
+use cellplane_e2e::browser;
+use cellplane_e2e::lab::{
+    router_send, started_id, Answer, Load, PairLab, CONSOLE_TOKEN, HOME, STANDBY,
+};
 use cellplane_e2e::wait_for;
 use cellplane_operator::platform::switchover::{Outcome, Step, Switchover};
 use mysql_async::prelude::Queryable;
@@ -44,6 +47,50 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
     let (us_users, eu_users) = (lab.users_of(HOME, 8), lab.users_of(STANDBY, 8));
     let all_users: Vec<String> = us_users.iter().chain(&eu_users).cloned().collect();
     lab.put_profiles(&all_users).await?;
+
+    // The topology page as a person's browser shows it: both cells Active, the routers.
+    let operator = &lab.operators[0];
+    let console = format!("http://{}:{}/console", operator.host, operator.port);
+    let page = format!("{console}#token={CONSOLE_TOKEN}");
+    let artifacts =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-artifacts");
+    std::fs::create_dir_all(&artifacts)?;
+    let states = |want: [(&'static str, &'static str); 2]| {
+        let page = page.clone();
+        move || {
+            let page = page.clone();
+            async move {
+                let dom = tokio::task::spawn_blocking(move || browser::dom(&page)).await??;
+                Ok(want
+                    .iter()
+                    .all(|(cell, state)| {
+                        browser::attr_of(&dom, "data-cell", cell, "data-state").as_deref()
+                            == Some(*state)
+                    })
+                    .then_some(dom))
+            }
+        }
+    };
+    let dom = wait_for(
+        "the page shows both cells Active",
+        T,
+        states([(HOME, "Active"), (STANDBY, "Active")]),
+    )
+    .await?;
+    assert!(dom.contains(r#"data-router="r-us""#), "{dom}");
+    assert!(
+        dom.contains("shop-eu-0  \u{21c4}  shop-us-0"),
+        "the standby pair is drawn: {dom}"
+    );
+    let shot = artifacts.join("topology-active.png");
+    let (p, s) = (page.clone(), shot.clone());
+    tokio::task::spawn_blocking(move || browser::screenshot(&p, &s)).await??;
+    // Its data needs the token; the page without one says how to open it.
+    let denied = cellplane_e2e::net::get(&format!("{console}/state"), &[]).await?;
+    assert_eq!(denied.status, 401, "{}", denied.body);
+    let bare = console.clone();
+    let dom = tokio::task::spawn_blocking(move || browser::dom(&bare)).await??;
+    assert!(dom.contains("Open this page as /console#token="), "{dom}");
 
     // A standby that cannot take users is a preflight refusal: its Redis down, its app
     // not ready, its region reports it unhealthy.
@@ -161,6 +208,24 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
             op.outcome
         );
         println!("cellplane {}:\n{out}", args.join(" "));
+        if args[0] == "switchover" {
+            // The page follows: shop-us-0 failed over, the operation among the last ones.
+            let dom = wait_for(
+                "the page shows the switchover",
+                T,
+                states([(HOME, "FailedOver"), (STANDBY, "Active")]),
+            )
+            .await?;
+            assert_eq!(
+                browser::attr_of(&dom, "data-operation", &id, "data-outcome").as_deref(),
+                Some("succeeded"),
+                "{dom}"
+            );
+            let shot = artifacts.join("topology-failed-over.png");
+            let (p, s) = (page.clone(), shot.clone());
+            tokio::task::spawn_blocking(move || browser::screenshot(&p, &s)).await??;
+            println!("topology page screenshots: {}", artifacts.display());
+        }
         // Where the users are now.
         let t = etcd.routing_table().await?.unwrap();
         let us_home = &t.route(&us_users[0]).1.name;

@@ -4,6 +4,7 @@
 //! [`build`]) -> apply (server-side apply) -> status (pure aggregation, [`status`]).
 
 pub mod build;
+pub mod console;
 pub mod controller;
 pub mod leader;
 pub mod metrics;

@@ -134,6 +134,10 @@ struct RunArgs {
         default_value = "/var/lib/cellplane/exports"
     )]
     export_dir: PathBuf,
+    /// Serve the live topology page (`/console`) on --http-addr, its data behind this bearer
+    /// token (a file; at least 16 bytes). Needs --platform. Unset: no page.
+    #[arg(long, env = "CELLPLANE_CONSOLE_TOKEN_FILE")]
+    console_token_file: Option<PathBuf>,
     /// Routing tables kept in etcd under routing-history/.
     #[arg(long, default_value_t = cellplane_table::write::DEFAULT_HISTORY)]
     routing_history: u64,
@@ -155,8 +159,12 @@ struct Health {
     ready: AtomicBool,
 }
 
-async fn serve_http(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()> {
-    let app = Router::new()
+async fn serve_http(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    console: Option<Arc<cellplane_operator::console::Console>>,
+) -> anyhow::Result<()> {
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -173,11 +181,28 @@ async fn serve_http(addr: SocketAddr, health: Arc<Health>) -> anyhow::Result<()>
             get(|State(h): State<Arc<Health>>| async move { h.metrics.encode() }),
         )
         .with_state(health);
+    if let Some(c) = console {
+        app = app.merge(c.routes());
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding --http-addr {addr}"))?;
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// A secret from a file (trimmed), refused when shorter than 16 bytes.
+fn read_secret(flag: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))?;
+    let secret = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
+    anyhow::ensure!(
+        secret.len() >= 16,
+        "{flag} {} holds {} bytes; use at least 16 random bytes (e.g. openssl rand -hex 32)",
+        path.display(),
+        secret.len()
+    );
+    Ok(secret)
 }
 
 async fn shutdown_signal() {
@@ -214,7 +239,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
     });
-    let http = tokio::spawn(serve_http(args.http_addr, health.clone()));
+    let console = match (&args.console_token_file, &args.platform) {
+        (Some(path), Some(platform)) => {
+            let token = read_secret("--console-token-file", path)?;
+            Some(Arc::new(cellplane_operator::console::Console::new(
+                platform,
+                &args.etcd_endpoints,
+                String::from_utf8_lossy(&token).into_owned(),
+            )))
+        }
+        (Some(_), None) => {
+            anyhow::bail!("--console-token-file needs --platform (the page shows that platform)")
+        }
+        (None, _) => None,
+    };
+    let http = tokio::spawn(serve_http(args.http_addr, health.clone(), console));
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname")
@@ -275,18 +314,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, _) => None,
     };
     let replication_secret = match &args.replication_secret_file {
-        Some(path) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("reading --replication-secret-file {}", path.display()))?;
-            let secret = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
-            anyhow::ensure!(
-                secret.len() >= 16,
-                "--replication-secret-file {} holds {} bytes; use at least 16 random bytes (e.g. openssl rand -hex 32)",
-                path.display(),
-                secret.len()
-            );
-            Some(Arc::new(secret))
-        }
+        Some(path) => Some(Arc::new(read_secret("--replication-secret-file", path)?)),
         None => None,
     };
     // The region side of the platform: carries out this region's cells' intents.

@@ -184,6 +184,14 @@ fn is_write(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// The answer says at which epoch it was served, so every write can be shown taken by one
+/// home per epoch (the region-loss test checks each one).
+fn stamped<B>(mut resp: Response<B>, epoch: u64) -> Response<B> {
+    resp.headers_mut()
+        .insert(EPOCH_HEADER, HeaderValue::from(epoch));
+    resp
+}
+
 fn refused<B: From<String>>(refusal: Refusal) -> Response<B> {
     let mut resp = Response::new(B::from(refusal.body));
     *resp.status_mut() = refusal.status;
@@ -233,8 +241,10 @@ where
         match self.layer.decide(req.method(), req.headers(), req.uri()) {
             None => Box::pin(self.inner.call(req)),
             Some(Ok(served)) => {
+                let epoch = served.epoch;
                 req.extensions_mut().insert(served);
-                Box::pin(self.inner.call(req))
+                let answer = self.inner.call(req);
+                Box::pin(async move { answer.await.map(|resp| stamped(resp, epoch)) })
             }
             Some(Err(Refusal {
                 ahead: Some(epoch), ..
@@ -249,8 +259,9 @@ where
                     match layer.decide(req.method(), req.headers(), req.uri()) {
                         None => inner.call(req).await,
                         Some(Ok(served)) => {
+                            let epoch = served.epoch;
                             req.extensions_mut().insert(served);
-                            inner.call(req).await
+                            inner.call(req).await.map(|resp| stamped(resp, epoch))
                         }
                         Some(Err(refusal)) => Ok(refused(refusal)),
                     }
@@ -315,6 +326,13 @@ mod tests {
         });
         let resp = pending.await.unwrap();
         assert_eq!((resp.status(), resp.body().as_str()), (StatusCode::OK, "a"));
+        assert_eq!(
+            resp.headers()[EPOCH_HEADER],
+            "2",
+            "served at the epoch it waited for"
+        );
+        let resp = fenced.call(request(2)).await.unwrap();
+        assert_eq!(resp.headers()[EPOCH_HEADER], "2");
         // A table that never comes: refused (503, retry) after the wait.
         let started = tokio::time::Instant::now();
         let resp = fenced.call(request(9)).await.unwrap();

@@ -71,15 +71,22 @@ async fn main() -> Result<()> {
                     router_send(&router, method, user, what, Some(body)),
                 )
                 .await;
-                let (status, served_by, body) = match attempt {
-                    Ok(Ok(r)) => (r.status, r.served_by(), r.body),
-                    Ok(Err(e)) => (0, String::new(), e.to_string()),
-                    Err(_) => (0, String::new(), "no answer in 3 s".into()),
+                let (status, served_by, epoch, body) = match attempt {
+                    Ok(Ok(r)) => {
+                        // The epoch the cell served it at (its ownership layer says).
+                        let epoch = r
+                            .headers
+                            .get("x-cellplane-epoch")
+                            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                        (r.status, r.served_by(), epoch, r.body)
+                    }
+                    Ok(Err(e)) => (0, String::new(), None, e.to_string()),
+                    Err(_) => (0, String::new(), None, "no answer in 3 s".into()),
                 };
                 let ok = (200..300).contains(&status);
                 lines.push(serde_json::json!({
                     "kind": kind, "user": user, "value": value, "sentMs": sent_ms, "answeredMs": now_ms(),
-                    "status": status, "servedBy": served_by, "body": body.chars().take(200).collect::<String>(),
+                    "status": status, "servedBy": served_by, "epoch": epoch, "body": body.chars().take(200).collect::<String>(),
                 }));
                 if !ok {
                     tokio::time::sleep(Duration::from_millis(50)).await;

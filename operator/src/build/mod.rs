@@ -371,7 +371,7 @@ mod tests {
         );
         assert_eq!(d.endpoints.len(), 4, "{:?}", d.endpoints);
         assert_eq!(d.endpoints["app"], "shop-us-0-app.shop.svc:8080");
-        let env = |d: &Desired| -> Vec<String> {
+        let app_env = |d: &Desired| {
             d.deployments[0]
                 .spec
                 .template
@@ -380,11 +380,10 @@ mod tests {
                 .unwrap()
                 .containers[0]
                 .env
-                .iter()
-                .flatten()
-                .map(|e| e.name.clone())
-                .collect()
+                .clone()
+                .unwrap_or_default()
         };
+        let env = |d: &Desired| -> Vec<String> { app_env(d).into_iter().map(|e| e.name).collect() };
         assert!(!env(&d).contains(&"CELL_ETCD".to_string()));
 
         // With a global etcd and an advertised address: the app follows the table there,
@@ -404,16 +403,7 @@ mod tests {
         assert_eq!(d.endpoints["app"], "10.1.2.3:31080");
         assert!(env(&d).contains(&"CELL_ETCD".to_string()));
         // The app keeps its ownership lease with the platform's timings, not its defaults.
-        let app = d.deployments[0]
-            .spec
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0]
-            .env
-            .clone()
-            .unwrap_or_default();
+        let app = app_env(&d);
         let value = |name: &str| {
             app.iter()
                 .find(|e| e.name == name)
