@@ -8,6 +8,7 @@ pub mod lab;
 pub mod net;
 pub mod netlab;
 pub mod pki;
+pub mod prometheus;
 
 use netlab::Place;
 

@@ -16,6 +16,7 @@ use cellplane_e2e::browser;
 use cellplane_e2e::lab::{
     router_send, started_id, Answer, Load, PairLab, CONSOLE_TOKEN, HOME, STANDBY,
 };
+use cellplane_e2e::prometheus::{self, Prometheus};
 use cellplane_e2e::wait_for;
 use cellplane_operator::platform::switchover::{Outcome, Step, Switchover};
 use mysql_async::prelude::Queryable;
@@ -510,6 +511,56 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
         handed_over.is_some(),
         "three attempts ended before the leader could be killed"
     );
+    // A real Prometheus scraping the lab's operators, router and apps: every alert rule
+    // and dashboard query runs without error and names only metrics a component exports.
+    let prom = Prometheus::start(
+        &cellplane_e2e::test_dir("switchover-prometheus"),
+        &[
+            (
+                "operator",
+                lab.operators
+                    .iter()
+                    .map(|o| format!("{}:{}", o.host, o.port))
+                    .collect(),
+            ),
+            ("router", vec![lab.router.metrics_addr.clone()]),
+            (
+                "app",
+                vec![lab.home_app.addr.clone(), lab.standby_app.addr.clone()],
+            ),
+        ],
+    )
+    .await?;
+    let queries: Vec<(String, String)> = prometheus::rule_exprs(&prometheus::rules_file())?
+        .into_iter()
+        .chain(prometheus::dashboard_exprs(&prometheus::dashboard_file())?)
+        .collect();
+    let wanted: BTreeSet<String> = queries
+        .iter()
+        .flat_map(|(_, q)| prometheus::metric_names(q))
+        .collect();
+    let names = wait_for("every metric the queries name scraped", T, || async {
+        let names: BTreeSet<String> = prom.names().await?.into_iter().collect();
+        Ok(wanted.is_subset(&names).then_some(names))
+    })
+    .await
+    .inspect_err(|_| {
+        eprintln!(
+            "wanted {wanted:?}; prometheus log: {}",
+            std::fs::read_to_string(&prom.log).unwrap_or_default()
+        )
+    })?;
+    for (what, q) in &queries {
+        prom.query(q)
+            .await
+            .map_err(|e| anyhow::anyhow!("{what}: {e:#}"))?;
+    }
+    println!(
+        "{} rule and dashboard queries ran on a real Prometheus ({} metric names scraped)",
+        queries.len(),
+        names.len()
+    );
+
     let answers = load.stop().await?;
     let failed: Vec<&Answer> = answers
         .iter()

@@ -178,7 +178,15 @@ async fn serve_http(
         )
         .route(
             "/metrics",
-            get(|State(h): State<Arc<Health>>| async move { h.metrics.encode() }),
+            get(|State(h): State<Arc<Health>>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        cellplane_table::metrics::OPENMETRICS_CONTENT_TYPE,
+                    )],
+                    h.metrics.encode(),
+                )
+            }),
         )
         .with_state(health);
     if let Some(c) = console {
@@ -328,6 +336,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 replication_secret,
                 fence_after: timings.fence_after(),
                 export_dir: args.export_dir.clone(),
+                metrics: metrics.clone(),
             },
             reg.clone(),
         )),

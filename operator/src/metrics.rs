@@ -25,6 +25,25 @@ pub struct PhaseLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub kind: &'static str,
+    /// `succeeded`, `refused` or `rolled_back`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub cell: String,
+    /// The cell it replicates.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CellLabel {
+    pub cell: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerbLabel {
     pub verb: &'static str,
 }
@@ -69,8 +88,13 @@ pub struct Metrics {
     pub table_conflicts: Counter,
     /// Times the inputs gave no valid table (the table in force was kept).
     pub table_plan_errors: Counter,
-    /// Operations (switchovers, drains) this leader brought to an end, any outcome.
-    pub operations_finished: Counter,
+    /// Operations this leader brought to an end, by kind and outcome.
+    pub operations_finished: Family<OperationLabels, Counter>,
+    /// This region's cells (its agent measures them): replication lag per connection in
+    /// transactions and seconds, and health (1 healthy).
+    pub replica_lag_transactions: Family<ReplicaLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub replica_lag_seconds: Family<ReplicaLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    pub cell_healthy: Family<CellLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
     /// Cells the leader sees lost now (no ownership lease, region gone or unhealthy).
     pub cells_lost: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Unplanned failovers this leader started by itself.
@@ -115,8 +139,27 @@ impl Metrics {
         );
         let platform_leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         let table_epoch = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-        let [platform_terms, table_writes, table_conflicts, table_plan_errors, operations_finished, failovers_started] =
+        let [platform_terms, table_writes, table_conflicts, table_plan_errors, failovers_started] =
             std::array::from_fn(|_| Counter::default());
+        let operations_finished = Family::<OperationLabels, Counter>::default();
+        let replica_lag_transactions = Family::default();
+        let replica_lag_seconds = Family::default();
+        let cell_healthy = Family::default();
+        registry.register(
+            "replica_lag_transactions",
+            "Transactions a cell's MySQL still has to apply from the cell it replicates (this region's cells)",
+            replica_lag_transactions.clone(),
+        );
+        registry.register(
+            "replica_lag_seconds",
+            "Seconds a cell's MySQL is behind the cell it replicates (Seconds_Behind_Master; this region's cells)",
+            replica_lag_seconds.clone(),
+        );
+        registry.register(
+            "cell_healthy",
+            "1 while a cell of this region answers ready (its stores and a table), else 0",
+            cell_healthy.clone(),
+        );
         let cells_lost = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "cells_lost",
@@ -130,7 +173,7 @@ impl Metrics {
         );
         registry.register(
             "operations_finished",
-            "Operations (switchovers, drains) brought to an end by this leader, any outcome",
+            "Operations (switchovers, failbacks, failovers) brought to an end by this leader, by kind and outcome",
             operations_finished.clone(),
         );
         registry.register(
@@ -177,6 +220,9 @@ impl Metrics {
             table_conflicts,
             table_plan_errors,
             operations_finished,
+            replica_lag_transactions,
+            replica_lag_seconds,
+            cell_healthy,
             cells_lost,
             failovers_started,
             table_epoch,

@@ -159,9 +159,15 @@ async fn serve_admin(listener: TcpListener, router: Arc<Router>) -> anyhow::Resu
                         ),
                         _ => (StatusCode::NOT_FOUND, "not found".to_string()),
                     };
+                    let content_type = if req.uri().path() == "/metrics" {
+                        cellplane_table::metrics::OPENMETRICS_CONTENT_TYPE
+                    } else {
+                        "text/plain; charset=utf-8"
+                    };
                     Ok::<_, std::convert::Infallible>(
                         Response::builder()
                             .status(code)
+                            .header(http::header::CONTENT_TYPE, content_type)
                             .body(Full::new(bytes::Bytes::from(body)))
                             .expect("valid"),
                     )

@@ -92,6 +92,10 @@ pub async fn run(stores: Arc<Stores>, metrics: Arc<Metrics>, consumer: Arc<Strea
 
 async fn persist_until_done(stores: &Stores, metrics: &Metrics, e: &OrderEvent, offset: i64) {
     let mut backoff = Duration::from_millis(100);
+    // Said at the first failure and then once a minute: a fenced or failed-over cell's
+    // persister may retry for as long as the failover lasts.
+    let mut said: Option<std::time::Instant> = None;
+    let mut retries = 0u64;
     loop {
         match persist(stores, e, offset).await {
             Ok(Persisted::New) => {
@@ -109,7 +113,11 @@ async fn persist_until_done(stores: &Stores, metrics: &Metrics, e: &OrderEvent, 
             }
             Err(err) => {
                 metrics.degraded("mysql");
-                tracing::warn!(order_id = %e.order_id, error = %err, "order not persisted yet; retrying (it stays in Kafka)");
+                retries += 1;
+                if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    said = Some(std::time::Instant::now());
+                    tracing::warn!(order_id = %e.order_id, error = %err, retries, "order not persisted yet; retrying (it stays in Kafka; said once a minute)");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }

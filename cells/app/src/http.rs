@@ -311,7 +311,7 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            cellplane_table::metrics::OPENMETRICS_CONTENT_TYPE,
         )],
         app.metrics.encode(),
     )

@@ -5,6 +5,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicI64;
 
+/// The Content-Type of every component's `/metrics` (prometheus-client encodes OpenMetrics
+/// text); Prometheus 3 refuses to scrape a target that sends none.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Cheap to clone: every metric is shared.
 #[derive(Clone, Default)]
 pub struct TableMetrics {

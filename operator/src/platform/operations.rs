@@ -227,7 +227,21 @@ pub async fn drive(
                 tracing::info!(operation = %id, cell = %op.cell, from = ?op.step, to = ?next.step, "operation step");
             }
             if let Some(outcome) = &next.outcome {
-                metrics.operations_finished.inc();
+                metrics
+                    .operations_finished
+                    .get_or_create(&crate::metrics::OperationLabels {
+                        kind: match next.kind {
+                            switchover::Kind::Switchover => "switchover",
+                            switchover::Kind::Failback => "failback",
+                            switchover::Kind::Emergency => "failover",
+                        },
+                        outcome: match outcome {
+                            switchover::Outcome::Succeeded { .. } => "succeeded",
+                            switchover::Outcome::Refused { .. } => "refused",
+                            switchover::Outcome::RolledBack { .. } => "rolled_back",
+                        },
+                    })
+                    .inc();
                 tracing::info!(operation = %id, ?outcome, write_freeze_ms = ?next.write_freeze_ms(), "operation finished");
             }
         }

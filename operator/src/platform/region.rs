@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub fence_after: Duration,
     /// Where an old home's errant transactions are exported before it is rebuilt.
     pub export_dir: std::path::PathBuf,
+    /// Replica lag and health of this region's cells are exported here.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How long a cell's admin credentials are used before its Secret is read again.
@@ -546,6 +548,26 @@ async fn serve_cell(
             .await
             .map_err(sdk)?
         {
+            let labels = crate::metrics::ReplicaLabels {
+                cell: name.clone(),
+                source: connection.clone(),
+            };
+            let source_pos = regs
+                .get(&connection)
+                .and_then(|r| r.mysql.as_ref())
+                .map(|m| m.gtid_binlog_pos.as_str());
+            if let Some(pos) = source_pos {
+                cfg.metrics
+                    .replica_lag_transactions
+                    .get_or_create(&labels)
+                    .set(cellplane_cells::gtid::lag(pos, &s.gtid_slave_pos) as i64);
+            }
+            if let Some(secs) = s.seconds_behind {
+                cfg.metrics
+                    .replica_lag_seconds
+                    .get_or_create(&labels)
+                    .set(secs as i64);
+            }
             replicas.insert(
                 connection,
                 ReplicaReport {
@@ -566,6 +588,10 @@ async fn serve_cell(
     }
     let requests_per_sec = rate_over_last_minute(&mut st.request_samples);
     let healthy = app.ready.unwrap_or(false);
+    cfg.metrics
+        .cell_healthy
+        .get_or_create(&crate::metrics::CellLabel { cell: name.clone() })
+        .set(i64::from(healthy));
     st.healthy_since_ms = healthy.then(|| {
         st.healthy_since_ms
             .unwrap_or_else(cellplane_table::store::now_ms)
