@@ -81,11 +81,12 @@ pub fn metric_names(expr: &str) -> Vec<String> {
 
 impl Prometheus {
     /// Starts Prometheus scraping each job's targets (`host:port`, path `/metrics`) every
-    /// second, and waits until it answers.
+    /// second, evaluating the shipped alert rules, and waits until it answers.
     pub async fn start(dir: &Path, jobs: &[(&str, Vec<String>)]) -> Result<Self> {
         let port = free_port()?;
-        let mut cfg = String::from(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n",
+        let mut cfg = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: ['{}']\nscrape_configs:\n",
+            rules_file().display()
         );
         for (job, targets) in jobs {
             let list = targets

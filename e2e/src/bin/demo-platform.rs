@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _, Result};
 use cellplane_cells::crd::CellSet;
 use cellplane_e2e::cell::{overrides_yaml, CellApp, CellStores};
 use cellplane_e2e::net::{send, RouterProc};
+use cellplane_e2e::prometheus::{self, Prometheus};
 use cellplane_e2e::{apply_yaml, wait_for, workspace_bin};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use mysql_async::prelude::Queryable;
@@ -35,10 +36,13 @@ struct Args {
     users: usize,
     reports: PathBuf,
     keep: bool,
+    /// The operators' HTTP addresses (metrics, the topology page).
+    operators: Vec<String>,
+    console_token: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
-    let usage = "usage: demo-platform CELLSET.yaml --etcd URL --region NAME=KUBECONFIG... [--drain REGION] [--users N] [--reports DIR] [--keep]";
+    let usage = "usage: demo-platform CELLSET.yaml --etcd URL --region NAME=KUBECONFIG... [--drain REGION] [--users N] [--reports DIR] [--operators ADDR,...] [--console-token T] [--keep]";
     let mut it = std::env::args().skip(1);
     let cellset = it.next().context(usage)?;
     let mut a = Args {
@@ -49,6 +53,8 @@ fn parse_args() -> Result<Args> {
         users: 200,
         reports: std::env::temp_dir().join("cellplane-demo-reports"),
         keep: false,
+        operators: Vec::new(),
+        console_token: None,
     };
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -66,6 +72,14 @@ fn parse_args() -> Result<Args> {
             "--users" => a.users = value()?.parse()?,
             "--reports" => a.reports = value()?.into(),
             "--keep" => a.keep = true,
+            "--operators" => {
+                a.operators = value()?
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            "--console-token" => a.console_token = Some(value()?),
             other => bail!("unknown argument {other}; {usage}"),
         }
     }
@@ -235,6 +249,21 @@ async fn main() -> Result<()> {
         "  router on {} (metrics on {})",
         router.addr, router.metrics_addr
     );
+
+    say("Prometheus (built from its Go module) scraping the operators, the router and the apps");
+    let prom = Prometheus::start(
+        &dir.join("prometheus"),
+        &[
+            ("operator", args.operators.clone()),
+            ("router", vec![router.metrics_addr.clone()]),
+            ("app", apps.iter().map(|a| a.addr.clone()).collect()),
+        ],
+    )
+    .await?;
+    println!("  Prometheus on http://{}", prom.addr);
+    if let (Some(op), Some(token)) = (args.operators.first(), &args.console_token) {
+        println!("  topology page: http://{op}/console#token={token}");
+    }
 
     let users: Vec<String> = (0..args.users).map(|i| format!("user-{i:04}")).collect();
     let homes: BTreeMap<String, String> = {
@@ -427,6 +456,32 @@ async fn main() -> Result<()> {
     );
     println!("  look around: cellplane --etcd-endpoints {etcd} --platform {platform} cells | table --history | drills ID");
     println!("  router metrics: http://{}/metrics", router.metrics_addr);
+    // The shipped alert rules and dashboard, on what this demo's components export.
+    let queries: Vec<(String, String)> = prometheus::rule_exprs(&prometheus::rules_file())?
+        .into_iter()
+        .chain(prometheus::dashboard_exprs(&prometheus::dashboard_file())?)
+        .collect();
+    let mut failed = Vec::new();
+    for (what, q) in &queries {
+        if let Err(e) = prom.query(q).await {
+            failed.push(format!("{what}: {e:#}"));
+        }
+    }
+    let firing = prom
+        .query("ALERTS{alertstate=\"firing\"}")
+        .await
+        .ok()
+        .and_then(|v| v["result"].as_array().map(|a| a.len()))
+        .unwrap_or(0);
+    println!(
+        "  {} alert rule and dashboard queries ran on Prometheus ({} failed); {} alert(s) firing now",
+        queries.len(),
+        failed.len(),
+        firing
+    );
+    for f in &failed {
+        println!("    {f}");
+    }
     if drain_code != 0 || failback_code != 0 || lost > 0 {
         bail!("the drain exited {drain_code}, the failback {failback_code}, {lost} accepted orders missing");
     }
@@ -438,6 +493,7 @@ async fn main() -> Result<()> {
             router.addr
         );
         println!("    curl -s -H 'x-user-id: user-0001' http://{}/users/user-0001/profile -D - | grep -i x-cellplane", router.addr);
+        println!("  Prometheus: http://{} (try cellplane_router_requests_total)", prom.addr);
         tokio::signal::ctrl_c().await?;
     } else {
         // Everything stops with this process: only suggest what will still answer.
