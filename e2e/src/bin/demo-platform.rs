@@ -493,7 +493,10 @@ async fn main() -> Result<()> {
             router.addr
         );
         println!("    curl -s -H 'x-user-id: user-0001' http://{}/users/user-0001/profile -D - | grep -i x-cellplane", router.addr);
-        println!("  Prometheus: http://{} (try cellplane_router_requests_total)", prom.addr);
+        println!(
+            "  Prometheus: http://{} (try cellplane_router_requests_total)",
+            prom.addr
+        );
         tokio::signal::ctrl_c().await?;
     } else {
         // Everything stops with this process: only suggest what will still answer.
