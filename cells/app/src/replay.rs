@@ -38,6 +38,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long one try at forwarding the log may take.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(60);
+
 /// One forwarded order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -130,7 +133,11 @@ impl Replayer {
             }
             let Some(c) = client.as_mut() else { continue };
             if let (true, Some(epoch)) = (forward_now, episode.since) {
-                match self.forward(c, epoch).await {
+                // Bounded: a store that hangs fails this try, not the replay.
+                let tried = tokio::time::timeout(FORWARD_DEADLINE, self.forward(c, epoch))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no end within {FORWARD_DEADLINE:?}")));
+                match tried {
                     Ok(sent) => {
                         episode.forwarded = true;
                         tracing::warn!(forwarded = sent.forwarded, void_skipped = sent.void_skipped, from = sent.from_offset, to = sent.to_offset, epoch, "this cell failed over: its acknowledged orders were forwarded to the cell serving its users");
@@ -227,13 +234,18 @@ impl Replayer {
             let voided = self.stores.own.table("voided_orders");
             let marks = vec!["?"; chunk.len()].join(",");
             let mut conn = self.stores.mysql_conn().await.map_err(|e| e.to_string())?;
-            let rows: Vec<String> = conn
-                .exec(
+            // Within the store deadline: the schema may be locked while the region
+            // rebuilds it; the forward is tried again a second later.
+            let rows: Vec<String> = crate::stores::timed(
+                "mysql",
+                self.stores.cfg.store_timeout * 2,
+                conn.exec(
                     format!("SELECT order_id FROM {voided} WHERE order_id IN ({marks})"),
                     chunk.to_vec(),
-                )
-                .await
-                .map_err(|e| format!("mysql: {e}"))?;
+                ),
+            )
+            .await
+            .map_err(|e| format!("mysql: {e}"))?;
             out.extend(rows);
         }
         out.sort();

@@ -151,8 +151,17 @@ impl OwnerLease {
         let renew = self.timings.owner_renew_every();
         let mut client = crate::etcd::connect(endpoints, renew * 2).await?;
         if let Some(lease) = *held {
-            // Still alive? Then keep renewing it from this member.
-            return self.keep(&mut client, lease, held).await;
+            // Still alive? Then keep renewing it from this member. etcd answers a renewal
+            // of a lease that expired meanwhile (the region was cut off) with an error:
+            // forget it, so a new one is taken once the table lets the cell serve again.
+            let kept = self.keep(&mut client, lease, held).await;
+            if kept
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("lease not found"))
+            {
+                *held = None;
+            }
+            return kept;
         }
         let ttl = (self.timings.owner_lease_ttl_ms / 1000).max(2) as i64;
         // The lease may be taken only while the table lets the cell serve.
