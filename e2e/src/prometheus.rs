@@ -151,22 +151,11 @@ impl Prometheus {
 
     /// Runs `expr` now; an error names the expression.
     pub async fn query(&self, expr: &str) -> Result<serde_json::Value> {
-        let q: String = url_encode(expr);
+        let q = cellplane_cell_sdk::settings::percent_encode(expr);
         self.api(&format!("/api/v1/query?query={q}"))
             .await
             .with_context(|| format!("query {expr}"))
     }
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -184,7 +173,6 @@ mod tests {
                 "cellplane_router_requests_total"
             ]
         );
-        assert_eq!(url_encode("a b{c=\"d\"}"), "a%20b%7Bc%3D%22d%22%7D");
     }
 
     #[test]

@@ -500,6 +500,22 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
     let t = lab.etcd.routing_table().await?.unwrap();
     assert_eq!(t.cell(HOME).unwrap().state, CellPhase::Active);
     assert!(t.serving_for(HOME).is_none(), "its users are back");
+    // And the rebuilt old home takes their writes again: its app holds a new ownership
+    // lease (the one it had when cut expired), so a write is not fenced with 421.
+    let user = &us_users[0];
+    let email = format!("back-{user}@example.com");
+    let wrote = wait_for("a write served by the old home again", T, || async {
+        let body = serde_json::json!({"name": user, "email": email});
+        let r =
+            cellplane_e2e::lab::router_send(&lab.router.addr, "PUT", user, "profile", Some(body))
+                .await?;
+        Ok((r.status == 200).then_some(r.served_by()))
+    })
+    .await
+    .inspect_err(|_| show_operator_logs(&lab))?;
+    assert_eq!(wrote, HOME);
+    let r = cellplane_e2e::lab::router_send(&lab.router.addr, "GET", user, "profile", None).await?;
+    assert!(r.body.contains(&email), "{}", r.body);
 
     // Then the region dies (every process of it killed) within the no-flap window: the
     // leader finds the cell lost but does not fail it over again by itself; a person does.

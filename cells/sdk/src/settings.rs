@@ -99,8 +99,9 @@ impl CellSettings {
     }
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
+/// Percent-encodes everything but RFC 3986 unreserved characters (for a URL's user,
+/// password or query value).
+pub fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
@@ -127,6 +128,14 @@ impl fmt::Debug for CellSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_encoding_keeps_only_unreserved_characters() {
+        assert_eq!(
+            percent_encode("a b{c=\"d\"}~-._"),
+            "a%20b%7Bc%3D%22d%22%7D~-._"
+        );
+    }
 
     fn vars() -> HashMap<String, String> {
         [
