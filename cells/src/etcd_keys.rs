@@ -291,6 +291,20 @@ pub struct RouterAck {
     /// they are: a failover does not change it): the RTO as clients see it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub outages: BTreeMap<String, Outage>,
+    /// What each cell answered through this router over its last traffic window (by the
+    /// cell that answered): the request and error rates on the topology page.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub traffic: BTreeMap<String, CellTraffic>,
+}
+
+/// Responses a cell gave through one router in one window.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CellTraffic {
+    pub requests: u64,
+    /// Of those, 5xx answers.
+    pub errors: u64,
+    pub window_ms: u64,
 }
 
 /// A run of failed requests (5xx, the router's own included) for one cell's users, ended

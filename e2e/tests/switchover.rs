@@ -222,6 +222,31 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
                 Some("succeeded"),
                 "{dom}"
             );
+            // The users' traffic, as the routers saw it, on the cell now serving them.
+            let auth = format!("Bearer {CONSOLE_TOKEN}");
+            let rps = wait_for("the page shows the edge traffic", T, || async {
+                let r = cellplane_e2e::net::get(
+                    &format!("{console}/state"),
+                    &[("authorization", auth.as_str())],
+                )
+                .await?;
+                let s: serde_json::Value = serde_json::from_str(&r.body)?;
+                let cell = s["regions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|r| r["cells"].as_array().into_iter().flatten())
+                    .find(|c| c["name"] == STANDBY)
+                    .cloned()
+                    .unwrap_or_default();
+                Ok(cell["edgeRequestsPerSec"]
+                    .as_f64()
+                    .filter(|rps| *rps > 0.0)
+                    .map(|rps| (rps, cell["edgeErrorPercent"].as_f64())))
+            })
+            .await?;
+            println!("edge traffic of {STANDBY} on the page: {rps:?} (req/s, % 5xx)");
+            assert!(rps.1.is_some_and(|pct| (0.0..=100.0).contains(&pct)));
             let shot = artifacts.join("topology-failed-over.png");
             let (p, s) = (page.clone(), shot.clone());
             tokio::task::spawn_blocking(move || browser::screenshot(&p, &s)).await??;

@@ -348,6 +348,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 let r = router.clone();
                 Arc::new(move || r.outages.snapshot())
             }),
+            traffic: Some({
+                let r = router.clone();
+                Arc::new(move || r.cell_counts())
+            }),
         };
         tokio::spawn(ack.run(tables.clone()));
     }

@@ -167,4 +167,21 @@ impl Router {
         self.view.store(Some(v.clone()));
         Some(v)
     }
+
+    /// Each cell's (requests answered, of them 5xx) since the router started, from the
+    /// same counters as `cellplane_router_requests_total`.
+    pub fn cell_counts(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
+        let Some(view) = self.view() else {
+            return Default::default();
+        };
+        view.table
+            .cells
+            .iter()
+            .zip(&view.cells)
+            .map(|(c, cv)| {
+                let requests = cv.requests.iter().map(|n| n.get()).sum();
+                (c.name.clone(), (requests, cv.requests[4].get()))
+            })
+            .collect()
+    }
 }

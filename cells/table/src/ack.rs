@@ -6,7 +6,7 @@
 
 use crate::store::TableStore;
 use crate::Result;
-use cellplane_cells::etcd_keys::{router_key, Outage, RouterAck};
+use cellplane_cells::etcd_keys::{router_key, CellTraffic, Outage, RouterAck};
 use etcd_client::PutOptions;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::BTreeMap;
@@ -30,6 +30,37 @@ pub struct Acknowledger {
     /// The last outage each cell's users saw through the follower (routers), published
     /// when it changes: the RTO as clients saw it.
     pub outages: Option<CellOutages>,
+    /// Each cell's answers so far (routers), published as the counts of the last window
+    /// of at least [`TRAFFIC_WINDOW`] when they change.
+    pub traffic: Option<CellCounts>,
+}
+
+/// The shortest window the published traffic covers: rates for a person's eyes, without a
+/// write to the global etcd on every renewal.
+pub const TRAFFIC_WINDOW: Duration = Duration::from_secs(5);
+
+/// Each cell's (requests, 5xx answers) since the follower started.
+pub type CellCounts = std::sync::Arc<dyn Fn() -> BTreeMap<String, (u64, u64)> + Send + Sync>;
+
+/// What each cell answered between two readings of the counters `window_ms` apart (cells
+/// with no request in the window are left out; a counter that went back counts from 0).
+pub fn traffic_between(
+    before: &BTreeMap<String, (u64, u64)>,
+    now: &BTreeMap<String, (u64, u64)>,
+    window_ms: u64,
+) -> BTreeMap<String, CellTraffic> {
+    now.iter()
+        .filter_map(|(cell, &(requests, errors))| {
+            let (r0, e0) = before.get(cell).copied().unwrap_or_default();
+            let (r0, e0) = if requests < r0 { (0, 0) } else { (r0, e0) };
+            let t = CellTraffic {
+                requests: requests - r0,
+                errors: errors.saturating_sub(e0),
+                window_ms,
+            };
+            (t.requests > 0).then(|| (cell.clone(), t))
+        })
+        .collect()
 }
 
 /// Each cell's users' last outage, as the follower sees it now.
@@ -74,6 +105,9 @@ impl Acknowledger {
         let outages_now = || self.outages.as_ref().map(|f| f()).unwrap_or_default();
         let mut down = down_now();
         let mut outages = outages_now();
+        let counts_now = || self.traffic.as_ref().map(|f| f()).unwrap_or_default();
+        let mut counted = (tokio::time::Instant::now(), counts_now());
+        let mut traffic = BTreeMap::new();
         loop {
             if publish {
                 let ack = RouterAck {
@@ -84,6 +118,7 @@ impl Acknowledger {
                     hold_timeouts_total: self.holds.as_ref().map_or(0, |h| h.timed_out.get()),
                     down: down.clone(),
                     outages: outages.clone(),
+                    traffic: traffic.clone(),
                 };
                 let value = serde_json::to_vec(&ack).expect("an ack always serializes");
                 client
@@ -110,8 +145,57 @@ impl Acknowledger {
                     publish = seen != down || outages_seen != outages;
                     down = seen;
                     outages = outages_seen;
+                    let window = counted.0.elapsed();
+                    if self.traffic.is_some() && window >= TRAFFIC_WINDOW {
+                        let now = counts_now();
+                        let seen = traffic_between(&counted.1, &now, window.as_millis() as u64);
+                        publish |= seen != traffic;
+                        traffic = seen;
+                        counted = (tokio::time::Instant::now(), now);
+                    }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traffic_is_the_growth_of_the_counters_in_the_window() {
+        let before = BTreeMap::from([("a".to_string(), (100, 2)), ("b".to_string(), (50, 0))]);
+        let now = BTreeMap::from([
+            ("a".to_string(), (160, 5)),
+            ("b".to_string(), (50, 0)),
+            ("c".to_string(), (7, 7)),
+        ]);
+        let t = traffic_between(&before, &now, 5000);
+        assert_eq!(
+            t,
+            BTreeMap::from([
+                (
+                    "a".to_string(),
+                    CellTraffic {
+                        requests: 60,
+                        errors: 3,
+                        window_ms: 5000
+                    }
+                ),
+                (
+                    "c".to_string(),
+                    CellTraffic {
+                        requests: 7,
+                        errors: 7,
+                        window_ms: 5000
+                    }
+                ),
+            ]),
+            "an idle cell is left out; a new one counts from 0"
+        );
+        // A router that restarted its counters counts from 0 again.
+        let restarted = BTreeMap::from([("a".to_string(), (10, 1))]);
+        assert_eq!(traffic_between(&now, &restarted, 5000)["a"].requests, 10);
     }
 }

@@ -63,6 +63,12 @@ pub struct CellView {
     pub kafka_lag: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_sec: Option<u64>,
+    /// Answers per second it gave through every router (their last traffic windows), and
+    /// the percentage of them that were 5xx; None: no router saw a request for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge_requests_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge_error_percent: Option<f64>,
     /// Routers that see every endpoint of it down.
     pub down_in: Vec<String>,
     /// Routers whose clients of this cell's users are failing now.
@@ -150,6 +156,7 @@ pub fn build(
             },
             _ => (None, None),
         };
+        let edge = edge_traffic(routers, &name);
         let view = CellView {
             name: name.clone(),
             state,
@@ -171,6 +178,8 @@ pub fn build(
             replica_lag_secs: lag_secs,
             kafka_lag: reg.and_then(|r| r.kafka_lag),
             requests_per_sec: reg.and_then(|r| r.requests_per_sec),
+            edge_requests_per_sec: edge.map(|(rps, _)| rps),
+            edge_error_percent: edge.map(|(_, pct)| pct),
             down_in: routers
                 .iter()
                 .filter(|(_, a)| a.down.contains(&name))
@@ -224,6 +233,26 @@ pub fn build(
     }
 }
 
+/// A cell's answers per second through all routers and the percentage that were 5xx,
+/// rounded for the page (one decimal).
+fn edge_traffic(routers: &BTreeMap<String, RouterAck>, cell: &str) -> Option<(f64, f64)> {
+    let windows: Vec<_> = routers
+        .values()
+        .filter_map(|a| a.traffic.get(cell))
+        .collect();
+    let requests: u64 = windows.iter().map(|t| t.requests).sum();
+    if requests == 0 {
+        return None;
+    }
+    let errors: u64 = windows.iter().map(|t| t.errors).sum();
+    let rps: f64 = windows
+        .iter()
+        .map(|t| t.requests as f64 * 1000.0 / t.window_ms.max(1) as f64)
+        .sum();
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    Some((round(rps), round(errors as f64 * 100.0 / requests as f64)))
+}
+
 fn phase(p: CellPhase) -> String {
     format!("{p:?}")
 }
@@ -265,7 +294,7 @@ fn operation(op: &Switchover) -> OperationView {
 mod tests {
     use super::*;
     use crate::platform::switchover::{healthy_registration, Limits};
-    use cellplane_cells::etcd_keys::{MysqlReport, Outage, ReplicaReport};
+    use cellplane_cells::etcd_keys::{CellTraffic, MysqlReport, Outage, ReplicaReport};
     use cellplane_cells::routing::CellEntry;
 
     fn table() -> RoutingTable {
@@ -334,6 +363,13 @@ mod tests {
                 recovered_at_ms: None,
             },
         );
+        // 100 answers in 5 s through r-eu (4 of them 5xx), 300 in 10 s through r-us.
+        let traffic = |requests, errors, window_ms| CellTraffic {
+            requests,
+            errors,
+            window_ms,
+        };
+        r_eu.traffic.insert("a".into(), traffic(100, 4, 5000));
         let routers = BTreeMap::from([
             ("r-eu".to_string(), r_eu),
             (
@@ -341,6 +377,7 @@ mod tests {
                 RouterAck {
                     region: "us".into(),
                     applied_epoch: 3,
+                    traffic: BTreeMap::from([("a".to_string(), traffic(300, 0, 10_000))]),
                     ..Default::default()
                 },
             ),
@@ -357,6 +394,9 @@ mod tests {
         assert_eq!(a.replica_lag_secs, Some(1));
         assert_eq!(a.down_in, ["r-eu"]);
         assert_eq!(a.failing_in, ["r-eu"]);
+        assert_eq!(a.edge_requests_per_sec, Some(50.0), "20/s + 30/s");
+        assert_eq!(a.edge_error_percent, Some(1.0), "4 of 400");
+        assert_eq!(s.regions[0].cells[0].edge_requests_per_sec, None);
         assert_eq!(s.pairs, [("a".to_string(), "b".to_string())]);
         assert!(s.routers.iter().any(|r| r.id == "r-us" && r.behind));
         assert!(s.routers.iter().any(|r| r.id == "r-eu" && !r.behind));
