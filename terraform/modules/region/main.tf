@@ -4,8 +4,9 @@ provider "helm" {
   }
 }
 
-provider "kubernetes" {
-  config_path = pathexpand(var.kubeconfig)
+provider "kubectl" {
+  config_path      = pathexpand(var.kubeconfig)
+  load_config_file = true
 }
 
 # The chart ships the CRDs in crds/, installed before the operator.
@@ -33,9 +34,12 @@ resource "helm_release" "operator" {
   }
 }
 
-resource "kubernetes_manifest" "cellset" {
+# After the operator (and its CRDs); destroyed before it, and the destroy waits until the
+# CellSet is gone, so the operator is still there to finish its cells' finalizers.
+resource "kubectl_manifest" "cellset" {
   count      = var.cellset_yaml == "" ? 0 : 1
-  manifest   = yamldecode(var.cellset_yaml)
+  yaml_body  = var.cellset_yaml
+  wait       = true
   depends_on = [helm_release.operator]
 }
 
@@ -59,5 +63,11 @@ resource "helm_release" "router" {
   set {
     name  = "replicas"
     value = var.router_replicas
+  }
+  # A destroy removes the generated admin token too (the chart keeps it on a plain helm
+  # uninstall; helm provider 1.x also fails a destroy that left a kept resource behind).
+  set {
+    name  = "admin.keepTokenOnUninstall"
+    value = "false"
   }
 }
