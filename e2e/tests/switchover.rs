@@ -281,6 +281,23 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
         let moved = format!("moved-{}@example.com", us_users[0]);
         match records.len() {
             1 => {
+                // A planned switchover leaves nothing to replay: the old home kept its
+                // ownership lease and drained its orders before the flip, so it forwards
+                // none of its log through etcd (its replayer looks once a second).
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let m = lab.home_app.get("/metrics").await?;
+                assert_eq!(
+                    cellplane_e2e::net::metric_value(
+                        &m.body,
+                        "cellplane_app_orders_replay_forwarded_total"
+                    )?,
+                    0.0,
+                    "the old home forwarded orders after a planned switchover"
+                );
+                assert!(etcd
+                    .get(&cellplane_cells::etcd_keys::replay_sent_key("shop", HOME))
+                    .await?
+                    .is_none());
                 let body = serde_json::json!({"name": us_users[0], "email": moved});
                 let r =
                     router_send(&router.addr, "PUT", &us_users[0], "profile", Some(body)).await?;

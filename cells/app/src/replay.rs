@@ -7,12 +7,13 @@
 //! Both must reach the new home, late but not lost. Orders travel through the global etcd
 //! like the platform's other orders; no app reaches another region's stores:
 //!
-//! - **old home** (its cell `FailedOver`, served by another cell): once per episode, it
-//!   reads its log from a little before its last message (`lookback`, and never after the
-//!   persister's committed offset) to the end, leaves out orders voided here (their
-//!   clients were told "refused": the Redis marker `void:` or a `voided_orders` row), puts
-//!   each under `replay/<cell>/orders/<id>` (into the cell's schema), and then
-//!   `replay/<cell>/sent` with the counts and the epoch it saw;
+//! - **old home** (its cell `FailedOver`, served by another cell, and its ownership lease
+//!   lost: a planned switchover leaves it held, and has nothing to replay): once per
+//!   episode, it reads its log from a little before its last message (`lookback`, and
+//!   never after the persister's committed offset) to the end, leaves out orders voided
+//!   here (their clients were told "refused": the Redis marker `void:` or a
+//!   `voided_orders` row), puts each under `replay/<cell>/orders/<id>` (into the cell's
+//!   schema), and then `replay/<cell>/sent` with the counts and the epoch it saw;
 //! - **serving cell** (the table says it serves that cell's users): persists each with the
 //!   persister's idempotent write (a row that is there already is a duplicate; an order
 //!   voided here is skipped), deletes it, and counts in `replay/<cell>/applied`.
@@ -118,6 +119,22 @@ impl Replayer {
                 None => episode = Episode::default(),
                 Some(epoch) if episode.since.is_none() => {
                     episode.since = Some(epoch);
+                    // A planned switchover moves the users of a cell whose app kept its
+                    // ownership lease throughout (its orders were drained and replicated
+                    // before the flip); only a cell that lost its lease (cut off, or a
+                    // process that never held one) may have orders to replay.
+                    if self
+                        .stores
+                        .owner_lease
+                        .get()
+                        .is_some_and(|l| l.check().is_ok())
+                    {
+                        episode.forwarded = true;
+                        tracing::info!(
+                            epoch,
+                            "failed over while holding its ownership lease (a planned switchover): nothing to replay"
+                        );
+                    }
                 }
                 Some(_) => {}
             }
