@@ -54,7 +54,11 @@ where
 /// starts (degraded) while Redis is down.
 pub struct Redis {
     client: redis::Client,
-    manager: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// The connection in use: every command takes a clone under this short, synchronous
+    /// lock (an async lock here cost a queue and a wake-up per command under load).
+    manager: parking_lot::Mutex<Option<ConnectionManager>>,
+    /// Held while dialing, so a burst of commands after a failure dials once.
+    dialing: tokio::sync::Mutex<()>,
     timeout: Duration,
 }
 
@@ -64,7 +68,8 @@ impl Redis {
             .map_err(|e| AppError::Config(format!("REDIS_ADDR/REDIS_PASSWORD: {e}")))?;
         Ok(Self {
             client,
-            manager: tokio::sync::Mutex::new(None),
+            manager: parking_lot::Mutex::new(None),
+            dialing: tokio::sync::Mutex::new(()),
             timeout,
         })
     }
@@ -81,14 +86,17 @@ impl Redis {
         let c = self.conn().await?;
         let result = timed("redis", self.timeout, op(c)).await;
         if result.is_err() {
-            *self.manager.lock().await = None;
+            *self.manager.lock() = None;
         }
         result
     }
 
     async fn conn(&self) -> AppResult<ConnectionManager> {
-        let mut slot = self.manager.lock().await;
-        if let Some(m) = slot.as_ref() {
+        if let Some(m) = self.manager.lock().as_ref() {
+            return Ok(m.clone());
+        }
+        let _dialing = self.dialing.lock().await;
+        if let Some(m) = self.manager.lock().as_ref() {
             return Ok(m.clone());
         }
         let config = ConnectionManagerConfig::new()
@@ -102,7 +110,7 @@ impl Redis {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await?;
-        *slot = Some(m.clone());
+        *self.manager.lock() = Some(m.clone());
         Ok(m)
     }
 }
