@@ -67,8 +67,8 @@ bench: tools
 # Planned switchovers under load on the two-region lab: write freeze, router ack
 # propagation, acknowledged orders lost (DRILLS=20).
 bench-drill: tools
-	$(CARGO) build --workspace --bins
-	target/debug/bench-drill
+	$(CARGO) build --release --workspace --bins
+	CELLPLANE_PROFILE=release target/release/bench-drill
 
 clean:
 	$(CARGO) clean

@@ -41,14 +41,22 @@ pub fn tools_bin() -> PathBuf {
 }
 
 /// A built workspace binary (`make test` builds them before the tests run).
+/// The tests run the debug builds; `CELLPLANE_PROFILE=release` runs the release builds
+/// instead (the benchmarks do: what they measure is what production runs).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
-    let path = target.join("debug").join(name);
+    let profile = std::env::var("CELLPLANE_PROFILE").unwrap_or_else(|_| "debug".into());
+    let path = target.join(&profile).join(name);
+    let flag = if profile == "release" {
+        " --release"
+    } else {
+        ""
+    };
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build -p {name}` (make test does)",
+        "{} is missing: run `cargo build{flag} -p {name}` (make test does)",
         path.display()
     );
     path

@@ -37,6 +37,23 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Where a write freeze went: each step inside it (freeze written -> slots released) and
+/// its milliseconds, e.g. `freeze 31, drain 102, fence 140, ...`.
+fn freeze_steps(op: &cellplane_operator::platform::switchover::Switchover) -> String {
+    let (Some(from), Some(to)) = (op.frozen_at_ms, op.released_at_ms) else {
+        return String::new();
+    };
+    op.steps
+        .iter()
+        .filter(|s| s.ended_ms > from && s.started_ms < to)
+        .map(|s| {
+            let ms = s.ended_ms.min(to).saturating_sub(s.started_ms.max(from));
+            format!("{} {ms}", format!("{:?}", s.step).to_lowercase())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// When each epoch was written (as seen by a watcher on the same machine) and when each
 /// router applied it (its own acknowledgement).
 #[derive(Default)]
@@ -120,9 +137,10 @@ async fn main() -> Result<()> {
         held += op.held_requests.unwrap_or(0);
         timeouts += op.hold_timeouts.unwrap_or(0);
         println!(
-            "  {:>2}. {:<10} write freeze {freeze:>5} ms",
+            "  {:>2}. {:<10} write freeze {freeze:>5} ms   {}",
             i + 1,
-            args[0]
+            args[0],
+            freeze_steps(&op)
         );
         if i == 0 {
             // The landing: the new home's MySQL and the users' latency over 10 s after it.

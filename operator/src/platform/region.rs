@@ -541,15 +541,67 @@ async fn serve_cell(
         }
         st.applied_generation = intent.generation;
     }
-    let pos = replication::position(&pool).await.map_err(sdk)?;
+    // The database and the app are measured at once: an operation's step waits on this
+    // report, and the two answer independently.
+    let measure_mysql = async {
+        let pos = replication::position(&pool).await.map_err(sdk)?;
+        let replicas = measure_replicas(cfg, &name, &pool, regs).await?;
+        Ok::<_, crate::Error>((pos, replicas))
+    };
+    let measure_app = async {
+        match regs.get(&name).and_then(|r| r.endpoints.get("app")) {
+            Some(addr) => app_status(addr).await,
+            None => AppStatus::default(),
+        }
+    };
+    let (mysql, app) = tokio::join!(measure_mysql, measure_app);
+    let (pos, replicas) = mysql?;
+    if let Some(total) = app.user_requests_total {
+        st.request_samples.push_back((Instant::now(), total));
+    }
+    let requests_per_sec = rate_over_last_minute(&mut st.request_samples);
+    let healthy = app.ready.unwrap_or(false);
+    cfg.metrics
+        .cell_healthy
+        .get_or_create(&crate::metrics::CellLabel { cell: name.clone() })
+        .set(i64::from(healthy));
+    st.healthy_since_ms = healthy.then(|| {
+        st.healthy_since_ms
+            .unwrap_or_else(cellplane_table::store::now_ms)
+    });
+    Ok(Live {
+        mysql: Some(MysqlReport {
+            read_only: pos.read_only,
+            gtid_binlog_pos: pos.gtid_binlog_pos,
+            replicas,
+            rebuild: st.rebuild.as_ref().map(|t| t.report.lock().clone()),
+        }),
+        kafka_lag: app.order_backlog,
+        requests_per_sec,
+        // The app's own readiness (its three stores and a table); an app that does not
+        // answer at all is not healthy either.
+        healthy: Some(healthy),
+        intent_generation: st.applied_generation,
+        healthy_since_ms: st.healthy_since_ms,
+    })
+}
+
+/// Each replication connection of a cell's MySQL: its state, for the report and the lag
+/// metrics.
+async fn measure_replicas(
+    cfg: &AgentConfig,
+    name: &str,
+    pool: &mysql_async::Pool,
+    regs: &BTreeMap<String, Registration>,
+) -> Result<BTreeMap<String, ReplicaReport>> {
     let mut replicas = BTreeMap::new();
-    for connection in replication::connections(&pool).await.map_err(sdk)? {
-        if let Some(s) = replication::replica_status(&pool, &connection)
+    for connection in replication::connections(pool).await.map_err(sdk)? {
+        if let Some(s) = replication::replica_status(pool, &connection)
             .await
             .map_err(sdk)?
         {
             let labels = crate::metrics::ReplicaLabels {
-                cell: name.clone(),
+                cell: name.to_string(),
                 source: connection.clone(),
             };
             let source_pos = regs
@@ -579,38 +631,7 @@ async fn serve_cell(
             );
         }
     }
-    let app = match regs.get(&name).and_then(|r| r.endpoints.get("app")) {
-        Some(addr) => app_status(addr).await,
-        None => AppStatus::default(),
-    };
-    if let Some(total) = app.user_requests_total {
-        st.request_samples.push_back((Instant::now(), total));
-    }
-    let requests_per_sec = rate_over_last_minute(&mut st.request_samples);
-    let healthy = app.ready.unwrap_or(false);
-    cfg.metrics
-        .cell_healthy
-        .get_or_create(&crate::metrics::CellLabel { cell: name.clone() })
-        .set(i64::from(healthy));
-    st.healthy_since_ms = healthy.then(|| {
-        st.healthy_since_ms
-            .unwrap_or_else(cellplane_table::store::now_ms)
-    });
-    Ok(Live {
-        mysql: Some(MysqlReport {
-            read_only: pos.read_only,
-            gtid_binlog_pos: pos.gtid_binlog_pos,
-            replicas,
-            rebuild: st.rebuild.as_ref().map(|t| t.report.lock().clone()),
-        }),
-        kafka_lag: app.order_backlog,
-        requests_per_sec,
-        // The app's own readiness (its three stores and a table); an app that does not
-        // answer at all is not healthy either.
-        healthy: Some(healthy),
-        intent_generation: st.applied_generation,
-        healthy_since_ms: st.healthy_since_ms,
-    })
+    Ok(replicas)
 }
 
 /// Starts rebuilding `cell`'s MySQL from `source`'s (the new home), errant transactions
