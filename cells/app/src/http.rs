@@ -281,22 +281,24 @@ async fn readyz(State(app): State<App>) -> Response {
 
 /// Kafka consumer lag and MySQL replication position: what a failover waits on.
 async fn status(State(app): State<App>) -> Json<serde_json::Value> {
-    let lag = tokio::time::timeout(
-        Duration::from_secs(3),
-        consumer::lag(app.stores.clone(), app.consumer.clone()),
-    )
-    .await;
+    // Asked at once: the region agent reads this every 50 ms while an operation moves the
+    // cell, and an operation's step waits on it.
+    let (lag, mysql) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            consumer::lag(app.stores.clone(), app.consumer.clone()),
+        ),
+        timed(
+            "mysql",
+            app.stores.cfg.store_timeout,
+            replication::position(&app.stores.mysql),
+        )
+    );
     let lag: Result<Lag, String> = match lag {
         Ok(Ok(l)) => Ok(l),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("no answer within 3s".into()),
     };
-    let mysql = timed(
-        "mysql",
-        app.stores.cfg.store_timeout,
-        replication::position(&app.stores.mysql),
-    )
-    .await;
     Json(serde_json::json!({
         "cell": app.stores.cell,
         "tableEpoch": app.tables.get().map(|t| t.epoch),

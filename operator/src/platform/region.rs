@@ -288,7 +288,12 @@ async fn pass(
         if let Some(st) = states.get(&name) {
             watch.pools.lock().insert(name.clone(), st.pool.clone());
         }
-        tracing::debug!(cell = %name, elapsed_ms = started.elapsed().as_millis() as u64, "region agent: cell served");
+        tracing::debug!(
+            cell = %name,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            order_backlog = ?outcome.as_ref().ok().and_then(|l| l.kafka_lag),
+            "region agent: cell served"
+        );
         let state = states.get_mut(&name);
         match outcome {
             Ok(live) => {
