@@ -40,24 +40,22 @@ pub fn tools_bin() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// A built workspace binary (`make test` builds them before the tests run).
-/// The tests run the debug builds; `CELLPLANE_PROFILE=release` runs the release builds
-/// instead (the benchmarks do: what they measure is what production runs).
+/// A built workspace binary: the debug build (`make test` builds them before the tests
+/// run), or with `CELLPLANE_PROFILE=release` the release build (`make bench-drill`: what
+/// a benchmark measures is what production runs).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"));
-    let profile = std::env::var("CELLPLANE_PROFILE").unwrap_or_else(|_| "debug".into());
-    let path = target.join(&profile).join(name);
-    let flag = if profile == "release" {
-        " --release"
-    } else {
-        ""
-    };
+    let release = std::env::var("CELLPLANE_PROFILE").is_ok_and(|p| p == "release");
+    let path = target
+        .join(if release { "release" } else { "debug" })
+        .join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build{flag} -p {name}` (make test does)",
-        path.display()
+        "{} is missing: run `cargo build{} -p {name}`",
+        path.display(),
+        if release { " --release" } else { "" }
     );
     path
 }
