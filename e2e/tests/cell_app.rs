@@ -285,6 +285,15 @@ async fn flash_sale_sells_exactly_its_stock_and_orders_persist_once_through_cras
     })
     .await?;
     assert_eq!(orders_in_mysql(&stores).await?, 120);
+    // A log that is there already is persisted a fetched batch per transaction, not one
+    // order per transaction (one per order could not keep up with a cell serving two).
+    let transactions = app
+        .metric("cellplane_app_orders_persist_transactions_total")
+        .await?;
+    assert!(
+        (1.0..=30.0).contains(&transactions),
+        "120 redelivered orders took {transactions} transactions"
+    );
     let status = body(&app.get("/status").await?);
     assert_eq!(status["orders"]["lag"].as_i64(), Some(0), "{status}");
     assert_eq!(status["orders"]["high"].as_i64(), Some(120), "{status}");

@@ -9,11 +9,12 @@
 //! MySQL never sees more than `in_flight` profile reads from this process: the miss rate
 //! it has to answer is bounded, whatever the cache does.
 //!
-//! The IN list is padded to a power of two (repeating the last user), so each connection
-//! prepares at most seven statements per schema instead of one per batch size.
+//! The IN list is padded to a power of two (`sql::padded`), so each connection prepares at
+//! most seven statements per schema instead of one per batch size.
 
 use crate::metrics::Metrics;
 use crate::profiles::Profile;
+use crate::sql;
 use crate::stores::{timed, Dataset, Stores};
 use mysql_async::prelude::Queryable;
 use parking_lot::Mutex;
@@ -68,11 +69,6 @@ fn take_batch<W, K: PartialEq>(
         }
     }
     batch
-}
-
-/// The IN-list length a batch of `n` users is padded to: the next power of two.
-fn padded_len(n: usize) -> usize {
-    n.max(1).next_power_of_two()
 }
 
 /// A driver's place among the `in_flight`: given back under the queue's lock when the
@@ -184,20 +180,15 @@ pub async fn read_profiles(
     data: &Dataset,
     users: &[&str],
 ) -> Result<HashMap<String, (Profile, u64)>, String> {
-    let Some(&last) = users.last() else {
+    if users.is_empty() {
         return Ok(HashMap::new());
-    };
-    let n = padded_len(users.len());
-    let marks = vec!["?"; n].join(",");
+    }
+    let params = sql::padded(users.to_vec());
     let query = format!(
-        "SELECT user_id, name, email, version FROM {} WHERE user_id IN ({marks})",
-        data.table("profiles")
+        "SELECT user_id, name, email, version FROM {} WHERE user_id IN ({})",
+        data.table("profiles"),
+        sql::repeated("?", params.len())
     );
-    let params: Vec<&str> = users
-        .iter()
-        .copied()
-        .chain(std::iter::repeat_n(last, n - users.len()))
-        .collect();
     let read = async {
         let mut c = stores.mysql_conn().await?;
         timed(
@@ -228,11 +219,5 @@ mod tests {
         assert_eq!(take_batch(&mut waiting, 3, |w| &w.0), [("b", 2), ("b", 5)]);
         assert_eq!(take_batch(&mut waiting, 1, |w| &w.0), [("a", 6)]);
         assert!(take_batch(&mut waiting, 3, |w| &w.0).is_empty());
-    }
-
-    #[test]
-    fn in_lists_are_padded_to_powers_of_two() {
-        let lens: Vec<usize> = [0, 1, 2, 3, 5, 8, 9, 33, 64].map(padded_len).into();
-        assert_eq!(lens, [1, 1, 2, 4, 8, 8, 16, 64, 64]);
     }
 }

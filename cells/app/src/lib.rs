@@ -7,6 +7,7 @@
 //! - `orders` + `consumer`: flash sale stock in Redis, orders queued on Kafka, persisted to
 //!   MySQL exactly once per order id; `replay`: a failed-over cell's acknowledged orders
 //!   forwarded (through the global etcd) to the cell serving its users.
+//! - `sql`: statement shapes padded to powers of two (few prepared statements).
 //! - `http`: routes behind the slot-ownership fence, health, lag and replication status.
 
 pub mod batch;
@@ -21,4 +22,5 @@ pub mod orders;
 pub mod profiles;
 pub mod replay;
 pub mod schema;
+pub mod sql;
 pub mod stores;

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub orders_accepted: Counter,
     pub orders_rejected: Family<ReasonLabel, Counter>,
     pub orders_persisted: Counter,
+    /// The persister's MySQL transactions (each writes a fetched batch of orders).
+    pub orders_persist_transactions: Counter,
     pub orders_duplicates: Counter,
     /// Orders whose delivery was in doubt, voided before the client was told "refused".
     pub orders_voided: Counter,
@@ -87,6 +89,7 @@ impl Metrics {
             profile_db_queries: Counter::default(),
             orders_rejected: Family::default(),
             orders_persisted: Counter::default(),
+            orders_persist_transactions: Counter::default(),
             orders_duplicates: Counter::default(),
             orders_voided: Counter::default(),
             orders_void_skipped: Counter::default(),
@@ -118,6 +121,11 @@ impl Metrics {
             "orders_persisted",
             "Orders written to MySQL",
             m.orders_persisted.clone(),
+        );
+        r.register(
+            "orders_persist_transactions",
+            "The persister's MySQL transactions that wrote a batch of orders (orders persisted / this = the mean batch)",
+            m.orders_persist_transactions.clone(),
         );
         r.register(
             "user_requests",

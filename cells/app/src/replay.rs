@@ -249,7 +249,7 @@ impl Replayer {
                 }
             }
             let voided = self.stores.own.table("voided_orders");
-            let marks = vec!["?"; chunk.len()].join(",");
+            let marks = crate::sql::repeated("?", chunk.len());
             let mut conn = self.stores.mysql_conn().await.map_err(|e| e.to_string())?;
             // Within the store deadline: the schema may be locked while the region
             // rebuilds it; the forward is tried again a second later.
