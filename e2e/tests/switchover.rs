@@ -123,13 +123,24 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
 
     // Preflight refusals change nothing and exit 2, naming the gate.
     let epoch_before = etcd.routing_table().await?.unwrap().epoch;
-    wait_for("the cells' request rates measured", T, || async {
-        let rate = etcd
-            .registration("shop-us-0")
-            .await?
-            .and_then(|r| r.requests_per_sec);
-        Ok(rate.filter(|r| *r > 0))
-    })
+    // The gate below (1 request/s per unit of weight, 80% at most) refuses once the
+    // target's rate plus the moving one is over 80% of its weight; the rates are averages
+    // over the last minute, so they take a moment to get there under this load.
+    wait_for(
+        "the cells' request rates over the capacity gate",
+        T,
+        || async {
+            let (Some(source), Some(target)) = (
+                etcd.registration("shop-us-0").await?,
+                etcd.registration(STANDBY).await?,
+            ) else {
+                return Ok(None);
+            };
+            let projected =
+                source.requests_per_sec.unwrap_or(0) + target.requests_per_sec.unwrap_or(0);
+            Ok((projected * 100 > u64::from(target.capacity_weight) * 80).then_some(()))
+        },
+    )
     .await?;
     let (code, out) = lab
         .cellplane(&["switchover", "shop-us-0", "--capacity-rps-per-weight", "1"])
