@@ -351,7 +351,7 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
     let (code, _, stderr) = cli(&["switchover", "shop-us-0", "--dry-run"])?;
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("home gate"), "{stderr}");
-    let op = cellplane_operator::platform::switchover::Switchover::new(
+    let op = cellplane_operator::platform::operations::Switchover::new(
         "so-test",
         "shop-us-0",
         "shop-eu-0",

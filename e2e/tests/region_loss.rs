@@ -18,8 +18,8 @@ use cellplane_cells::failover_timing::FailoverTimings;
 use cellplane_e2e::lab::{PairLab, FAILBACK_STABILIZATION_SECS, HOME, STANDBY};
 use cellplane_e2e::netlab::Place;
 use cellplane_e2e::{wait_for, workspace_bin};
-use cellplane_operator::platform::batch::Operation;
-use cellplane_operator::platform::switchover::{Kind, Outcome, Step, Switchover};
+use cellplane_operator::platform::operations::Operation;
+use cellplane_operator::platform::operations::{Kind, Outcome, Step, Switchover};
 use mysql_async::prelude::Queryable;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -494,7 +494,7 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
         "failback started {} ms after the old home was healthy again (window {} s); {}",
         started - since,
         FAILBACK_STABILIZATION_SECS,
-        cellplane_operator::platform::report::text(&back)
+        cellplane_operator::platform::operations::report::text(&back)
     );
     assert!(started >= since + FAILBACK_STABILIZATION_SECS * 1000);
     let t = lab.etcd.routing_table().await?.unwrap();
@@ -547,7 +547,7 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
     })
     .await
     .inspect_err(|_| show_operator_logs(&lab))?;
-    println!("{}", cellplane_operator::platform::report::text(&again));
+    println!("{}", cellplane_operator::platform::operations::report::text(&again));
     assert_ne!(again.started_by, "platform (automatic)");
     let user = &us_users[0];
     let served = wait_for("a us user served in eu", T, || async {

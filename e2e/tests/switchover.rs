@@ -18,7 +18,7 @@ use cellplane_e2e::lab::{
 };
 use cellplane_e2e::prometheus::{self, Prometheus};
 use cellplane_e2e::wait_for;
-use cellplane_operator::platform::switchover::{Outcome, Step, Switchover};
+use cellplane_operator::platform::operations::{Outcome, Step, Switchover};
 use mysql_async::prelude::Queryable;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -491,7 +491,7 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
         let id = started_id(&out).expect("the CLI names the operation");
         let step = wait_for("the operation past its preflight", T, || async {
             Ok(match lab.record(&id).await? {
-                cellplane_operator::platform::batch::Operation::Switchover(op) => {
+                cellplane_operator::platform::operations::Operation::Switchover(op) => {
                     (op.step != Step::Preflight).then_some(op.step)
                 }
                 _ => None,
@@ -546,7 +546,7 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
         println!(
             "handed over at {:?}:\n{}",
             caught.step,
-            cellplane_operator::platform::report::text(&op)
+            cellplane_operator::platform::operations::report::text(&op)
         );
         // The record names both leaders: the killed one ended the first steps, the other
         // region's operator the rest.

@@ -7,8 +7,8 @@ use cellplane_cells::failover_timing::FailoverTimings;
 use cellplane_operator::controller::{self, Context};
 use cellplane_operator::leader::LeaderElector;
 use cellplane_operator::metrics::Metrics;
-use cellplane_operator::platform::region::AgentConfig;
-use cellplane_operator::platform::PlatformConfig;
+use cellplane_operator::platform::agent::AgentConfig;
+use cellplane_operator::platform::leader::PlatformConfig;
 use cellplane_operator::registration::Registrar;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -108,7 +108,7 @@ struct RunArgs {
     auto_failback: bool,
     /// How long the old home of a cell failed over unplanned must stay healthy before it
     /// fails back (seconds).
-    #[arg(long, env = "CELLPLANE_FAILBACK_STABILIZATION_SECS", default_value_t = cellplane_operator::platform::switchover::DEFAULT_STABILIZATION_MS / 1000)]
+    #[arg(long, env = "CELLPLANE_FAILBACK_STABILIZATION_SECS", default_value_t = cellplane_operator::platform::operations::DEFAULT_STABILIZATION_MS / 1000)]
     failback_stabilization_secs: u64,
     /// How long a cell must stay lost before the leader fails it over (ms).
     #[arg(long, env = "CELLPLANE_FAILOVER_GRACE_MS", default_value_t = FailoverTimings::default().grace_ms)]
@@ -382,7 +382,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ));
         // The region's leader campaigns for the platform; it stops with the region's term.
         let platform_task = platform.clone().map(|cfg| {
-            tokio::spawn(cellplane_operator::platform::run(
+            tokio::spawn(cellplane_operator::platform::leader::run(
                 cfg,
                 client.clone(),
                 metrics.clone(),
@@ -390,7 +390,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ))
         });
         let agent_task = agent.clone().map(|(cfg, reg)| {
-            tokio::spawn(cellplane_operator::platform::region::run(
+            tokio::spawn(cellplane_operator::platform::agent::run(
                 cfg,
                 client.clone(),
                 reg,

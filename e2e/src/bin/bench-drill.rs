@@ -39,7 +39,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 /// Where a write freeze went: each step inside it (freeze written -> slots released) and
 /// its milliseconds, e.g. `freeze 31, drain 102, fence 140, ...`.
-fn freeze_steps(op: &cellplane_operator::platform::switchover::Switchover) -> String {
+fn freeze_steps(op: &cellplane_operator::platform::operations::Switchover) -> String {
     let (Some(from), Some(to)) = (op.frozen_at_ms, op.released_at_ms) else {
         return String::new();
     };

@@ -436,7 +436,7 @@ async fn main() -> Result<()> {
     let ops: Vec<serde_json::Value> = serde_json::from_str(&drills).unwrap_or_default();
     let mut written = Vec::new();
     for op in &ops {
-        let Some(id) = op["id"].as_str().filter(|_| op["waveSize"].is_u64()) else {
+        let Some(id) = op["id"].as_str().filter(|_| op["type"] == "batch") else {
             continue;
         };
         let md = cellplane_output(etcd, &platform, &["drills", id, "-o", "markdown"])?;

@@ -12,13 +12,13 @@ use cellplane_cells::etcd_keys::{
     RouterAck,
 };
 use cellplane_cells::routing::RoutingTable;
-use cellplane_operator::platform::batch::{
-    blocked_by_batches, cells_of_region, operation_for, Batch, BatchOutcome, Operation,
+use cellplane_operator::platform::observe::{read_owners, read_values};
+use cellplane_operator::platform::operations::batch::{
+    blocked_by_batches, cells_of_region, Batch, BatchOutcome,
 };
-use cellplane_operator::platform::operations::{read_owners, read_values};
-use cellplane_operator::platform::report;
-use cellplane_operator::platform::switchover::{
-    self, Kind, Limits, Loss, Observed, Outcome, Recent, Switchover,
+use cellplane_operator::platform::operations::{
+    self as switchover, operation_for, report, Kind, Limits, Loss, Observed, Operation, Outcome,
+    Recent, Switchover,
 };
 use cellplane_table::write;
 use clap::{Parser, Subcommand, ValueEnum};

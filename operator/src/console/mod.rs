@@ -8,9 +8,9 @@
 
 pub mod state;
 
-use crate::platform::batch::Operation;
-use crate::platform::operations::read_values;
-use crate::platform::report;
+use crate::platform::observe::read_values;
+use crate::platform::operations::report;
+use crate::platform::operations::Operation;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};

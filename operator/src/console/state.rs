@@ -3,8 +3,8 @@
 //! Everything the page draws is decided here and tested as a plain function; the page
 //! only lays it out.
 
-use crate::platform::report;
-use crate::platform::switchover::{Outcome, Switchover};
+use crate::platform::operations::report;
+use crate::platform::operations::{Outcome, Switchover};
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{Registration, RouterAck};
 use cellplane_cells::gtid;
@@ -293,7 +293,8 @@ fn operation(op: &Switchover) -> OperationView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::platform::switchover::{healthy_registration, Limits};
+    use crate::platform::operations::test_world::healthy_registration;
+    use crate::platform::operations::Limits;
     use cellplane_cells::etcd_keys::{CellTraffic, MysqlReport, Outage, ReplicaReport};
     use cellplane_cells::routing::CellEntry;
 
@@ -408,8 +409,8 @@ mod tests {
         let cells = BTreeMap::new();
         let frozen = t.frozen("a").unwrap();
         let mut op = Switchover::new("op-1", "a", "b", "t", Limits::default(), 10);
-        op.steps.push(crate::platform::switchover::StepRecord {
-            step: crate::platform::switchover::Step::Preflight,
+        op.steps.push(crate::platform::operations::StepRecord {
+            step: crate::platform::operations::Step::Preflight,
             started_ms: 10,
             ended_ms: 15,
             note: String::new(),
@@ -436,7 +437,7 @@ mod tests {
         assert_eq!(s.running[0].outcome, "running");
         let flipped = t.failed_over("a").unwrap();
         op.outcome = Some(Outcome::Succeeded { warnings: vec![] });
-        op.step = crate::platform::switchover::Step::Done;
+        op.step = crate::platform::operations::Step::Done;
         let s = build("shop", Some(&flipped), &cells, &BTreeMap::new(), &[op], 30);
         let a = s
             .regions

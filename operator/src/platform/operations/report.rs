@@ -2,23 +2,21 @@
 //! ticket or a postmortem (pure; JSON is the records themselves).
 
 use super::batch::{Batch, BatchOutcome};
-use super::switchover::{Kind, Outcome, Switchover};
+use super::record::{Kind, Outcome, Step, Switchover};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-/// `[###-----]`: how far an operation is once its first `done` step records are written
-/// (a switchover or failback has eight steps; a rollback fills the bar).
+/// `[###-----]`: how far an operation is once its first `done` step records are written,
+/// against its kind's step list (a rollback fills the bar).
 pub fn progress_bar(op: &Switchover, done: usize) -> String {
-    const STEPS: usize = 8;
-    let filled = if op.steps[..done.min(op.steps.len())]
-        .iter()
-        .any(|s| s.step == super::switchover::Step::RollBack)
-    {
-        STEPS
+    let total = op.kind.steps().len();
+    let done = &op.steps[..done.min(op.steps.len())];
+    let filled = if done.iter().any(|s| s.step == Step::RollBack) {
+        total
     } else {
-        done.min(op.steps.len()).min(STEPS)
+        done.len().min(total)
     };
-    format!("[{}{}]", "#".repeat(filled), "-".repeat(STEPS - filled))
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(total - filled))
 }
 
 /// One word (or short phrase) for how an operation ended.
@@ -374,7 +372,7 @@ pub fn batch_markdown(b: &Batch, all: &BTreeMap<String, Switchover>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::platform::switchover::{Limits, Step, StepRecord};
+    use crate::platform::operations::{Limits, Step, StepRecord};
 
     fn finished() -> Switchover {
         let mut op = Switchover::new("so-1", "a", "b", "sre", Limits::default(), 0);
@@ -430,7 +428,7 @@ mod tests {
 
     #[test]
     fn an_unplanned_failover_report_says_what_was_lost_and_counted() {
-        let loss = crate::platform::switchover::Loss {
+        let loss = crate::platform::operations::Loss {
             detected_at_ms: 1_000,
             reason: "a's registration expired".into(),
             last_home_gtid: Some("1-1-500".into()),
@@ -464,7 +462,7 @@ mod tests {
         l.errant_exported = Some(8);
         l.rebuilt_at_gtid = Some("2-2-40".into());
         l.rebuilt_rows = Some(1200);
-        l.replay = Some(crate::platform::switchover::ReplayFigures {
+        l.replay = Some(crate::platform::operations::emergency::ReplayFigures {
             forwarded: 40,
             void_skipped: 2,
             persisted: 7,

@@ -1,12 +1,12 @@
 //! Finding lost cells (pure): the leader looks at every serving cell on each pass; a cell
-//! that stays lost ([`switchover::lost`]) for the grace is failed over to its standby,
+//! that stays lost ([`lost`]) for the grace is failed over to its standby,
 //! automatically when the platform allows it, at most once per cell per no-flap window.
 //! The detector remembers each cell's last registration, so the record can say how far the
 //! standby was behind the home's last reported position: the estimated RPO. And the way
 //! back ([`failbacks_due`]): a cell failed over unplanned returns to its old home once that
 //! home stayed healthy for the stabilization window, when the platform is told to.
 
-use super::switchover::{self, Kind, Loss, Observed, Switchover};
+use crate::platform::operations::{lost, Kind, Loss, Observed, Switchover};
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::Registration;
 use cellplane_cells::failover_timing::FailoverTimings;
@@ -59,7 +59,7 @@ impl Detector {
             let candidate =
                 serves_traffic(entry.state) && !entry.frozen && self.leased.contains(&entry.name);
             let why = match (&entry.standby, candidate) {
-                (Some(_), true) => switchover::lost(obs, &entry.name).ok(),
+                (Some(_), true) => lost(obs, &entry.name).ok(),
                 _ => None,
             };
             let Some(why) = why else {
@@ -218,7 +218,7 @@ mod tests {
     use cellplane_cells::routing::RoutingTable;
 
     fn table() -> RoutingTable {
-        super::super::switchover::pair_table(3, 64)
+        crate::platform::operations::test_world::pair_table(3, 64)
     }
 
     fn reg(region: &str, pos: &str, replica_of: Option<(&str, &str)>) -> Registration {
@@ -240,7 +240,7 @@ mod tests {
             replicas,
             ..MysqlReport::default()
         };
-        super::super::switchover::healthy_registration(region, mysql)
+        crate::platform::operations::test_world::healthy_registration(region, mysql)
     }
 
     struct Seen {
@@ -249,7 +249,7 @@ mod tests {
         routers: BTreeMap<String, RouterAck>,
         owners: BTreeMap<String, usize>,
         intents: BTreeMap<String, Intent>,
-        recent: super::super::switchover::Recent,
+        recent: crate::platform::operations::Recent,
     }
 
     impl Seen {
@@ -376,13 +376,13 @@ mod tests {
             loss: Loss::default(),
         };
         let t = FailoverTimings::default();
-        let limits = switchover::Limits::default();
+        let limits = crate::platform::operations::Limits::default();
         assert_eq!(may_start_automatically(&found, &[], 0, &t), Ok(()));
         let mut op =
             Switchover::emergency("f-1", "b", "a", AUTOMATIC, limits.clone(), Loss::default());
         let e = may_start_automatically(&found, std::slice::from_ref(&op), 10, &t).unwrap_err();
         assert!(e.contains("operation f-1 is running"), "{e}");
-        op.step = switchover::Step::Done;
+        op.step = crate::platform::operations::Step::Done;
         op.loss.as_mut().unwrap().detected_at_ms = 1_000;
         // Refused (nothing moved): no window.
         assert_eq!(

@@ -9,10 +9,11 @@
 //! passwords are derived from the platform secret (`--replication-secret-file`), the same in
 //! every region, so none travels through etcd.
 
-use super::intents::{replication_password, REPLICATION_USER};
-use super::operations::read_values;
-use super::rebuild::{self, RebuildTask};
+pub mod rebuild;
+
 use crate::build::{names, Store};
+use crate::platform::intents::{replication_password, REPLICATION_USER};
+use crate::platform::observe::read_values;
 use crate::registration::{Live, Registrar};
 use crate::Result;
 use cellplane_cell_sdk::replication::{self, ReplicationSource};
@@ -26,6 +27,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, Store as KubeStore};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
+use rebuild::RebuildTask;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,7 +105,7 @@ pub async fn run(
         let mut intents: Option<etcd_client::WatchStream> = None;
         loop {
             if client.is_none() {
-                client = super::connect(&cfg.etcd_endpoints).await.ok();
+                client = crate::platform::connect(&cfg.etcd_endpoints).await.ok();
                 intents = None;
             }
             let mut busy = false;

@@ -5,36 +5,12 @@
 //! member records), or finishes. A member that does not succeed stops the batch: the cells
 //! of later waves stay where they are, and the report says which member failed and why.
 
-use super::switchover::{Kind, Limits, Outcome, Switchover};
+use super::operation_for;
+use super::record::{Kind, Limits, Outcome, Switchover};
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::routing::{serves_traffic, RoutingTable};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// What `drills/<id>` holds: one switchover or failback, or a batch of them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Operation {
-    // A batch has `waveSize`, which no switchover record has: tried first.
-    Batch(Batch),
-    Switchover(Switchover),
-}
-
-impl Operation {
-    pub fn id(&self) -> &str {
-        match self {
-            Operation::Batch(b) => &b.id,
-            Operation::Switchover(s) => &s.id,
-        }
-    }
-
-    pub fn finished(&self) -> bool {
-        match self {
-            Operation::Batch(b) => b.outcome.is_some(),
-            Operation::Switchover(s) => s.finished(),
-        }
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "result")]
@@ -284,66 +260,10 @@ fn member_for(
     Ok(op)
 }
 
-/// The switchover of `cell` to its standby, or the failback of `cell` from the cell that
-/// serves its slots, as the table pairs them; or why there is none (naming the fix).
-pub fn operation_for(
-    kind: Kind,
-    t: &RoutingTable,
-    cell: &str,
-    id: &str,
-    started_by: &str,
-    limits: &Limits,
-    now_ms: u64,
-) -> Result<Switchover, String> {
-    let Some(entry) = t.cell(cell) else {
-        let known: Vec<&str> = t.cells.iter().map(|c| c.name.as_str()).collect();
-        return Err(format!(
-            "unknown cell {cell:?}; the table has {}",
-            known.join(", ")
-        ));
-    };
-    match kind {
-        Kind::Emergency => Err(format!(
-            "{cell}: an unplanned failover is started for one lost cell (`cellplane failover {cell} --emergency`), not in waves"
-        )),
-        Kind::Switchover => {
-            let standby = entry.standby.as_deref().ok_or_else(|| {
-                format!("{cell} has no standby; pair it (CellSets pair every cell with one in the next region)")
-            })?;
-            Ok(Switchover::new(
-                id,
-                cell,
-                standby,
-                started_by,
-                limits.clone(),
-                now_ms,
-            ))
-        }
-        Kind::Failback => {
-            if entry.state != CellPhase::FailedOver {
-                return Err(format!(
-                    "{cell} is {:?}, not failed over; there is nothing to fail back",
-                    entry.state
-                ));
-            }
-            let source = t.serving_for(cell).ok_or_else(|| {
-                format!("no cell serves {cell}'s slots; there is nothing to fail back")
-            })?;
-            Ok(Switchover::failback(
-                id,
-                cell,
-                &source.name,
-                started_by,
-                limits.clone(),
-                now_ms,
-            ))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::platform::operations::Operation;
     use cellplane_cells::routing::CellEntry;
 
     /// Region us has u0, u1 (standbys e0, e1); eu has e0, e1 (standbys u0, u1).
@@ -366,7 +286,7 @@ mod tests {
     fn done(op: &Switchover, outcome: Outcome) -> Switchover {
         let mut d = op.clone();
         d.outcome = Some(outcome);
-        d.step = super::super::switchover::Step::Done;
+        d.step = super::super::record::Step::Done;
         d
     }
 
@@ -461,7 +381,7 @@ mod tests {
             done(
                 &wave2[0],
                 Outcome::RolledBack {
-                    step: super::super::switchover::Step::CatchUp,
+                    step: super::super::record::Step::CatchUp,
                     reason: "lag".into(),
                 },
             ),

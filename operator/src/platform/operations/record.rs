@@ -1,0 +1,347 @@
+//! The record of an operation on one cell (pure): what was asked, the steps so far with
+//! their times, and the result, as `drills/<id>` holds it; each kind's step list as data;
+//! the helpers every kind's step function moves the record with.
+
+use super::emergency::Loss;
+use cellplane_cells::failover_timing::FailoverTimings;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Gates and deadlines of a switchover (one place; defaults in [`Limits::default`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// The RPO gate: most transactions the standby may be behind at preflight. The two
+    /// positions come from two regions' reports taken up to an agent pass apart, so under
+    /// load a healthy replica shows a few hundred; the catch-up step closes any gap before
+    /// the promotion, so the gate only keeps the write freeze short.
+    pub max_lag_gtids: u64,
+    /// The RPO gate in time: most seconds the standby's SQL thread may be behind.
+    #[serde(default = "default_max_lag_secs")]
+    pub max_lag_secs: u64,
+    /// The capacity gate: what one unit of `capacityWeight` serves, in user requests per
+    /// second (0: no capacity gate). A cell of weight 10 serves 10x this.
+    #[serde(default = "default_rps_per_weight")]
+    pub capacity_rps_per_weight: u64,
+    /// The capacity gate: the target's load after the move (its own plus what moves, as
+    /// measured over the last minute) must stay under this share of its capacity, so the
+    /// target region keeps headroom for the next failure.
+    #[serde(default = "default_max_utilization")]
+    pub max_utilization_pct: u64,
+    /// How long a table change may take to reach every live router.
+    pub ack_timeout_ms: u64,
+    /// How long any other step may take.
+    pub step_timeout_ms: u64,
+    /// Unplanned failover: how long after the lost cell's last ownership lease was seen
+    /// gone the standby may be promoted (`FailoverTimings::expiry_margin_ms`).
+    #[serde(default = "default_expiry_margin")]
+    pub expiry_margin_ms: u64,
+    /// Failback after an unplanned failover: how long the old home must have been healthy
+    /// without a break (its registration's `healthySinceMs`) before its users go back.
+    #[serde(default = "default_stabilization")]
+    pub stabilization_ms: u64,
+}
+
+/// The default stabilization window before a failback after an unplanned failover.
+pub const DEFAULT_STABILIZATION_MS: u64 = 300_000;
+
+fn default_stabilization() -> u64 {
+    DEFAULT_STABILIZATION_MS
+}
+
+fn default_expiry_margin() -> u64 {
+    FailoverTimings::default().expiry_margin_ms
+}
+
+fn default_max_lag_secs() -> u64 {
+    5
+}
+
+fn default_rps_per_weight() -> u64 {
+    100
+}
+
+fn default_max_utilization() -> u64 {
+    80
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_lag_gtids: 2_000,
+            max_lag_secs: default_max_lag_secs(),
+            capacity_rps_per_weight: default_rps_per_weight(),
+            max_utilization_pct: default_max_utilization(),
+            ack_timeout_ms: 5_000,
+            step_timeout_ms: 30_000,
+            expiry_margin_ms: default_expiry_margin(),
+            stabilization_ms: default_stabilization(),
+        }
+    }
+}
+
+/// Which way the slots move.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Kind {
+    /// From a serving cell to its standby.
+    #[default]
+    Switchover,
+    /// Back to a failed-over cell from the cell that serves its slots.
+    Failback,
+    /// Unplanned: the cell is lost (its region cut off or dead); its standby is promoted
+    /// once the cell's ownership leases have expired, without waiting for a final position.
+    Emergency,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Step {
+    Preflight,
+    Freeze,
+    Drain,
+    Fence,
+    CatchUp,
+    Promote,
+    Flip,
+    Reverse,
+    /// Unplanned failover: wait until no ownership lease of the lost cell is left, plus
+    /// the margin; from then on the cell cannot take a write.
+    Expire,
+    /// Unplanned failover: wait for the old home to return, count what it wrote that the
+    /// new home never got (errant transactions), keep it fenced.
+    Rejoin,
+    RollBack,
+    Done,
+}
+
+impl Kind {
+    /// This kind's steps on the way forward, in order: the one list the step function,
+    /// the reports, the CLI's progress and the topology page read.
+    pub fn steps(self) -> &'static [Step] {
+        use Step::*;
+        match self {
+            Kind::Switchover => &[
+                Preflight, Freeze, Drain, Fence, CatchUp, Promote, Flip, Reverse,
+            ],
+            // The source must be writable again for its own users before the freeze ends.
+            Kind::Failback => &[
+                Preflight, Freeze, Drain, Fence, CatchUp, Promote, Reverse, Flip,
+            ],
+            Kind::Emergency => &[Preflight, Freeze, Expire, Promote, Flip, Rejoin],
+        }
+    }
+
+    /// What people call it (reports, metrics).
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Switchover => "switchover",
+            Kind::Failback => "failback",
+            Kind::Emergency => "failover",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "result")]
+pub enum Outcome {
+    /// The slots moved; `warnings` lists what did not complete in time after the flip.
+    Succeeded { warnings: Vec<String> },
+    /// A preflight gate failed; nothing changed.
+    Refused { gate: String, message: String },
+    /// A step failed before the promotion; the home is writable and unfrozen again.
+    RolledBack { step: Step, reason: String },
+}
+
+/// One step as it happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    pub step: Step,
+    pub started_ms: u64,
+    pub ended_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+    /// The platform leader that ended the step (its election identity).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
+}
+
+/// The persisted record of one switchover or failback (`drills/<id>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Switchover {
+    pub id: String,
+    #[serde(default)]
+    pub kind: Kind,
+    /// The cell whose slots move (the cell whose database holds their data).
+    pub cell: String,
+    /// The cell serving the slots now: frozen, drained and fenced (fixed at creation).
+    pub source: String,
+    /// The cell the slots move to (fixed at creation).
+    pub target: String,
+    pub started_by: String,
+    /// The drain or failback of a region this operation is a wave member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub limits: Limits,
+    pub step: Step,
+    pub step_started_ms: u64,
+    pub steps: Vec<StepRecord>,
+    /// Epoch of the table that froze the cell, and when the freeze was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_epoch: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_at_ms: Option<u64>,
+    /// Epoch of the table that moved the slots, and when every router had it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flip_epoch: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_at_ms: Option<u64>,
+    /// The home's position once fenced: what the standby must reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_gtid: Option<String>,
+    /// Each router's hold counters (held, timed out) when it applied the freeze.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub holds_at_freeze: BTreeMap<String, (u64, u64)>,
+    /// Requests the routers held while the cell was frozen, and how many of them timed out
+    /// (503) instead of being released to the new home.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_timeouts: Option<u64>,
+    /// Intent generations this operation asked for, by cell.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub intents: BTreeMap<String, u64>,
+    /// Unplanned failover: what was lost, when it was seen, and the data at risk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<Box<Loss>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+}
+
+impl Switchover {
+    pub fn new(
+        id: &str,
+        cell: &str,
+        target: &str,
+        started_by: &str,
+        limits: Limits,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            kind: Kind::Switchover,
+            cell: cell.into(),
+            source: cell.into(),
+            target: target.into(),
+            started_by: started_by.into(),
+            parent: None,
+            limits,
+            step: Step::Preflight,
+            step_started_ms: now_ms,
+            steps: Vec::new(),
+            freeze_epoch: None,
+            frozen_at_ms: None,
+            flip_epoch: None,
+            released_at_ms: None,
+            final_gtid: None,
+            holds_at_freeze: BTreeMap::new(),
+            held_requests: None,
+            hold_timeouts: None,
+            intents: BTreeMap::new(),
+            loss: None,
+            outcome: None,
+        }
+    }
+
+    /// Every cell the operation touches (no other operation may touch them meanwhile).
+    pub fn cells(&self) -> [&str; 3] {
+        [&self.cell, &self.source, &self.target]
+    }
+
+    /// Whether another operation on `cells` must wait for this one.
+    pub fn overlaps(&self, other: &Switchover) -> bool {
+        !self.finished() && self.cells().iter().any(|c| other.cells().contains(c))
+    }
+
+    /// The step after `step` on the way forward (`Done` after the last).
+    pub(super) fn after(&self, step: Step) -> Step {
+        let steps = self.kind.steps();
+        steps
+            .iter()
+            .position(|s| *s == step)
+            .and_then(|i| steps.get(i + 1))
+            .copied()
+            .unwrap_or(Step::Done)
+    }
+
+    /// Whether the operation is past its point of no return (the promotion): from there
+    /// on it only goes forward.
+    pub fn past_promotion(&self) -> bool {
+        let steps = self.kind.steps();
+        let at = |step| steps.iter().position(|s| *s == step);
+        matches!((at(self.step), at(Step::Promote)), (Some(now), Some(p)) if now >= p)
+    }
+
+    pub fn finished(&self) -> bool {
+        self.step == Step::Done
+    }
+
+    /// Waiting for something that may take hours (a lost region's return): the leader
+    /// need not poll it fast.
+    pub fn waiting_long(&self) -> bool {
+        self.step == Step::Rejoin
+    }
+
+    /// How long the cell's writes were frozen (freeze written -> slots released).
+    pub fn write_freeze_ms(&self) -> Option<u64> {
+        Some(self.released_at_ms?.saturating_sub(self.frozen_at_ms?))
+    }
+}
+
+pub(super) fn enter(next: &mut Switchover, step: Step, now_ms: u64, note: String) {
+    next.steps.push(StepRecord {
+        step: next.step,
+        started_ms: next.step_started_ms,
+        ended_ms: now_ms,
+        note,
+        by: String::new(),
+    });
+    next.step = step;
+    next.step_started_ms = now_ms;
+}
+
+pub(super) fn finish(next: &mut Switchover, now_ms: u64, outcome: Outcome) {
+    let note = match &outcome {
+        Outcome::Refused { message, .. } => message.clone(),
+        _ => String::new(),
+    };
+    finish_with_note(next, now_ms, outcome, note);
+}
+
+pub(super) fn finish_with_note(next: &mut Switchover, now_ms: u64, outcome: Outcome, note: String) {
+    enter(next, Step::Done, now_ms, note);
+    next.outcome = Some(outcome);
+}
+
+/// Errors after the promotion are recorded (once) and the operation goes on.
+pub(super) fn note_error(next: &mut Switchover, error: String) {
+    let note = format!("error: {error}");
+    if next.steps.iter().any(|s| s.note == note) {
+        return;
+    }
+    next.steps.push(StepRecord {
+        step: next.step,
+        started_ms: next.step_started_ms,
+        ended_ms: next.step_started_ms,
+        note,
+        by: String::new(),
+    });
+}
+
+pub(super) fn warnings(op: &Switchover) -> Vec<String> {
+    op.steps
+        .iter()
+        .filter_map(|s| s.note.strip_prefix("error: ").map(str::to_string))
+        .collect()
+}
