@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup tools build test unit e2e lint fmt fuzz crds demo bench bench-scale bench-drill clean
+.PHONY: all setup tools build install test unit e2e lint fmt fuzz crds demo bench bench-scale bench-drill clean
 
 all: test
 
@@ -18,6 +18,18 @@ tools: setup
 
 build:
 	$(CARGO) build --workspace --all-targets
+
+# The SRE's command on PATH, also as a kubectl plugin (`kubectl cellplane ...`):
+#   make install                       release build into ~/.local/bin
+#   make install PREFIX=/usr/local     (PROFILE=debug installs the debug build already made)
+PREFIX ?= $(HOME)/.local
+PROFILE ?= release
+install:
+	$(CARGO) build $(if $(filter release,$(PROFILE)),--release,) -p cellplane-operator --bin cellplane
+	install -d $(PREFIX)/bin
+	install -m 0755 target/$(PROFILE)/cellplane $(PREFIX)/bin/cellplane
+	ln -sf cellplane $(PREFIX)/bin/kubectl-cellplane
+	@echo "installed $(PREFIX)/bin/cellplane and $(PREFIX)/bin/kubectl-cellplane (kubectl cellplane ...)"
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -34,6 +34,55 @@ fn chart() -> String {
     chart_dir("cellplane-operator")
 }
 
+/// `make install` puts `cellplane` and `kubectl-cellplane` on PATH; the real kubectl finds
+/// the plugin and runs it.
+#[test]
+fn make_install_puts_the_cli_on_path_as_a_kubectl_plugin() {
+    let prefix = cellplane_e2e::test_dir("install");
+    let out = Command::new("make")
+        .current_dir(repo_root())
+        .args([
+            "--no-print-directory",
+            "install",
+            "PROFILE=debug",
+            &format!("PREFIX={}", prefix.display()),
+        ])
+        .output()
+        .expect("make runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = prefix.join("bin");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let plugins = Command::new(tools_bin().join("kubectl"))
+        .args(["plugin", "list"])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&plugins.stdout);
+    assert!(listed.contains("kubectl-cellplane"), "{listed}");
+    let help = Command::new(tools_bin().join("kubectl"))
+        .args(["cellplane", "--help"])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    assert!(text.contains("switchover") && text.contains("Exit codes"), "{text}");
+    let version = Command::new(bin.join("cellplane"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("cellplane "));
+}
+
 #[test]
 fn chart_lints_and_rejects_bad_values() {
     let ci_values = format!("{}/ci-values.yaml", chart());

@@ -332,6 +332,30 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
     assert_eq!(routed["cell"], "shop-eu-0");
     assert_eq!(routed["pinned"], true);
     assert_eq!(routed["epoch"], t4.epoch);
+    // Keys by the router's contract: an empty key is no key, and 256 bytes is the limit.
+    let (code, _, stderr) = cli(&["route", ""])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("the user key is empty"), "{stderr}");
+    let (code, _, stderr) = cli(&["route", &"k".repeat(300)])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("300 bytes long; the limit is 256"), "{stderr}");
+    let (code, _, _) = cli(&["route", &"k".repeat(256)])?;
+    assert_eq!(code, 0);
+    // A usage error exits 2, apart from a refused gate (3); an unreachable etcd is one
+    // line naming the endpoints.
+    let (code, _, stderr) = cli(&["switchover"])?;
+    assert_eq!(code, 2, "{stderr}");
+    let out = std::process::Command::new(cellplane_e2e::workspace_bin("cellplane"))
+        .args(["--etcd-endpoints", "http://127.0.0.1:1", "cells"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot reach the global etcd at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("grpc request error").count(), 1, "{stderr}");
     let (code, stdout, _) = cli(&["cells"])?;
     assert_eq!(code, 0);
     for cell in ["shop-us-0", "shop-us-1", "shop-eu-0"] {
@@ -349,7 +373,7 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
     assert_eq!(code, 1);
     assert!(stderr.contains("unknown cell \"shop-us-9\""), "{stderr}");
     let (code, _, stderr) = cli(&["switchover", "shop-us-0", "--dry-run"])?;
-    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("home gate"), "{stderr}");
     let op = cellplane_operator::platform::operations::Switchover::new(
         "so-test",
@@ -370,7 +394,7 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
         Ok(done.then_some((code, stdout, stderr)))
     })
     .await?;
-    assert_eq!(code, 2, "{stdout}");
+    assert_eq!(code, 3, "{stdout}");
     assert!(stdout.contains("refused by the home gate"), "{stdout}");
     assert_eq!(
         etcd.routing_table().await?.unwrap().epoch,

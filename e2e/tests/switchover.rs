@@ -105,7 +105,7 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
     };
     wait_for("the standby reported unhealthy", T, unhealthy(false)).await?;
     let (code, out) = lab.cellplane(&["switchover", HOME, "--dry-run"]).await?;
-    assert_eq!(code, 2, "{out}");
+    assert_eq!(code, 3, "{out}");
     assert!(
         out.contains("refused by the standby gate")
             && out.contains("shop-eu-0 is not registered and healthy"),
@@ -145,7 +145,7 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
     let (code, out) = lab
         .cellplane(&["switchover", "shop-us-0", "--capacity-rps-per-weight", "1"])
         .await?;
-    assert_eq!(code, 2, "{out}");
+    assert_eq!(code, 3, "{out}");
     assert!(
         out.contains("refused by the capacity gate") && out.contains("requests/s"),
         "{out}"
@@ -154,7 +154,7 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
         let (code, out) = lab
             .cellplane(&["switchover", "shop-us-0", "--dry-run", "--max-lag", "0"])
             .await?;
-        Ok((code == 2).then_some((code, out)))
+        Ok((code == 3).then_some((code, out)))
     })
     .await?;
     assert!(
@@ -195,7 +195,7 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
             assert_eq!(code, 0, "{out}");
             let id = started_id(&out).expect("the CLI names the operation");
             let (code, refused) = lab.cellplane(&["switchover", "shop-eu-0"]).await?;
-            assert_eq!(code, 2, "{refused}");
+            assert_eq!(code, 3, "{refused}");
             assert!(
                 refused.contains("refused by the concurrent gate"),
                 "{refused}"

@@ -1,0 +1,278 @@
+//! The commands that act (I/O): each builds the record of what is asked (a switchover,
+//! failover, failback, or a batch of them), runs the preflight gates here against the same
+//! observation the leader uses (a refusal changes nothing), writes the record, and follows
+//! it to the end unless told not to.
+
+use crate::identity::who;
+use crate::inspect::{show, EXIT_REFUSED};
+use crate::output::{print_data, Output, Progress};
+use crate::session::{switchovers, Platform};
+use crate::OpFlags;
+use anyhow::{bail, Context as _};
+use cellplane_cells::etcd_keys::drill_key;
+use cellplane_cells::routing::RoutingTable;
+use cellplane_operator::platform::operations::batch::{blocked_by_batches, cells_of_region, Batch};
+use cellplane_operator::platform::operations::{
+    self, operation_for, report, Kind, Limits, Loss, Operation, Outcome, Switchover,
+};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// What the CLI asks for, before it becomes a record.
+pub struct Request {
+    op: Operation,
+    /// The member operations to preflight now (a batch's: every cell as if it moved alone).
+    preflight: Vec<Switchover>,
+    summary: String,
+}
+
+impl Request {
+    /// One cell's operation, preflighted as it is.
+    fn single(op: Switchover) -> Self {
+        Self {
+            summary: format!("{}: {}", op.id, report::title(&op)),
+            preflight: vec![op.clone()],
+            op: Operation::Switchover(op),
+        }
+    }
+}
+
+pub fn unknown_cell(t: &RoutingTable, cell: &str) -> anyhow::Error {
+    let known: Vec<&str> = t.cells.iter().map(|c| c.name.as_str()).collect();
+    anyhow::anyhow!("unknown cell {cell:?}; the table has {}", known.join(", "))
+}
+
+/// A switchover or failback of `cell` as the table pairs it.
+fn operation_of(
+    kind: Kind,
+    t: &RoutingTable,
+    cell: &str,
+    id: &str,
+    limits: &Limits,
+    now: u64,
+) -> anyhow::Result<Switchover> {
+    operation_for(kind, t, cell, id, &who(), limits, now).map_err(anyhow::Error::msg)
+}
+
+fn batch_of(
+    t: &RoutingTable,
+    kind: Kind,
+    scope: &str,
+    cells: Vec<String>,
+    wave: usize,
+    limits: &Limits,
+    now: u64,
+) -> anyhow::Result<Request> {
+    let word = if kind == Kind::Switchover {
+        "drain"
+    } else {
+        "failback"
+    };
+    let id = format!("{word}-{}-{now}", scope.replace(' ', "-"));
+    let b = Batch::new(&id, kind, scope, cells, wave, &who(), limits.clone(), now);
+    let preflight = b
+        .cells
+        .iter()
+        .map(|c| operation_of(kind, t, c, &b.member_id(c), limits, now))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Request {
+        summary: format!("{}: {}", b.id, report::batch_title(&b)),
+        op: Operation::Batch(b),
+        preflight,
+    })
+}
+
+/// `cellplane switchover CELL`.
+pub fn switchover(
+    t: &RoutingTable,
+    cell: &str,
+    flags: &OpFlags,
+    now: u64,
+) -> anyhow::Result<Request> {
+    let id = format!("so-{cell}-{now}");
+    let op = operation_of(Kind::Switchover, t, cell, &id, &flags.limits(), now)?;
+    Ok(Request::single(op))
+}
+
+/// `cellplane failover CELL --emergency`.
+pub fn failover(
+    t: &RoutingTable,
+    cell: &str,
+    flags: &OpFlags,
+    now: u64,
+) -> anyhow::Result<Request> {
+    let entry = t.cell(cell).ok_or_else(|| unknown_cell(t, cell))?;
+    let standby = entry
+        .standby
+        .clone()
+        .with_context(|| format!("{cell} has no standby to fail over to"))?;
+    let by = who();
+    let loss = Loss {
+        detected_at_ms: now,
+        reason: format!("declared lost by {by}"),
+        ..Loss::default()
+    };
+    let id = format!("failover-{cell}-{now}");
+    let op = Switchover::emergency(&id, cell, &standby, &by, flags.limits(), loss);
+    Ok(Request::single(op))
+}
+
+/// `cellplane drain region|cell NAME`.
+pub fn drain(
+    t: &RoutingTable,
+    scope: crate::Scope,
+    name: &str,
+    wave: usize,
+    flags: &OpFlags,
+    now: u64,
+) -> anyhow::Result<Request> {
+    let (scope, cells) = match scope {
+        crate::Scope::Region => (
+            format!("region {name}"),
+            cells_of_region(t, Kind::Switchover, name).map_err(anyhow::Error::msg)?,
+        ),
+        crate::Scope::Cell => {
+            t.cell(name).ok_or_else(|| unknown_cell(t, name))?;
+            (format!("cell {name}"), vec![name.to_string()])
+        }
+    };
+    batch_of(
+        t,
+        Kind::Switchover,
+        &scope,
+        cells,
+        wave,
+        &flags.limits(),
+        now,
+    )
+}
+
+/// `cellplane failback CELL` or `cellplane failback --region REGION`.
+pub fn failback(
+    t: &RoutingTable,
+    cell: Option<&str>,
+    region: Option<&str>,
+    wave: usize,
+    flags: &OpFlags,
+    now: u64,
+) -> anyhow::Result<Request> {
+    match (cell, region) {
+        (Some(cell), _) => {
+            let id = format!("fb-{cell}-{now}");
+            let op = operation_of(Kind::Failback, t, cell, &id, &flags.limits(), now)?;
+            Ok(Request::single(op))
+        }
+        (None, Some(region)) => {
+            let cells = cells_of_region(t, Kind::Failback, region).map_err(anyhow::Error::msg)?;
+            let scope = format!("region {region}");
+            batch_of(t, Kind::Failback, &scope, cells, wave, &flags.limits(), now)
+        }
+        (None, None) => bail!("name the cell to fail back, or --region"),
+    }
+}
+
+/// Runs the preflight gates here (a refusal changes nothing), then writes the record, then
+/// follows it to the end unless told not to.
+pub async fn start(
+    p: &mut Platform,
+    req: Request,
+    flags: &OpFlags,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let t = p.table().await?;
+    let now = cellplane_table::store::now_ms();
+    let records = p.records().await?;
+    let running = records.running();
+    let batches = records.running_batches();
+    let snapshot = p.snapshot(&records.all()).await?;
+    for member in &req.preflight {
+        let busy =
+            running.iter().any(|r| r.overlaps(member)) || blocked_by_batches(member, &batches, &t);
+        let observed = snapshot.observed(&t, now, busy);
+        let (checked, _) = operations::advance(member, &observed);
+        if let Some(Outcome::Refused { gate, message }) = &checked.outcome {
+            if out.structured() {
+                print_data(out, &checked)?;
+            } else {
+                eprintln!("refused by the {gate} gate ({}): {message}", member.cell);
+            }
+            return Ok(ExitCode::from(EXIT_REFUSED));
+        }
+    }
+    if flags.dry_run {
+        if out.structured() {
+            print_data(
+                out,
+                &serde_json::json!({"operation": req.summary, "preflight": "passed"}),
+            )?;
+        } else {
+            println!("preflight passed: {}", req.summary);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Create the record only if no record of that id exists (version 0).
+    let id = req.op.id().to_string();
+    let key = drill_key(&p.name, &id);
+    let txn = etcd_client::Txn::new()
+        .when([etcd_client::Compare::version(
+            key.as_str(),
+            etcd_client::CompareOp::Equal,
+            0,
+        )])
+        .and_then([etcd_client::TxnOp::put(
+            key.as_str(),
+            serde_json::to_vec(&req.op)?,
+            None,
+        )]);
+    if !p.client.txn(txn).await?.succeeded() {
+        bail!("operation {id} exists already; try again");
+    }
+    if !out.structured() {
+        println!("started {}", req.summary);
+    }
+    if flags.no_wait {
+        if out.structured() {
+            print_data(out, &req.op)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow(p, &id, out).await
+}
+
+/// Prints each step of each member as it completes, then the report.
+async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitCode> {
+    let mut progress = Progress::new(out);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    loop {
+        let all = p.operations().await?;
+        let op = all
+            .get(id)
+            .cloned()
+            .with_context(|| format!("operation {id} disappeared"))?;
+        let members = switchovers(&all);
+        let mine: Vec<&Switchover> = match &op {
+            Operation::Switchover(s) => vec![s],
+            Operation::Batch(b) => b.members.iter().filter_map(|m| members.get(m)).collect(),
+        };
+        if !out.structured() {
+            progress.update(&mine, matches!(op, Operation::Batch(_)));
+        }
+        if op.finished() {
+            return show(&op, &members, out);
+        }
+        if let Operation::Switchover(s) = &op {
+            if s.waiting_long() {
+                if out.structured() {
+                    print_data(out, s)?;
+                } else {
+                    println!("{} now serves {}'s users; {} stays fenced until its region returns (follow with `cellplane drills {id}`)", s.target, s.cell, s.source);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{id} is still running after an hour; follow it with `cellplane drills {id}`");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
