@@ -2,6 +2,7 @@
 //! placement of slots onto cells, the routing table and its etcd encoding.
 
 pub mod admission;
+pub mod app_status;
 pub mod auth;
 pub mod crd;
 pub mod env;

@@ -20,7 +20,6 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::Producer;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
-use serde::Serialize;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -298,15 +297,8 @@ fn decide(ids: &[&str], voided: &HashSet<String>, written: &HashSet<String>) -> 
         .collect()
 }
 
-#[derive(Debug, Serialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct Lag {
-    /// Next offset to be written (the partition's high watermark).
-    pub high: i64,
-    /// Next offset the persister will read (its committed offset).
-    pub committed: i64,
-    pub lag: i64,
-}
+/// The order persister's position on the order topic (the `/status` contract's type).
+pub use cellplane_cells::app_status::OrderBacklog as Lag;
 
 /// Consumer lag on the order topic (blocking librdkafka calls: run off the async threads).
 ///

@@ -1,7 +1,8 @@
 //! The HTTP surface: user routes behind the ownership fence, health, status, metrics, and
 //! token-protected admin routes.
 
-use crate::consumer::{self, Lag};
+use crate::consumer;
+use cellplane_cells::app_status::AppStatus;
 use crate::error::{AppError, AppResult};
 use crate::metrics::Metrics;
 use crate::orders::{OrderRequest, OrderStatus, Orders};
@@ -280,7 +281,7 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 /// Kafka consumer lag and MySQL replication position: what a failover waits on.
-async fn status(State(app): State<App>) -> Json<serde_json::Value> {
+async fn status(State(app): State<App>) -> Json<AppStatus> {
     // Asked at once: the region agent reads this every 50 ms while an operation moves the
     // cell, and an operation's step waits on it.
     let (lag, mysql) = tokio::join!(
@@ -294,19 +295,18 @@ async fn status(State(app): State<App>) -> Json<serde_json::Value> {
             replication::position(&app.stores.mysql),
         )
     );
-    let lag: Result<Lag, String> = match lag {
-        Ok(Ok(l)) => Ok(l),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 3s".into()),
+    let orders = match lag {
+        Ok(l) => l.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within 3s".to_string()),
     };
-    Json(serde_json::json!({
-        "cell": app.stores.cell,
-        "tableEpoch": app.tables.get().map(|t| t.epoch),
-        "orders": match lag { Ok(l) => serde_json::to_value(l).unwrap_or_default(), Err(e) => serde_json::json!({"error": e}) },
-        "mysql": match mysql { Ok(p) => serde_json::to_value(p).unwrap_or_default(), Err(e) => serde_json::json!({"error": e.to_string()}) },
-        "hotCacheEntries": app.profiles.hot_entries(),
-        "userRequestsTotal": app.metrics.user_requests.get(),
-    }))
+    Json(AppStatus {
+        cell: app.stores.cell.clone(),
+        table_epoch: app.tables.get().map(|t| t.epoch),
+        orders: orders.into(),
+        mysql: mysql.into(),
+        hot_cache_entries: app.profiles.hot_entries() as u64,
+        user_requests_total: app.metrics.user_requests.get(),
+    })
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {

@@ -84,13 +84,9 @@ pub async fn start_replica(replica: &Pool, name: &str, source: &ReplicationSourc
     Ok(())
 }
 
-/// A server's own position: what it has written (binlog) and whether it accepts writes.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Position {
-    pub gtid_binlog_pos: String,
-    pub read_only: bool,
-}
+/// A server's own position: what it has written (binlog) and whether it accepts writes
+/// (the app's `/status` contract's type).
+pub use cellplane_cells::app_status::MysqlPosition as Position;
 
 pub async fn position(pool: &Pool) -> Result<Position> {
     let mut c = conn(pool).await?;

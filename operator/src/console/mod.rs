@@ -8,7 +8,7 @@
 
 pub mod state;
 
-use crate::platform::observe::read_values;
+use crate::platform::observe::{Records, Snapshot};
 use crate::platform::operations::report;
 use crate::platform::operations::Operation;
 use axum::extract::{Path, State};
@@ -17,7 +17,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use cellplane_cells::auth::bearer_matches;
-use cellplane_cells::etcd_keys::{cells_prefix, drill_key, drills_prefix, routers_prefix};
+use cellplane_cells::etcd_keys::drill_key;
 use etcd_client::Client;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,26 +79,13 @@ impl Console {
         }
         let read = async {
             let mut c = self.client().await?;
-            let table = cellplane_table::write::read(&mut c, &self.platform)
-                .await
-                .map_err(crate::platform::table_error)?
-                .table;
-            let cells = read_values(&mut c, &cells_prefix(&self.platform)).await?;
-            let routers = read_values(&mut c, &routers_prefix(&self.platform)).await?;
-            let records: std::collections::BTreeMap<String, Operation> =
-                read_values(&mut c, &drills_prefix(&self.platform)).await?;
-            let ops: Vec<_> = records
-                .into_values()
-                .filter_map(|o| match o {
-                    Operation::Switchover(s) => Some(s),
-                    Operation::Batch(_) => None,
-                })
-                .collect();
+            let ops = Records::read(&mut c, &self.platform).await?.all();
+            let snapshot = Snapshot::read(&mut c, &self.platform, &ops).await?;
             let s = state::build(
                 &self.platform,
-                table.as_ref(),
-                &cells,
-                &routers,
+                snapshot.table.as_ref(),
+                &snapshot.cells,
+                &snapshot.routers,
                 &ops,
                 cellplane_table::store::now_ms(),
             );

@@ -93,6 +93,8 @@ pub struct OperationView {
     pub step: String,
     /// Steps done so far, with how long each took.
     pub steps: Vec<(String, u64)>,
+    /// The kind's steps still ahead, after the current one (its step list, as data).
+    pub to_come: Vec<String>,
     /// `running`, `succeeded`, `refused`, `rolled back`.
     pub outcome: String,
     pub started_ms: u64,
@@ -287,6 +289,17 @@ fn operation(op: &Switchover) -> OperationView {
         }
         .to_string(),
         started_ms: started(op),
+        to_come: if op.finished() {
+            Vec::new()
+        } else {
+            op.kind
+                .steps()
+                .iter()
+                .skip_while(|s| **s != op.step)
+                .skip(1)
+                .map(|s| format!("{s:?}"))
+                .collect()
+        },
     }
 }
 
@@ -416,6 +429,7 @@ mod tests {
             note: String::new(),
             by: String::new(),
         });
+        op.step = crate::platform::operations::Step::Freeze;
         let s = build(
             "shop",
             Some(&frozen),
@@ -434,6 +448,11 @@ mod tests {
         assert!(!a.registered && a.mysql.is_none());
         assert_eq!(s.running.len(), 1);
         assert_eq!(s.running[0].steps, [("Preflight".to_string(), 5)]);
+        assert_eq!(
+            s.running[0].to_come,
+            ["Drain", "Fence", "CatchUp", "Promote", "Flip", "Reverse"],
+            "the switchover's step list after its current step"
+        );
         assert_eq!(s.running[0].outcome, "running");
         let flipped = t.failed_over("a").unwrap();
         op.outcome = Some(Outcome::Succeeded { warnings: vec![] });

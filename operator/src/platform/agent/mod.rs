@@ -9,6 +9,7 @@
 //! passwords are derived from the platform secret (`--replication-secret-file`), the same in
 //! every region, so none travels through etcd.
 
+mod app;
 pub mod rebuild;
 
 use crate::build::{names, Store};
@@ -557,13 +558,13 @@ async fn serve_cell(
     };
     let measure_app = async {
         match regs.get(&name).and_then(|r| r.endpoints.get("app")) {
-            Some(addr) => app_status(addr).await,
-            None => AppStatus::default(),
+            Some(addr) => app::read(addr).await,
+            None => app::AppReading::default(),
         }
     };
     let (mysql, app) = tokio::join!(measure_mysql, measure_app);
     let (pos, replicas) = mysql?;
-    if let Some(total) = app.user_requests_total {
+    if let Some(total) = app.user_requests_total() {
         st.request_samples.push_back((Instant::now(), total));
     }
     let requests_per_sec = rate_over_last_minute(&mut st.request_samples);
@@ -583,7 +584,7 @@ async fn serve_cell(
             replicas,
             rebuild: st.rebuild.as_ref().map(|t| t.report.lock().clone()),
         }),
-        kafka_lag: app.order_backlog,
+        kafka_lag: app.order_backlog(),
         requests_per_sec,
         // The app's own readiness (its three stores and a table); an app that does not
         // answer at all is not healthy either.
@@ -684,17 +685,6 @@ fn start_rebuild(
     ))
 }
 
-/// What the agent reads from the app's `/status`.
-#[derive(Default)]
-struct AppStatus {
-    /// `orders.lag`: accepted orders not yet persisted.
-    order_backlog: Option<u64>,
-    /// `userRequestsTotal`: the app's user request counter.
-    user_requests_total: Option<u64>,
-    /// `/readyz` answered 200: every store of the cell answers (None: the app did not).
-    ready: Option<bool>,
-}
-
 /// Drops samples older than a minute (keeping one at or before the window's start) and
 /// returns the rate between the oldest and newest, rounded up; None until the samples
 /// span a second. A counter that went down (the app restarted) starts over.
@@ -709,43 +699,6 @@ fn rate_over_last_minute(samples: &mut VecDeque<(Instant, u64)>) -> Option<u64> 
     let (oldest_at, oldest) = *samples.front()?;
     let span = newest_at.duration_since(oldest_at).as_secs_f64();
     (span >= 1.0).then(|| ((newest - oldest) as f64 / span).ceil() as u64)
-}
-
-/// The app's `/status`, or nothing when it does not answer within a second.
-async fn app_status(app: &str) -> AppStatus {
-    let (status, ready) = tokio::join!(http_get(app, "/status"), http_get(app, "/readyz"));
-    let Some(v) =
-        status.and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-    else {
-        return AppStatus::default();
-    };
-    AppStatus {
-        order_backlog: v["orders"]["lag"].as_u64(),
-        user_requests_total: v["userRequestsTotal"].as_u64(),
-        ready: Some(ready.is_some_and(|(code, _)| code == 200)),
-    }
-}
-
-/// `GET path` on the app: status code and body, or None when it does not answer within a
-/// second.
-async fn http_get(app: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(app).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {app}\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.take(64 * 1024).read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf);
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        let code = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, body.to_string()))
-    };
-    tokio::time::timeout(Duration::from_secs(1), fetch)
-        .await
-        .ok()
-        .flatten()
 }
 
 #[cfg(test)]
