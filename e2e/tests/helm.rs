@@ -75,7 +75,10 @@ fn make_install_puts_the_cli_on_path_as_a_kubectl_plugin() {
         .unwrap();
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(help.status.success(), "{text}");
-    assert!(text.contains("switchover") && text.contains("Exit codes"), "{text}");
+    assert!(
+        text.contains("switchover") && text.contains("Exit codes"),
+        "{text}"
+    );
     let version = Command::new(bin.join("cellplane"))
         .arg("--version")
         .output()

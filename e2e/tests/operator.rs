@@ -59,7 +59,7 @@ async fn setup(region_name: &str) -> anyhow::Result<(Region, Client)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn cell_converges_rolls_restores_and_cascades() -> anyhow::Result<()> {
     let (region, client) = setup("e2e").await?;
-    let _op = region.operator("solo", &[])?;
+    let operator = region.operator("solo", &[])?;
     let cells: Api<Cell> = Api::namespaced(client.clone(), "default");
     apply_yaml(&client, "default", &cell_yaml("c1", "example/shop:1")).await?;
     let cell = wait_ready(&cells, "c1").await?;
@@ -177,6 +177,50 @@ async fn cell_converges_rolls_restores_and_cascades() -> anyhow::Result<()> {
             .filter(|s| s.metadata.uid != old_uid))
     })
     .await?;
+
+    // A store switched to `external` leaves nothing of its in-cluster self behind but its
+    // generated Secret (the credentials its volumes were made with); the others stay.
+    let external = cell_yaml("c1", "example/shop:2").replace(
+        "redis: {inCluster: {ephemeral: true}}",
+        "redis: {external: {endpoint: \"127.0.0.1:6399\", secretRef: {name: c1-redis-managed}}}",
+    );
+    apply_yaml(&client, "default", &external).await?;
+    let redis_children = || -> anyhow::Result<String> {
+        region.kubectl(&[
+            "get",
+            "statefulsets,services,poddisruptionbudgets,configmaps,networkpolicies",
+            "-l",
+            "cellplane.io/cell=c1,cellplane.io/component=redis",
+            "-o",
+            "name",
+        ])
+    };
+    wait_for("the in-cluster Redis pruned", T, || async {
+        Ok(redis_children()?.trim().is_empty().then_some(()))
+    })
+    .await
+    .inspect_err(|_| {
+        let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!(
+            "left: {:?}\noperator log (last lines, newest first):\n{}",
+            redis_children(),
+            tail.join("\n")
+        );
+    })?;
+    assert_eq!(count("statefulsets")?, 2);
+    assert_eq!(count("secrets")?, 2, "generated Secrets are never pruned");
+    let events = region.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=c1,reason=Pruned",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ])?;
+    assert!(events.contains("StatefulSet/c1-redis"), "{events}");
+    // Unchanged objects are not pruned on the next passes: the rest is still there.
+    assert!(services.get_opt("c1-mysql").await?.is_some());
 
     // Deleting the Cell runs the finalizer, then the garbage collector removes children.
     cells.delete("c1", &DeleteParams::default()).await?;

@@ -338,7 +338,10 @@ async fn the_platform_leader_writes_the_table_from_the_cells_across_regions() ->
     assert!(stderr.contains("the user key is empty"), "{stderr}");
     let (code, _, stderr) = cli(&["route", &"k".repeat(300)])?;
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("300 bytes long; the limit is 256"), "{stderr}");
+    assert!(
+        stderr.contains("300 bytes long; the limit is 256"),
+        "{stderr}"
+    );
     let (code, _, _) = cli(&["route", &"k".repeat(256)])?;
     assert_eq!(code, 0);
     // A usage error exits 2, apart from a refused gate (3); an unreachable etcd is one

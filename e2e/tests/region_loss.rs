@@ -547,7 +547,10 @@ async fn a_cut_off_region_fails_over_and_never_two_cells_take_writes_for_one_use
     })
     .await
     .inspect_err(|_| show_operator_logs(&lab))?;
-    println!("{}", cellplane_operator::platform::operations::report::text(&again));
+    println!(
+        "{}",
+        cellplane_operator::platform::operations::report::text(&again)
+    );
     assert_ne!(again.started_by, "platform (automatic)");
     // The CLI signs with the OS user behind it (by uid), not a name it was told.
     assert!(again.started_by.starts_with("os:"), "{}", again.started_by);

@@ -2,7 +2,6 @@
 //! token-protected admin routes.
 
 use crate::consumer;
-use cellplane_cells::app_status::AppStatus;
 use crate::error::{AppError, AppResult};
 use crate::metrics::Metrics;
 use crate::orders::{OrderRequest, OrderStatus, Orders};
@@ -15,6 +14,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use cellplane_cell_sdk::ownership::{key_from_path, OwnershipLayer, Served};
 use cellplane_cell_sdk::replication;
+use cellplane_cells::app_status::AppStatus;
 use cellplane_cells::auth::bearer_matches;
 use cellplane_table::owner_lease::OwnerLease;
 use cellplane_table::TableStore;

@@ -316,6 +316,15 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
             return Err(e);
         }
     };
+    let pruned = super::prune::prune(&ctx.client, &r.ledger, &r.owned, &cell, &desired).await?;
+    if !pruned.is_empty() {
+        let message = format!(
+            "deleted what the spec no longer renders: {}",
+            pruned.join(", ")
+        );
+        ctx.event(cell.as_ref(), EventType::Normal, "Pruned", message)
+            .await;
+    }
     let (deployments, statefulsets) = (&applied.deployments, &applied.statefulsets);
     let app_service = applied
         .services

@@ -3,6 +3,7 @@
 pub mod cell;
 pub mod cellset;
 pub mod owned;
+pub mod prune;
 
 use crate::build::FIELD_MANAGER;
 use crate::metrics::Metrics;

@@ -120,6 +120,13 @@ impl Ledger {
         )
     }
 
+    /// Forgets one object (it was deleted).
+    pub fn forget<K: Resource<DynamicType = ()>>(&self, namespace: &str, name: &str) {
+        self.entries
+            .lock()
+            .remove(&(leak_kind::<K>(), namespace.to_string(), name.to_string()));
+    }
+
     /// Forgets a cell's objects (it is being deleted).
     pub fn forget_namespace_prefix(&self, namespace: &str, prefix: &str) {
         self.entries
