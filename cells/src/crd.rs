@@ -69,10 +69,6 @@ pub struct CellSpec {
     #[schemars(range(min = 1, max = 100), with = "i32")]
     pub capacity_weight: u32,
 
-    /// Active takes traffic; Draining moves the cell's slots to other cells.
-    #[serde(default)]
-    pub desired_state: DesiredState,
-
     /// Platform this cell belongs to (etcd prefix `/cellplane/<platform>/`).
     #[serde(default = "default_platform")]
     #[x_kube(validation = rules::dns_label("spec.platform", "shop"))]
@@ -98,14 +94,6 @@ fn default_weight() -> u32 {
 }
 fn default_platform() -> String {
     DEFAULT_PLATFORM.to_string()
-}
-
-/// What the cell should be doing.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum DesiredState {
-    #[default]
-    Active,
-    Draining,
 }
 
 /// Names the standby cell in another region.
@@ -416,6 +404,9 @@ pub mod condition {
     pub const MYSQL_READY: &str = "MySQLReady";
     pub const KAFKA_READY: &str = "KafkaReady";
     pub const REGISTERED: &str = "Registered";
+    /// Whether the platform leader can route users to the cell: its members come from
+    /// CellSets, so a Cell outside one is never in the routing table.
+    pub const ROUTABLE: &str = "Routable";
 }
 
 /// Stamps out N cells per region from one template and pairs each with a standby in
@@ -616,7 +607,6 @@ impl CellSetSpec {
                         region: region.name.clone(),
                         zone,
                         capacity_weight: t.capacity_weight,
-                        desired_state: DesiredState::Active,
                         platform: self.platform.clone(),
                         standby,
                         app,
@@ -641,7 +631,6 @@ pub(crate) mod fixtures {
             region: region.into(),
             zone: None,
             capacity_weight: 10,
-            desired_state: DesiredState::Active,
             platform: DEFAULT_PLATFORM.into(),
             standby: None,
             app: AppSpec {

@@ -73,6 +73,21 @@ async fn cell_converges_rolls_restores_and_cascades() -> anyhow::Result<()> {
         .as_ref()
         .unwrap()
         .contains(&"cellplane.io/registration".to_string()));
+    // A Cell outside a CellSet runs, but says it is never routed to, and why.
+    let routable = cell
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Routable")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (routable.status.as_str(), routable.reason.as_str()),
+        ("False", "NotInACellSet"),
+        "{routable:?}"
+    );
 
     // A Cell that cannot be built (admitted: that a request exceeds its limit is checked
     // by the API server on the Deployment) says so on itself: phase Failed, Ready=False
@@ -362,7 +377,16 @@ async fn operator_survives_an_api_server_crash() -> anyhow::Result<()> {
     )
     .await?;
     apply_yaml(&client, "default", &CELLSET.replace("PER", "1")).await?;
-    wait_ready(&cells, "shop-us-0").await?;
+    let stamped = wait_ready(&cells, "shop-us-0").await?;
+    assert!(
+        stamped
+            .status
+            .unwrap()
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Routable" && c.status == "True" && c.reason == "InCellSet"),
+        "a CellSet's cell is routable"
+    );
     assert!(
         cells.get_opt("shop-eu-0").await?.is_none(),
         "eu's cell is eu's operator's"

@@ -1,7 +1,7 @@
 //! Cell status from its children's status. Pure: the clock comes in as an argument, and
 //! a condition's `lastTransitionTime` only moves when its status really changes.
 
-use cellplane_cells::crd::{condition, CellPhase, CellSpec, CellStatus, Condition, DesiredState};
+use cellplane_cells::crd::{condition, CellPhase, CellStatus, Condition};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use std::collections::BTreeMap;
 
@@ -119,6 +119,8 @@ pub struct Observed {
     pub slots: u32,
     pub epoch: u64,
     pub endpoints: BTreeMap<String, String>,
+    /// The CellSet the Cell belongs to (its `cellplane.io/cellset` label), if any.
+    pub cellset: Option<String>,
 }
 
 /// Sets a condition, keeping `lastTransitionTime` unless the status flips.
@@ -179,16 +181,32 @@ pub fn readiness(o: &Observed) -> Readiness {
     }
 }
 
-/// The cell's phase: a cell that is not ready keeps any phase but `Active`.
-pub fn phase(spec: &CellSpec, previous: Option<&CellStatus>, o: &Observed) -> CellPhase {
-    match (readiness(o).ready, spec.desired_state) {
-        (false, _) => previous
-            .and_then(|p| p.phase)
-            .filter(|p| !matches!(p, CellPhase::Active | CellPhase::Failed))
-            .unwrap_or(CellPhase::Pending),
-        (true, DesiredState::Active) => CellPhase::Active,
-        (true, DesiredState::Draining) if o.slots == 0 => CellPhase::Drained,
-        (true, DesiredState::Draining) => CellPhase::Draining,
+/// The cell's phase: a cell that is not ready keeps any phase but `Active`. (Moving a
+/// cell's users away is an operation, `cellplane drain cell`, not a phase of the Cell.)
+pub fn phase(previous: Option<&CellStatus>, o: &Observed) -> CellPhase {
+    if readiness(o).ready {
+        return CellPhase::Active;
+    }
+    previous
+        .and_then(|p| p.phase)
+        .filter(|p| !matches!(p, CellPhase::Active | CellPhase::Failed))
+        .unwrap_or(CellPhase::Pending)
+}
+
+/// Whether users can be routed to the cell: the platform leader takes the routing table's
+/// members from CellSets (`cellset`: the set the Cell belongs to, if any).
+pub fn routable(cellset: Option<&str>) -> Readiness {
+    match cellset {
+        Some(set) => Readiness {
+            ready: true,
+            reason: "InCellSet",
+            message: format!("a member of CellSet {set}: the platform leader places users on it once it registers"),
+        },
+        None => Readiness {
+            ready: false,
+            reason: "NotInACellSet",
+            message: "a Cell outside a CellSet is never in the routing table (the platform leader takes its members from CellSets), so no user is routed to it; declare it through a CellSet to serve users".into(),
+        },
     }
 }
 
@@ -235,12 +253,7 @@ pub fn failed(
 
 /// The new status: `previous` is what the Cell has now; conditions keep their times
 /// unless they change.
-pub fn compute(
-    spec: &CellSpec,
-    previous: Option<&CellStatus>,
-    o: &Observed,
-    now: &str,
-) -> CellStatus {
+pub fn compute(previous: Option<&CellStatus>, o: &Observed, now: &str) -> CellStatus {
     let mut conds = previous.map(|p| p.conditions.clone()).unwrap_or_default();
     let g = o.generation;
     set_condition(&mut conds, condition::APP_READY, &o.app, g, now);
@@ -249,6 +262,13 @@ pub fn compute(
     set_condition(&mut conds, condition::KAFKA_READY, &o.kafka, g, now);
     let ready = readiness(o);
     set_condition(&mut conds, condition::READY, &ready, g, now);
+    set_condition(
+        &mut conds,
+        condition::ROUTABLE,
+        &routable(o.cellset.as_deref()),
+        g,
+        now,
+    );
     match &o.registered {
         Some(r) => set_condition(&mut conds, condition::REGISTERED, r, g, now),
         None => set_condition(
@@ -264,7 +284,7 @@ pub fn compute(
         ),
     }
     CellStatus {
-        phase: Some(phase(spec, previous, o)),
+        phase: Some(phase(previous, o)),
         conditions: conds,
         observed_generation: g,
         slots: o.slots,
@@ -276,7 +296,6 @@ pub fn compute(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::fixtures;
     use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -298,6 +317,7 @@ mod tests {
             slots: 0,
             epoch: 0,
             endpoints: BTreeMap::new(),
+            cellset: Some("shop".into()),
         }
     }
     fn cond<'a>(s: &'a CellStatus, t: &str) -> &'a Condition {
@@ -333,7 +353,6 @@ mod tests {
 
     #[test]
     fn a_failed_cell_says_why_and_recovers_through_pending() {
-        let spec = fixtures::spec();
         let failed = failed(None, Some(2), "ApplyFailed", "quantities must match", "t1");
         assert_eq!(failed.phase, Some(CellPhase::Failed));
         let ready = cond(&failed, condition::READY);
@@ -351,28 +370,27 @@ mod tests {
             reason: "PodsNotReady",
             message: "0/1".into(),
         };
-        let next = compute(&spec, Some(&failed), &observed(not_ready), "t2");
+        let next = compute(Some(&failed), &observed(not_ready), "t2");
         assert_eq!(next.phase, Some(CellPhase::Pending));
-        let next = compute(&spec, Some(&next), &observed(ok()), "t3");
+        let next = compute(Some(&next), &observed(ok()), "t3");
         assert_eq!(next.phase, Some(CellPhase::Active));
     }
 
     #[test]
     fn ready_only_when_everything_is_and_times_move_only_on_change() {
-        let spec = fixtures::spec();
         let pending = Readiness {
             ready: false,
             reason: "PodsNotReady",
             message: "0/3".into(),
         };
-        let s1 = compute(&spec, None, &observed(pending.clone()), "t1");
+        let s1 = compute(None, &observed(pending.clone()), "t1");
         assert_eq!(s1.phase, Some(CellPhase::Pending));
         assert_eq!(cond(&s1, "Ready").status, "False");
         assert!(cond(&s1, "Ready").message.contains("AppReady"));
         // Same inputs later: nothing changes, not even the times.
-        let s2 = compute(&spec, Some(&s1), &observed(pending), "t2");
+        let s2 = compute(Some(&s1), &observed(pending), "t2");
         assert_eq!(s1, s2);
-        let s3 = compute(&spec, Some(&s2), &observed(ok()), "t3");
+        let s3 = compute(Some(&s2), &observed(ok()), "t3");
         assert_eq!(s3.phase, Some(CellPhase::Active));
         assert_eq!(cond(&s3, "Ready").last_transition_time, "t3");
         assert_eq!(cond(&s3, "RedisReady").last_transition_time, "t1");
@@ -380,19 +398,30 @@ mod tests {
     }
 
     #[test]
-    fn draining_becomes_drained_when_slots_are_gone() {
-        let mut spec = fixtures::spec();
-        spec.desired_state = DesiredState::Draining;
+    fn a_cell_outside_a_cellset_says_it_is_not_routable_and_why() {
         let mut o = observed(ok());
-        o.slots = 5;
+        o.cellset = None;
+        let s = compute(None, &o, "t");
+        let c = cond(&s, "Routable");
         assert_eq!(
-            compute(&spec, None, &o, "t").phase,
-            Some(CellPhase::Draining)
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NotInACellSet")
         );
-        o.slots = 0;
+        assert!(
+            c.message.contains("declare it through a CellSet"),
+            "{}",
+            c.message
+        );
         assert_eq!(
-            compute(&spec, None, &o, "t").phase,
-            Some(CellPhase::Drained)
+            s.phase,
+            Some(CellPhase::Active),
+            "it runs; it is only not routed"
+        );
+        o.cellset = Some("shop".into());
+        let c = cond(&compute(Some(&s), &o, "t2"), "Routable").clone();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "InCellSet")
         );
     }
 

@@ -260,14 +260,13 @@ pub fn render(ctx: &CellContext, new_secrets: &[(Store, secret::Passwords)]) -> 
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::*;
-    use cellplane_cells::crd::{AppSpec, DesiredState, Probes, StandbyRef};
+    use cellplane_cells::crd::{AppSpec, Probes, StandbyRef};
 
     pub fn spec() -> CellSpec {
         CellSpec {
             region: "us-east".into(),
             zone: Some("us-east-1a".into()),
             capacity_weight: 10,
-            desired_state: DesiredState::Active,
             platform: "shop".into(),
             standby: Some(StandbyRef {
                 cell: "shop-eu-0".into(),

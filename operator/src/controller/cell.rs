@@ -255,7 +255,7 @@ async fn register(
     let reg = Registration {
         region: cell.spec.region.clone(),
         zone: cell.spec.zone.clone(),
-        state: status::phase(&cell.spec, cell.status.as_ref(), observed),
+        state: status::phase(cell.status.as_ref(), observed),
         capacity_weight: cell.spec.capacity_weight,
         standby: cell.spec.standby.as_ref().map(|s| s.cell.clone()),
         endpoints: observed.endpoints.clone(),
@@ -347,10 +347,11 @@ async fn apply_cell(cell: Arc<Cell>, r: &CellReconciler) -> Result<Action> {
         slots,
         epoch,
         endpoints: endpoints.clone(),
+        cellset: cell.labels().get(names::LABEL_CELLSET).cloned(),
     };
     observed.registered = register(&cell, ctx, &observed, app_address.is_some()).await;
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let next = status::compute(&cell.spec, cell.status.as_ref(), &observed, &now);
+    let next = status::compute(cell.status.as_ref(), &observed, &now);
     let state = crate::metrics::PhaseLabel {
         phase: phase_name(next.phase),
         ready: if status::readiness(&observed).ready {
