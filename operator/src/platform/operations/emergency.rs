@@ -11,7 +11,7 @@ use super::record::{
 };
 use super::switchover::{roll_back, want_intent, want_intent_with, Pass};
 use super::{Action, Observed};
-use cellplane_cells::etcd_keys::{Outage, ReplayApplied, ReplaySent};
+use cellplane_cells::etcd_keys::{MysqlReport, Outage, ReplayApplied, ReplaySent};
 use cellplane_cells::gtid;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -350,7 +350,7 @@ fn expire(p: &mut Pass) -> Result<(), String> {
 fn rejoin(p: &mut Pass) -> Result<(), String> {
     // Keep the old home fenced and away from replication until its data is sorted:
     // first count what it has that the new home lacks; with anything errant, have
-    // its region export that and rebuild it from the new p.home(). Meanwhile its app
+    // its region export that and rebuild it from the new home. Meanwhile its app
     // forwards the orders its log acknowledged; the operation ends once they are in.
     note_clients(&mut p.next, p.obs);
     let errant_known = p.next.loss.as_ref().and_then(|l| l.errant_transactions);
@@ -372,104 +372,15 @@ fn rejoin(p: &mut Pass) -> Result<(), String> {
         return Ok(());
     };
     let Some(errant) = errant_known else {
-        if let Some(new) = p.obs.cells.get(&p.op.target).and_then(|t| t.mysql.as_ref()) {
-            let errant = gtid::lag(&old.gtid_binlog_pos, &new.gtid_binlog_pos);
-            let loss = p.next.loss.get_or_insert_with(Box::default);
-            loss.returned_gtid = Some(old.gtid_binlog_pos.clone());
-            loss.errant_transactions = Some(errant);
-            loss.returned_at_ms = Some(p.obs.now_ms);
-            if errant > 0 {
-                note_error(
-                        &mut p.next,
-                        format!(
-                            "{} returned with {errant} transaction(s) that never reached {} (its position {}, the new home's {}); it stays fenced while they are exported and it is rebuilt from {}",
-                            p.op.source, p.op.target, old.gtid_binlog_pos, new.gtid_binlog_pos, p.op.target
-                        ),
-                    );
-            }
-        }
+        count_errant(p, old);
         return Ok(());
     };
-    let mut note = if errant == 0 {
-        format!(
-            "{} returned at {} with nothing the new home lacks",
-            p.op.source,
-            p.next
-                .loss
-                .as_ref()
-                .and_then(|l| l.returned_gtid.clone())
-                .unwrap_or_default()
-        )
-    } else {
-        let report = old
-            .rebuild
-            .as_ref()
-            .filter(|r| r.operation == p.op.id && r.source == p.op.target);
-        let Some(r) = report else {
-            return Ok(());
-        };
-        let loss = p.next.loss.get_or_insert_with(Box::default);
-        if !r.export_file.is_empty() {
-            loss.errant_export = Some(r.export_file.clone());
-            loss.errant_exported = Some(r.errant_transactions);
-        }
-        if !r.done {
-            return Ok(());
-        }
-        if !r.error.is_empty() {
-            note_error(
-                &mut p.next,
-                format!(
-                    "rebuilding {} failed (tried again): {}",
-                    p.op.source, r.error
-                ),
-            );
-            return Ok(());
-        }
-        loss.rebuilt_at_gtid = Some(r.cloned_at.clone());
-        loss.rebuilt_rows = Some(r.rows);
-        if r.errant_transactions != errant {
-            note_error(
-                    &mut p.next,
-                    format!(
-                        "{errant} errant transaction(s) counted from the positions, {} found in the binary log",
-                        r.errant_transactions
-                    ),
-                );
-        }
-        format!(
-            "{} exported {} errant transaction(s) to {} and was rebuilt from {} at {} ({} rows)",
-            p.op.source, r.errant_transactions, r.export_file, p.op.target, r.cloned_at, r.rows
-        )
+    let Some(mut note) = sorted_out(p, old, errant) else {
+        return Ok(());
     };
-    let returned_at = p
-        .next
-        .loss
-        .as_ref()
-        .and_then(|l| l.returned_at_ms)
-        .unwrap_or(p.obs.now_ms);
-    match replay_settled(p.op, p.obs) {
-            Some(figures) => {
-                note.push_str(&format!(
-                    "; its log's orders replayed: {} forwarded, {} persisted late, {} already there, {} voided",
-                    figures.forwarded, figures.persisted, figures.duplicates, figures.voided + figures.void_skipped
-                ));
-                p.next.loss.get_or_insert_with(Box::default).replay = Some(figures);
-            }
-            None if p.obs.now_ms.saturating_sub(returned_at) < REPLAY_CONFIRM_MS => {
-                return Ok(());
-            }
-            None => note_error(
-                &mut p.next,
-                format!(
-                    "{}'s app did not confirm forwarding its log's orders within {} s of its return; orders it acknowledged in its last moments may be missing at {} (see `replay/{}/` in etcd and the app's log)",
-                    p.op.source,
-                    REPLAY_CONFIRM_MS / 1000,
-                    p.op.target,
-                    p.op.source
-                ),
-            ),
-        }
+    if !replay_confirmed(p, &mut note) {
+        return Ok(());
+    }
     note.push_str(&format!("; it becomes {}'s replica", p.op.target));
     let warnings = warnings(&p.next);
     finish_with_note(
@@ -479,6 +390,108 @@ fn rejoin(p: &mut Pass) -> Result<(), String> {
         note,
     );
     Ok(())
+}
+
+/// The old home is back, fenced: what it has that the new home lacks, counted from the two
+/// positions, goes into the record.
+fn count_errant(p: &mut Pass, old: &MysqlReport) {
+    let Some(new) = p.obs.cells.get(&p.op.target).and_then(|t| t.mysql.as_ref()) else {
+        return;
+    };
+    let errant = gtid::lag(&old.gtid_binlog_pos, &new.gtid_binlog_pos);
+    let loss = p.next.loss.get_or_insert_with(Box::default);
+    loss.returned_gtid = Some(old.gtid_binlog_pos.clone());
+    loss.errant_transactions = Some(errant);
+    loss.returned_at_ms = Some(p.obs.now_ms);
+    if errant > 0 {
+        note_error(
+            &mut p.next,
+            format!(
+                "{} returned with {errant} transaction(s) that never reached {} (its position {}, the new home's {}); it stays fenced while they are exported and it is rebuilt from {}",
+                p.op.source, p.op.target, old.gtid_binlog_pos, new.gtid_binlog_pos, p.op.target
+            ),
+        );
+    }
+}
+
+/// The old home's data sorted out: nothing errant, or its errant transactions exported
+/// and the home rebuilt from the new one (the step's note); None while that runs.
+fn sorted_out(p: &mut Pass, old: &MysqlReport, errant: u64) -> Option<String> {
+    if errant == 0 {
+        let at = p.next.loss.as_ref().and_then(|l| l.returned_gtid.clone());
+        return Some(format!(
+            "{} returned at {} with nothing the new home lacks",
+            p.op.source,
+            at.unwrap_or_default()
+        ));
+    }
+    let r = old
+        .rebuild
+        .as_ref()
+        .filter(|r| r.operation == p.op.id && r.source == p.op.target)?;
+    let loss = p.next.loss.get_or_insert_with(Box::default);
+    if !r.export_file.is_empty() {
+        loss.errant_export = Some(r.export_file.clone());
+        loss.errant_exported = Some(r.errant_transactions);
+    }
+    if !r.done {
+        return None;
+    }
+    if !r.error.is_empty() {
+        let error = format!(
+            "rebuilding {} failed (tried again): {}",
+            p.op.source, r.error
+        );
+        note_error(&mut p.next, error);
+        return None;
+    }
+    loss.rebuilt_at_gtid = Some(r.cloned_at.clone());
+    loss.rebuilt_rows = Some(r.rows);
+    if r.errant_transactions != errant {
+        note_error(
+            &mut p.next,
+            format!(
+                "{errant} errant transaction(s) counted from the positions, {} found in the binary log",
+                r.errant_transactions
+            ),
+        );
+    }
+    Some(format!(
+        "{} exported {} errant transaction(s) to {} and was rebuilt from {} at {} ({} rows)",
+        p.op.source, r.errant_transactions, r.export_file, p.op.target, r.cloned_at, r.rows
+    ))
+}
+
+/// Whether the old home's app confirmed the replay of its log's orders (the figures go
+/// into `note`), or gave up waiting for it with a warning; false while it may still come.
+fn replay_confirmed(p: &mut Pass, note: &mut String) -> bool {
+    let returned_at = p
+        .next
+        .loss
+        .as_ref()
+        .and_then(|l| l.returned_at_ms)
+        .unwrap_or(p.obs.now_ms);
+    match replay_settled(p.op, p.obs) {
+        Some(figures) => {
+            note.push_str(&format!(
+                "; its log's orders replayed: {} forwarded, {} persisted late, {} already there, {} voided",
+                figures.forwarded, figures.persisted, figures.duplicates, figures.voided + figures.void_skipped
+            ));
+            p.next.loss.get_or_insert_with(Box::default).replay = Some(figures);
+        }
+        None if p.obs.now_ms.saturating_sub(returned_at) < REPLAY_CONFIRM_MS => return false,
+        None => note_error(
+            &mut p.next,
+            format!(
+                "{}'s app did not confirm forwarding its log's orders within {} s of its return; orders it acknowledged in its last moments may be missing at {} (see `replay/{}/` in etcd and the app's log)",
+                p.op.source,
+                REPLAY_CONFIRM_MS / 1000,
+                p.op.target,
+                p.op.source
+            ),
+        ),
+    }
+    true
 }
 
 #[cfg(test)]
