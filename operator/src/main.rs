@@ -227,42 +227,12 @@ async fn shutdown_signal() {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let config = kube::Config::infer()
-        .await
-        .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
-    // Every request to the API server is counted by verb (`api_requests_total`).
-    let requests = metrics.api_requests.clone();
-    let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
-        let verb = cellplane_operator::metrics::api_verb(&req);
-        requests
-            .get_or_create(&cellplane_operator::metrics::VerbLabel { verb })
-            .inc();
-        req
-    });
-    let client = kube::client::ClientBuilder::try_from(config)
-        .context("building the Kubernetes client")?
-        .with_layer(&count)
-        .build();
+    let client = kube_client(&metrics).await?;
     let health = Arc::new(Health {
         metrics: metrics.clone(),
         ready: AtomicBool::new(false),
     });
-    let console = match (&args.console_token_file, &args.platform) {
-        (Some(path), Some(platform)) => {
-            let token = read_secret("--console-token-file", path)?;
-            Some(Arc::new(cellplane_operator::console::Console::new(
-                platform,
-                &args.etcd_endpoints,
-                String::from_utf8_lossy(&token).into_owned(),
-            )))
-        }
-        (Some(_), None) => {
-            anyhow::bail!("--console-token-file needs --platform (the page shows that platform)")
-        }
-        (None, _) => None,
-    };
-    let http = tokio::spawn(serve_http(args.http_addr, health.clone(), console));
-
+    let http = tokio::spawn(serve_http(args.http_addr, health.clone(), console(&args)?));
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
@@ -277,67 +247,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // A follower is healthy and ready (it serves probes), it just does not reconcile.
     health.ready.store(true, Ordering::Relaxed);
-    let timings = FailoverTimings {
-        owner_lease_ttl_ms: args.owner_lease_ttl_ms,
-        fence_after_ms: args.fence_after_ms,
-        registration_ttl_ms: args.registration_ttl * 1000,
-        expiry_margin_ms: args.expiry_margin_ms,
-        grace_ms: args.failover_grace_ms,
-        no_flap_window_ms: args.no_flap_window_secs * 1000,
-        ..FailoverTimings::default()
-    };
-    // The reference app's store deadline bounds how long an admitted write may take.
-    timings
-        .validate(800)
-        .context("the failover timings (--owner-lease-ttl-ms, --fence-after-ms, --expiry-margin-ms, --registration-ttl)")?;
+    let timings = timings(&args)?;
     let registrar = if args.etcd_endpoints.is_empty() {
         tracing::warn!("no --etcd-endpoints: cells will not be registered");
         None
     } else {
+        let ttl = Duration::from_secs(args.registration_ttl);
         Some(
-            Registrar::connect(
-                &args.etcd_endpoints,
-                Duration::from_secs(args.registration_ttl),
-            )
-            .await
-            .context("connecting to etcd (--etcd-endpoints)")?,
+            Registrar::connect(&args.etcd_endpoints, ttl)
+                .await
+                .context("connecting to etcd (--etcd-endpoints)")?,
         )
     };
-    let platform = match (&args.platform, args.etcd_endpoints.is_empty()) {
-        (Some(_), true) => anyhow::bail!(
-            "--platform needs --etcd-endpoints: the platform controller lives in the global etcd"
-        ),
-        (Some(p), false) => Some(PlatformConfig {
-            platform: p.clone(),
-            etcd_endpoints: args.etcd_endpoints.clone(),
-            identity: format!("{}/{identity}", args.region.as_deref().unwrap_or("-")),
-            lease: Duration::from_secs(args.platform_lease.max(2)),
-            resync: Duration::from_millis(args.platform_resync_ms.max(100)),
-            history: args.routing_history.max(1),
-            timings: timings.clone(),
-            auto_failover: args.auto_failover,
-            auto_failback: args.auto_failback,
-            stabilization: Duration::from_secs(args.failback_stabilization_secs),
-        }),
-        (None, _) => None,
-    };
-    let replication_secret = match &args.replication_secret_file {
-        Some(path) => Some(Arc::new(read_secret("--replication-secret-file", path)?)),
-        None => None,
-    };
-    // The region side of the platform: carries out this region's cells' intents.
+    let platform = platform_config(&args, &identity, &timings)?;
     let agent = match (&platform, &args.region, &registrar) {
         (Some(p), Some(region), Some(reg)) => Some((
-            AgentConfig {
-                platform: p.platform.clone(),
-                region: region.clone(),
-                etcd_endpoints: args.etcd_endpoints.clone(),
-                interval: Duration::from_millis(args.agent_interval_ms.max(50)),
-                replication_secret,
-                fence_after: timings.fence_after(),
-                export_dir: args.export_dir.clone(),
-                metrics: metrics.clone(),
-            },
+            agent_config(&args, p, region, &timings, &metrics)?,
             reg.clone(),
         )),
         _ => None,
@@ -366,54 +291,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         metrics.leader.set(1);
         tracing::info!(%identity, "leading");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let cells = tokio::spawn(controller::cell::run(
-            ctx.clone(),
-            args.namespace.clone(),
-            stopped(stop_rx.clone()),
-        ));
-        let sets = tokio::spawn(controller::cellset::run(
-            ctx.clone(),
-            args.namespace.clone(),
-            stopped(stop_rx.clone()),
-        ));
-        // The region's leader campaigns for the platform; it stops with the region's term.
-        let platform_task = platform.clone().map(|cfg| {
-            tokio::spawn(cellplane_operator::platform::leader::run(
-                cfg,
-                client.clone(),
-                metrics.clone(),
-                stopped(stop_rx.clone()),
-            ))
-        });
-        let agent_task = agent.clone().map(|(cfg, reg)| {
-            tokio::spawn(cellplane_operator::platform::agent::run(
-                cfg,
-                client.clone(),
-                reg,
-                stopped(stop_rx),
-            ))
-        });
+        let term = Term::start(&ctx, &args, &client, platform.clone(), agent.clone());
         let lost = tokio::select! {
             _ = elector.hold() => true,
             _ = &mut shutdown => false,
             r = &mut http => { r??; false }
         };
         metrics.leader.set(0);
-        let _ = stop_tx.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(20), async {
-            let _ = tokio::join!(cells, sets);
-            if let Some(p) = platform_task {
-                let _ = p.await;
-            }
-            if let Some(a) = agent_task {
-                let _ = a.await;
-            }
-        })
-        .await;
+        term.stop().await;
         if !lost {
             break;
         }
@@ -422,6 +307,174 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     elector.release().await;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// The Kubernetes client, every request counted by verb (`api_requests_total`).
+async fn kube_client(metrics: &Metrics) -> anyhow::Result<kube::Client> {
+    let config = kube::Config::infer()
+        .await
+        .context("connecting to the Kubernetes API (kubeconfig or in-cluster)")?;
+    let requests = metrics.api_requests.clone();
+    let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        let verb = cellplane_operator::metrics::api_verb(&req);
+        requests
+            .get_or_create(&cellplane_operator::metrics::VerbLabel { verb })
+            .inc();
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&count)
+        .build())
+}
+
+/// The topology page, when a token file is given.
+fn console(args: &RunArgs) -> anyhow::Result<Option<Arc<cellplane_operator::console::Console>>> {
+    match (&args.console_token_file, &args.platform) {
+        (Some(path), Some(platform)) => {
+            let token = read_secret("--console-token-file", path)?;
+            Ok(Some(Arc::new(cellplane_operator::console::Console::new(
+                platform,
+                &args.etcd_endpoints,
+                String::from_utf8_lossy(&token).into_owned(),
+            ))))
+        }
+        (Some(_), None) => {
+            anyhow::bail!("--console-token-file needs --platform (the page shows that platform)")
+        }
+        (None, _) => Ok(None),
+    }
+}
+
+/// The unplanned failover's timings from the flags, refused when unsafe.
+fn timings(args: &RunArgs) -> anyhow::Result<FailoverTimings> {
+    let timings = FailoverTimings {
+        owner_lease_ttl_ms: args.owner_lease_ttl_ms,
+        fence_after_ms: args.fence_after_ms,
+        registration_ttl_ms: args.registration_ttl * 1000,
+        expiry_margin_ms: args.expiry_margin_ms,
+        grace_ms: args.failover_grace_ms,
+        no_flap_window_ms: args.no_flap_window_secs * 1000,
+        ..FailoverTimings::default()
+    };
+    // The reference app's store deadline bounds how long an admitted write may take.
+    timings
+        .validate(800)
+        .context("the failover timings (--owner-lease-ttl-ms, --fence-after-ms, --expiry-margin-ms, --registration-ttl)")?;
+    Ok(timings)
+}
+
+/// The platform controller's settings, with `--platform`.
+fn platform_config(
+    args: &RunArgs,
+    identity: &str,
+    timings: &FailoverTimings,
+) -> anyhow::Result<Option<PlatformConfig>> {
+    match (&args.platform, args.etcd_endpoints.is_empty()) {
+        (Some(_), true) => anyhow::bail!(
+            "--platform needs --etcd-endpoints: the platform controller lives in the global etcd"
+        ),
+        (Some(p), false) => Ok(Some(PlatformConfig {
+            platform: p.clone(),
+            etcd_endpoints: args.etcd_endpoints.clone(),
+            identity: format!("{}/{identity}", args.region.as_deref().unwrap_or("-")),
+            lease: Duration::from_secs(args.platform_lease.max(2)),
+            resync: Duration::from_millis(args.platform_resync_ms.max(100)),
+            history: args.routing_history.max(1),
+            timings: timings.clone(),
+            auto_failover: args.auto_failover,
+            auto_failback: args.auto_failback,
+            stabilization: Duration::from_secs(args.failback_stabilization_secs),
+        })),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The region side of the platform: carries out this region's cells' intents.
+fn agent_config(
+    args: &RunArgs,
+    platform: &PlatformConfig,
+    region: &str,
+    timings: &FailoverTimings,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<AgentConfig> {
+    let replication_secret = match &args.replication_secret_file {
+        Some(path) => Some(Arc::new(read_secret("--replication-secret-file", path)?)),
+        None => None,
+    };
+    Ok(AgentConfig {
+        platform: platform.platform.clone(),
+        region: region.to_string(),
+        etcd_endpoints: args.etcd_endpoints.clone(),
+        interval: Duration::from_millis(args.agent_interval_ms.max(50)),
+        replication_secret,
+        fence_after: timings.fence_after(),
+        export_dir: args.export_dir.clone(),
+        metrics: metrics.clone(),
+    })
+}
+
+/// One term as the region's leader: the controllers, the platform campaign and the
+/// region agent, stopped together when the term ends.
+struct Term {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Term {
+    fn start(
+        ctx: &Arc<Context>,
+        args: &RunArgs,
+        client: &kube::Client,
+        platform: Option<PlatformConfig>,
+        agent: Option<(AgentConfig, Registrar)>,
+    ) -> Self {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let mut tasks = vec![
+            tokio::spawn(controller::cell::run(
+                ctx.clone(),
+                args.namespace.clone(),
+                stopped(stop_rx.clone()),
+            )),
+            tokio::spawn(controller::cellset::run(
+                ctx.clone(),
+                args.namespace.clone(),
+                stopped(stop_rx.clone()),
+            )),
+        ];
+        // The region's leader campaigns for the platform; it stops with the region's term.
+        if let Some(cfg) = platform {
+            tasks.push(tokio::spawn(cellplane_operator::platform::leader::run(
+                cfg,
+                client.clone(),
+                ctx.metrics.clone(),
+                stopped(stop_rx.clone()),
+            )));
+        }
+        if let Some((cfg, reg)) = agent {
+            tasks.push(tokio::spawn(cellplane_operator::platform::agent::run(
+                cfg,
+                client.clone(),
+                reg,
+                stopped(stop_rx),
+            )));
+        }
+        Self { stop, tasks }
+    }
+
+    /// Tells every task to stop and waits (at most 20 s) for them.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(20), async {
+            for task in self.tasks {
+                let _ = task.await;
+            }
+        })
+        .await;
+    }
 }
 
 fn print_crds() -> anyhow::Result<()> {

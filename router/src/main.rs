@@ -296,13 +296,9 @@ fn default_router_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    let tables = Arc::new(TableStore::new(
-        cfg.table.cache_file.clone(),
-        metrics.table.clone(),
-    ));
-    let source = match (&cfg.table.file, &cfg.table.etcd) {
+/// Where the routing table comes from (the config was validated: one of the two).
+fn table_source(cfg: &Config) -> TableSource {
+    match (&cfg.table.file, &cfg.table.etcd) {
         (Some(f), _) => TableSource::File {
             path: f.clone(),
             poll: Duration::from_millis(cfg.table.poll_ms.max(50)),
@@ -312,7 +308,81 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             platform: e.platform.clone(),
         },
         (None, None) => unreachable!("validated"),
-    };
+    }
+}
+
+/// Tells the platform leader which epoch this router applied, with what the leader reads
+/// beside it: holds, cells seen down, what clients saw fail, each cell's traffic.
+fn acknowledger(
+    e: &cellplane_router::config::EtcdConfig,
+    router: &Arc<Router>,
+    metrics: &Metrics,
+) -> Acknowledger {
+    Acknowledger {
+        endpoints: e.endpoints.clone(),
+        platform: e.platform.clone(),
+        id: e.router_id.clone().unwrap_or_else(default_router_id),
+        region: e.region.clone().unwrap_or_default(),
+        ttl: Duration::from_secs(e.ack_ttl_secs.clamp(2, 300)),
+        holds: Some(HoldCounters {
+            held: metrics.held.clone(),
+            timed_out: metrics
+                .rejected
+                .get_or_create(&ReasonLabel {
+                    reason: "hold_timeout",
+                })
+                .clone(),
+        }),
+        down: Some(down_cells(router.clone())),
+        outages: Some({
+            let r = router.clone();
+            Arc::new(move || r.outages.snapshot())
+        }),
+        traffic: Some({
+            let r = router.clone();
+            Arc::new(move || r.cell_counts())
+        }),
+    }
+}
+
+/// The gRPC admin API, on its own listener.
+fn spawn_admin(
+    admin: cellplane_router::config::AdminConfig,
+    router: Arc<Router>,
+) -> anyhow::Result<()> {
+    let token = cellplane_router::admin::load_token(&admin)?;
+    let server = cellplane_router::admin::listener(&admin)?;
+    tracing::info!(listen = %admin.listen, mtls = admin.tls.is_some(), "admin API (gRPC) serving");
+    tokio::spawn(async move {
+        if let Err(e) = cellplane_router::admin::serve(server, admin.listen, token, router).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    Ok(())
+}
+
+/// hyper's server settings: header read timeout and size bounds, keep-alive.
+fn http_builder(cfg: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(cfg.timeouts.header_read_ms))
+        .max_buf_size(cfg.limits.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .max_header_list_size(cfg.limits.max_header_bytes as u32);
+    builder
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let tables = Arc::new(TableStore::new(
+        cfg.table.cache_file.clone(),
+        metrics.table.clone(),
+    ));
+    let source = table_source(&cfg);
     // The disk cache first: a router restarted while etcd is down still routes.
     tables.load_cache();
     if let Err(e) = source.refresh(&tables).await {
@@ -327,45 +397,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics.clone(),
     )?);
     if let Some(e) = &cfg.table.etcd {
-        // Tell the platform leader which epoch this router applied.
-        let ack = Acknowledger {
-            endpoints: e.endpoints.clone(),
-            platform: e.platform.clone(),
-            id: e.router_id.clone().unwrap_or_else(default_router_id),
-            region: e.region.clone().unwrap_or_default(),
-            ttl: Duration::from_secs(e.ack_ttl_secs.clamp(2, 300)),
-            holds: Some(HoldCounters {
-                held: metrics.held.clone(),
-                timed_out: metrics
-                    .rejected
-                    .get_or_create(&ReasonLabel {
-                        reason: "hold_timeout",
-                    })
-                    .clone(),
-            }),
-            down: Some(down_cells(router.clone())),
-            outages: Some({
-                let r = router.clone();
-                Arc::new(move || r.outages.snapshot())
-            }),
-            traffic: Some({
-                let r = router.clone();
-                Arc::new(move || r.cell_counts())
-            }),
-        };
-        tokio::spawn(ack.run(tables.clone()));
+        tokio::spawn(acknowledger(e, &router, &metrics).run(tables.clone()));
     }
     tokio::spawn(cellplane_router::health::run(router.clone()));
     if let Some(admin) = cfg.admin.clone() {
-        let token = cellplane_router::admin::load_token(&admin)?;
-        let server = cellplane_router::admin::listener(&admin)?;
-        let r = router.clone();
-        tokio::spawn(async move {
-            if let Err(e) = cellplane_router::admin::serve(server, admin.listen, token, r).await {
-                tracing::error!(error = %e, "admin API stopped");
-            }
-        });
-        tracing::info!(listen = %admin.listen, mtls = admin.tls.is_some(), "admin API (gRPC) serving");
+        spawn_admin(admin, router.clone())?;
     }
     // Bound before serving: a router whose health and metrics port is taken must not run
     // blind, it stops with the reason.
@@ -385,16 +421,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding listen {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, metrics = %cfg.metrics_listen, "routing");
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(cfg.timeouts.header_read_ms))
-        .max_buf_size(cfg.limits.max_header_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
-        .max_header_list_size(cfg.limits.max_header_bytes as u32);
+    let builder = http_builder(&cfg);
     let tls = cfg
         .tls
         .as_ref()
