@@ -105,10 +105,12 @@ struct Entry {
     at: Instant,
 }
 
-/// What this operator applied last, per object (kind, namespace, name).
+/// What this operator applied last, per object (kind, namespace, name), and for which
+/// desired set of children each cell (namespace, name) was last pruned.
 #[derive(Default)]
 pub struct Ledger {
     entries: parking_lot::Mutex<HashMap<(&'static str, String, String), Entry>>,
+    pruned: parking_lot::Mutex<HashMap<(String, String), (u64, Instant)>>,
 }
 
 impl Ledger {
@@ -132,6 +134,21 @@ impl Ledger {
         self.entries
             .lock()
             .retain(|(_, ns, name), _| !(ns == namespace && name.starts_with(prefix)));
+        self.pruned
+            .lock()
+            .retain(|(ns, name), _| !(ns == namespace && name.starts_with(prefix)));
+    }
+
+    /// Whether `cell` was pruned for the desired set `shape` within [`REAPPLY_AFTER`].
+    pub fn pruned_recently(&self, cell: &(String, String), shape: u64) -> bool {
+        self.pruned
+            .lock()
+            .get(cell)
+            .is_some_and(|(s, at)| *s == shape && at.elapsed() < REAPPLY_AFTER)
+    }
+
+    pub fn mark_pruned(&self, cell: (String, String), shape: u64) {
+        self.pruned.lock().insert(cell, (shape, Instant::now()));
     }
 }
 

@@ -50,6 +50,8 @@ pub fn stale<'a>(
 }
 
 /// Deletes what `cell`'s current spec no longer renders; returns `Kind/name` of each.
+/// The scan is skipped while the cell's desired set is the one last pruned for (within
+/// [`super::owned::REAPPLY_AFTER`]): the re-reconciles a cell's pods cause cost nothing.
 pub async fn prune(
     client: &kube::Client,
     ledger: &Ledger,
@@ -57,6 +59,11 @@ pub async fn prune(
     cell: &Cell,
     desired: &Desired,
 ) -> Result<Vec<String>> {
+    let key = (cell.namespace().unwrap_or_default(), cell.name_any());
+    let shape = desired_names_hash(desired);
+    if ledger.pruned_recently(&key, shape) {
+        return Ok(Vec::new());
+    }
     let mut gone = Vec::new();
     gone.extend(
         prune_kind(
@@ -100,7 +107,28 @@ pub async fn prune(
         )
         .await?,
     );
+    ledger.mark_pruned(key, shape);
     Ok(gone)
+}
+
+/// A hash of every child's kind and name the spec renders (what pruning compares with).
+fn desired_names_hash(d: &Desired) -> u64 {
+    fn names<K: Resource<DynamicType = ()>>(out: &mut String, objs: &[K]) {
+        for o in objs {
+            out.push_str(&K::kind(&()));
+            out.push('/');
+            out.push_str(&o.name_any());
+            out.push('\n');
+        }
+    }
+    let mut all = String::new();
+    names(&mut all, &d.deployments);
+    names(&mut all, &d.statefulsets);
+    names(&mut all, &d.services);
+    names(&mut all, &d.config_maps);
+    names(&mut all, &d.pdbs);
+    names(&mut all, &d.network_policies);
+    xxhash_rust::xxh3::xxh3_64(all.as_bytes())
 }
 
 /// One kind: `store` holds the watched children (whole or metadata only), `desired` what
