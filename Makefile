@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup tools build install test unit e2e lint fmt fuzz crds demo bench bench-scale bench-drill clean
+.PHONY: all setup tools build install images test unit e2e lint fmt fuzz crds demo bench bench-scale bench-drill clean
 
 all: test
 
@@ -30,6 +30,12 @@ install:
 	install -m 0755 target/$(PROFILE)/cellplane $(PREFIX)/bin/cellplane
 	ln -sf cellplane $(PREFIX)/bin/kubectl-cellplane
 	@echo "installed $(PREFIX)/bin/cellplane and $(PREFIX)/bin/kubectl-cellplane (kubectl cellplane ...)"
+
+# OCI images of the operator, the router, the reference app (shop) and the CLI, built
+# offline from the release binaries: target/images/<name>-<version>.oci.tar
+# (`ctr images import` names them ghcr.io/cellplane/<name>:<version>).
+images:
+	@e2e/bin/images --build --profile $(PROFILE)
 
 lint:
 	$(CARGO) fmt --all -- --check
