@@ -957,3 +957,92 @@ async fn orders_in_doubt_are_voided_and_never_persisted_when_the_broker_stored_t
     );
     Ok(())
 }
+
+/// User keys are stored as the bytes they are: `Alice` and `alice` are two users, a
+/// 256-byte key (the contract's longest) is stored whole, and tables an earlier version
+/// made with a case-insensitive `VARCHAR(128)` are migrated in place, rows kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_keys_are_stored_as_their_bytes_and_old_tables_are_migrated() -> anyhow::Result<()> {
+    let stores = CellStores::up("key-bytes")?;
+    // The tables as the app made them before keys were bytes, with one user.
+    {
+        let pool = stores.mysql_admin()?;
+        let mut c = pool.get_conn().await?;
+        c.query_drop(
+            "CREATE TABLE profiles (user_id VARCHAR(128) NOT NULL PRIMARY KEY, \
+             name VARCHAR(256) NOT NULL, email VARCHAR(256) NOT NULL, \
+             version BIGINT UNSIGNED NOT NULL, updated_at TIMESTAMP(3) NOT NULL \
+             DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3), KEY by_updated (updated_at))",
+        )
+        .await?;
+        c.query_drop(
+            "INSERT INTO profiles (user_id, name, email, version) VALUES ('alice', 'old', 'a@x', 1)",
+        )
+        .await?;
+        c.query_drop(
+            "CREATE TABLE orders (order_id VARCHAR(64) NOT NULL PRIMARY KEY, \
+             user_id VARCHAR(128) NOT NULL, sku VARCHAR(64) NOT NULL, qty INT NOT NULL, \
+             accepted_at_ms BIGINT NOT NULL, kafka_offset BIGINT NOT NULL, \
+             persisted_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3), KEY by_user (user_id))",
+        )
+        .await?;
+    }
+    let file = table_file(&stores.dir, &table(1, &["key-bytes"]));
+    let app = CellApp::start(&stores, &file, &[]).await?;
+    let pool = stores.mysql_admin()?;
+    let mut c = pool.get_conn().await?;
+    let types: Vec<(String, String)> = c
+        .query(
+            "SELECT TABLE_NAME, LOWER(COLUMN_TYPE) FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND COLUMN_NAME = 'user_id' ORDER BY TABLE_NAME",
+        )
+        .await?;
+    assert_eq!(
+        types,
+        [
+            ("orders".to_string(), "varbinary(256)".to_string()),
+            ("profiles".to_string(), "varbinary(256)".to_string())
+        ]
+    );
+    let r = app.get("/users/alice/profile").await?;
+    assert_eq!(body(&r)["name"], "old", "the migrated row: {}", r.body);
+
+    let put = |user: String, name: &'static str| {
+        let app = &app;
+        async move {
+            let r = app
+                .send_json(
+                    "PUT",
+                    &format!("/users/{user}/profile"),
+                    json!({"name": name, "email": "e@example.com"}),
+                )
+                .await?;
+            anyhow::ensure!(r.status == 200, "PUT {user}: {} {}", r.status, r.body);
+            Ok::<(), anyhow::Error>(())
+        }
+    };
+    put("Alice".into(), "upper").await?;
+    put("alice".into(), "lower").await?;
+    let longest = "k".repeat(256);
+    put(longest.clone(), "longest").await?;
+    for (user, name) in [
+        ("Alice", "upper"),
+        ("alice", "lower"),
+        (longest.as_str(), "longest"),
+    ] {
+        let r = app.get(&format!("/users/{user}/profile")).await?;
+        assert_eq!(body(&r)["name"], name, "{user}: {}", r.body);
+    }
+    let rows: Option<u64> = c
+        .query_first("SELECT COUNT(*) FROM profiles WHERE user_id IN ('Alice', 'alice')")
+        .await?;
+    assert_eq!(rows, Some(2), "Alice and alice are two rows");
+    let stored: Option<u64> = c
+        .exec_first(
+            "SELECT LENGTH(user_id) FROM profiles WHERE user_id = ?",
+            (longest.as_str(),),
+        )
+        .await?;
+    assert_eq!(stored, Some(256), "stored whole");
+    Ok(())
+}

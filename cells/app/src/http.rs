@@ -101,11 +101,14 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
+/// The user in the path, by the key contract the router routes by
+/// (`cellplane_cells::user_key`: 1 to 256 bytes of UTF-8, as sent).
 fn check_user(user: &str) -> AppResult<()> {
-    if user.is_empty() || user.len() > 128 {
-        return Err(AppError::BadRequest("user: 1 to 128 bytes".into()));
+    match cellplane_cells::user_key::from_raw(user.as_bytes()) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(AppError::BadRequest("user: the user key is empty".into())),
+        Err(e) => Err(AppError::BadRequest(format!("user: {e}"))),
     }
-    Ok(())
 }
 
 async fn get_profile(
