@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod platform;
 pub mod registration;
 pub mod status;
+pub mod supervisor;
 
 /// Errors of the operator; `metric_label` counts them by kind.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ use cellplane_operator::metrics::Metrics;
 use cellplane_operator::platform::agent::AgentConfig;
 use cellplane_operator::platform::leader::PlatformConfig;
 use cellplane_operator::registration::Registrar;
+use cellplane_operator::supervisor::Supervisor;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -291,14 +292,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         metrics.leader.set(1);
         tracing::info!(%identity, "leading");
-        let term = Term::start(&ctx, &args, &client, platform.clone(), agent.clone());
+        let mut term = start_term(&ctx, &args, &client, platform.clone(), agent.clone());
         let lost = tokio::select! {
             _ = elector.hold() => true,
             _ = &mut shutdown => false,
             r = &mut http => { r??; false }
+            task = term.ended() => {
+                // Holding the lease while doing nothing is worse than restarting.
+                health.ready.store(false, Ordering::Relaxed);
+                metrics.leader.set(0);
+                term.stop(Duration::from_secs(5)).await;
+                elector.release().await;
+                anyhow::bail!("the {task} ended on its own while this operator leads its region; exiting so that it is restarted");
+            }
         };
         metrics.leader.set(0);
-        term.stop().await;
+        term.stop(Duration::from_secs(20)).await;
         if !lost {
             break;
         }
@@ -415,66 +424,39 @@ fn agent_config(
 }
 
 /// One term as the region's leader: the controllers, the platform campaign and the
-/// region agent, stopped together when the term ends.
-struct Term {
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Term {
-    fn start(
-        ctx: &Arc<Context>,
-        args: &RunArgs,
-        client: &kube::Client,
-        platform: Option<PlatformConfig>,
-        agent: Option<(AgentConfig, Registrar)>,
-    ) -> Self {
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let mut tasks = vec![
-            tokio::spawn(controller::cell::run(
-                ctx.clone(),
-                args.namespace.clone(),
-                stopped(stop_rx.clone()),
-            )),
-            tokio::spawn(controller::cellset::run(
-                ctx.clone(),
-                args.namespace.clone(),
-                stopped(stop_rx.clone()),
-            )),
-        ];
-        // The region's leader campaigns for the platform; it stops with the region's term.
-        if let Some(cfg) = platform {
-            tasks.push(tokio::spawn(cellplane_operator::platform::leader::run(
-                cfg,
-                client.clone(),
-                ctx.metrics.clone(),
-                stopped(stop_rx.clone()),
-            )));
-        }
-        if let Some((cfg, reg)) = agent {
-            tasks.push(tokio::spawn(cellplane_operator::platform::agent::run(
-                cfg,
-                client.clone(),
-                reg,
-                stopped(stop_rx),
-            )));
-        }
-        Self { stop, tasks }
+/// region agent, supervised and stopped together when the term ends.
+fn start_term(
+    ctx: &Arc<Context>,
+    args: &RunArgs,
+    client: &kube::Client,
+    platform: Option<PlatformConfig>,
+    agent: Option<(AgentConfig, Registrar)>,
+) -> Supervisor {
+    let mut term = Supervisor::default();
+    let ns = args.namespace.clone();
+    let stopped = term.stopped();
+    term.spawn(
+        "Cell controller",
+        controller::cell::run(ctx.clone(), ns.clone(), stopped),
+    );
+    let stopped = term.stopped();
+    term.spawn(
+        "CellSet controller",
+        controller::cellset::run(ctx.clone(), ns, stopped),
+    );
+    // The region's leader campaigns for the platform; it stops with the region's term.
+    if let Some(cfg) = platform {
+        let stopped = term.stopped();
+        let metrics = ctx.metrics.clone();
+        let task = cellplane_operator::platform::leader::run(cfg, client.clone(), metrics, stopped);
+        term.spawn("platform controller", task);
     }
-
-    /// Tells every task to stop and waits (at most 20 s) for them.
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(20), async {
-            for task in self.tasks {
-                let _ = task.await;
-            }
-        })
-        .await;
+    if let Some((cfg, reg)) = agent {
+        let stopped = term.stopped();
+        let task = cellplane_operator::platform::agent::run(cfg, client.clone(), reg, stopped);
+        term.spawn("region agent", task);
     }
+    term
 }
 
 fn print_crds() -> anyhow::Result<()> {
