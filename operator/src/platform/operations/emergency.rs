@@ -9,7 +9,7 @@
 use super::record::{
     enter, finish_with_note, note_error, warnings, Kind, Limits, Outcome, Step, Switchover,
 };
-use super::switchover::{roll_back, want_intent, want_intent_with, Pass};
+use super::switchover::{want_intent, want_intent_with, Pass, StepFn};
 use super::{Action, Observed};
 use cellplane_cells::etcd_keys::{MysqlReport, Outage, ReplayApplied, ReplaySent};
 use cellplane_cells::gtid;
@@ -251,22 +251,13 @@ pub fn lost(obs: &Observed, cell: &str) -> Result<String, String> {
 /// The steps only an unplanned failover has: freeze without the home, wait out its
 /// ownership leases, and take it back fenced when it returns.
 pub(super) fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
-    let mut p = Pass {
-        op,
-        obs,
-        next: op.clone(),
-        actions: Vec::new(),
-    };
-    let result = match op.step {
-        Step::Freeze => freeze_lost(&mut p),
-        Step::Expire => expire(&mut p),
-        Step::Rejoin => rejoin(&mut p),
+    let step: StepFn = match op.step {
+        Step::Freeze => freeze_lost,
+        Step::Expire => expire,
+        Step::Rejoin => rejoin,
         step => unreachable!("the unplanned steps only, not {step:?}"),
     };
-    match result {
-        Ok(()) => (p.next, p.actions),
-        Err(reason) => roll_back(op, obs, reason),
-    }
+    Pass::run(op, obs, step)
 }
 
 /// Freeze without the home: the table marks it frozen (no new ownership lease can be

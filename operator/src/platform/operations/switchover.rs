@@ -49,30 +49,25 @@ use std::collections::BTreeMap;
 /// promotion and flip of an unplanned failover. A step before the promotion that fails
 /// rolls back; after it, errors are recorded and the operation goes forward.
 pub(super) fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Action>) {
-    let mut p = Pass {
-        op,
-        obs,
-        next: op.clone(),
-        actions: Vec::new(),
-    };
-    let result = match op.step {
-        Step::Preflight => preflight_step(&mut p),
-        Step::Freeze => freeze(&mut p),
-        Step::Drain => drain(&mut p),
-        Step::Fence => fence(&mut p),
-        Step::CatchUp => catch_up(&mut p),
-        Step::Promote => promote(&mut p),
-        Step::Flip => flip(&mut p),
-        Step::Reverse => reverse(&mut p),
-        Step::RollBack => roll_back_step(&mut p),
+    let step: StepFn = match op.step {
+        Step::Preflight => preflight_step,
+        Step::Freeze => freeze,
+        Step::Drain => drain,
+        Step::Fence => fence,
+        Step::CatchUp => catch_up,
+        Step::Promote => promote,
+        Step::Flip => flip,
+        Step::Reverse => reverse,
+        Step::RollBack => roll_back_step,
         // An unplanned failover's own steps (`emergency::advance`), and the end.
-        Step::Expire | Step::Rejoin | Step::Done => Ok(()),
+        Step::Expire | Step::Rejoin | Step::Done => return (op.clone(), Vec::new()),
     };
-    match result {
-        Ok(()) => (p.next, p.actions),
-        Err(reason) => roll_back(op, obs, reason),
-    }
+    Pass::run(op, obs, step)
 }
+
+/// A step's function: moves the pass's record and adds actions; `Err` (before the
+/// promotion only) rolls the operation back with that reason.
+pub(super) type StepFn = fn(&mut Pass) -> Result<(), String>;
 
 /// One pass of a step: the record as it was, what the leader sees, and what the step
 /// makes of them (the next record, the actions).
@@ -83,7 +78,39 @@ pub(super) struct Pass<'a, 'o> {
     pub actions: Vec<Action>,
 }
 
-impl<'o> Pass<'_, 'o> {
+impl<'a, 'o> Pass<'a, 'o> {
+    /// Runs `step` on `op`: the next record and its actions, or the rollback.
+    pub fn run(
+        op: &'a Switchover,
+        obs: &'a Observed<'o>,
+        step: StepFn,
+    ) -> (Switchover, Vec<Action>) {
+        let mut p = Pass {
+            op,
+            obs,
+            next: op.clone(),
+            actions: Vec::new(),
+        };
+        match step(&mut p) {
+            Ok(()) => (p.next, p.actions),
+            Err(reason) => roll_back(op, obs, reason),
+        }
+    }
+
+    /// Asks the source to be writable or not, replicating what it replicates today;
+    /// returns the intent generation to wait for.
+    fn want_source_role(&mut self, writable: bool) -> u64 {
+        let sources = current_sources(self.obs, &self.op.source);
+        want_intent(
+            &mut self.next,
+            &mut self.actions,
+            self.obs,
+            &self.op.source,
+            writable,
+            sources,
+        )
+    }
+
     /// Whether the current step has run longer than `limit`.
     pub fn timed_out(&self, limit: u64) -> bool {
         self.obs.now_ms.saturating_sub(self.op.step_started_ms) > limit
@@ -189,15 +216,7 @@ fn drain(p: &mut Pass) -> Result<(), String> {
 /// `gtid_binlog_pos` then is the final position.
 fn fence(p: &mut Pass) -> Result<(), String> {
     // Fencing stops writes; whatever the home replicates as a standby goes on.
-    let sources = current_sources(p.obs, &p.op.source);
-    let generation = want_intent(
-        &mut p.next,
-        &mut p.actions,
-        p.obs,
-        &p.op.source,
-        false,
-        sources,
-    );
+    let generation = p.want_source_role(false);
     let fenced = p.home().and_then(|h| {
         let m = h.mysql.as_ref()?;
         (h.intent_generation >= generation && m.read_only).then(|| m.gtid_binlog_pos.clone())
@@ -427,15 +446,7 @@ fn reverse(p: &mut Pass) -> Result<(), String> {
 
 /// Roll back (before the promotion only): the source writable and unfrozen again.
 fn roll_back_step(p: &mut Pass) -> Result<(), String> {
-    let sources = current_sources(p.obs, &p.op.source);
-    let generation = want_intent(
-        &mut p.next,
-        &mut p.actions,
-        p.obs,
-        &p.op.source,
-        true,
-        sources,
-    );
+    let generation = p.want_source_role(true);
     let frozen = p.obs.table.cell(&p.op.source).is_some_and(|c| c.frozen);
     if frozen {
         let mut t = p.obs.table.clone();
