@@ -24,7 +24,7 @@ use futures::StreamExt;
 use kube::runtime::reflector::{self, Store as KubeStore};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -183,36 +183,58 @@ impl Watchdog {
         }
     }
 
+    /// Fences every cell whose MySQL this region reaches once the etcd majority has not
+    /// answered for `fence_after` (counted from the start when it never answered), and
+    /// keeps trying a cell until its MySQL is confirmed read-only: a fence that failed or
+    /// timed out is tried again while the region stays cut off.
     async fn guard(&self, fence_after: Duration) {
-        let mut fenced = false;
+        let started = Instant::now();
+        let mut fenced: HashSet<String> = HashSet::new();
+        let mut failures: HashMap<String, u32> = HashMap::new();
+        let mut was_lost = false;
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let Some(contact) = *self.contact.lock() else {
-                continue;
-            };
+            let contact = self.contact.lock().unwrap_or(started);
             let lost = contact.elapsed() >= fence_after;
-            if lost && !fenced {
-                fenced = true;
+            if lost {
                 let pools: Vec<(String, mysql_async::Pool)> = self
                     .pools
                     .lock()
                     .iter()
+                    .filter(|(c, _)| !fenced.contains(*c))
                     .map(|(c, p)| (c.clone(), p.clone()))
                     .collect();
                 for (cell, pool) in pools {
-                    fence_cell(&cell, &pool, fence_after).await;
+                    let tries = failures.entry(cell.clone()).or_default();
+                    match fence_cell(&cell, &pool, fence_after).await {
+                        Ok(()) => {
+                            fenced.insert(cell);
+                        }
+                        // Said on the first failure and then every 20th: it is retried
+                        // every pass while the region stays cut off.
+                        Err(e) => {
+                            *tries += 1;
+                            if *tries % 20 == 1 {
+                                tracing::error!(%cell, error = %e, attempts = *tries, "could not fence the cell's MySQL after losing the global etcd; trying again");
+                            }
+                        }
+                    }
                 }
-            } else if !lost && fenced {
-                fenced = false;
+            } else if was_lost {
+                fenced.clear();
+                failures.clear();
                 tracing::info!(
                     "region agent: the global etcd answers again; the cells follow their intents"
                 );
             }
+            was_lost = lost;
         }
     }
 }
 
-async fn fence_cell(cell: &str, pool: &mysql_async::Pool, after: Duration) {
+/// Puts the cell's MySQL read-only (the app's sessions killed) unless it already is; Ok
+/// once it is confirmed read-only.
+async fn fence_cell(cell: &str, pool: &mysql_async::Pool, after: Duration) -> Result<(), String> {
     let fenced = async {
         let pos = replication::position(pool).await?;
         if pos.read_only {
@@ -222,15 +244,12 @@ async fn fence_cell(cell: &str, pool: &mysql_async::Pool, after: Duration) {
     };
     match tokio::time::timeout(Duration::from_secs(2), fenced).await {
         Ok(Ok(Some(p))) => {
-            tracing::warn!(%cell, position = %p.gtid_binlog_pos, no_contact_ms = after.as_millis() as u64, "fenced itself: no contact with the global etcd majority; read_only until it answers again")
+            tracing::warn!(%cell, position = %p.gtid_binlog_pos, no_contact_ms = after.as_millis() as u64, "fenced itself: no contact with the global etcd majority; read_only until it answers again");
+            Ok(())
         }
-        Ok(Ok(None)) => {}
-        Ok(Err(e)) => {
-            tracing::error!(%cell, error = %e, "could not fence the cell's MySQL after losing the global etcd")
-        }
-        Err(_) => {
-            tracing::error!(%cell, "fencing the cell's MySQL timed out after losing the global etcd")
-        }
+        Ok(Ok(None)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 2 s".into()),
     }
 }
 
