@@ -79,13 +79,13 @@ pub struct HoldCounters {
 impl Acknowledger {
     /// Acknowledges forever: reconnects with backoff when etcd is away.
     pub async fn run(self, store: Arc<TableStore>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = crate::etcd::Backoff::default();
         loop {
+            let started = tokio::time::Instant::now();
             if let Err(e) = self.session(&store).await {
                 tracing::warn!(error = %e, id = %self.id, "table acknowledgement lost; retrying");
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(backoff.after(started.elapsed())).await;
         }
     }
 

@@ -21,6 +21,36 @@ const SUSPECT_FOR: Duration = Duration::from_secs(10);
 /// refuse).
 const PROBE: Duration = Duration::from_millis(500);
 
+/// How long a follower waits before reconnecting: doubling from 100 ms up to 5 s while
+/// attempts keep failing, and back to 100 ms after a session that lasted (a watch or a
+/// lease that ran for [`SETTLED`] was a success, even though it ended in an error), so
+/// a router whose etcd comes back after a long outage reconnects at once, not 5 s late.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff(Duration);
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A session that lasted this long counts as having succeeded.
+pub const SETTLED: Duration = Duration::from_secs(10);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(BACKOFF_FIRST)
+    }
+}
+
+impl Backoff {
+    /// The wait after a session that lasted `lasted`; the next one grows from it.
+    pub fn after(&mut self, lasted: Duration) -> Duration {
+        if lasted >= SETTLED {
+            self.0 = BACKOFF_FIRST;
+        }
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
 fn suspect(endpoint: &str, failed: bool) {
     let mut s = SUSPECT.lock();
     let map = s.get_or_insert_with(HashMap::new);
@@ -82,4 +112,20 @@ pub async fn connect(
         suspect(endpoint, true);
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_while_failing_and_starts_over_after_a_session_that_lasted() {
+        let mut b = Backoff::default();
+        let quick = Duration::from_millis(5);
+        let waits: Vec<u64> = (0..8).map(|_| b.after(quick).as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        // etcd came back; the watch ran for a minute, then broke: reconnect at once.
+        assert_eq!(b.after(Duration::from_secs(60)), Duration::from_millis(100));
+        assert_eq!(b.after(quick), Duration::from_millis(200));
+    }
 }

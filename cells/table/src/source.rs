@@ -67,17 +67,18 @@ impl TableSource {
                 endpoints,
                 platform,
             } => {
-                let mut backoff = Duration::from_millis(100);
+                let mut backoff = crate::etcd::Backoff::default();
                 loop {
-                    match watch_once(&endpoints, &platform, &store).await {
-                        Ok(()) => backoff = Duration::from_millis(100),
+                    let started = tokio::time::Instant::now();
+                    let lasted = match watch_once(&endpoints, &platform, &store).await {
+                        Ok(()) => crate::etcd::SETTLED,
                         Err(e) => {
-                            tracing::warn!(error = %e, "etcd watch lost; routing on the last table")
+                            tracing::warn!(error = %e, "etcd watch lost; routing on the last table");
+                            started.elapsed()
                         }
-                    }
+                    };
                     store_metrics_down(&store);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.after(lasted)).await;
                 }
             }
         }
