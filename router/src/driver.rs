@@ -397,7 +397,7 @@ async fn after_failure(
 }
 
 /// After a response head arrived: true when it was a 421 (the cell does not own the slot
-/// at our epoch) that may be retried once after refreshing the table; otherwise records
+/// at our epoch) that may be retried once, on the newer table a refresh brought; otherwise records
 /// the outcome (ejection or success, latency, counters, the sampled access log).
 async fn after_response(
     router: &Router,
@@ -414,15 +414,19 @@ async fn after_response(
         && router.retry_budget.try_withdraw(Instant::now())
     {
         attempts.refreshed = true;
-        m.retries
-            .get_or_create(&ReasonLabel {
-                reason: "misdirected",
-            })
-            .inc();
         if let Err(e) = router.source.refresh(&router.tables).await {
             tracing::warn!(error = %e, "table refresh after 421 failed");
         }
-        return true;
+        // Sent again only where a newer table sends it: on the table it was routed by, the
+        // cell would answer 421 again (a refresh that failed leaves that table).
+        if router.tables.get().is_some_and(|t| t.epoch > routed.epoch) {
+            m.retries
+                .get_or_create(&ReasonLabel {
+                    reason: "misdirected",
+                })
+                .inc();
+            return true;
+        }
     }
     if status.is_server_error() {
         eject_on_failure(router, routed);
@@ -677,19 +681,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_421_is_answered_not_retried() {
+    async fn a_421_without_a_newer_table_is_answered_not_sent_again() {
         let t = table(1);
-        let r = router(&t, &t, "misdirected-twice");
-        r.retry_budget.deposit();
-        r.retry_budget.deposit();
+        // The source still has the same table: a refresh brings nothing newer.
+        let r = router(&t, &t, "misdirected-same");
         let user = user_of(&t, "a");
-        let mut app = Scripted::new([
-            Act::Answer(StatusCode::MISDIRECTED_REQUEST),
-            Act::Answer(StatusCode::MISDIRECTED_REQUEST),
-        ]);
+        let mut app = Scripted::new([Act::Answer(StatusCode::MISDIRECTED_REQUEST)]);
         let (_, status) = drive(&r, &user, &GET, &mut app).await.unwrap();
         assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
-        assert_eq!(app.sent_to.len(), 2);
+        assert_eq!(
+            app.sent_to.len(),
+            1,
+            "the same table would send it to the same cell"
+        );
+        // A source whose refresh fails (the file is gone): the stale table is not retried.
+        let r = router(&t, &t, "misdirected-gone");
+        let TableSource::File { path, .. } = &r.source else {
+            unreachable!("a file source")
+        };
+        std::fs::remove_file(path).unwrap();
+        let mut app = Scripted::new([Act::Answer(StatusCode::MISDIRECTED_REQUEST)]);
+        let (_, status) = drive(&r, &user, &POST, &mut app).await.unwrap();
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST);
+        assert_eq!(app.sent_to.len(), 1);
+        assert_eq!(retries(&r, "misdirected"), 0);
     }
 
     #[tokio::test(start_paused = true)]
