@@ -68,9 +68,12 @@ pub async fn run(stores: Arc<Stores>, metrics: Arc<Metrics>, consumer: Arc<Strea
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    if let Err(e) = consumer.subscribe(&[&stores.cfg.orders_topic]) {
-        tracing::error!(error = %e, "cannot subscribe to the order topic");
-        return;
+    // Retried like the topic: a persister that gave up would leave every accepted order
+    // unpersisted while the app answers ready.
+    while let Err(e) = consumer.subscribe(&[&stores.cfg.orders_topic]) {
+        tracing::error!(error = %e, "cannot subscribe to the order topic; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     let mut orders = Vec::with_capacity(BATCH);
     loop {

@@ -24,10 +24,12 @@ use cellplane_table::owner_lease::OwnerLease;
 use cellplane_table::TableSource;
 use cellplane_table::TableStore;
 use clap::Parser;
+use futures::FutureExt as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinSet;
 
 #[derive(Parser)]
 #[command(version, about = "The cellplane reference cell app")]
@@ -69,18 +71,9 @@ struct Args {
     replay_lookback_secs: u64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
-        )
-        .init();
-    let args = Args::parse();
-    let settings = CellSettings::from_env()?;
-    let source = match (&args.table_file, args.etcd.is_empty()) {
+/// Where the routing table comes from: a file or the global etcd.
+fn table_source(args: &Args) -> anyhow::Result<TableSource> {
+    Ok(match (&args.table_file, args.etcd.is_empty()) {
         (Some(path), _) => TableSource::File {
             path: path.clone(),
             poll: Duration::from_millis(200),
@@ -90,13 +83,12 @@ async fn main() -> anyhow::Result<()> {
             platform: args.platform.clone(),
         },
         (None, true) => bail!("no routing table source: pass --table-file (CELL_TABLE_FILE) or --etcd (CELL_ETCD); the app must know which users it owns"),
-    };
-    let cfg = AppConfig {
-        store_timeout: Duration::from_millis(args.store_timeout_ms.clamp(50, 30_000)),
-        admin_token: args.admin_token.filter(|t| !t.is_empty()),
-        orders_group: args.orders_group,
-        ..AppConfig::default()
-    };
+    })
+}
+
+/// The ownership lease's timings (the operator passes its own), checked against the
+/// store deadline.
+fn timings(args: &Args, cfg: &AppConfig) -> anyhow::Result<FailoverTimings> {
     let mut timings = FailoverTimings::default();
     timings.owner_lease_ttl_ms = args
         .owner_lease_ttl_ms
@@ -112,6 +104,28 @@ async fn main() -> anyhow::Result<()> {
     timings
         .validate(cfg.store_timeout.as_millis() as u64)
         .context("the ownership lease's timings")?;
+    Ok(timings)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let settings = CellSettings::from_env()?;
+    let source = table_source(&args)?;
+    let cfg = AppConfig {
+        store_timeout: Duration::from_millis(args.store_timeout_ms.clamp(50, 30_000)),
+        admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
+        orders_group: args.orders_group.clone(),
+        ..AppConfig::default()
+    };
+    let timings = timings(&args, &cfg)?;
     tracing::info!(?settings, "starting");
     let stores =
         Arc::new(Stores::connect(&settings, cfg).context("connecting to the cell's stores")?);
@@ -121,6 +135,11 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(error = %e, "no routing table yet; user requests get 503 until one arrives");
     }
     // A table from etcd: the cell takes writes only while it holds an ownership lease there.
+    // The cell's long-running tasks: each must run for the life of the process. One that
+    // ends on its own (an order persister that stopped persisting, a lease no longer
+    // renewed) would leave an app that answers /readyz while part of it does nothing: the
+    // process exits instead, naming it, and is restarted.
+    let mut tasks: JoinSet<&'static str> = JoinSet::new();
     let owner_lease = match &source {
         TableSource::Etcd {
             endpoints,
@@ -128,27 +147,28 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let lease = OwnerLease::new(timings, metrics.owner_lease.clone());
             stores.owner_lease.set(lease.clone()).ok();
-            tokio::spawn(lease.clone().run(
-                endpoints.clone(),
-                platform.clone(),
-                settings.cell.clone(),
-            ));
-            tokio::spawn(
-                cellplane_cell_app::replay::Replayer {
-                    stores: stores.clone(),
-                    metrics: metrics.clone(),
-                    tables: tables.clone(),
-                    endpoints: endpoints.clone(),
-                    platform: platform.clone(),
-                    lookback: Duration::from_secs(args.replay_lookback_secs),
-                }
-                .run(),
-            );
+            let run = lease
+                .clone()
+                .run(endpoints.clone(), platform.clone(), settings.cell.clone());
+            tasks.spawn(run.map(|_| "ownership lease"));
+            let replayer = cellplane_cell_app::replay::Replayer {
+                stores: stores.clone(),
+                metrics: metrics.clone(),
+                tables: tables.clone(),
+                endpoints: endpoints.clone(),
+                platform: platform.clone(),
+                lookback: Duration::from_secs(args.replay_lookback_secs),
+            };
+            tasks.spawn(replayer.run().map(|_| "order replay"));
             Some(lease)
         }
         TableSource::File { .. } => None,
     };
-    tokio::spawn(source.follow(tables.clone()));
+    tasks.spawn(
+        source
+            .follow(tables.clone())
+            .map(|_| "routing table follower"),
+    );
     // The schema is needed before the first request; wait for MySQL rather than serve errors.
     let mut backoff = Duration::from_millis(200);
     while let Err(e) = schema::ensure(&stores).await {
@@ -157,20 +177,18 @@ async fn main() -> anyhow::Result<()> {
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     let consumer = Arc::new(consumer::consumer(&stores).context("creating the order consumer")?);
-    tokio::spawn(consumer::run(
-        stores.clone(),
-        metrics.clone(),
-        consumer.clone(),
-    ));
+    let persister = consumer::run(stores.clone(), metrics.clone(), consumer.clone());
+    tasks.spawn(persister.map(|_| "order persister"));
     let profiles = Arc::new(Profiles::new(stores.clone(), metrics.clone()));
     let landing = Arc::new(Landing::default());
-    tokio::spawn(cellplane_cell_app::landing::run(
+    let landing_task = cellplane_cell_app::landing::run(
         tables.clone(),
         stores.clone(),
         profiles.clone(),
         landing.clone(),
         metrics.clone(),
-    ));
+    );
+    tasks.spawn(landing_task.map(|_| "landing"));
     let app = App {
         profiles,
         orders: Arc::new(Orders::new(stores.clone(), metrics.clone())),
@@ -185,10 +203,20 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
     tracing::info!(listen = %args.listen, "serving");
-    axum::serve(listener, cellplane_cell_app::http::router(app))
+    let serve = axum::serve(listener, cellplane_cell_app::http::router(app))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        });
+    tokio::select! {
+        served = serve => served?,
+        ended = tasks.join_next() => {
+            let what = match ended {
+                Some(Ok(name)) => format!("the {name} task ended on its own"),
+                Some(Err(e)) => format!("a task failed: {e}"),
+                None => "every task ended".to_string(),
+            };
+            anyhow::bail!("{what}; exiting so that the cell's app is restarted");
+        }
+    }
     Ok(())
 }
