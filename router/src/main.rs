@@ -26,6 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 
 #[derive(Parser)]
 #[command(
@@ -347,16 +348,18 @@ fn acknowledger(
 
 /// The gRPC admin API, on its own listener.
 fn spawn_admin(
+    tasks: &mut JoinSet<&'static str>,
     admin: cellplane_router::config::AdminConfig,
     router: Arc<Router>,
 ) -> anyhow::Result<()> {
     let token = cellplane_router::admin::load_token(&admin)?;
     let server = cellplane_router::admin::listener(&admin)?;
     tracing::info!(listen = %admin.listen, mtls = admin.tls.is_some(), "admin API (gRPC) serving");
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(e) = cellplane_router::admin::serve(server, admin.listen, token, router).await {
             tracing::error!(error = %e, "admin API stopped");
         }
+        "admin API"
     });
     Ok(())
 }
@@ -388,7 +391,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Err(e) = source.refresh(&tables).await {
         tracing::warn!(error = %e, "initial table read failed; serving from the cache if any");
     }
-    tokio::spawn(source.clone().follow(tables.clone()));
+    // The router's own tasks run for its whole life; one that ends on its own (the table
+    // follower, the acknowledgements, health checks, the metrics or admin server) leaves a
+    // router that looks alive but routes blind: it exits instead, naming the task.
+    let mut tasks: JoinSet<&'static str> = JoinSet::new();
+    let follow = source.clone().follow(tables.clone());
+    tasks.spawn(async move {
+        follow.await;
+        "routing table follower"
+    });
 
     let router = Arc::new(Router::new(
         cfg.clone(),
@@ -397,23 +408,34 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics.clone(),
     )?);
     if let Some(e) = &cfg.table.etcd {
-        tokio::spawn(acknowledger(e, &router, &metrics).run(tables.clone()));
+        let ack = acknowledger(e, &router, &metrics).run(tables.clone());
+        tasks.spawn(async move {
+            ack.await;
+            "table acknowledgements"
+        });
     }
-    tokio::spawn(cellplane_router::health::run(router.clone()));
+    if cfg.health_check.enabled {
+        let health = cellplane_router::health::run(router.clone());
+        tasks.spawn(async move {
+            health.await;
+            "health checks"
+        });
+    }
     if let Some(admin) = cfg.admin.clone() {
-        spawn_admin(admin, router.clone())?;
+        spawn_admin(&mut tasks, admin, router.clone())?;
     }
     // Bound before serving: a router whose health and metrics port is taken must not run
     // blind, it stops with the reason.
     let metrics_listener = TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("binding metricsListen {}", cfg.metrics_listen))?;
-    tokio::spawn({
+    tasks.spawn({
         let r = router.clone();
         async move {
             if let Err(e) = serve_admin(metrics_listener, r).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
+            "metrics server"
         }
     });
 
@@ -468,6 +490,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 }
             }
             _ = &mut shutdown => break,
+            ended = tasks.join_next() => {
+                let what = match ended {
+                    Some(Ok(name)) => format!("the {name} task ended on its own"),
+                    Some(Err(e)) => format!("a task failed: {e}"),
+                    None => "every task ended".to_string(),
+                };
+                anyhow::bail!("{what}; exiting so that the router is restarted");
+            }
         }
     }
     tracing::info!("draining in-flight requests");
