@@ -97,6 +97,12 @@ impl<'a, 'o> Pass<'a, 'o> {
         }
     }
 
+    /// Ends the current step with `note`: the operation goes on to its kind's next step.
+    fn step_done(&mut self, note: String) {
+        let next = self.op.after(self.op.step);
+        enter(&mut self.next, next, self.obs.now_ms, note);
+    }
+
     /// Asks the source to be writable or not, replicating what it replicates today;
     /// returns the intent generation to wait for.
     fn want_source_role(&mut self, writable: bool) -> u64 {
@@ -140,12 +146,7 @@ fn preflight_step(p: &mut Pass) -> Result<(), String> {
                 },
             );
         }
-        Ok(()) => enter(
-            &mut p.next,
-            p.op.after(Step::Preflight),
-            p.obs.now_ms,
-            String::new(),
-        ),
+        Ok(()) => p.step_done(String::new()),
     }
     Ok(())
 }
@@ -173,12 +174,7 @@ fn freeze(p: &mut Pass) -> Result<(), String> {
                 .iter()
                 .map(|(id, a)| (id.clone(), (a.held_total, a.hold_timeouts_total)))
                 .collect();
-            enter(
-                &mut p.next,
-                p.op.after(Step::Freeze),
-                p.obs.now_ms,
-                format!("every router at epoch {epoch}"),
-            );
+            p.step_done(format!("every router at epoch {epoch}"));
         } else if p.timed_out(p.op.limits.ack_timeout_ms) {
             return Err(format!(
                 "routers {} did not apply epoch {epoch} within {} ms",
@@ -194,12 +190,7 @@ fn freeze(p: &mut Pass) -> Result<(), String> {
 /// fence: the persister writes through the app's account, which `read_only` would stop).
 fn drain(p: &mut Pass) -> Result<(), String> {
     match p.home().and_then(|h| h.kafka_lag) {
-        Some(0) => enter(
-            &mut p.next,
-            p.op.after(Step::Drain),
-            p.obs.now_ms,
-            "order backlog persisted".into(),
-        ),
+        Some(0) => p.step_done("order backlog persisted".into()),
         lag if p.timed_out(p.op.limits.step_timeout_ms) => {
             let seen = lag.map_or("not reported".to_string(), |l| l.to_string());
             return Err(format!(
@@ -224,12 +215,7 @@ fn fence(p: &mut Pass) -> Result<(), String> {
     match fenced {
         Some(pos) => {
             p.next.final_gtid = Some(pos.clone());
-            enter(
-                &mut p.next,
-                p.op.after(Step::Fence),
-                p.obs.now_ms,
-                format!("final position {pos}"),
-            );
+            p.step_done(format!("final position {pos}"));
         }
         None if p.timed_out(p.op.limits.step_timeout_ms) => {
             return Err(format!(
@@ -251,12 +237,7 @@ fn catch_up(p: &mut Pass) -> Result<(), String> {
         .map(|r| r.gtid_slave_pos.clone());
     match applied {
         Some(pos) if gtid::reached(&pos, &want) => {
-            enter(
-                &mut p.next,
-                p.op.after(Step::CatchUp),
-                p.obs.now_ms,
-                format!("{} reached {want}", p.op.target),
-            );
+            p.step_done(format!("{} reached {want}", p.op.target));
         }
         pos if p.timed_out(p.op.limits.step_timeout_ms) => {
             let behind = pos.map_or("no replication".to_string(), |p| {
@@ -311,20 +292,15 @@ fn promote(p: &mut Pass) -> Result<(), String> {
                 .map(|last| gtid::lag(last, &m.gtid_binlog_pos));
             loss.promoted_at_gtid = Some(m.gtid_binlog_pos.clone());
         }
-        enter(
-            &mut p.next,
-            p.op.after(Step::Promote),
-            p.obs.now_ms,
-            format!(
-                "{} writable, replicating {}",
-                p.op.target,
-                if sources.is_empty() {
-                    "nothing".to_string()
-                } else {
-                    sources.join(", ")
-                }
-            ),
-        );
+        p.step_done(format!(
+            "{} writable, replicating {}",
+            p.op.target,
+            if sources.is_empty() {
+                "nothing".to_string()
+            } else {
+                sources.join(", ")
+            }
+        ));
     } else if p.timed_out(p.op.limits.step_timeout_ms) {
         // Past the point of no return: keep asking, and say so.
         note_error(
