@@ -6,9 +6,7 @@
 //! dropped), wait for its app to replay the orders its log acknowledged, rebuild it as the
 //! new home's replica. The shared steps (promote, flip) are the switchover's.
 
-use super::record::{
-    enter, finish_with_note, note_error, warnings, Kind, Limits, Outcome, Step, Switchover,
-};
+use super::record::{enter, note_error, Kind, Limits, Step, Switchover};
 use super::switchover::{want_intent, want_intent_with, Pass, StepFn};
 use super::{Action, Observed};
 use cellplane_cells::etcd_keys::{MysqlReport, Outage, ReplayApplied, ReplaySent};
@@ -373,13 +371,7 @@ fn rejoin(p: &mut Pass) -> Result<(), String> {
         return Ok(());
     }
     note.push_str(&format!("; it becomes {}'s replica", p.op.target));
-    let warnings = warnings(&p.next);
-    finish_with_note(
-        &mut p.next,
-        p.obs.now_ms,
-        Outcome::Succeeded { warnings },
-        note,
-    );
+    p.next.step_done(p.obs.now_ms, note);
     Ok(())
 }
 
@@ -488,6 +480,7 @@ fn replay_confirmed(p: &mut Pass, note: &mut String) -> bool {
 #[cfg(test)]
 mod tests {
     use super::super::advance;
+    use super::super::record::{warnings, Outcome};
     use super::super::test_world::*;
     use super::*;
     use cellplane_cells::crd::CellPhase;

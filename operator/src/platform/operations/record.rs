@@ -319,6 +319,20 @@ pub(super) fn finish(next: &mut Switchover, now_ms: u64, outcome: Outcome) {
     finish_with_note(next, now_ms, outcome, note);
 }
 
+impl Switchover {
+    /// Ends the current step with `note`: the kind's next step, or after its last the
+    /// operation succeeds (with the errors recorded after the promotion as warnings).
+    pub(super) fn step_done(&mut self, now_ms: u64, note: String) {
+        match self.after(self.step) {
+            Step::Done => {
+                let warnings = warnings(self);
+                finish_with_note(self, now_ms, Outcome::Succeeded { warnings }, note);
+            }
+            step => enter(self, step, now_ms, note),
+        }
+    }
+}
+
 pub(super) fn finish_with_note(next: &mut Switchover, now_ms: u64, outcome: Outcome, note: String) {
     enter(next, Step::Done, now_ms, note);
     next.outcome = Some(outcome);

@@ -34,9 +34,7 @@
 //! freeze ends.
 
 use super::gates::preflight;
-use super::record::{
-    enter, finish, finish_with_note, note_error, warnings, Kind, Outcome, Step, Switchover,
-};
+use super::record::{enter, finish, note_error, Kind, Outcome, Step, Switchover};
 use super::{Action, Observed};
 use crate::platform::intents::default_for;
 use cellplane_cells::crd::CellPhase;
@@ -99,8 +97,7 @@ impl<'a, 'o> Pass<'a, 'o> {
 
     /// Ends the current step with `note`: the operation goes on to its kind's next step.
     fn step_done(&mut self, note: String) {
-        let next = self.op.after(self.op.step);
-        enter(&mut self.next, next, self.obs.now_ms, note);
+        self.next.step_done(self.obs.now_ms, note);
     }
 
     /// Asks the source to be writable or not, replicating what it replicates today;
@@ -338,18 +335,7 @@ fn flip(p: &mut Pass) -> Result<(), String> {
                     behind.join(", ")
                 )
             };
-            match p.op.after(Step::Flip) {
-                Step::Done => {
-                    let warnings = warnings(&p.next);
-                    finish_with_note(
-                        &mut p.next,
-                        p.obs.now_ms,
-                        Outcome::Succeeded { warnings },
-                        note,
-                    );
-                }
-                step => enter(&mut p.next, step, p.obs.now_ms, note),
-            }
+            p.step_done(note);
         }
     }
     Ok(())
@@ -404,7 +390,7 @@ fn reverse(p: &mut Pass) -> Result<(), String> {
                 format!(" ({} still starting)", starting.join(", "))
             }
         );
-        after_reverse(&mut p.next, p.op, p.obs.now_ms, note);
+        p.step_done(note);
     } else if p.timed_out(p.op.limits.step_timeout_ms) {
         note_error(
                 &mut p.next,
@@ -415,7 +401,7 @@ fn reverse(p: &mut Pass) -> Result<(), String> {
                     p.op.limits.step_timeout_ms
                 ),
             );
-        after_reverse(&mut p.next, p.op, p.obs.now_ms, String::new());
+        p.step_done(String::new());
     }
     Ok(())
 }
@@ -476,17 +462,6 @@ fn moved(t: &RoutingTable, op: &Switchover) -> bool {
         Kind::Failback => state.is_some_and(serves_traffic),
     };
     arrived && t.cell(&op.source).is_some_and(|c| !c.frozen)
-}
-
-/// Leaves the reverse step: to the flip (a failback) or the end (a switchover).
-fn after_reverse(next: &mut Switchover, op: &Switchover, now_ms: u64, note: String) {
-    match op.after(Step::Reverse) {
-        Step::Done => {
-            let warnings = warnings(next);
-            finish_with_note(next, now_ms, Outcome::Succeeded { warnings }, note);
-        }
-        step => enter(next, step, now_ms, note),
-    }
 }
 
 /// Requests held and holds timed out since the freeze, summed over the routers that
