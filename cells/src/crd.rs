@@ -79,6 +79,11 @@ pub struct CellSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<StandbyRef>,
 
+    /// Which nodes run the cell's pods (the app's and the in-cluster stores'), besides
+    /// the zone: a node pool for cells, nodes tainted for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<Scheduling>,
+
     /// The application that runs in the cell.
     pub app: AppSpec,
     /// The cell's cache.
@@ -234,6 +239,54 @@ pub struct Resources {
 #[schemars(transparent)]
 #[allow(dead_code)] // schema only
 struct QuantitySchema(#[schemars(length(min = 1, max = rules::MAX_QUANTITY_LEN))] String);
+
+/// Which nodes run a cell's pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    /// Node labels every pod of the cell requires (added to the zone's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the cell's pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub tolerations: Vec<CellToleration>,
+}
+
+/// A taint the cell's pods tolerate (as a pod's toleration).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(cel, validation = Rule::new("self.operator != 'Exists' || !has(self.value)").message("spec.scheduling.tolerations[]: operator Exists matches any value; drop value or use operator Equal"))]
+#[serde(rename_all = "camelCase")]
+pub struct CellToleration {
+    /// The taint's key.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+    /// `Equal` (the value must match) or `Exists` (any value).
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    /// The taint's value, with operator `Equal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub value: Option<String>,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`; every effect when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TolerationOperator {
+    #[default]
+    Equal,
+    Exists,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TaintEffect {
+    NoSchedule,
+    PreferNoSchedule,
+    NoExecute,
+}
 
 /// A backing store: run inside the cell (`inCluster`) or use a managed service (`external`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -507,6 +560,9 @@ pub struct CellTemplate {
     #[serde(default = "default_weight")]
     #[schemars(range(min = 1, max = 100), with = "i32")]
     pub capacity_weight: u32,
+    /// Each cell's `spec.scheduling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<Scheduling>,
     pub app: AppSpec,
     pub redis: StoreSpec,
     pub mysql: StoreSpec,
@@ -609,6 +665,7 @@ impl CellSetSpec {
                         capacity_weight: t.capacity_weight,
                         platform: self.platform.clone(),
                         standby,
+                        scheduling: t.scheduling.clone(),
                         app,
                         redis: o.redis.unwrap_or_else(|| t.redis.clone()),
                         mysql: o.mysql.unwrap_or_else(|| t.mysql.clone()),
@@ -633,6 +690,7 @@ pub(crate) mod fixtures {
             capacity_weight: 10,
             platform: DEFAULT_PLATFORM.into(),
             standby: None,
+            scheduling: None,
             app: AppSpec {
                 image: "example/shop:1".into(),
                 replicas: 2,
@@ -669,6 +727,7 @@ mod tests {
                 .collect(),
             template: CellTemplate {
                 capacity_weight: 10,
+                scheduling: None,
                 app: base.app,
                 redis: base.redis,
                 mysql: base.mysql,

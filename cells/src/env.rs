@@ -4,6 +4,9 @@
 pub const CELL_NAME: &str = "CELL_NAME";
 pub const CELL_REGION: &str = "CELL_REGION";
 pub const CELL_PLATFORM: &str = "CELL_PLATFORM";
+/// `address:port` the app serves HTTP on: every interface at `spec.app.port` (the kubelet's
+/// probes, the Service and the routers reach the pod's address, not its loopback).
+pub const CELL_LISTEN: &str = "CELL_LISTEN";
 /// Comma-separated endpoints of the global etcd the app follows the routing table in.
 pub const CELL_ETCD: &str = "CELL_ETCD";
 /// `host:port` of the cell's Redis.
@@ -24,8 +27,9 @@ pub const CELL_FENCE_AFTER_MS: &str = "CELL_FENCE_AFTER_MS";
 
 /// Every variable the operator sets in a cell's app pods: `spec.app.env` may not name one
 /// (admission refuses it; the cell's own setting would be shadowed or duplicated).
-pub const RESERVED: [&str; 14] = [
+pub const RESERVED: [&str; 15] = [
     CELL_NAME,
+    CELL_LISTEN,
     CELL_REGION,
     CELL_PLATFORM,
     CELL_ETCD,

@@ -119,7 +119,16 @@ fn show_operator_logs(lab: &PairLab) {
     for op in &lab.operators {
         let log = std::fs::read_to_string(&op.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
+        // The error that ended an operator is above its backtrace: show every error
+        // and warning line first, then the tail.
+        let errors: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN") || l.starts_with("Error"))
+            .collect();
+        let errors = errors[errors.len().saturating_sub(30)..].join("\n");
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        eprintln!("--- {} (errors and warnings)\n{errors}", op.log.display());
         eprintln!("--- {} (last lines)\n{tail}", op.log.display());
     }
 }

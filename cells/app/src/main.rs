@@ -34,8 +34,8 @@ use tokio::task::JoinSet;
 #[derive(Parser)]
 #[command(version, about = "The cellplane reference cell app")]
 struct Args {
-    /// Address to serve HTTP on.
-    #[arg(long, env = "CELL_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Address to serve HTTP on (in a pod the operator sets every interface).
+    #[arg(long, env = cellplane_cells::env::CELL_LISTEN, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Follow the routing table in this file (static mode).
     #[arg(long, env = "CELL_TABLE_FILE")]

@@ -24,6 +24,7 @@ pub fn connection_env(ctx: &CellContext) -> Vec<EnvVar> {
         pod::env_from_config_map(env::MYSQL_ADDR, &info, "mysqlAddr"),
         pod::env_from_config_map(env::KAFKA_BOOTSTRAP, &info, "kafkaBootstrap"),
         pod::env_value(env::MYSQL_DATABASE, env::mysql_database(ctx.name)),
+        pod::env_value(env::CELL_LISTEN, format!("0.0.0.0:{}", ctx.spec.app.port)),
     ];
     if !ctx.etcd_endpoints.is_empty() {
         // Where the app follows the routing table (it fences by it: 421 for slots it
@@ -127,6 +128,14 @@ pub fn app(ctx: &CellContext) -> Deployment {
     if let Some(zone) = &ctx.spec.zone {
         pod_labels.insert("cellplane.io/zone".into(), zone.clone());
     }
+    let mut pod_spec = PodSpec {
+        containers: vec![container],
+        security_context: Some(pod::pod_security(10001)),
+        automount_service_account_token: Some(false),
+        volumes: Some(vec![tmp]),
+        ..Default::default()
+    };
+    pod::place(ctx.spec, &mut pod_spec);
     Deployment {
         metadata: ctx.meta(names::app(ctx.name), APP),
         spec: DeploymentSpec {
@@ -140,18 +149,7 @@ pub fn app(ctx: &CellContext) -> Deployment {
                     labels: Some(pod_labels),
                     ..Default::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    security_context: Some(pod::pod_security(10001)),
-                    automount_service_account_token: Some(false),
-                    volumes: Some(vec![tmp]),
-                    node_selector: ctx
-                        .spec
-                        .zone
-                        .as_ref()
-                        .map(|z| [("topology.kubernetes.io/zone".to_string(), z.clone())].into()),
-                    ..Default::default()
-                }),
+                spec: Some(pod_spec),
             },
             ..Default::default()
         },

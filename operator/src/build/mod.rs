@@ -272,6 +272,7 @@ pub(crate) mod fixtures {
                 cell: "shop-eu-0".into(),
                 region: "eu-west".into(),
             }),
+            scheduling: None,
             app: AppSpec {
                 image: "example/shop:1.0".into(),
                 replicas: 3,

@@ -1,13 +1,51 @@
 //! Pieces shared by every pod the operator renders: security context, resources, volumes. Pure.
 
-use cellplane_cells::crd::Resources;
+use cellplane_cells::crd::{CellSpec, Resources, TaintEffect, TolerationOperator};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapKeySelector, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    PodSecurityContext, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
-    Volume, VolumeMount,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
+
+/// Where every pod of the cell runs: the zone's nodes, narrowed by `spec.scheduling`'s
+/// selector, with its tolerations. The app and the stores share it, so a cell's pods land
+/// together (one zone, one node pool).
+pub fn place(cell: &CellSpec, pod: &mut PodSpec) {
+    let mut selector = BTreeMap::new();
+    if let Some(zone) = &cell.zone {
+        selector.insert("topology.kubernetes.io/zone".to_string(), zone.clone());
+    }
+    let scheduling = cell.scheduling.clone().unwrap_or_default();
+    selector.extend(scheduling.node_selector);
+    pod.node_selector = (!selector.is_empty()).then_some(selector);
+    let tolerations: Vec<Toleration> = scheduling
+        .tolerations
+        .into_iter()
+        .map(|t| Toleration {
+            key: Some(t.key),
+            operator: Some(
+                match t.operator {
+                    TolerationOperator::Equal => "Equal",
+                    TolerationOperator::Exists => "Exists",
+                }
+                .into(),
+            ),
+            value: t.value,
+            effect: t.effect.map(|e| {
+                match e {
+                    TaintEffect::NoSchedule => "NoSchedule",
+                    TaintEffect::PreferNoSchedule => "PreferNoSchedule",
+                    TaintEffect::NoExecute => "NoExecute",
+                }
+                .into()
+            }),
+            toleration_seconds: None,
+        })
+        .collect();
+    pod.tolerations = (!tolerations.is_empty()).then_some(tolerations);
+}
 
 /// Pod-level: non-root, the given uid/gid, RuntimeDefault seccomp.
 pub fn pod_security(uid: i64) -> PodSecurityContext {
@@ -123,5 +161,54 @@ pub fn env_from_config_map(name: &str, config_map: &str, key: &str) -> EnvVar {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{deployment, fixtures, names::Store, statefulset};
+    use cellplane_cells::crd::{CellToleration, InClusterStore, Scheduling};
+
+    #[test]
+    fn the_app_and_the_stores_run_on_the_zones_nodes_of_the_cells_pool() {
+        let mut cell = fixtures::spec();
+        cell.scheduling = Some(Scheduling {
+            node_selector: [("pool".to_string(), "cells".to_string())].into(),
+            tolerations: vec![CellToleration {
+                key: "dedicated".into(),
+                operator: TolerationOperator::Exists,
+                value: None,
+                effect: Some(TaintEffect::NoSchedule),
+            }],
+        });
+        let ctx = fixtures::ctx(&cell);
+        let app = deployment::app(&ctx).spec.template.spec.unwrap();
+        let redis = statefulset::store(&ctx, Store::Redis, &InClusterStore::default())
+            .spec
+            .template
+            .spec
+            .unwrap();
+        for pod in [app, redis] {
+            let selector = pod.node_selector.unwrap();
+            assert_eq!(selector["topology.kubernetes.io/zone"], "us-east-1a");
+            assert_eq!(selector["pool"], "cells");
+            let t = &pod.tolerations.unwrap()[0];
+            assert_eq!(
+                (t.key.as_deref(), t.operator.as_deref(), t.effect.as_deref()),
+                (Some("dedicated"), Some("Exists"), Some("NoSchedule"))
+            );
+            assert_eq!(t.value, None);
+        }
+
+        // Without zone or scheduling, no selector and no tolerations at all.
+        let mut bare = fixtures::spec();
+        bare.zone = None;
+        let pod = deployment::app(&fixtures::ctx(&bare))
+            .spec
+            .template
+            .spec
+            .unwrap();
+        assert_eq!((pod.node_selector, pod.tolerations), (None, None));
     }
 }

@@ -203,6 +203,15 @@ pub fn store(ctx: &CellContext, store: Store, spec: &InClusterStore) -> Stateful
         volume_mounts: Some(mounts),
         ..Default::default()
     };
+    let mut pod_spec = PodSpec {
+        containers: vec![container],
+        security_context: Some(pod::pod_security(store.uid())),
+        automount_service_account_token: Some(false),
+        volumes: Some(volumes),
+        termination_grace_period_seconds: Some(60),
+        ..Default::default()
+    };
+    pod::place(ctx.spec, &mut pod_spec);
     StatefulSet {
         metadata: ctx.meta(names::store(ctx.name, store), store.component()),
         spec: StatefulSetSpec {
@@ -217,14 +226,7 @@ pub fn store(ctx: &CellContext, store: Store, spec: &InClusterStore) -> Stateful
                     labels: Some(ctx.labels(store.component())),
                     ..Default::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    security_context: Some(pod::pod_security(store.uid())),
-                    automount_service_account_token: Some(false),
-                    volumes: Some(volumes),
-                    termination_grace_period_seconds: Some(60),
-                    ..Default::default()
-                }),
+                spec: Some(pod_spec),
             },
             volume_claim_templates: claim_templates,
             ..Default::default()
