@@ -9,6 +9,7 @@ pub mod net;
 pub mod netlab;
 pub mod pki;
 pub mod prometheus;
+pub mod real;
 
 use netlab::Place;
 

@@ -267,7 +267,12 @@ async fn readyz(State(app): State<App>) -> Response {
     let (redis, mysql, kafka) =
         tokio::join!(check_redis(&app), check_mysql(&app), check_kafka(&app));
     let table = app.tables.get().map(|t| t.epoch);
-    let ready = redis.is_ok() && mysql.is_ok() && kafka.is_ok() && table.is_some();
+    // Ready with the table, or once the platform is known to have none yet: the leader
+    // places a cell only after its app is ready, so waiting for a first table here would
+    // wait forever on a new platform. Without a table the cell owns no slot and takes no
+    // user's writes.
+    let routable = table.is_some() || app.tables.none_published();
+    let ready = redis.is_ok() && mysql.is_ok() && kafka.is_ok() && routable;
     let body = serde_json::json!({
         "ready": ready,
         "redis": Check::from(redis),

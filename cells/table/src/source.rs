@@ -37,8 +37,11 @@ impl TableSource {
             } => {
                 let mut client = crate::etcd::connect(endpoints, TIMEOUT).await?;
                 let resp = client.get(routing_key(platform), None).await?;
-                if let Some(kv) = resp.kvs().first() {
-                    store.apply_bytes(kv.value(), "etcd")?;
+                match resp.kvs().first() {
+                    Some(kv) => {
+                        store.apply_bytes(kv.value(), "etcd")?;
+                    }
+                    None => store.mark_none_published(),
                 }
             }
         }
@@ -93,8 +96,11 @@ async fn watch_once(endpoints: &[String], platform: &str, store: &TableStore) ->
     let mut client = crate::etcd::connect(endpoints, TIMEOUT).await?;
     let key = routing_key(platform);
     let resp = client.get(key.as_str(), None).await?;
-    if let Some(kv) = resp.kvs().first() {
-        let _ = store.apply_bytes(kv.value(), "etcd");
+    match resp.kvs().first() {
+        Some(kv) => {
+            let _ = store.apply_bytes(kv.value(), "etcd");
+        }
+        None => store.mark_none_published(),
     }
     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut stream = client

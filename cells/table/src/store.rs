@@ -7,7 +7,7 @@ use crate::{Error, Result};
 use arc_swap::ArcSwapOption;
 use cellplane_cells::routing::RoutingTable;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -28,6 +28,9 @@ pub struct TableStore {
     epochs: watch::Sender<u64>,
     /// When the table in use was applied (ms since the Unix epoch; 0: none yet).
     applied_at_ms: AtomicU64,
+    /// The source was read and holds no table yet (a platform whose leader has not placed
+    /// any cell): nothing can be routed here, and nothing is missing either.
+    none_published: AtomicBool,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -46,7 +49,19 @@ impl TableStore {
             metrics,
             epochs: watch::channel(0).0,
             applied_at_ms: AtomicU64::new(0),
+            none_published: AtomicBool::new(false),
         }
+    }
+
+    /// Records that the source was read and holds no table.
+    pub fn mark_none_published(&self) {
+        self.none_published.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the source was read and held no table (see [`TableStore::mark_none_published`]):
+    /// a cell's app is ready to be placed then, though it has no table to follow yet.
+    pub fn none_published(&self) -> bool {
+        self.none_published.load(Ordering::Relaxed)
     }
 
     /// The table in use (a cheap pointer load).

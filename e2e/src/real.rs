@@ -1,0 +1,177 @@
+//! A region with a real node (`e2e/bin/node`): containerd, the kubelet, kube-proxy and
+//! CoreDNS in a network namespace of their own, beside the region's kwok nodes. Its API
+//! server and the global etcd listen on the host's end of the node's veth, so pods reach
+//! them as they would a real control plane; the host reaches the pods' addresses through
+//! the node. Images are imported from `target/images`, nothing is pulled.
+
+use crate::netlab::Place;
+use crate::{repo_root, tools_bin, Region};
+use anyhow::{bail, Context as _, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The label and taint that keep everything but what asks for it off the real node.
+pub const NODE_LABEL: (&str, &str) = ("cellplane.io/node", "real");
+pub const NODE_TAINT: &str = "cellplane.io/real-node";
+
+/// A region whose control plane listens where its real node's pods reach it.
+pub struct RealRegion {
+    /// The node's name (also its network namespace's suffix).
+    pub node: String,
+    /// The host's end of the node's veth: the API server's and the global etcd's address.
+    pub host: String,
+    /// The node's own address (its kubelet, CoreDNS, NodePorts).
+    pub node_ip: String,
+    pub region: Region,
+}
+
+fn node_script() -> PathBuf {
+    repo_root().join("e2e/bin/node")
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The first veth index whose addresses no other lab on this machine holds.
+fn free_index() -> Result<u8> {
+    let addrs = run(Command::new("ip").args(["-o", "addr", "show"]), "ip addr")?;
+    (1..=200u8)
+        .find(|i| !addrs.contains(&format!(" 10.199.{i}.1/")))
+        .context("every real-node address (10.199.1-200.1) is taken")
+}
+
+impl RealRegion {
+    /// Region `name` with one real node, Ready. The node's name carries the process id,
+    /// so runs never share one.
+    pub fn up(name: &str) -> Result<Self> {
+        let node = format!(
+            "{}{}",
+            &name[..name.len().min(4)],
+            std::process::id() % 100_000
+        );
+        let index = free_index()?;
+        let host = run(
+            Command::new(node_script()).args(["net", &node, &index.to_string()]),
+            "e2e/bin/node net",
+        )?;
+        let place = Place {
+            netns: None,
+            host: host.clone(),
+        };
+        let region = match Region::up_in(name, place) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = Command::new(node_script()).args(["down", &node]).status();
+                return Err(e);
+            }
+        };
+        let real = Self {
+            node_ip: format!("{}.2", host.rsplit_once('.').map_or("", |(net, _)| net)),
+            node,
+            host,
+            region,
+        };
+        let kubeconfig = real.region.kubeconfig();
+        run(
+            Command::new(node_script())
+                .args(["up", &real.node, "--region", name, "--kubeconfig"])
+                .arg(&kubeconfig),
+            "e2e/bin/node up",
+        )?;
+        Ok(real)
+    }
+
+    /// Imports OCI archives into the node's containerd (pods use them as present).
+    pub fn import(&self, archives: &[PathBuf]) -> Result<()> {
+        let mut cmd = Command::new(node_script());
+        cmd.args(["import", &self.node]).args(archives);
+        run(&mut cmd, "e2e/bin/node import").map(|_| ())
+    }
+
+    /// A command run in the node's network namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        run(
+            Command::new(node_script())
+                .args(["exec", &self.node])
+                .args(args),
+            "e2e/bin/node exec",
+        )
+    }
+
+    /// The node's logs directory (containerd, kubelet, kube-proxy, CoreDNS).
+    pub fn logs(&self) -> PathBuf {
+        nodes_dir().join(&self.node).join("logs")
+    }
+
+    /// Helm against this region.
+    pub fn helm(&self, args: &[&str]) -> Result<String> {
+        run(
+            Command::new(tools_bin().join("helm"))
+                .args(args)
+                .env("KUBECONFIG", self.region.kubeconfig()),
+            &format!("helm {}", args.first().unwrap_or(&"")),
+        )
+    }
+}
+
+impl Drop for RealRegion {
+    fn drop(&mut self) {
+        let _ = Command::new(node_script())
+            .args(["down", &self.node])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn nodes_dir() -> PathBuf {
+    std::env::var_os("CELLPLANE_NODES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/cellplane-nodes"))
+}
+
+/// The project's images (debug builds of this workspace) and the lab's store images,
+/// built once and cached by content: every archive under `target/images`.
+pub fn build_images() -> Result<Vec<PathBuf>> {
+    let images = repo_root().join("e2e/bin/images");
+    run(
+        Command::new("python3")
+            .arg(&images)
+            .args(["--profile", "debug"]),
+        "e2e/bin/images",
+    )?;
+    let stores = run(
+        &mut Command::new(repo_root().join("e2e/bin/store-images")),
+        "e2e/bin/store-images",
+    )?;
+    let mut archives: Vec<PathBuf> = stores.lines().map(PathBuf::from).collect();
+    let out = repo_root().join("target/images");
+    for entry in std::fs::read_dir(&out)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".oci.tar") && !name.starts_with("store-") && name != "pause.oci.tar" {
+            archives.push(path);
+        }
+    }
+    Ok(archives)
+}
+
+/// The archive of one image by its file name's start (`shop-`, `cellplane-operator-`).
+pub fn archive<'a>(archives: &'a [PathBuf], prefix: &str) -> Option<&'a Path> {
+    archives
+        .iter()
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .map(PathBuf::as_path)
+}

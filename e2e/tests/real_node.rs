@@ -1,0 +1,385 @@
+//! What the operator renders, run for real: a region with a real node (containerd, the
+//! kubelet, kube-proxy, CoreDNS), the project's images and the lab's store images
+//! imported, both charts installed with `helm` (the operator as a pod under the chart's
+//! ServiceAccount and RBAC), and a CellSet whose cell runs on real pods: Redis, MariaDB and
+//! Kafka from the operator's StatefulSets on the node's volumes, the app from its
+//! Deployment. Users are served through the router pod; a store pod killed costs no order
+//! that got 202. One lab for the binary (it takes minutes to build).
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use cellplane_e2e::net::{send, Etcd, Reply};
+use cellplane_e2e::real::{build_images, RealRegion, NODE_LABEL, NODE_TAINT};
+use cellplane_e2e::{apply_yaml, wait_for};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams};
+use std::time::{Duration, Instant};
+
+const NS: &str = "shop";
+const CELL: &str = "shop-rn-0";
+/// The app's admin token (stock for the sale), set through `spec.app.env`.
+const ADMIN_TOKEN: &str = "lab-admin-token-0123456789";
+
+/// One request as a user: the router finds the user's cell by the X-User-Id header.
+async fn as_user(addr: &str, method: &str, path: &str, user: &str, body: &str) -> Result<Reply> {
+    send(
+        method,
+        &format!("http://{addr}{path}"),
+        &[("x-user-id", user), ("content-type", "application/json")],
+        Bytes::from(body.to_string()),
+    )
+    .await
+}
+
+fn values_yaml(etcd: &str) -> String {
+    format!(
+        r#"
+region: rn
+replicas: 1
+etcd: {{endpoints: ["{etcd}"]}}
+platform: {{name: shop}}
+nodeSelector: {{"{k}": "{v}"}}
+tolerations: [{{key: "{NODE_TAINT}", operator: Exists, effect: NoSchedule}}]
+"#,
+        k = NODE_LABEL.0,
+        v = NODE_LABEL.1
+    )
+}
+
+fn router_values_yaml(etcd: &str) -> String {
+    format!(
+        r#"
+replicas: 1
+table: {{etcd: {{endpoints: ["{etcd}"]}}, platform: shop}}
+resources: {{requests: {{cpu: 50m, memory: 64Mi}}}}
+nodeSelector: {{"{k}": "{v}"}}
+tolerations: [{{key: "{NODE_TAINT}", operator: Exists, effect: NoSchedule}}]
+"#,
+        k = NODE_LABEL.0,
+        v = NODE_LABEL.1
+    )
+}
+
+/// Local volumes on the node, one per store: what a cluster's volume provisioner would
+/// hand out (the lab has none), bound when the pod is scheduled.
+fn volumes_yaml(node: &str, dir: &std::path::Path) -> Vec<String> {
+    let mut docs = vec![r#"
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: lab-local}
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: WaitForFirstConsumer
+"#
+    .to_string()];
+    for i in 0..3 {
+        let path = dir.join(format!("pv-{i}"));
+        std::fs::create_dir_all(&path).expect("volume dir");
+        // The stores run as their own non-root users; a hostPath volume is not chowned
+        // by fsGroup.
+        std::process::Command::new("chmod")
+            .arg("0777")
+            .arg(&path)
+            .status()
+            .expect("chmod");
+        docs.push(format!(
+            r#"
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: lab-{node}-{i}}}
+spec:
+  capacity: {{storage: 5Gi}}
+  accessModes: [ReadWriteOnce]
+  storageClassName: lab-local
+  persistentVolumeReclaimPolicy: Delete
+  hostPath: {{path: "{path}", type: Directory}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: ["{node}"]}}]}}]
+"#,
+            path = path.display()
+        ));
+    }
+    docs
+}
+
+fn cellset_yaml() -> String {
+    format!(
+        r#"
+apiVersion: cellplane.io/v1alpha1
+kind: CellSet
+metadata: {{name: shop, namespace: {NS}}}
+spec:
+  platform: shop
+  regions: [{{name: rn, cells: 1}}]
+  template:
+    scheduling:
+      nodeSelector: {{"{k}": "{v}"}}
+      tolerations: [{{key: "{NODE_TAINT}", operator: Exists, effect: NoSchedule}}]
+    app:
+      image: "ghcr.io/cellplane/shop:0.1.0"
+      replicas: 1
+      env: [{{name: CELL_ADMIN_TOKEN, value: "{ADMIN_TOKEN}"}}]
+    redis: {{inCluster: {{storage: 1Gi, storageClassName: lab-local}}}}
+    mysql: {{inCluster: {{storage: 1Gi, storageClassName: lab-local}}}}
+    kafka: {{inCluster: {{storage: 1Gi, storageClassName: lab-local}}}}
+"#,
+        k = NODE_LABEL.0,
+        v = NODE_LABEL.1
+    )
+}
+
+/// With CELLPLANE_KEEP_LAB=1 a failed run leaves its region, node and etcd running.
+fn keep_for_debugging(lab: RealRegion, etcd: Etcd) {
+    if std::env::var("CELLPLANE_KEEP_LAB").is_ok_and(|v| v == "1") {
+        eprintln!(
+            "keeping the lab: KUBECONFIG={}",
+            lab.region.kubeconfig().display()
+        );
+        std::mem::forget(lab);
+        std::mem::forget(etcd);
+    }
+}
+
+async fn pod_ip(pods: &Api<Pod>, selector: &str) -> Result<Option<String>> {
+    let list = pods.list(&ListParams::default().labels(selector)).await?;
+    Ok(list.items.into_iter().find_map(|p| {
+        let s = p.status?;
+        let ready = s
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(s.pod_ip?)
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_through_a_store_crash(
+) -> Result<()> {
+    let started = Instant::now();
+    let archives = build_images()?;
+    let lab = RealRegion::up("rn")?;
+    println!("real node {} up after {:?}", lab.node, started.elapsed());
+    lab.import(&archives)?;
+    let etcd = Etcd::cluster_at(&[cellplane_e2e::netlab::Place {
+        netns: None,
+        host: lab.host.clone(),
+    }])
+    .await?;
+    let client = lab.region.client().await?;
+    let dir = cellplane_e2e::test_dir("real-node");
+
+    // The operator, as its chart installs it: a pod on the real node under the chart's
+    // ServiceAccount (a permission the chart lacks fails the Cell below).
+    let values = dir.join("operator-values.yaml");
+    std::fs::write(&values, values_yaml(&etcd.endpoint))?;
+    let chart = cellplane_e2e::repo_root().join("charts/cellplane-operator");
+    let chart = chart.to_str().context("chart path")?;
+    let out = lab.helm(&[
+        "install",
+        "cp",
+        chart,
+        "-n",
+        "cellplane",
+        "--create-namespace",
+        "-f",
+        values.to_str().context("path")?,
+        "--wait",
+        "--timeout",
+        "180s",
+    ])?;
+    println!("{out}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "cellplane");
+    let op = deployments.get("cp-cellplane-operator").await?;
+    assert_eq!(op.status.and_then(|s| s.ready_replicas), Some(1));
+
+    let volumes = dir.join("volumes.yaml");
+    std::fs::write(
+        &volumes,
+        volumes_yaml(&lab.node, &dir.join("volumes")).join("\n---\n"),
+    )?;
+    lab.region
+        .kubectl(&["apply", "-f", volumes.to_str().context("path")?])?;
+    lab.region.kubectl(&["create", "namespace", NS])?;
+    let applied = Instant::now();
+    apply_yaml(&client, NS, &cellset_yaml()).await?;
+    let cells: Api<cellplane_cells::crd::Cell> = Api::namespaced(client.clone(), NS);
+    let ready = wait_for(
+        "the cell Ready on real pods",
+        Duration::from_secs(180),
+        || async {
+            let c = cells.get_opt(CELL).await?;
+            Ok(c.and_then(|c| c.status)
+                .filter(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+                .map(|_| ()))
+        },
+    )
+    .await;
+    if ready.is_err() {
+        eprintln!(
+            "{}",
+            lab.region.kubectl(&["get", "pods", "-A", "-o", "wide"])?
+        );
+        eprintln!(
+            "{}",
+            lab.region
+                .kubectl(&["-n", NS, "get", "cell", CELL, "-o", "yaml"])?
+        );
+        keep_for_debugging(lab, etcd);
+        ready?;
+        unreachable!();
+    }
+    println!(
+        "cell Ready {:?} after the CellSet was applied",
+        applied.elapsed()
+    );
+
+    // Users through the router pod: it follows the table in etcd and dials the cell's
+    // Service by its cluster DNS name.
+    let router_values = dir.join("router-values.yaml");
+    std::fs::write(&router_values, router_values_yaml(&etcd.endpoint))?;
+    let router_chart = cellplane_e2e::repo_root().join("charts/cellplane-router");
+    lab.helm(&[
+        "install",
+        "edge",
+        router_chart.to_str().context("path")?,
+        "-n",
+        "cellplane",
+        "-f",
+        router_values.to_str().context("path")?,
+        "--wait",
+        "--timeout",
+        "120s",
+    ])?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "cellplane");
+    let router_ip = wait_for("the router pod's address", Duration::from_secs(60), || {
+        pod_ip(&pods, "app.kubernetes.io/name=cellplane-router")
+    })
+    .await?;
+    let router = format!("{router_ip}:8080");
+    let put = as_user(
+        &router,
+        "PUT",
+        "/users/alice/profile",
+        "alice",
+        r#"{"name":"Alice","email":"alice@example.com"}"#,
+    )
+    .await?;
+    assert!(
+        put.status < 300,
+        "profile write through the router: {} {}",
+        put.status,
+        put.body
+    );
+    let got = as_user(&router, "GET", "/users/alice/profile", "alice", "").await?;
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert!(got.body.contains("Alice"), "{}", got.body);
+
+    // A sale: stock set through the app pod's admin API.
+    let app_pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let app_ip = pod_ip(&app_pods, "app.kubernetes.io/name=app")
+        .await?
+        .context("a Ready app pod")?;
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let r = send(
+        "PUT",
+        &format!("http://{app_ip}:8080/admin/stock/sku-1"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        Bytes::from_static(br#"{"stock":1000}"#),
+    )
+    .await?;
+    assert_eq!(r.status, 204, "setting stock: {}", r.body);
+
+    // Orders through the router while MariaDB's pod is killed: every 202 is persisted
+    // once it is back (the orders wait in Kafka).
+    let store_pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut accepted = Vec::new();
+    let order = |i: usize| {
+        let router = router.clone();
+        async move {
+            let body = format!(r#"{{"sku":"sku-1","qty":1,"orderId":"o-{i}"}}"#);
+            as_user(&router, "POST", "/users/alice/orders", "alice", &body).await
+        }
+    };
+    for i in 0..5 {
+        let r = order(i).await?;
+        if r.status == 202 {
+            accepted.push(i);
+        }
+    }
+    store_pods
+        .delete(
+            &format!("{CELL}-mysql-0"),
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let killed = Instant::now();
+    let not_ready = wait_for(
+        "the cell not Ready, naming MySQL",
+        Duration::from_secs(60),
+        || async {
+            let c = cells.get(CELL).await?;
+            Ok(c.status.and_then(|s| {
+                s.conditions
+                    .iter()
+                    .find(|c| c.type_ == "MySQLReady" && c.status == "False")
+                    .map(|c| c.message.clone())
+            }))
+        },
+    )
+    .await?;
+    println!("MySQLReady False after {:?}: {not_ready}", killed.elapsed());
+    for i in 5..15 {
+        if let Ok(r) = order(i).await {
+            if r.status == 202 {
+                accepted.push(i);
+            }
+        }
+    }
+    wait_for("the cell Ready again", Duration::from_secs(180), || async {
+        let c = cells.get(CELL).await?;
+        Ok(c.status
+            .filter(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+            .map(|_| ()))
+    })
+    .await?;
+    println!(
+        "cell Ready again {:?} after the kill; {} orders got 202",
+        killed.elapsed(),
+        accepted.len()
+    );
+    assert!(
+        accepted.len() >= 5,
+        "orders accepted before the kill: {accepted:?}"
+    );
+    for i in &accepted {
+        let path = format!("/users/alice/orders/o-{i}");
+        wait_for(
+            "every accepted order persisted",
+            Duration::from_secs(120),
+            || {
+                let (router, path) = (router.clone(), path.clone());
+                async move {
+                    let r = as_user(&router, "GET", &path, "alice", "").await?;
+                    Ok((r.status == 200 && r.body.contains("persisted")).then_some(()))
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
