@@ -533,11 +533,25 @@ pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Bytes
     let uri: http::Uri = url.parse()?;
     let host = uri.authority().context("url has a host")?.to_string();
     let stream = tokio::net::TcpStream::connect(&host).await?;
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    send_over(stream, &host, method, path, headers, body).await
+}
+
+/// One HTTP/1.1 request over a connection already made (a TCP stream, a pod's port
+/// forwarded through the API server).
+pub async fn send_over(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Reply> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let mut req = http::Request::builder()
         .method(method)
-        .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .uri(path)
         .header("host", host);
     for (k, v) in headers {
         req = req.header(*k, *v);

@@ -8,7 +8,7 @@
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use cellplane_e2e::net::{send, Etcd, Reply};
+use cellplane_e2e::net::{send, send_over, Etcd, Reply};
 use cellplane_e2e::real::{build_images, RealRegion, NODE_LABEL, NODE_TAINT};
 use cellplane_e2e::{apply_yaml, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -17,6 +17,8 @@ use kube::api::{Api, DeleteParams, ListParams};
 use std::time::{Duration, Instant};
 
 const NS: &str = "shop";
+/// A namespace of neither the cell nor the platform: what must not reach the cell.
+const OUTSIDER_NS: &str = "outsider";
 const CELL: &str = "shop-rn-0";
 /// The app's admin token (stock for the sale), set through `spec.app.env`.
 const ADMIN_TOKEN: &str = "lab-admin-token-0123456789";
@@ -129,6 +131,52 @@ spec:
     )
 }
 
+/// Tries TCP connections from a pod in another namespace (not the cell's, not a router
+/// or operator): "ADDR open" or "ADDR closed" per target.
+async fn connect_from_outsider(
+    lab: &RealRegion,
+    client: &kube::Client,
+    targets: &[String],
+) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OUTSIDER_NS);
+    let args = targets
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let name = format!("probe-{}", targets.len());
+    let pod = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {OUTSIDER_NS}}}
+spec:
+  restartPolicy: Never
+  nodeSelector: {{"{k}": "{v}"}}
+  tolerations: [{{key: "{NODE_TAINT}", operator: Exists}}]
+  securityContext: {{runAsNonRoot: true, runAsUser: 999}}
+  containers:
+  - name: probe
+    image: redis:7.4.2
+    imagePullPolicy: Never
+    command: [bash, -c, 'for t in "$@"; do if timeout 3 bash -c "</dev/tcp/${{t%:*}}/${{t#*:}}" 2>/dev/null; then echo "$t open"; else echo "$t closed"; fi; done', probe]
+    args: [{args}]
+"#,
+        k = NODE_LABEL.0,
+        v = NODE_LABEL.1
+    );
+    apply_yaml(client, OUTSIDER_NS, &pod).await?;
+    wait_for("the probe pod done", Duration::from_secs(60), || async {
+        let p = pods.get(&name).await?;
+        Ok(p.status
+            .and_then(|s| s.phase)
+            .filter(|phase| phase == "Succeeded" || phase == "Failed"))
+    })
+    .await?;
+    let _ = lab;
+    Ok(pods.logs(&name, &Default::default()).await?)
+}
+
 /// With CELLPLANE_KEEP_LAB=1 a failed run leaves its region, node and etcd running.
 fn keep_for_debugging(lab: RealRegion, etcd: Etcd) {
     if std::env::var("CELLPLANE_KEEP_LAB").is_ok_and(|v| v == "1") {
@@ -166,6 +214,19 @@ async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_th
         host: lab.host.clone(),
     }])
     .await?;
+    let result = scenario(&lab, &etcd).await;
+    if result.is_err() {
+        eprintln!(
+            "{}",
+            lab.region.kubectl(&["get", "pods", "-A", "-o", "wide"])?
+        );
+        keep_for_debugging(lab, etcd);
+    }
+    result
+}
+
+/// The cell's life on the real node, from the operator's install to a store's crash.
+async fn scenario(lab: &RealRegion, etcd: &Etcd) -> Result<()> {
     let client = lab.region.client().await?;
     let dir = cellplane_e2e::test_dir("real-node");
 
@@ -191,7 +252,11 @@ async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_th
     println!("{out}");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "cellplane");
     let op = deployments.get("cp-cellplane-operator").await?;
-    assert_eq!(op.status.and_then(|s| s.ready_replicas), Some(1));
+    let ready_replicas = op.status.and_then(|s| s.ready_replicas);
+    anyhow::ensure!(
+        ready_replicas == Some(1),
+        "the operator pod Ready: {ready_replicas:?}"
+    );
 
     let volumes = dir.join("volumes.yaml");
     std::fs::write(
@@ -222,20 +287,92 @@ async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_th
     if ready.is_err() {
         eprintln!(
             "{}",
-            lab.region.kubectl(&["get", "pods", "-A", "-o", "wide"])?
-        );
-        eprintln!(
-            "{}",
             lab.region
                 .kubectl(&["-n", NS, "get", "cell", CELL, "-o", "yaml"])?
         );
-        keep_for_debugging(lab, etcd);
-        ready?;
-        unreachable!();
     }
+    ready?;
     println!(
         "cell Ready {:?} after the CellSet was applied",
         applied.elapsed()
+    );
+
+    // NetworkPolicies, enforced on this node: a pod in another namespace reaches a server
+    // no policy covers, but neither the cell's MySQL nor its app (the cell's own app, the
+    // router and the operator reach them: the cell is Ready, users are served below).
+    lab.region.kubectl(&["create", "namespace", OUTSIDER_NS])?;
+    let outsider_pods: Api<Pod> = Api::namespaced(client.clone(), OUTSIDER_NS);
+    apply_yaml(
+        &client,
+        OUTSIDER_NS,
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: open-server, namespace: {OUTSIDER_NS}, labels: {{role: open-server}}}}
+spec:
+  nodeSelector: {{"{k}": "{v}"}}
+  tolerations: [{{key: "{NODE_TAINT}", operator: Exists}}]
+  securityContext: {{runAsNonRoot: true, runAsUser: 999}}
+  containers:
+  - {{name: redis, image: "redis:7.4.2", imagePullPolicy: Never, args: [redis-server, --protected-mode, "no"],
+     readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}}}
+"#,
+            k = NODE_LABEL.0,
+            v = NODE_LABEL.1
+        ),
+    )
+    .await?;
+    let open_ip = wait_for("the open server Ready", Duration::from_secs(60), || {
+        pod_ip(&outsider_pods, "role=open-server")
+    })
+    .await?;
+    let cell_pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mysql_ip = pod_ip(&cell_pods, "app.kubernetes.io/name=mysql")
+        .await?
+        .context("MySQL's pod")?;
+    let app_ip = pod_ip(&cell_pods, "app.kubernetes.io/name=app")
+        .await?
+        .context("the app's pod")?;
+    let verdicts = connect_from_outsider(
+        lab,
+        &client,
+        &[
+            format!("{open_ip}:6379"),
+            format!("{mysql_ip}:3306"),
+            format!("{app_ip}:8080"),
+        ],
+    )
+    .await?;
+    println!("from another namespace:\n{verdicts}");
+    anyhow::ensure!(
+        verdicts.contains(&format!("{open_ip}:6379 open")),
+        "the probe works: {verdicts}"
+    );
+    anyhow::ensure!(
+        verdicts.contains(&format!("{mysql_ip}:3306 closed")),
+        "MySQL is the cell's: {verdicts}"
+    );
+    anyhow::ensure!(
+        verdicts.contains(&format!("{app_ip}:8080 closed")),
+        "the app is the cell's and the router's: {verdicts}"
+    );
+
+    // The operator's region agent reached the cell's MySQL through the policy (its
+    // report is in the cell's registration: writable, with a GTID position).
+    let report = wait_for(
+        "the agent's MySQL report",
+        Duration::from_secs(60),
+        || async { Ok(etcd.registration(CELL).await?.and_then(|r| r.mysql)) },
+    )
+    .await?;
+    anyhow::ensure!(
+        !report.read_only,
+        "the home's MySQL is writable: {report:?}"
+    );
+    println!(
+        "the region agent measured MySQL at {}",
+        report.gtid_binlog_pos
     );
 
     // Users through the router pod: it follows the table in etcd and dials the cell's
@@ -269,25 +406,36 @@ async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_th
         r#"{"name":"Alice","email":"alice@example.com"}"#,
     )
     .await?;
-    assert!(
+    anyhow::ensure!(
         put.status < 300,
         "profile write through the router: {} {}",
         put.status,
         put.body
     );
     let got = as_user(&router, "GET", "/users/alice/profile", "alice", "").await?;
-    assert_eq!(got.status, 200, "{}", got.body);
-    assert!(got.body.contains("Alice"), "{}", got.body);
+    anyhow::ensure!(got.status == 200, "{} {}", got.status, got.body);
+    anyhow::ensure!(got.body.contains("Alice"), "{}", got.body);
 
     // A sale: stock set through the app pod's admin API.
     let app_pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let app_ip = pod_ip(&app_pods, "app.kubernetes.io/name=app")
+    // The app's NetworkPolicy keeps the host out: the admin API is reached as an SRE
+    // reaches it, through the API server's port-forward.
+    let app_pod = app_pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=app"))
         .await?
-        .context("a Ready app pod")?;
+        .items
+        .into_iter()
+        .next()
+        .and_then(|p| p.metadata.name)
+        .context("the app's pod")?;
+    let mut forward = app_pods.portforward(&app_pod, &[8080]).await?;
+    let stream = forward.take_stream(8080).context("port 8080 forwarded")?;
     let auth = format!("Bearer {ADMIN_TOKEN}");
-    let r = send(
+    let r = send_over(
+        stream,
+        "localhost",
         "PUT",
-        &format!("http://{app_ip}:8080/admin/stock/sku-1"),
+        "/admin/stock/sku-1",
         &[
             ("content-type", "application/json"),
             ("authorization", &auth),
@@ -295,7 +443,7 @@ async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_th
         Bytes::from_static(br#"{"stock":1000}"#),
     )
     .await?;
-    assert_eq!(r.status, 204, "setting stock: {}", r.body);
+    anyhow::ensure!(r.status == 204, "setting stock: {} {}", r.status, r.body);
 
     // Orders through the router while MariaDB's pod is killed: every 202 is persisted
     // once it is back (the orders wait in Kafka).
@@ -362,7 +510,7 @@ async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_th
         killed.elapsed(),
         accepted.len()
     );
-    assert!(
+    anyhow::ensure!(
         accepted.len() >= 5,
         "orders accepted before the kill: {accepted:?}"
     );

@@ -31,6 +31,12 @@ pub enum Error {
     #[error("finalizer: {0}")]
     Finalizer(String),
 
+    #[error("{what} did not answer within {after:?}")]
+    TimedOut {
+        what: String,
+        after: std::time::Duration,
+    },
+
     #[error("serialization: {0}")]
     Serialization(#[source] serde_json::Error),
 }
@@ -74,6 +80,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Etcd(_) => "etcd",
             Error::Finalizer(_) => "finalizer",
+            Error::TimedOut { .. } => "timed_out",
             Error::Serialization(_) => "serialization",
         }
     }

@@ -10,6 +10,9 @@ pub const LABEL_REGION: &str = "cellplane.io/region";
 pub const LABEL_CELLSET: &str = "cellplane.io/cellset";
 /// Label the router's pods carry; only they (and the cell itself) reach a cell's app.
 pub const ROUTER_SELECTOR: (&str, &str) = ("app.kubernetes.io/name", "cellplane-router");
+/// Label the operator's pods carry: their region agent reads a cell's app (`/status`) and
+/// fences and measures its MySQL.
+pub const OPERATOR_SELECTOR: (&str, &str) = ("app.kubernetes.io/name", "cellplane-operator");
 
 /// The component name of the app.
 pub const APP: &str = "app";

@@ -1,12 +1,18 @@
-//! NetworkPolicies: a cell's stores accept only the cell's own pods; its app accepts only
-//! the cell's pods and the router. Nothing else crosses between cells. Pure.
+//! NetworkPolicies: a cell's stores accept only the cell's own pods, and its MySQL also the
+//! operator (whose region agent fences and measures it); its app accepts only the cell's
+//! pods, the router and the operator (which reads its `/status`). Nothing else crosses
+//! between cells. Pure.
 
-use super::names::{self, APP, LABEL_CELL, LABEL_COMPONENT, ROUTER_SELECTOR};
+use super::names::{
+    self, Store, APP, LABEL_CELL, LABEL_COMPONENT, OPERATOR_SELECTOR, ROUTER_SELECTOR,
+};
 use super::CellContext;
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicySpec,
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
 
 fn same_cell(ctx: &CellContext) -> NetworkPolicyPeer {
@@ -22,19 +28,25 @@ fn same_cell(ctx: &CellContext) -> NetworkPolicyPeer {
     }
 }
 
-fn router() -> NetworkPolicyPeer {
+/// Pods with the label `(key, value)` in any namespace of the region (the router and the
+/// operator are installed by their own charts, wherever the platform engineer chose).
+fn any_namespace((key, value): (&str, &str)) -> NetworkPolicyPeer {
     NetworkPolicyPeer {
-        // Routers may run in any namespace of the region.
         namespace_selector: Some(LabelSelector::default()),
         pod_selector: Some(LabelSelector {
-            match_labels: Some(BTreeMap::from([(
-                ROUTER_SELECTOR.0.to_string(),
-                ROUTER_SELECTOR.1.to_string(),
-            )])),
+            match_labels: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
             ..Default::default()
         }),
         ..Default::default()
     }
+}
+
+fn router() -> NetworkPolicyPeer {
+    any_namespace(ROUTER_SELECTOR)
+}
+
+fn operator() -> NetworkPolicyPeer {
+    any_namespace(OPERATOR_SELECTOR)
 }
 
 pub fn app(ctx: &CellContext) -> NetworkPolicy {
@@ -47,7 +59,7 @@ pub fn app(ctx: &CellContext) -> NetworkPolicy {
             }),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
-                from: Some(vec![same_cell(ctx), router()]),
+                from: Some(vec![same_cell(ctx), router(), operator()]),
                 ..Default::default()
             }]),
             ..Default::default()
@@ -71,10 +83,21 @@ pub fn stores(ctx: &CellContext) -> NetworkPolicy {
                 }]),
             }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                from: Some(vec![same_cell(ctx)]),
-                ..Default::default()
-            }]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![same_cell(ctx)]),
+                    ..Default::default()
+                },
+                // The region agent: read_only on and off, GTID positions, replication.
+                NetworkPolicyIngressRule {
+                    from: Some(vec![operator()]),
+                    ports: Some(vec![NetworkPolicyPort {
+                        port: Some(IntOrString::Int(Store::Mysql.port())),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    }]),
+                },
+            ]),
             ..Default::default()
         }),
     }
@@ -86,11 +109,25 @@ mod tests {
     use crate::build::fixtures;
 
     #[test]
-    fn stores_admit_only_their_own_cell() {
+    fn stores_admit_only_their_own_cell_and_the_operator_on_mysql() {
         let spec = fixtures::spec();
         let np = stores(&fixtures::ctx(&spec));
         let rules = np.spec.unwrap().ingress.unwrap();
-        assert_eq!(rules.len(), 1);
+        assert_eq!(rules.len(), 2);
+        let agent = &rules[1];
+        assert_eq!(
+            agent.from.as_ref().unwrap()[0]
+                .pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()[OPERATOR_SELECTOR.0],
+            OPERATOR_SELECTOR.1
+        );
+        let ports = agent.ports.as_ref().unwrap();
+        assert_eq!(ports.len(), 1, "the operator reaches MySQL only");
+        assert_eq!(ports[0].port, Some(IntOrString::Int(3306)));
         let from = rules[0].from.as_ref().unwrap();
         assert_eq!(from.len(), 1);
         assert_eq!(
@@ -110,13 +147,23 @@ mod tests {
     }
 
     #[test]
-    fn app_admits_cell_and_router() {
+    fn app_admits_cell_router_and_operator() {
         let spec = fixtures::spec();
         let from = app(&fixtures::ctx(&spec)).spec.unwrap().ingress.unwrap()[0]
             .from
             .clone()
             .unwrap();
-        assert_eq!(from.len(), 2);
+        assert_eq!(from.len(), 3);
+        assert_eq!(
+            from[2]
+                .pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()[OPERATOR_SELECTOR.0],
+            OPERATOR_SELECTOR.1
+        );
         assert_eq!(
             from[1]
                 .pod_selector

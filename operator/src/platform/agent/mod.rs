@@ -49,6 +49,9 @@ pub struct AgentConfig {
 
 /// How often the agent measures while an operation moves one of its cells.
 const OPERATION_INTERVAL: Duration = Duration::from_millis(50);
+/// The longest one cell's pass may take (its intent carried out, its MySQL and app
+/// measured); a pass over it that takes longer is abandoned and retried next time.
+const CELL_SERVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs until `stop` resolves.
 pub async fn run(
@@ -281,7 +284,20 @@ async fn pass(
     for cell in mine {
         let name = cell.name_any();
         let started = Instant::now();
-        let outcome = cell::serve(cfg, kube, &cell, intents.get(&name), &regs, states).await;
+        // Bounded: a cell whose MySQL swallows packets (a NetworkPolicy's drop, a pod not
+        // started yet) would otherwise hold a connect for minutes, and every other cell of
+        // the region with it.
+        let outcome = tokio::time::timeout(
+            CELL_SERVE_TIMEOUT,
+            cell::serve(cfg, kube, &cell, intents.get(&name), &regs, states),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::Error::TimedOut {
+                what: format!("cell {name}'s MySQL or Kubernetes API"),
+                after: CELL_SERVE_TIMEOUT,
+            })
+        });
         if let Some(st) = states.get(&name) {
             watch.pools.lock().insert(name.clone(), st.pool.clone());
         }
