@@ -249,6 +249,14 @@ async fn cell_converges_rolls_restores_and_cascades() -> anyhow::Result<()> {
         .then_some(()))
     })
     .await?;
+    // The credentials stay with the volumes the store was initialised with: the same
+    // Secret, untouched, for a Cell created again under the name.
+    let kept = secrets.get_opt("c1-mysql-credentials").await?;
+    assert_eq!(
+        kept.and_then(|s| s.metadata.uid),
+        after.metadata.uid,
+        "the MySQL credentials outlive the Cell"
+    );
     Ok(())
 }
 

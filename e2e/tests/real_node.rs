@@ -374,6 +374,21 @@ spec:
         "the region agent measured MySQL at {}",
         report.gtid_binlog_pos
     );
+    // The app pod took its ownership lease in the global etcd, from the environment the
+    // operator rendered (CELL_ETCD, the lease's timings): the leader marks the cell leased.
+    let leased = wait_for(
+        "the cell marked leased",
+        Duration::from_secs(30),
+        || async {
+            let key = cellplane_cells::etcd_keys::leased_key("shop", CELL);
+            Ok(etcd.get(&key).await?.map(|_| ()))
+        },
+    )
+    .await;
+    anyhow::ensure!(
+        leased.is_ok(),
+        "the app pod holds {CELL}'s ownership lease: {leased:?}"
+    );
 
     // Users through the router pod: it follows the table in etcd and dials the cell's
     // Service by its cluster DNS name.

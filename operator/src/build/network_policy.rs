@@ -108,6 +108,17 @@ mod tests {
     use super::*;
     use crate::build::fixtures;
 
+    /// The value a peer's pod selector requires for `key`.
+    fn label_of<'a>(peer: &'a NetworkPolicyPeer, key: &str) -> &'a str {
+        &peer
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()[key]
+    }
+
     #[test]
     fn stores_admit_only_their_own_cell_and_the_operator_on_mysql() {
         let spec = fixtures::spec();
@@ -116,13 +127,7 @@ mod tests {
         assert_eq!(rules.len(), 2);
         let agent = &rules[1];
         assert_eq!(
-            agent.from.as_ref().unwrap()[0]
-                .pod_selector
-                .as_ref()
-                .unwrap()
-                .match_labels
-                .as_ref()
-                .unwrap()[OPERATOR_SELECTOR.0],
+            label_of(&agent.from.as_ref().unwrap()[0], OPERATOR_SELECTOR.0),
             OPERATOR_SELECTOR.1
         );
         let ports = agent.ports.as_ref().unwrap();
@@ -130,16 +135,7 @@ mod tests {
         assert_eq!(ports[0].port, Some(IntOrString::Int(3306)));
         let from = rules[0].from.as_ref().unwrap();
         assert_eq!(from.len(), 1);
-        assert_eq!(
-            from[0]
-                .pod_selector
-                .as_ref()
-                .unwrap()
-                .match_labels
-                .as_ref()
-                .unwrap()[LABEL_CELL],
-            "shop-us-0"
-        );
+        assert_eq!(label_of(&from[0], LABEL_CELL), "shop-us-0");
         assert!(
             from[0].namespace_selector.is_none(),
             "no other namespace reaches the stores"
@@ -154,25 +150,7 @@ mod tests {
             .clone()
             .unwrap();
         assert_eq!(from.len(), 3);
-        assert_eq!(
-            from[2]
-                .pod_selector
-                .as_ref()
-                .unwrap()
-                .match_labels
-                .as_ref()
-                .unwrap()[OPERATOR_SELECTOR.0],
-            OPERATOR_SELECTOR.1
-        );
-        assert_eq!(
-            from[1]
-                .pod_selector
-                .as_ref()
-                .unwrap()
-                .match_labels
-                .as_ref()
-                .unwrap()[ROUTER_SELECTOR.0],
-            ROUTER_SELECTOR.1
-        );
+        assert_eq!(label_of(&from[2], OPERATOR_SELECTOR.0), OPERATOR_SELECTOR.1);
+        assert_eq!(label_of(&from[1], ROUTER_SELECTOR.0), ROUTER_SELECTOR.1);
     }
 }

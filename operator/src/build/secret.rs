@@ -52,8 +52,14 @@ pub fn store(ctx: &CellContext, store: Store, pw: &Passwords) -> Option<Secret> 
         .into(),
         Store::Kafka => return None,
     };
+    // No owner reference: the credentials outlive the Cell as its volumes do (a
+    // StatefulSet's PersistentVolumeClaims are kept when it is deleted). A Cell deleted
+    // and created again finds its data and the password it was initialised with together;
+    // deleting both starts afresh.
+    let mut metadata = ctx.meta(names::secret(ctx.name, store), store.component());
+    metadata.owner_references = None;
     Some(Secret {
-        metadata: ctx.meta(names::secret(ctx.name, store), store.component()),
+        metadata,
         string_data: Some(data),
         type_: Some("Opaque".into()),
         immutable: Some(true),
@@ -65,6 +71,19 @@ pub fn store(ctx: &CellContext, store: Store, pw: &Passwords) -> Option<Secret> 
 mod tests {
     use super::*;
     use crate::build::fixtures;
+
+    #[test]
+    fn credentials_are_not_owned_by_the_cell_so_they_outlive_it_with_its_volumes() {
+        let spec = fixtures::spec();
+        let pw = Passwords(vec!["r".into(), "a".into(), "p".into()]);
+        let s = store(&fixtures::ctx(&spec), Store::Mysql, &pw).unwrap();
+        assert_eq!(s.metadata.owner_references, None);
+        assert_eq!(
+            s.metadata.labels.unwrap()[names::LABEL_CELL],
+            "shop-us-0",
+            "still found by the cell's label"
+        );
+    }
 
     #[test]
     fn mysql_secret_has_root_app_and_replication_credentials() {

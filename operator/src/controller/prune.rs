@@ -7,8 +7,8 @@
 //!
 //! Generated Secrets are never pruned: they hold the credentials a store's volumes were
 //! initialised with (a StatefulSet's PersistentVolumeClaims outlive it), so switching a
-//! store back to `inCluster` finds its data and its password together. They go with the
-//! Cell (owner reference).
+//! store back to `inCluster` finds its data and its password together. They outlive the
+//! Cell too (no owner reference), as its volumes do.
 
 use super::owned::{Ledger, OwnedStores};
 use crate::build::Desired;
