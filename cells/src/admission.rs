@@ -61,6 +61,12 @@ pub fn host_port(field: &str) -> Rule {
         .message(format!("{field} must be host:port, e.g. shop-us-0.example.com:443").as_str())
 }
 
+/// A list of IPv4 CIDRs (`10.20.0.0/16`).
+pub fn cidr_list(field: &str) -> Rule {
+    Rule::new("self.all(c, c.matches('^([0-9]{1,3}[.]){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])$'))")
+        .message(format!("{field} entries must be IPv4 CIDRs, e.g. 10.20.0.0/16").as_str())
+}
+
 /// An external store's endpoint: `host:port`, or for Kafka a comma-separated list of them.
 pub fn endpoint_list() -> Rule {
     Rule::new(format!("self.matches('^{HOST_PORT}(,{HOST_PORT})*$')")).message(

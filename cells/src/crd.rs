@@ -338,6 +338,21 @@ pub struct InClusterStore {
     /// CPU and memory of the store's container (Kubernetes quantities); none set by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// `host:port` other regions reach this store at (a load balancer, a node port): the
+    /// endpoint the cell registers for it. A standby in another region replicates the
+    /// home's MySQL from there. Unset: the in-cluster Service name, which only this
+    /// cluster resolves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 261))]
+    #[x_kube(validation = rules::host_port("inCluster.advertise"))]
+    pub advertise: Option<String>,
+    /// Address ranges (IPv4 CIDR) outside the cell that the store's NetworkPolicy admits
+    /// on its port: where the other regions' standbys connect from. Empty: only the cell's
+    /// own pods (and, for MySQL, the operator).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 18)))]
+    #[x_kube(validation = rules::cidr_list("inCluster.allowFrom"))]
+    pub allow_from: Vec<String>,
 }
 
 impl Default for InClusterStore {
@@ -349,6 +364,8 @@ impl Default for InClusterStore {
             storage_class_name: None,
             ephemeral: false,
             resources: None,
+            advertise: None,
+            allow_from: Vec::new(),
         }
     }
 }

@@ -13,6 +13,21 @@ pub fn store_address(ctx: &CellContext, store: Store) -> String {
     }
 }
 
+/// Where the store is reached from other regions, as the cell registers it: an external
+/// store's endpoint, else `inCluster.advertise`, else the in-cluster name (this cluster
+/// only).
+pub fn registered_address(ctx: &CellContext, store: Store) -> String {
+    match ctx
+        .store(store)
+        .in_cluster
+        .as_ref()
+        .and_then(|s| s.advertise.clone())
+    {
+        Some(advertised) => advertised,
+        None => store_address(ctx, store),
+    }
+}
+
 /// `<cell>-info`: what the app (and humans) need to know about the cell.
 pub fn cell_info(ctx: &CellContext) -> ConfigMap {
     let mut data = BTreeMap::from([
@@ -76,6 +91,29 @@ pub fn store(ctx: &CellContext, store: Store) -> Option<ConfigMap> {
 mod tests {
     use super::*;
     use crate::build::fixtures;
+
+    #[test]
+    fn an_advertised_store_registers_its_address_while_the_app_dials_the_local_service() {
+        let mut spec = fixtures::spec();
+        let mut mysql = cellplane_cells::crd::InClusterStore::default();
+        mysql.advertise = Some("mysql.us-0.example.com:3306".into());
+        spec.mysql.in_cluster = Some(mysql);
+        let ctx = fixtures::ctx(&spec);
+        assert_eq!(
+            crate::build::endpoints(&ctx)["mysql"],
+            "mysql.us-0.example.com:3306",
+            "other regions (the standby's replication) reach it there"
+        );
+        assert_eq!(
+            cell_info(&ctx).data.unwrap()["mysqlAddr"],
+            "shop-us-0-mysql.shop.svc:3306",
+            "the cell's own app stays on the in-cluster Service"
+        );
+        assert_eq!(
+            crate::build::endpoints(&ctx)["redis"],
+            "shop-us-0-redis.shop.svc:6379"
+        );
+    }
 
     #[test]
     fn info_lists_addresses() {

@@ -187,7 +187,7 @@ pub fn endpoints(ctx: &CellContext) -> BTreeMap<String, String> {
     for store in Store::ALL {
         endpoints.insert(
             store.component().into(),
-            config_map::store_address(ctx, store),
+            config_map::registered_address(ctx, store),
         );
     }
     endpoints

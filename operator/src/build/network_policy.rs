@@ -8,7 +8,7 @@ use super::names::{
 };
 use super::CellContext;
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
@@ -67,6 +67,40 @@ pub fn app(ctx: &CellContext) -> NetworkPolicy {
     }
 }
 
+/// `port` from `peers`.
+fn rule(peers: Vec<NetworkPolicyPeer>, port: i32) -> NetworkPolicyIngressRule {
+    NetworkPolicyIngressRule {
+        from: Some(peers),
+        ports: Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(port)),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// Each in-cluster store's `allowFrom` ranges, on its own port: the other regions'
+/// standbys.
+fn allowed_ranges(ctx: &CellContext) -> Vec<NetworkPolicyIngressRule> {
+    Store::ALL
+        .into_iter()
+        .filter_map(|store| {
+            let ranges = &ctx.store(store).in_cluster.as_ref()?.allow_from;
+            let peers: Vec<NetworkPolicyPeer> = ranges
+                .iter()
+                .map(|cidr| NetworkPolicyPeer {
+                    ip_block: Some(IPBlock {
+                        cidr: cidr.clone(),
+                        except: None,
+                    }),
+                    ..Default::default()
+                })
+                .collect();
+            (!peers.is_empty()).then(|| rule(peers, store.port()))
+        })
+        .collect()
+}
+
 pub fn stores(ctx: &CellContext) -> NetworkPolicy {
     NetworkPolicy {
         metadata: ctx.meta(format!("{}-stores", ctx.name), "stores"),
@@ -83,21 +117,19 @@ pub fn stores(ctx: &CellContext) -> NetworkPolicy {
                 }]),
             }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![
-                NetworkPolicyIngressRule {
-                    from: Some(vec![same_cell(ctx)]),
-                    ..Default::default()
-                },
-                // The region agent: read_only on and off, GTID positions, replication.
-                NetworkPolicyIngressRule {
-                    from: Some(vec![operator()]),
-                    ports: Some(vec![NetworkPolicyPort {
-                        port: Some(IntOrString::Int(Store::Mysql.port())),
-                        protocol: Some("TCP".into()),
+            ingress: Some(
+                [
+                    NetworkPolicyIngressRule {
+                        from: Some(vec![same_cell(ctx)]),
                         ..Default::default()
-                    }]),
-                },
-            ]),
+                    },
+                    // The region agent: read_only on and off, GTID positions, replication.
+                    rule(vec![operator()], Store::Mysql.port()),
+                ]
+                .into_iter()
+                .chain(allowed_ranges(ctx))
+                .collect(),
+            ),
             ..Default::default()
         }),
     }
@@ -107,6 +139,7 @@ pub fn stores(ctx: &CellContext) -> NetworkPolicy {
 mod tests {
     use super::*;
     use crate::build::fixtures;
+    use cellplane_cells::crd::InClusterStore;
 
     /// The value a peer's pod selector requires for `key`.
     fn label_of<'a>(peer: &'a NetworkPolicyPeer, key: &str) -> &'a str {
@@ -139,6 +172,30 @@ mod tests {
         assert!(
             from[0].namespace_selector.is_none(),
             "no other namespace reaches the stores"
+        );
+    }
+
+    #[test]
+    fn a_stores_allowed_ranges_reach_only_its_port() {
+        let mut spec = fixtures::spec();
+        let mut mysql = InClusterStore::default();
+        mysql.allow_from = vec!["10.20.0.0/16".into(), "10.30.0.0/16".into()];
+        spec.mysql.in_cluster = Some(mysql);
+        let rules = stores(&fixtures::ctx(&spec)).spec.unwrap().ingress.unwrap();
+        assert_eq!(rules.len(), 3, "the cell, the operator, MySQL's ranges");
+        let ranges = &rules[2];
+        let cidrs: Vec<&str> = ranges
+            .from
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| p.ip_block.as_ref().unwrap().cidr.as_str())
+            .collect();
+        assert_eq!(cidrs, ["10.20.0.0/16", "10.30.0.0/16"]);
+        assert_eq!(
+            ranges.ports.as_ref().unwrap()[0].port,
+            Some(IntOrString::Int(3306)),
+            "MySQL's port only, not Redis's or Kafka's"
         );
     }
 
