@@ -95,9 +95,10 @@ mod tests {
     #[test]
     fn an_advertised_store_registers_its_address_while_the_app_dials_the_local_service() {
         let mut spec = fixtures::spec();
-        let mut mysql = cellplane_cells::crd::InClusterStore::default();
-        mysql.advertise = Some("mysql.us-0.example.com:3306".into());
-        spec.mysql.in_cluster = Some(mysql);
+        spec.mysql.in_cluster = Some(cellplane_cells::crd::InClusterStore {
+            advertise: Some("mysql.us-0.example.com:3306".into()),
+            ..Default::default()
+        });
         let ctx = fixtures::ctx(&spec);
         assert_eq!(
             crate::build::endpoints(&ctx)["mysql"],

@@ -178,9 +178,10 @@ mod tests {
     #[test]
     fn a_stores_allowed_ranges_reach_only_its_port() {
         let mut spec = fixtures::spec();
-        let mut mysql = InClusterStore::default();
-        mysql.allow_from = vec!["10.20.0.0/16".into(), "10.30.0.0/16".into()];
-        spec.mysql.in_cluster = Some(mysql);
+        spec.mysql.in_cluster = Some(InClusterStore {
+            allow_from: vec!["10.20.0.0/16".into(), "10.30.0.0/16".into()],
+            ..Default::default()
+        });
         let rules = stores(&fixtures::ctx(&spec)).spec.unwrap().ingress.unwrap();
         assert_eq!(rules.len(), 3, "the cell, the operator, MySQL's ranges");
         let ranges = &rules[2];
