@@ -7,12 +7,22 @@
 use crate::netlab::Place;
 use crate::{repo_root, tools_bin, Region};
 use anyhow::{bail, Context as _, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 /// The label and taint that keep everything but what asks for it off the real node.
 pub const NODE_LABEL: (&str, &str) = ("cellplane.io/node", "real");
 pub const NODE_TAINT: &str = "cellplane.io/real-node";
+
+/// `nodeSelector` and `tolerations` (YAML, indented by `indent` spaces) that put a pod on
+/// the real node.
+pub fn on_real_node(indent: usize) -> String {
+    let pad = " ".repeat(indent);
+    format!(
+        "{pad}nodeSelector: {{\"{}\": \"{}\"}}\n{pad}tolerations: [{{key: \"{NODE_TAINT}\", operator: Exists, effect: NoSchedule}}]",
+        NODE_LABEL.0, NODE_LABEL.1
+    )
+}
 
 /// A region whose control plane listens where its real node's pods reach it.
 pub struct RealRegion {
@@ -96,16 +106,6 @@ impl RealRegion {
         run(&mut cmd, "e2e/bin/node import").map(|_| ())
     }
 
-    /// A command run in the node's network namespace.
-    pub fn exec(&self, args: &[&str]) -> Result<String> {
-        run(
-            Command::new(node_script())
-                .args(["exec", &self.node])
-                .args(args),
-            "e2e/bin/node exec",
-        )
-    }
-
     /// The node's logs directory (containerd, kubelet, kube-proxy, CoreDNS).
     pub fn logs(&self) -> PathBuf {
         nodes_dir().join(&self.node).join("logs")
@@ -162,16 +162,4 @@ pub fn build_images() -> Result<Vec<PathBuf>> {
         }
     }
     Ok(archives)
-}
-
-/// The archive of one image by its file name's start (`shop-`, `cellplane-operator-`).
-pub fn archive<'a>(archives: &'a [PathBuf], prefix: &str) -> Option<&'a Path> {
-    archives
-        .iter()
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(prefix))
-        })
-        .map(PathBuf::as_path)
 }

@@ -9,7 +9,7 @@
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use cellplane_e2e::net::{send, send_over, Etcd, Reply};
-use cellplane_e2e::real::{build_images, RealRegion, NODE_LABEL, NODE_TAINT};
+use cellplane_e2e::real::{build_images, on_real_node, RealRegion};
 use cellplane_e2e::{apply_yaml, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -41,11 +41,9 @@ region: rn
 replicas: 1
 etcd: {{endpoints: ["{etcd}"]}}
 platform: {{name: shop}}
-nodeSelector: {{"{k}": "{v}"}}
-tolerations: [{{key: "{NODE_TAINT}", operator: Exists, effect: NoSchedule}}]
+{placement}
 "#,
-        k = NODE_LABEL.0,
-        v = NODE_LABEL.1
+        placement = on_real_node(0)
     )
 }
 
@@ -55,11 +53,9 @@ fn router_values_yaml(etcd: &str) -> String {
 replicas: 1
 table: {{etcd: {{endpoints: ["{etcd}"]}}, platform: shop}}
 resources: {{requests: {{cpu: 50m, memory: 64Mi}}}}
-nodeSelector: {{"{k}": "{v}"}}
-tolerations: [{{key: "{NODE_TAINT}", operator: Exists, effect: NoSchedule}}]
+{placement}
 "#,
-        k = NODE_LABEL.0,
-        v = NODE_LABEL.1
+        placement = on_real_node(0)
     )
 }
 
@@ -116,8 +112,7 @@ spec:
   regions: [{{name: rn, cells: 1}}]
   template:
     scheduling:
-      nodeSelector: {{"{k}": "{v}"}}
-      tolerations: [{{key: "{NODE_TAINT}", operator: Exists, effect: NoSchedule}}]
+{placement}
     app:
       image: "ghcr.io/cellplane/shop:0.1.0"
       replicas: 1
@@ -126,18 +121,13 @@ spec:
     mysql: {{inCluster: {{storage: 1Gi, storageClassName: lab-local}}}}
     kafka: {{inCluster: {{storage: 1Gi, storageClassName: lab-local}}}}
 "#,
-        k = NODE_LABEL.0,
-        v = NODE_LABEL.1
+        placement = on_real_node(6)
     )
 }
 
 /// Tries TCP connections from a pod in another namespace (not the cell's, not a router
 /// or operator): "ADDR open" or "ADDR closed" per target.
-async fn connect_from_outsider(
-    lab: &RealRegion,
-    client: &kube::Client,
-    targets: &[String],
-) -> Result<String> {
+async fn connect_from_outsider(client: &kube::Client, targets: &[String]) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), OUTSIDER_NS);
     let args = targets
         .iter()
@@ -152,8 +142,7 @@ kind: Pod
 metadata: {{name: {name}, namespace: {OUTSIDER_NS}}}
 spec:
   restartPolicy: Never
-  nodeSelector: {{"{k}": "{v}"}}
-  tolerations: [{{key: "{NODE_TAINT}", operator: Exists}}]
+{placement}
   securityContext: {{runAsNonRoot: true, runAsUser: 999}}
   containers:
   - name: probe
@@ -162,8 +151,7 @@ spec:
     command: [bash, -c, 'for t in "$@"; do if timeout 3 bash -c "</dev/tcp/${{t%:*}}/${{t#*:}}" 2>/dev/null; then echo "$t open"; else echo "$t closed"; fi; done', probe]
     args: [{args}]
 "#,
-        k = NODE_LABEL.0,
-        v = NODE_LABEL.1
+        placement = on_real_node(2)
     );
     apply_yaml(client, OUTSIDER_NS, &pod).await?;
     wait_for("the probe pod done", Duration::from_secs(60), || async {
@@ -173,7 +161,6 @@ spec:
             .filter(|phase| phase == "Succeeded" || phase == "Failed"))
     })
     .await?;
-    let _ = lab;
     Ok(pods.logs(&name, &Default::default()).await?)
 }
 
@@ -220,6 +207,7 @@ async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_th
             "{}",
             lab.region.kubectl(&["get", "pods", "-A", "-o", "wide"])?
         );
+        eprintln!("the node's logs: {}", lab.logs().display());
         keep_for_debugging(lab, etcd);
     }
     result
@@ -311,15 +299,13 @@ apiVersion: v1
 kind: Pod
 metadata: {{name: open-server, namespace: {OUTSIDER_NS}, labels: {{role: open-server}}}}
 spec:
-  nodeSelector: {{"{k}": "{v}"}}
-  tolerations: [{{key: "{NODE_TAINT}", operator: Exists}}]
+{placement}
   securityContext: {{runAsNonRoot: true, runAsUser: 999}}
   containers:
   - {{name: redis, image: "redis:7.4.2", imagePullPolicy: Never, args: [redis-server, --protected-mode, "no"],
      readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}}}
 "#,
-            k = NODE_LABEL.0,
-            v = NODE_LABEL.1
+            placement = on_real_node(2)
         ),
     )
     .await?;
@@ -335,7 +321,6 @@ spec:
         .await?
         .context("the app's pod")?;
     let verdicts = connect_from_outsider(
-        lab,
         &client,
         &[
             format!("{open_ip}:6379"),
