@@ -148,6 +148,14 @@ pub struct AppSpec {
     #[schemars(length(min = 3, max = 261))]
     #[x_kube(validation = rules::host_port("spec.app.advertise"))]
     pub advertise: Option<String>,
+    /// Address ranges (IPv4 CIDR) outside the cluster's pods that the app's NetworkPolicy
+    /// admits on its port: where the other regions' routers connect from (a cell's users
+    /// are served from its standby's region after a switchover). Empty: only the cell's
+    /// pods, this region's routers and the operator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 18)))]
+    #[x_kube(validation = rules::cidr_list("spec.app.allowFrom"))]
+    pub allow_from: Vec<String>,
     /// How the app's Service is exposed. `LoadBalancer`: the cell registers the load
     /// balancer's address (and registers only once it has one), which is how routers in
     /// other regions reach a cell whose `advertise` is not set, e.g. in a CellSet.
@@ -716,6 +724,7 @@ pub(crate) mod fixtures {
                 env: vec![],
                 probes: Probes::default(),
                 advertise: None,
+                allow_from: vec![],
                 expose: Expose::ClusterIP,
             },
             redis: StoreSpec::in_cluster(),

@@ -79,6 +79,7 @@ impl Region {
 
     /// Starts region `name` at `place` (a netlab region's namespace and address).
     pub fn up_in(name: &str, place: Place) -> Result<Self> {
+        sweep_dead_test_dirs();
         let state_root =
             std::env::temp_dir().join(format!("cellplane-e2e-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&state_root)?;
@@ -344,11 +345,48 @@ pub async fn exited(
     .await
 }
 
-/// A fresh directory for one test's files (unique per test process).
+/// A fresh directory for one test's files (unique per test process). Left behind for a
+/// look after a failure; removed by the next test process once this one has exited.
 pub fn test_dir(name: &str) -> PathBuf {
+    sweep_dead_test_dirs();
     let d = std::env::temp_dir().join(format!("cellplane-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).expect("temp dir is writable");
     d
+}
+
+/// Removes what test processes that no longer run left in the temp directory (their test
+/// dirs, regions, etcd and stores, named with their process id), once per process: a
+/// machine that runs the suite again and again does not fill its disk.
+fn sweep_dead_test_dirs() {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(test_dir_owner) else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+}
+
+/// The process id in a name the lab gives its temp dirs (`cellplane-test-<pid>-...`).
+fn test_dir_owner(name: &str) -> Option<u32> {
+    let rest = [
+        "cellplane-test-",
+        "cellplane-e2e-",
+        "cellplane-etcd-",
+        "cellplane-stores-",
+    ]
+    .iter()
+    .find_map(|p| name.strip_prefix(p))?;
+    let digits = rest.split('-').next()?;
+    digits.parse().ok()
 }
 
 pub fn free_port() -> Result<u16> {
@@ -422,4 +460,19 @@ pub async fn apply_yaml(
         &Patch::Apply(&obj),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lab_dirs_name_their_process() {
+        assert_eq!(
+            super::test_dir_owner("cellplane-test-123-images"),
+            Some(123)
+        );
+        assert_eq!(super::test_dir_owner("cellplane-stores-77"), Some(77));
+        assert_eq!(super::test_dir_owner("cellplane-e2e-9-us"), Some(9));
+        assert_eq!(super::test_dir_owner("cellplane-nodes"), None);
+        assert_eq!(super::test_dir_owner("cellplane-test-x-1"), None);
+    }
 }

@@ -4,9 +4,13 @@
 //! them as they would a real control plane; the host reaches the pods' addresses through
 //! the node. Images are imported from `target/images`, nothing is pulled.
 
+use crate::net::{send_over, Reply};
 use crate::netlab::Place;
 use crate::{repo_root, tools_bin, Region};
 use anyhow::{bail, Context as _, Result};
+use bytes::Bytes;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -67,11 +71,16 @@ impl RealRegion {
             &name[..name.len().min(4)],
             std::process::id() % 100_000
         );
-        let index = free_index()?;
-        let host = run(
-            Command::new(node_script()).args(["net", &node, &index.to_string()]),
-            "e2e/bin/node net",
-        )?;
+        // Regions brought up side by side must not pick the same free index.
+        static ADDRESSES: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+        let host = {
+            let _taking = ADDRESSES.lock();
+            let index = free_index()?;
+            run(
+                Command::new(node_script()).args(["net", &node, &index.to_string()]),
+                "e2e/bin/node net",
+            )?
+        };
         let place = Place {
             netns: None,
             host: host.clone(),
@@ -162,4 +171,87 @@ pub fn build_images() -> Result<Vec<PathBuf>> {
         }
     }
     Ok(archives)
+}
+
+impl RealRegion {
+    /// `count` local PersistentVolumes on the node (StorageClass `lab-local`, bound when a
+    /// pod is scheduled): what a cluster's volume provisioner would hand out (the lab has
+    /// none). Their directories are under `dir`.
+    pub fn add_local_volumes(&self, dir: &std::path::Path, count: usize) -> Result<()> {
+        let mut docs = vec![r#"
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: lab-local}
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: WaitForFirstConsumer
+"#
+        .to_string()];
+        for i in 0..count {
+            let path = dir.join(format!("pv-{i}"));
+            std::fs::create_dir_all(&path)?;
+            // The stores run as their own non-root users; a hostPath volume is not chowned
+            // by fsGroup.
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+            docs.push(format!(
+                r#"
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: lab-{node}-{i}}}
+spec:
+  capacity: {{storage: 5Gi}}
+  accessModes: [ReadWriteOnce]
+  storageClassName: lab-local
+  persistentVolumeReclaimPolicy: Delete
+  hostPath: {{path: "{path}", type: Directory}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: ["{node}"]}}]}}]
+"#,
+                node = self.node,
+                path = path.display()
+            ));
+        }
+        let file = dir.join("volumes.yaml");
+        std::fs::write(&file, docs.join("\n---\n"))?;
+        self.region
+            .kubectl(&["apply", "-f", file.to_str().context("path")?])
+            .map(|_| ())
+    }
+}
+
+/// The address of a Ready pod matching `selector`, if one is.
+pub async fn ready_pod_ip(pods: &Api<Pod>, selector: &str) -> Result<Option<String>> {
+    let list = pods.list(&ListParams::default().labels(selector)).await?;
+    Ok(list.items.into_iter().find_map(|p| {
+        let s = p.status?;
+        let ready = s
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(s.pod_ip?)
+    }))
+}
+
+/// One HTTP request to `port` of the first pod matching `selector`, through the API
+/// server's port-forward: how an SRE reaches a port a NetworkPolicy keeps the host from.
+pub async fn through_port_forward(
+    pods: &Api<Pod>,
+    selector: &str,
+    port: u16,
+    request: (&str, &str, &[(&str, &str)], Bytes),
+) -> Result<Reply> {
+    let pod = pods
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .and_then(|p| p.metadata.name)
+        .with_context(|| format!("no pod matches {selector}"))?;
+    let mut forward = pods.portforward(&pod, &[port]).await?;
+    let stream = forward
+        .take_stream(port)
+        .with_context(|| format!("port {port} of {pod} forwarded"))?;
+    let (method, path, headers, body) = request;
+    send_over(stream, "localhost", method, path, headers, body).await
 }

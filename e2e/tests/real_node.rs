@@ -1,27 +1,45 @@
-//! What the operator renders, run for real: a region with a real node (containerd, the
-//! kubelet, kube-proxy, CoreDNS), the project's images and the lab's store images
-//! imported, both charts installed with `helm` (the operator as a pod under the chart's
-//! ServiceAccount and RBAC), and a CellSet whose cell runs on real pods: Redis, MariaDB and
-//! Kafka from the operator's StatefulSets on the node's volumes, the app from its
-//! Deployment. Users are served through the router pod; a store pod killed costs no order
-//! that got 202. One lab for the binary (it takes minutes to build).
+//! What the operator renders, run for real, in two regions: each region has a real node
+//! (containerd, the kubelet, kube-proxy, CoreDNS, a NetworkPolicy enforcer), the project's
+//! images and the lab's store images imported, and the operator chart installed with
+//! `helm` (the operator as a pod under the chart's ServiceAccount and RBAC). One CellSet
+//! stamps a cell per region, each the other's standby, running on real pods: Redis, MariaDB
+//! and Kafka from the operator's StatefulSets on the node's volumes, the app from its
+//! Deployment. Each cell's MySQL and app are reached from the other region through a
+//! NodePort Service on its node (`advertise`, `allowFrom`), as a cluster would expose them.
+//! Users are served through the router chart's pod; a store pod killed costs no order that
+//! got 202, and neither does a switchover of the cell to its standby in the other region.
+//! One lab for the binary (it takes minutes to build).
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
-use cellplane_e2e::net::{send, send_over, Etcd, Reply};
-use cellplane_e2e::real::{build_images, on_real_node, RealRegion};
-use cellplane_e2e::{apply_yaml, wait_for};
+use cellplane_cells::crd::Cell;
+use cellplane_e2e::net::{send, Etcd, Reply};
+use cellplane_e2e::real::{
+    build_images, on_real_node, ready_pod_ip, through_port_forward, RealRegion,
+};
+use cellplane_e2e::{apply_yaml, wait_for, workspace_bin};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const NS: &str = "shop";
 /// A namespace of neither the cell nor the platform: what must not reach the cell.
 const OUTSIDER_NS: &str = "outsider";
-const CELL: &str = "shop-rn-0";
+/// The regions, and the cell each runs (the other's standby).
+const REGIONS: [&str; 2] = ["rn", "rs"];
+const HOME: &str = "shop-rn-0";
+const STANDBY: &str = "shop-rs-0";
+/// Where each cell's MySQL and app are published on its node for the other region.
+const MYSQL_NODE_PORT: u16 = 30306;
+const APP_NODE_PORT: u16 = 30080;
+/// The Secret both operators derive the replication passwords from (same value).
+const REPLICATION_SECRET: &str = "platform-replication";
 /// The app's admin token (stock for the sale), set through `spec.app.env`.
 const ADMIN_TOKEN: &str = "lab-admin-token-0123456789";
+const T: Duration = Duration::from_secs(180);
 
 /// One request as a user: the router finds the user's cell by the X-User-Id header.
 async fn as_user(addr: &str, method: &str, path: &str, user: &str, body: &str) -> Result<Reply> {
@@ -34,13 +52,13 @@ async fn as_user(addr: &str, method: &str, path: &str, user: &str, body: &str) -
     .await
 }
 
-fn values_yaml(etcd: &str) -> String {
+fn operator_values_yaml(region: &str, etcd: &str) -> String {
     format!(
         r#"
-region: rn
+region: {region}
 replicas: 1
 etcd: {{endpoints: ["{etcd}"]}}
-platform: {{name: shop}}
+platform: {{name: shop, replicationSecretName: {REPLICATION_SECRET}}}
 {placement}
 "#,
         placement = on_real_node(0)
@@ -59,49 +77,26 @@ resources: {{requests: {{cpu: 50m, memory: 64Mi}}}}
     )
 }
 
-/// Local volumes on the node, one per store: what a cluster's volume provisioner would
-/// hand out (the lab has none), bound when the pod is scheduled.
-fn volumes_yaml(node: &str, dir: &std::path::Path) -> Vec<String> {
-    let mut docs = vec![r#"
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata: {name: lab-local}
-provisioner: kubernetes.io/no-provisioner
-volumeBindingMode: WaitForFirstConsumer
-"#
-    .to_string()];
-    for i in 0..3 {
-        let path = dir.join(format!("pv-{i}"));
-        std::fs::create_dir_all(&path).expect("volume dir");
-        // The stores run as their own non-root users; a hostPath volume is not chowned
-        // by fsGroup.
-        std::process::Command::new("chmod")
-            .arg("0777")
-            .arg(&path)
-            .status()
-            .expect("chmod");
-        docs.push(format!(
-            r#"
-apiVersion: v1
-kind: PersistentVolume
-metadata: {{name: lab-{node}-{i}}}
-spec:
-  capacity: {{storage: 5Gi}}
-  accessModes: [ReadWriteOnce]
-  storageClassName: lab-local
-  persistentVolumeReclaimPolicy: Delete
-  hostPath: {{path: "{path}", type: Directory}}
-  nodeAffinity:
-    required:
-      nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: ["{node}"]}}]}}]
-"#,
-            path = path.display()
-        ));
-    }
-    docs
-}
-
-fn cellset_yaml() -> String {
+/// The CellSet both regions apply. `node_ips` are the nodes of `REGIONS`, in order: each
+/// cell advertises its own node's ports and admits the other node (where the other
+/// region's pods come from once their node masquerades them).
+fn cellset_yaml(node_ips: [&str; 2]) -> String {
+    let store = |advertise: Option<(&str, &str)>| match advertise {
+        None => "{inCluster: {storage: 1Gi, storageClassName: lab-local}}".to_string(),
+        Some((own, other)) => format!(
+            r#"{{inCluster: {{storage: 1Gi, storageClassName: lab-local, advertise: "{own}:{MYSQL_NODE_PORT}", allowFrom: ["{other}/32"]}}}}"#
+        ),
+    };
+    let overrides: String = [(HOME, 0), (STANDBY, 1)]
+        .into_iter()
+        .map(|(cell, i)| {
+            let (own, other) = (node_ips[i], node_ips[1 - i]);
+            format!(
+                "    {cell}:\n      advertise: \"{own}:{APP_NODE_PORT}\"\n      mysql: {}\n",
+                store(Some((own, other)))
+            )
+        })
+        .collect();
     format!(
         r#"
 apiVersion: cellplane.io/v1alpha1
@@ -109,7 +104,7 @@ kind: CellSet
 metadata: {{name: shop, namespace: {NS}}}
 spec:
   platform: shop
-  regions: [{{name: rn, cells: 1}}]
+  regions: [{{name: {rn}, cells: 1}}, {{name: {rs}, cells: 1}}]
   template:
     scheduling:
 {placement}
@@ -117,11 +112,35 @@ spec:
       image: "ghcr.io/cellplane/shop:0.1.0"
       replicas: 1
       env: [{{name: CELL_ADMIN_TOKEN, value: "{ADMIN_TOKEN}"}}]
-    redis: {{inCluster: {{storage: 1Gi, storageClassName: lab-local}}}}
-    mysql: {{inCluster: {{storage: 1Gi, storageClassName: lab-local}}}}
-    kafka: {{inCluster: {{storage: 1Gi, storageClassName: lab-local}}}}
-"#,
-        placement = on_real_node(6)
+      allowFrom: ["{a}/32", "{b}/32"]
+    redis: {store}
+    mysql: {store}
+    kafka: {store}
+  overrides:
+{overrides}"#,
+        rn = REGIONS[0],
+        rs = REGIONS[1],
+        placement = on_real_node(6),
+        a = node_ips[0],
+        b = node_ips[1],
+        store = store(None),
+    )
+}
+
+/// A NodePort Service for one component of `cell` on `port` (traffic policy Local: the
+/// pod sees where a connection came from, which its NetworkPolicy's ranges judge).
+fn node_port_yaml(cell: &str, component: &str, port: u16, node_port: u16) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {cell}-{component}-published, namespace: {NS}}}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {{cellplane.io/cell: {cell}, cellplane.io/component: {component}}}
+  ports: [{{port: {port}, targetPort: {port}, nodePort: {node_port}}}]
+"#
     )
 }
 
@@ -164,73 +183,183 @@ spec:
     Ok(pods.logs(&name, &Default::default()).await?)
 }
 
-/// With CELLPLANE_KEEP_LAB=1 a failed run leaves its region, node and etcd running.
-fn keep_for_debugging(lab: RealRegion, etcd: Etcd) {
+/// With CELLPLANE_KEEP_LAB=1 a failed run leaves its regions, nodes and etcd running.
+fn keep_for_debugging(labs: Vec<RealRegion>, etcd: Etcd) {
     if std::env::var("CELLPLANE_KEEP_LAB").is_ok_and(|v| v == "1") {
-        eprintln!(
-            "keeping the lab: KUBECONFIG={}",
-            lab.region.kubeconfig().display()
-        );
-        std::mem::forget(lab);
+        for lab in labs {
+            eprintln!(
+                "keeping the lab: KUBECONFIG={}",
+                lab.region.kubeconfig().display()
+            );
+            std::mem::forget(lab);
+        }
         std::mem::forget(etcd);
     }
 }
 
-async fn pod_ip(pods: &Api<Pod>, selector: &str) -> Result<Option<String>> {
-    let list = pods.list(&ListParams::default().labels(selector)).await?;
-    Ok(list.items.into_iter().find_map(|p| {
-        let s = p.status?;
-        let ready = s
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        ready.then_some(s.pod_ip?)
-    }))
-}
-
 #[tokio::test(flavor = "multi_thread")]
-async fn a_cell_runs_on_real_pods_from_the_built_images_and_keeps_every_order_through_a_store_crash(
+async fn cells_run_on_real_pods_and_keep_every_order_through_a_store_crash_and_a_switchover(
 ) -> Result<()> {
     let started = Instant::now();
     let archives = build_images()?;
-    let lab = RealRegion::up("rn")?;
-    println!("real node {} up after {:?}", lab.node, started.elapsed());
-    lab.import(&archives)?;
+    // Both regions side by side: nodes, control planes and the images imported.
+    let labs = std::thread::scope(|s| {
+        let archives = &archives;
+        let ups: Vec<_> = REGIONS
+            .into_iter()
+            .map(|name| {
+                s.spawn(move || -> Result<RealRegion> {
+                    let lab = RealRegion::up(name)?;
+                    lab.import(archives)?;
+                    Ok(lab)
+                })
+            })
+            .collect();
+        ups.into_iter()
+            .map(|h| h.join().expect("a region's thread"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    println!(
+        "real nodes up with the images after {:?}",
+        started.elapsed()
+    );
+    // The global etcd, on the first region's side (the other region's pods reach it
+    // through the host, as they would reach a member across data centers).
     let etcd = Etcd::cluster_at(&[cellplane_e2e::netlab::Place {
         netns: None,
-        host: lab.host.clone(),
+        host: labs[0].host.clone(),
     }])
     .await?;
-    let result = scenario(&lab, &etcd).await;
+    let result = scenario(&labs, &etcd).await;
     if result.is_err() {
-        eprintln!(
-            "{}",
-            lab.region.kubectl(&["get", "pods", "-A", "-o", "wide"])?
-        );
-        eprintln!("the node's logs: {}", lab.logs().display());
-        keep_for_debugging(lab, etcd);
+        for lab in &labs {
+            eprintln!(
+                "{}",
+                lab.region.kubectl(&["get", "pods", "-A", "-o", "wide"])?
+            );
+            eprintln!("the node's logs: {}", lab.logs().display());
+        }
+        keep_for_debugging(labs, etcd);
     }
     result
 }
 
-/// The cell's life on the real node, from the operator's install to a store's crash.
-async fn scenario(lab: &RealRegion, etcd: &Etcd) -> Result<()> {
-    let client = lab.region.client().await?;
-    let dir = cellplane_e2e::test_dir("real-node");
+/// The cells' life on the real nodes, from the operators' install to a switchover.
+async fn scenario(labs: &[RealRegion], etcd: &Etcd) -> Result<()> {
+    let node_ips = [labs[0].node_ip.as_str(), labs[1].node_ip.as_str()];
+    let applied = Instant::now();
+    std::thread::scope(|s| {
+        let installs: Vec<_> = labs
+            .iter()
+            .map(|lab| s.spawn(|| install_platform(lab, etcd, node_ips)))
+            .collect();
+        installs
+            .into_iter()
+            .try_for_each(|h| h.join().expect("an install's thread"))
+    })?;
+    for (lab, cell) in labs.iter().zip([HOME, STANDBY]) {
+        let client = lab.region.client().await?;
+        wait_cell_ready(lab, &client, cell).await?;
+        println!(
+            "{cell} Ready {:?} after the operators' install began",
+            applied.elapsed()
+        );
+    }
+    let home = labs[0].region.client().await?;
+    let standby = labs[1].region.client().await?;
+    outsiders_are_kept_out(&labs[0], &home).await?;
+    region_agents_report(etcd).await?;
 
-    // The operator, as its chart installs it: a pod on the real node under the chart's
-    // ServiceAccount (a permission the chart lacks fails the Cell below).
+    // Users through the router pod: it follows the table in etcd and dials each cell's
+    // advertised address.
+    install_router(&labs[0], etcd)?;
+    let router = wait_for("the router pod's address", T, || async {
+        let pods: Api<Pod> = Api::namespaced(home.clone(), "cellplane");
+        ready_pod_ip(&pods, "app.kubernetes.io/name=cellplane-router").await
+    })
+    .await?;
+    let router = format!("{router}:8080");
+    let table = etcd.routing_table().await?.context("a routing table")?;
+    let user = (0..10_000)
+        .map(|i| format!("user-{i}"))
+        .find(|u| table.route(u).1.name == HOME)
+        .context("a user of the home cell")?;
+    let put = as_user(
+        &router,
+        "PUT",
+        &format!("/users/{user}/profile"),
+        &user,
+        r#"{"name":"Alice","email":"alice@example.com"}"#,
+    )
+    .await?;
+    anyhow::ensure!(
+        put.status < 300,
+        "profile write through the router: {} {}",
+        put.status,
+        put.body
+    );
+    let got = as_user(&router, "GET", &format!("/users/{user}/profile"), &user, "").await?;
+    anyhow::ensure!(got.status == 200, "{} {}", got.status, got.body);
+    anyhow::ensure!(got.body.contains("Alice"), "{}", got.body);
+    // A sale in both cells (the standby's stock serves the home's users after the
+    // switchover).
+    for client in [&home, &standby] {
+        set_stock(client).await?;
+    }
+
+    let orders = Orders {
+        router: router.clone(),
+        user,
+    };
+    let mut accepted = mysql_crash(&home, &orders).await?;
+    // The standby's connection to the restarted MySQL is back before the switchover (its
+    // replication gate refuses until it is).
+    replicating(etcd, STANDBY, HOME).await?;
+    accepted.extend(switchover(etcd, &orders).await?);
+    for i in &accepted {
+        wait_for(
+            &format!("order o-{i} persisted"),
+            Duration::from_secs(120),
+            || async {
+                let r = orders.get(*i).await?;
+                Ok((r.status == 200 && r.body.contains("persisted")).then_some(()))
+            },
+        )
+        .await?;
+    }
+    println!("all {} accepted orders persisted", accepted.len());
+    Ok(())
+}
+
+/// One region's platform: the operator chart (with the replication secret), the node's
+/// volumes, the cell's published ports, and the CellSet.
+fn install_platform(lab: &RealRegion, etcd: &Etcd, node_ips: [&str; 2]) -> Result<()> {
+    let region = &lab.region;
+    let dir = cellplane_e2e::test_dir(&format!("real-node-{}", region.name));
+    region.kubectl(&["create", "namespace", "cellplane"])?;
+    region.kubectl(&[
+        "-n",
+        "cellplane",
+        "create",
+        "secret",
+        "generic",
+        REPLICATION_SECRET,
+        "--from-literal=secret=fedcba9876543210fedcba9876543210",
+    ])?;
     let values = dir.join("operator-values.yaml");
-    std::fs::write(&values, values_yaml(&etcd.endpoint))?;
+    std::fs::write(
+        &values,
+        operator_values_yaml(&region.name, &etcd.endpoints()[0]),
+    )?;
     let chart = cellplane_e2e::repo_root().join("charts/cellplane-operator");
-    let chart = chart.to_str().context("chart path")?;
+    // The operator as its chart installs it: a pod on the real node under the chart's
+    // ServiceAccount (a permission the chart lacks fails a Cell below).
     let out = lab.helm(&[
         "install",
         "cp",
-        chart,
+        chart.to_str().context("chart path")?,
         "-n",
         "cellplane",
-        "--create-namespace",
         "-f",
         values.to_str().context("path")?,
         "--wait",
@@ -238,6 +367,30 @@ async fn scenario(lab: &RealRegion, etcd: &Etcd) -> Result<()> {
         "180s",
     ])?;
     println!("{out}");
+    lab.add_local_volumes(&dir.join("volumes"), 3)?;
+    region.kubectl(&["create", "namespace", NS])?;
+    let cell = if region.name == REGIONS[0] {
+        HOME
+    } else {
+        STANDBY
+    };
+    let published = dir.join("published.yaml");
+    std::fs::write(
+        &published,
+        [
+            node_port_yaml(cell, "mysql", 3306, MYSQL_NODE_PORT),
+            node_port_yaml(cell, "app", 8080, APP_NODE_PORT),
+        ]
+        .join("\n---\n"),
+    )?;
+    region.kubectl(&["apply", "-f", published.to_str().context("path")?])?;
+    let set = dir.join("cellset.yaml");
+    std::fs::write(&set, cellset_yaml(node_ips))?;
+    region.kubectl(&["apply", "-f", set.to_str().context("path")?])?;
+    Ok(())
+}
+
+async fn wait_cell_ready(lab: &RealRegion, client: &kube::Client, cell: &str) -> Result<()> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "cellplane");
     let op = deployments.get("cp-cellplane-operator").await?;
     let ready_replicas = op.status.and_then(|s| s.ready_replicas);
@@ -245,53 +398,46 @@ async fn scenario(lab: &RealRegion, etcd: &Etcd) -> Result<()> {
         ready_replicas == Some(1),
         "the operator pod Ready: {ready_replicas:?}"
     );
-
-    let volumes = dir.join("volumes.yaml");
-    std::fs::write(
-        &volumes,
-        volumes_yaml(&lab.node, &dir.join("volumes")).join("\n---\n"),
-    )?;
-    lab.region
-        .kubectl(&["apply", "-f", volumes.to_str().context("path")?])?;
-    lab.region.kubectl(&["create", "namespace", NS])?;
-    let applied = Instant::now();
-    apply_yaml(&client, NS, &cellset_yaml()).await?;
-    let cells: Api<cellplane_cells::crd::Cell> = Api::namespaced(client.clone(), NS);
-    let ready = wait_for(
-        "the cell Ready on real pods",
-        Duration::from_secs(180),
-        || async {
-            let c = cells.get_opt(CELL).await?;
-            Ok(c.and_then(|c| c.status)
-                .filter(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-                .map(|_| ()))
-        },
-    )
+    let cells: Api<Cell> = Api::namespaced(client.clone(), NS);
+    let ready = wait_for(&format!("{cell} Ready on real pods"), T, || {
+        cell_condition(&cells, cell, "Ready", "True")
+    })
     .await;
     if ready.is_err() {
         eprintln!(
             "{}",
             lab.region
-                .kubectl(&["-n", NS, "get", "cell", CELL, "-o", "yaml"])?
+                .kubectl(&["-n", NS, "get", "cell", cell, "-o", "yaml"])?
         );
     }
-    ready?;
-    println!(
-        "cell Ready {:?} after the CellSet was applied",
-        applied.elapsed()
-    );
+    ready.map(|_| ())
+}
 
-    // NetworkPolicies, enforced on this node: a pod in another namespace reaches a server
-    // no policy covers, but neither the cell's MySQL nor its app (the cell's own app, the
-    // router and the operator reach them: the cell is Ready, users are served below).
+/// `cell`'s condition `type_`'s message once its status is `status`.
+async fn cell_condition(
+    cells: &Api<Cell>,
+    cell: &str,
+    type_: &str,
+    status: &str,
+) -> Result<Option<String>> {
+    let c = cells.get_opt(cell).await?;
+    Ok(c.and_then(|c| c.status).and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.message.clone())
+    }))
+}
+
+/// NetworkPolicies, enforced on this node: a pod in another namespace reaches a server no
+/// policy covers, but neither the cell's MySQL nor its app (the cell's own app, the
+/// router, the operator and the other region reach them: the cell is Ready, users are
+/// served, the standby replicates).
+async fn outsiders_are_kept_out(lab: &RealRegion, client: &kube::Client) -> Result<()> {
     lab.region.kubectl(&["create", "namespace", OUTSIDER_NS])?;
     let outsider_pods: Api<Pod> = Api::namespaced(client.clone(), OUTSIDER_NS);
     apply_yaml(
-        &client,
+        client,
         OUTSIDER_NS,
         &format!(
             r#"
@@ -310,18 +456,18 @@ spec:
     )
     .await?;
     let open_ip = wait_for("the open server Ready", Duration::from_secs(60), || {
-        pod_ip(&outsider_pods, "role=open-server")
+        ready_pod_ip(&outsider_pods, "role=open-server")
     })
     .await?;
     let cell_pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let mysql_ip = pod_ip(&cell_pods, "app.kubernetes.io/name=mysql")
+    let mysql_ip = ready_pod_ip(&cell_pods, "app.kubernetes.io/name=mysql")
         .await?
         .context("MySQL's pod")?;
-    let app_ip = pod_ip(&cell_pods, "app.kubernetes.io/name=app")
+    let app_ip = ready_pod_ip(&cell_pods, "app.kubernetes.io/name=app")
         .await?
         .context("the app's pod")?;
     let verdicts = connect_from_outsider(
-        &client,
+        client,
         &[
             format!("{open_ip}:6379"),
             format!("{mysql_ip}:3306"),
@@ -340,16 +486,19 @@ spec:
     );
     anyhow::ensure!(
         verdicts.contains(&format!("{app_ip}:8080 closed")),
-        "the app is the cell's and the router's: {verdicts}"
+        "the app is the cell's and the routers': {verdicts}"
     );
+    Ok(())
+}
 
-    // The operator's region agent reached the cell's MySQL through the policy (its
-    // report is in the cell's registration: writable, with a GTID position).
-    let report = wait_for(
-        "the agent's MySQL report",
-        Duration::from_secs(60),
-        || async { Ok(etcd.registration(CELL).await?.and_then(|r| r.mysql)) },
-    )
+/// Each region's agent reached its cell's MySQL through the policy (the report in the
+/// cell's registration), each cell's MySQL replicates the other's across the regions (from
+/// the advertised node port), and the home's app pod took its ownership lease from the
+/// environment the operator rendered (CELL_ETCD, the lease's timings).
+async fn region_agents_report(etcd: &Etcd) -> Result<()> {
+    let report = wait_for("the agent's MySQL report", T, || async {
+        Ok(etcd.registration(HOME).await?.and_then(|r| r.mysql))
+    })
     .await?;
     anyhow::ensure!(
         !report.read_only,
@@ -359,112 +508,115 @@ spec:
         "the region agent measured MySQL at {}",
         report.gtid_binlog_pos
     );
-    // The app pod took its ownership lease in the global etcd, from the environment the
-    // operator rendered (CELL_ETCD, the lease's timings): the leader marks the cell leased.
-    let leased = wait_for(
-        "the cell marked leased",
-        Duration::from_secs(30),
-        || async {
-            let key = cellplane_cells::etcd_keys::leased_key("shop", CELL);
-            Ok(etcd.get(&key).await?.map(|_| ()))
-        },
-    )
+    for (cell, source) in [(STANDBY, HOME), (HOME, STANDBY)] {
+        replicating(etcd, cell, source).await?;
+    }
+    let leased = wait_for("the cell marked leased", T, || async {
+        let key = cellplane_cells::etcd_keys::leased_key("shop", HOME);
+        Ok(etcd.get(&key).await?.map(|_| ()))
+    })
     .await;
     anyhow::ensure!(
         leased.is_ok(),
-        "the app pod holds {CELL}'s ownership lease: {leased:?}"
+        "the app pod holds {HOME}'s ownership lease: {leased:?}"
     );
+    Ok(())
+}
 
-    // Users through the router pod: it follows the table in etcd and dials the cell's
-    // Service by its cluster DNS name.
-    let router_values = dir.join("router-values.yaml");
-    std::fs::write(&router_values, router_values_yaml(&etcd.endpoint))?;
-    let router_chart = cellplane_e2e::repo_root().join("charts/cellplane-router");
+/// Waits until `cell`'s region reports its MySQL replicating `source`'s.
+async fn replicating(etcd: &Etcd, cell: &str, source: &str) -> Result<()> {
+    wait_for(&format!("{cell} replicates {source}"), T, || async {
+        Ok(etcd.registration(cell).await?.filter(|r| {
+            r.mysql
+                .as_ref()
+                .and_then(|m| m.replicas.get(source))
+                .is_some_and(|c| c.running)
+        }))
+    })
+    .await
+    .map(|_| ())
+}
+
+fn install_router(lab: &RealRegion, etcd: &Etcd) -> Result<()> {
+    let dir = cellplane_e2e::test_dir("real-node-router");
+    let values = dir.join("router-values.yaml");
+    std::fs::write(&values, router_values_yaml(&etcd.endpoints()[0]))?;
+    let chart = cellplane_e2e::repo_root().join("charts/cellplane-router");
     lab.helm(&[
         "install",
         "edge",
-        router_chart.to_str().context("path")?,
+        chart.to_str().context("path")?,
         "-n",
         "cellplane",
         "-f",
-        router_values.to_str().context("path")?,
+        values.to_str().context("path")?,
         "--wait",
         "--timeout",
         "120s",
-    ])?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "cellplane");
-    let router_ip = wait_for("the router pod's address", Duration::from_secs(60), || {
-        pod_ip(&pods, "app.kubernetes.io/name=cellplane-router")
-    })
-    .await?;
-    let router = format!("{router_ip}:8080");
-    let put = as_user(
-        &router,
-        "PUT",
-        "/users/alice/profile",
-        "alice",
-        r#"{"name":"Alice","email":"alice@example.com"}"#,
-    )
-    .await?;
-    anyhow::ensure!(
-        put.status < 300,
-        "profile write through the router: {} {}",
-        put.status,
-        put.body
-    );
-    let got = as_user(&router, "GET", "/users/alice/profile", "alice", "").await?;
-    anyhow::ensure!(got.status == 200, "{} {}", got.status, got.body);
-    anyhow::ensure!(got.body.contains("Alice"), "{}", got.body);
+    ])
+    .map(|_| ())
+}
 
-    // A sale: stock set through the app pod's admin API.
-    let app_pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    // The app's NetworkPolicy keeps the host out: the admin API is reached as an SRE
-    // reaches it, through the API server's port-forward.
-    let app_pod = app_pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=app"))
-        .await?
-        .items
-        .into_iter()
-        .next()
-        .and_then(|p| p.metadata.name)
-        .context("the app's pod")?;
-    let mut forward = app_pods.portforward(&app_pod, &[8080]).await?;
-    let stream = forward.take_stream(8080).context("port 8080 forwarded")?;
+/// Opens the sale in the cell of `client`'s region, through its app pod's admin API (the
+/// app's NetworkPolicy keeps the host out: reached as an SRE reaches it, by port-forward).
+async fn set_stock(client: &kube::Client) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let auth = format!("Bearer {ADMIN_TOKEN}");
-    let r = send_over(
-        stream,
-        "localhost",
-        "PUT",
-        "/admin/stock/sku-1",
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &auth),
-        ],
-        Bytes::from_static(br#"{"stock":1000}"#),
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    let r = through_port_forward(
+        &pods,
+        "app.kubernetes.io/name=app",
+        8080,
+        (
+            "PUT",
+            "/admin/stock/sku-1",
+            &headers,
+            Bytes::from_static(br#"{"stock":1000}"#),
+        ),
     )
     .await?;
     anyhow::ensure!(r.status == 204, "setting stock: {} {}", r.status, r.body);
+    Ok(())
+}
 
-    // Orders through the router while MariaDB's pod is killed: every 202 is persisted
-    // once it is back (the orders wait in Kafka).
+/// One user's orders through the router, by number.
+#[derive(Clone)]
+struct Orders {
+    router: String,
+    user: String,
+}
+
+impl Orders {
+    async fn place(&self, i: usize) -> Result<Reply> {
+        let body = format!(r#"{{"sku":"sku-1","qty":1,"orderId":"o-{i}"}}"#);
+        let path = format!("/users/{}/orders", self.user);
+        as_user(&self.router, "POST", &path, &self.user, &body).await
+    }
+
+    async fn get(&self, i: usize) -> Result<Reply> {
+        let path = format!("/users/{}/orders/o-{i}", self.user);
+        as_user(&self.router, "GET", &path, &self.user, "").await
+    }
+}
+
+/// Orders through the router while the home's MariaDB pod is killed: the cell goes not
+/// Ready naming MySQL and recovers. Returns the orders that got 202 (they wait in Kafka
+/// while MySQL is gone).
+async fn mysql_crash(client: &kube::Client, orders: &Orders) -> Result<Vec<usize>> {
+    let cells: Api<Cell> = Api::namespaced(client.clone(), NS);
     let store_pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let mut accepted = Vec::new();
-    let order = |i: usize| {
-        let router = router.clone();
-        async move {
-            let body = format!(r#"{{"sku":"sku-1","qty":1,"orderId":"o-{i}"}}"#);
-            as_user(&router, "POST", "/users/alice/orders", "alice", &body).await
-        }
-    };
     for i in 0..5 {
-        let r = order(i).await?;
-        if r.status == 202 {
+        if orders.place(i).await?.status == 202 {
             accepted.push(i);
         }
     }
     store_pods
         .delete(
-            &format!("{CELL}-mysql-0"),
+            &format!("{HOME}-mysql-0"),
             &DeleteParams {
                 grace_period_seconds: Some(0),
                 ..Default::default()
@@ -475,34 +627,19 @@ spec:
     let not_ready = wait_for(
         "the cell not Ready, naming MySQL",
         Duration::from_secs(60),
-        || async {
-            let c = cells.get(CELL).await?;
-            Ok(c.status.and_then(|s| {
-                s.conditions
-                    .iter()
-                    .find(|c| c.type_ == "MySQLReady" && c.status == "False")
-                    .map(|c| c.message.clone())
-            }))
-        },
+        || cell_condition(&cells, HOME, "MySQLReady", "False"),
     )
     .await?;
     println!("MySQLReady False after {:?}: {not_ready}", killed.elapsed());
     for i in 5..15 {
-        if let Ok(r) = order(i).await {
+        if let Ok(r) = orders.place(i).await {
             if r.status == 202 {
                 accepted.push(i);
             }
         }
     }
-    wait_for("the cell Ready again", Duration::from_secs(180), || async {
-        let c = cells.get(CELL).await?;
-        Ok(c.status
-            .filter(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-            .map(|_| ()))
+    wait_for("the cell Ready again", T, || {
+        cell_condition(&cells, HOME, "Ready", "True")
     })
     .await?;
     println!(
@@ -514,20 +651,81 @@ spec:
         accepted.len() >= 5,
         "orders accepted before the kill: {accepted:?}"
     );
-    for i in &accepted {
-        let path = format!("/users/alice/orders/o-{i}");
-        wait_for(
-            "every accepted order persisted",
-            Duration::from_secs(120),
-            || {
-                let (router, path) = (router.clone(), path.clone());
-                async move {
-                    let r = as_user(&router, "GET", &path, "alice", "").await?;
-                    Ok((r.status == 200 && r.body.contains("persisted")).then_some(()))
+    Ok(accepted)
+}
+
+/// `cellplane switchover` of the home cell to its standby in the other region while one
+/// client keeps ordering: it succeeds, every order is answered 202 (held during the
+/// freeze), and the orders after it are served by the standby's pods. Returns the
+/// accepted orders.
+async fn switchover(etcd: &Etcd, orders: &Orders) -> Result<Vec<usize>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, orders) = (stop.clone(), orders.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in 100.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
                 }
-            },
-        )
-        .await?;
+                let r = orders.place(i).await;
+                answers.push((i, r));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            answers
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let etcd_endpoint = etcd.endpoints()[0].clone();
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(workspace_bin("cellplane"))
+            .args(["--etcd-endpoints", &etcd_endpoint, "--platform", "shop"])
+            .args(["switchover", HOME])
+            .output()
+    })
+    .await??;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    let answers = client.await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("cellplane switchover {HOME} ({took:?}):\n{text}");
+    anyhow::ensure!(out.status.success(), "the switchover: {text}");
+    let mut accepted = Vec::new();
+    let mut failed = Vec::new();
+    let mut served_by = std::collections::BTreeMap::<String, usize>::new();
+    for (i, r) in answers {
+        match r {
+            Ok(r) if r.status == 202 => {
+                accepted.push(i);
+                *served_by.entry(r.served_by()).or_default() += 1;
+            }
+            Ok(r) => failed.push(format!("o-{i}: {} {}", r.status, r.body)),
+            Err(e) => failed.push(format!("o-{i}: {e}")),
+        }
     }
-    Ok(())
+    println!(
+        "orders during the switchover: {} got 202, served by {served_by:?}",
+        accepted.len()
+    );
+    anyhow::ensure!(failed.is_empty(), "every order answered 202: {failed:?}");
+    anyhow::ensure!(
+        served_by.contains_key(HOME) && served_by.contains_key(STANDBY),
+        "orders served by the home, then by the standby's pods: {served_by:?}"
+    );
+    let last = orders.place(99).await?;
+    anyhow::ensure!(
+        last.status == 202 && last.served_by() == STANDBY,
+        "an order after the switchover goes to {STANDBY}: {} {:?} {}",
+        last.status,
+        last.served_by(),
+        last.body
+    );
+    accepted.push(99);
+    Ok(accepted)
 }

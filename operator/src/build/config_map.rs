@@ -72,9 +72,12 @@ pub fn store(ctx: &CellContext, store: Store) -> Option<ConfigMap> {
             "cellplane.cnf",
             // Binary log with GTIDs so the standby cell in another region can replicate;
             // one GTID domain per cell keeps positions apart on a standby that also
-            // replicates (multi-source) while writing its own schema.
+            // replicates (multi-source) while writing its own schema. Accounts are each
+            // server's own: the image's first start writes the app's account to the binary
+            // log (the upstream entrypoint does), and a standby that applied it would stop
+            // on its own account of the same name, so the `mysql` schema is not replicated.
             format!(
-                "[mariadb]\nserver_id={id}\ngtid_domain_id={id}\nlog_bin=mysql-bin\nbinlog_format=ROW\ngtid_strict_mode=ON\nlog_slave_updates=ON\nbind_address=0.0.0.0\nskip_name_resolve=ON\n",
+                "[mariadb]\nserver_id={id}\ngtid_domain_id={id}\nlog_bin=mysql-bin\nbinlog_format=ROW\ngtid_strict_mode=ON\nlog_slave_updates=ON\nreplicate_wild_ignore_table=mysql.%\nbind_address=0.0.0.0\nskip_name_resolve=ON\n",
                 id = mysql_server_id(ctx.name)
             ),
         ),
@@ -138,6 +141,10 @@ mod tests {
             .unwrap();
         assert!(
             cnf["cellplane.cnf"].contains(&format!("server_id={}", mysql_server_id("shop-us-0")))
+        );
+        assert!(
+            cnf["cellplane.cnf"].contains("replicate_wild_ignore_table=mysql.%"),
+            "accounts are not replicated"
         );
         assert!(store(&fixtures::ctx(&spec), Store::Kafka).is_none());
     }

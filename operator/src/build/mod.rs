@@ -284,6 +284,7 @@ pub(crate) mod fixtures {
                 }],
                 probes: Probes::default(),
                 advertise: None,
+                allow_from: vec![],
                 expose: Default::default(),
             },
             redis: StoreSpec::in_cluster(),

@@ -1,7 +1,8 @@
 //! NetworkPolicies: a cell's stores accept only the cell's own pods, and its MySQL also the
 //! operator (whose region agent fences and measures it); its app accepts only the cell's
 //! pods, the router and the operator (which reads its `/status`). Nothing else crosses
-//! between cells. Pure.
+//! between cells, except the address ranges a spec admits (`allowFrom`: other regions'
+//! standbys and routers, on one port). Pure.
 
 use super::names::{
     self, Store, APP, LABEL_CELL, LABEL_COMPONENT, OPERATOR_SELECTOR, ROUTER_SELECTOR,
@@ -58,10 +59,15 @@ pub fn app(ctx: &CellContext) -> NetworkPolicy {
                 ..Default::default()
             }),
             policy_types: Some(vec!["Ingress".into()]),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                from: Some(vec![same_cell(ctx), router(), operator()]),
-                ..Default::default()
-            }]),
+            ingress: Some(
+                std::iter::once(NetworkPolicyIngressRule {
+                    from: Some(vec![same_cell(ctx), router(), operator()]),
+                    ..Default::default()
+                })
+                // Other regions' routers, on the app's port only.
+                .chain(ranges(&ctx.spec.app.allow_from).map(|peers| rule(peers, ctx.spec.app.port)))
+                .collect(),
+            ),
             ..Default::default()
         }),
     }
@@ -85,20 +91,27 @@ fn allowed_ranges(ctx: &CellContext) -> Vec<NetworkPolicyIngressRule> {
     Store::ALL
         .into_iter()
         .filter_map(|store| {
-            let ranges = &ctx.store(store).in_cluster.as_ref()?.allow_from;
-            let peers: Vec<NetworkPolicyPeer> = ranges
-                .iter()
-                .map(|cidr| NetworkPolicyPeer {
-                    ip_block: Some(IPBlock {
-                        cidr: cidr.clone(),
-                        except: None,
-                    }),
-                    ..Default::default()
-                })
-                .collect();
-            (!peers.is_empty()).then(|| rule(peers, store.port()))
+            let peers = ranges(&ctx.store(store).in_cluster.as_ref()?.allow_from)?;
+            Some(rule(peers, store.port()))
         })
         .collect()
+}
+
+/// IPv4 ranges as NetworkPolicy peers; None for none (no rule: an empty `from` would admit
+/// everyone).
+fn ranges(cidrs: &[String]) -> Option<Vec<NetworkPolicyPeer>> {
+    (!cidrs.is_empty()).then(|| {
+        cidrs
+            .iter()
+            .map(|cidr| NetworkPolicyPeer {
+                ip_block: Some(IPBlock {
+                    cidr: cidr.clone(),
+                    except: None,
+                }),
+                ..Default::default()
+            })
+            .collect()
+    })
 }
 
 pub fn stores(ctx: &CellContext) -> NetworkPolicy {
@@ -184,20 +197,40 @@ mod tests {
         });
         let rules = stores(&fixtures::ctx(&spec)).spec.unwrap().ingress.unwrap();
         assert_eq!(rules.len(), 3, "the cell, the operator, MySQL's ranges");
-        let ranges = &rules[2];
-        let cidrs: Vec<&str> = ranges
+        assert_eq!(
+            cidrs_and_port(&rules[2]),
+            (vec!["10.20.0.0/16", "10.30.0.0/16"], 3306),
+            "MySQL's port only, not Redis's or Kafka's"
+        );
+    }
+
+    /// A rule's IP ranges and its one port.
+    fn cidrs_and_port(rule: &NetworkPolicyIngressRule) -> (Vec<&str>, i32) {
+        let cidrs = rule
             .from
             .as_ref()
             .unwrap()
             .iter()
             .map(|p| p.ip_block.as_ref().unwrap().cidr.as_str())
             .collect();
-        assert_eq!(cidrs, ["10.20.0.0/16", "10.30.0.0/16"]);
-        assert_eq!(
-            ranges.ports.as_ref().unwrap()[0].port,
-            Some(IntOrString::Int(3306)),
-            "MySQL's port only, not Redis's or Kafka's"
-        );
+        let ports = rule.ports.as_ref().unwrap();
+        assert_eq!(ports.len(), 1);
+        match ports[0].port {
+            Some(IntOrString::Int(port)) => (cidrs, port),
+            ref other => panic!("port {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_apps_allowed_ranges_reach_its_port_and_none_admits_no_range() {
+        let mut spec = fixtures::spec();
+        let rules = app(&fixtures::ctx(&spec)).spec.unwrap().ingress.unwrap();
+        assert_eq!(rules.len(), 1, "no range rule without allowFrom");
+        spec.app.allow_from = vec!["10.199.1.2/32".into()];
+        spec.app.port = 9090;
+        let rules = app(&fixtures::ctx(&spec)).spec.unwrap().ingress.unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(cidrs_and_port(&rules[1]), (vec!["10.199.1.2/32"], 9090));
     }
 
     #[test]
