@@ -1,5 +1,6 @@
 # cellplane: two commands do everything on a fresh machine.
 #   make demo   a local two-region platform: real control planes, cells on real stores, the router (the main job)
+#               (REAL=1: the cells as real pods, from the charts and the images built here)
 #   make test   every test (unit, property, real API servers, Helm), plus fmt and clippy
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -65,9 +66,16 @@ crds:
 	$(CARGO) run -q -p cellplane-operator -- crd > crds/cellplane.yaml
 	cp crds/cellplane.yaml charts/cellplane-operator/crds/cellplane.yaml
 
+# REAL=1: the cells as real pods on a real node per region (the charts, the built images);
+# KEEP=1 leaves it running.
 demo: tools
+ifeq ($(REAL),1)
+	$(CARGO) build --workspace --bins
+	@target/debug/demo-real $(if $(filter 1,$(KEEP)),--keep)
+else
 	$(CARGO) build -p cellplane-operator -p cellplane-router -p cellplane-cell-app -p cellplane-e2e --bins
 	@e2e/bin/demo
+endif
 
 # Benchmarks print medians and ratios measured side by side; none is a timed test.
 bench: tools

@@ -10,6 +10,7 @@ pub mod netlab;
 pub mod pki;
 pub mod prometheus;
 pub mod real;
+pub mod real_platform;
 
 use netlab::Place;
 
