@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 use cellplane_e2e::lab::Load;
 use cellplane_e2e::real_platform::{as_user, TwoRegions};
 use cellplane_e2e::wait_for;
+use cellplane_table::store::now_ms;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -115,13 +116,17 @@ async fn run(platform: &TwoRegions, started: Instant) -> Result<()> {
         "cellplane switchover {} (planned: freeze, fence, catch up, promote, flip)",
         cells[0]
     ));
+    let mut marks = vec![("switchover asked", now_ms())];
     let (ok, text) = platform.cellplane(&["switchover", &cells[0]]).await?;
+    marks.push(("switchover done", now_ms()));
     println!("{text}");
     anyhow::ensure!(ok, "the switchover failed");
     tokio::time::sleep(Duration::from_secs(5)).await;
     say(&format!("cellplane failback {}", cells[0]));
     platform.wait_replicating(&cells[0], &cells[1]).await?;
+    marks.push(("failback asked", now_ms()));
     let (ok, text) = platform.cellplane(&["failback", &cells[0]]).await?;
+    marks.push(("failback done", now_ms()));
     println!("{text}");
     anyhow::ensure!(ok, "the failback failed");
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -138,6 +143,19 @@ async fn run(platform: &TwoRegions, started: Instant) -> Result<()> {
         "  {} requests; by status {statuses:?}; by cell {served_by:?}",
         answers.len()
     );
+    let first_ms = answers.iter().map(|a| a.sent_ms).min().unwrap_or_default();
+    for a in answers.iter().filter(|a| a.status >= 300).take(5) {
+        println!(
+            "  e.g. {} at +{} ms ({} ms): {}",
+            a.status,
+            a.sent_ms - first_ms,
+            a.latency_ms,
+            a.body.trim()
+        );
+    }
+    for (what, ms) in &marks {
+        println!("  {what} at +{} ms", ms.saturating_sub(first_ms));
+    }
     let accepted: Vec<_> = answers
         .iter()
         .filter(|a| a.status == 202)
