@@ -13,8 +13,10 @@ all: test
 setup:
 	@bash e2e/bin/setup
 
+# The real node's own servers (containerd, CNI, CoreDNS, kube-router) and the store images
+# are built on first use by the real-node test and `make demo REAL=1`.
 tools: setup
-	@e2e/bin/tools >/dev/null
+	@e2e/bin/tools --base >/dev/null
 	@e2e/bin/stores install
 
 build:
@@ -53,8 +55,9 @@ unit:
 e2e: tools build
 	$(CARGO) test -p cellplane-e2e
 
+# e2e/bin/tests: `cargo test --workspace`, with the real-node test run beside the others.
 test: tools build lint
-	$(CARGO) test --workspace
+	@CARGO=$(CARGO) e2e/bin/tests
 	@e2e/bin/fuzz
 
 # cargo-fuzz on the router's parsers (FUZZ_SECS per target; needs a nightly toolchain).

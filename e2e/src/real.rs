@@ -66,6 +66,12 @@ impl RealRegion {
     /// Region `name` with one real node, Ready. The node's name carries the process id,
     /// so runs never share one.
     pub fn up(name: &str) -> Result<Self> {
+        // The node's own servers are built on first use (`make tools` builds the rest);
+        // a build already running, e.g. CI's in the background, is waited for.
+        run(
+            Command::new(repo_root().join("e2e/bin/tools")).arg("--node"),
+            "e2e/bin/tools --node",
+        )?;
         let node = format!(
             "{}{}",
             &name[..name.len().min(4)],
