@@ -246,16 +246,7 @@ impl PairLab {
 
     /// Waits until `cell`'s MySQL runs its replication connection from `source`.
     pub async fn wait_replicating(&self, cell: &str, source: &str) -> Result<()> {
-        wait_for(&format!("{cell} replicates {source}"), T, || async {
-            Ok(self.etcd.registration(cell).await?.filter(|r| {
-                r.mysql
-                    .as_ref()
-                    .and_then(|m| m.replicas.get(source))
-                    .is_some_and(|c| c.running)
-            }))
-        })
-        .await
-        .map(|_| ())
+        self.etcd.wait_replicating(cell, source, T).await
     }
 
     /// `n` users whose slots `cell` owned when the platform converged.

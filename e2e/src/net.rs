@@ -169,6 +169,26 @@ impl Etcd {
     /// Makes member `i` the etcd leader (moved by the current leader) and waits until it
     /// leads: a test that cuts a region off keeps the leader elsewhere, since a leader
     /// change renews every lease by a full TTL.
+    /// Waits until `cell`'s region reports its MySQL running the replication connection
+    /// from `source` (the registration's report).
+    pub async fn wait_replicating(
+        &self,
+        cell: &str,
+        source: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        wait_for(&format!("{cell} replicates {source}"), timeout, || async {
+            Ok(self.registration(cell).await?.filter(|r| {
+                r.mysql
+                    .as_ref()
+                    .and_then(|m| m.replicas.get(source))
+                    .is_some_and(|c| c.running)
+            }))
+        })
+        .await
+        .map(|_| ())
+    }
+
     pub async fn move_leader_to(&self, i: usize) -> Result<()> {
         let target = self.endpoints[i].clone();
         let id_of = |e: String| async move {

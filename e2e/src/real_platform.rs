@@ -122,16 +122,7 @@ impl TwoRegions {
 
     /// Waits until `cell`'s region reports its MySQL replicating `source`'s.
     pub async fn wait_replicating(&self, cell: &str, source: &str) -> Result<()> {
-        wait_for(&format!("{cell} replicates {source}"), T, || async {
-            Ok(self.etcd.registration(cell).await?.filter(|r| {
-                r.mysql
-                    .as_ref()
-                    .and_then(|m| m.replicas.get(source))
-                    .is_some_and(|c| c.running)
-            }))
-        })
-        .await
-        .map(|_| ())
+        self.etcd.wait_replicating(cell, source, T).await
     }
 
     /// The router chart in the first region; returns the router pod's `ip:port` once it
