@@ -260,25 +260,7 @@ impl PairLab {
 
     /// Runs `cellplane` against the platform; returns its exit code and output.
     pub async fn cellplane(&self, args: &[&str]) -> Result<(i32, String)> {
-        let mut all = vec![
-            "--etcd-endpoints".to_string(),
-            self.etcd.endpoints_flag(),
-            "--platform".into(),
-            "shop".into(),
-        ];
-        all.extend(args.iter().map(|a| a.to_string()));
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(workspace_bin("cellplane"))
-                .args(&all)
-                .output()
-        })
-        .await??;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok((out.status.code().unwrap_or(-1), text))
+        run_cellplane(&self.etcd.endpoints_flag(), "shop", args).await
     }
 
     pub async fn record(&self, id: &str) -> Result<Operation> {
@@ -321,6 +303,34 @@ impl PairLab {
         }
         Ok(())
     }
+}
+
+/// Runs `cellplane` against platform `platform` in the etcd at `endpoints`, as an SRE
+/// would: its exit code and its output (stdout, then stderr).
+pub async fn run_cellplane(
+    endpoints: &str,
+    platform: &str,
+    args: &[&str],
+) -> Result<(i32, String)> {
+    let mut all = vec![
+        "--etcd-endpoints".to_string(),
+        endpoints.to_string(),
+        "--platform".into(),
+        platform.to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(workspace_bin("cellplane"))
+            .args(&all)
+            .output()
+    })
+    .await??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.code().unwrap_or(-1), text))
 }
 
 /// The operation the CLI started ("started <id>: ...").

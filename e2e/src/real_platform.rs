@@ -9,7 +9,7 @@
 
 use crate::net::{Etcd, Reply};
 use crate::real::{build_images, on_real_node, ready_pod_ip, through_port_forward, RealRegion};
-use crate::{repo_root, test_dir, wait_for, workspace_bin};
+use crate::{repo_root, test_dir, wait_for};
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use cellplane_cells::crd::Cell;
@@ -139,19 +139,7 @@ impl TwoRegions {
                 on_real_node(0)
             ),
         )?;
-        let chart = repo_root().join("charts/cellplane-router");
-        lab.helm(&[
-            "install",
-            "edge",
-            chart.to_str().context("path")?,
-            "-n",
-            "cellplane",
-            "-f",
-            values.to_str().context("path")?,
-            "--wait",
-            "--timeout",
-            "120s",
-        ])?;
+        helm_install(lab, "edge", "cellplane-router", &values)?;
         let pods: Api<Pod> = Api::namespaced(lab.region.client().await?, "cellplane");
         let ip = wait_for("the router pod's address", T, || {
             ready_pod_ip(&pods, "app.kubernetes.io/name=cellplane-router")
@@ -187,27 +175,10 @@ impl TwoRegions {
         Ok(())
     }
 
-    /// Runs `cellplane` against the platform: its exit status and output.
+    /// Runs `cellplane` against the platform: whether it succeeded, and its output.
     pub async fn cellplane(&self, args: &[&str]) -> Result<(bool, String)> {
-        let mut all = vec![
-            "--etcd-endpoints".to_string(),
-            self.etcd_endpoint().to_string(),
-            "--platform".into(),
-            PLATFORM.into(),
-        ];
-        all.extend(args.iter().map(|a| a.to_string()));
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(workspace_bin("cellplane"))
-                .args(&all)
-                .output()
-        })
-        .await??;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok((out.status.success(), text))
+        let (code, text) = crate::lab::run_cellplane(self.etcd_endpoint(), PLATFORM, args).await?;
+        Ok((code == 0, text))
     }
 
     /// Every region's pods and where the nodes' logs are: what to look at after a failure.
@@ -341,6 +312,29 @@ spec:
     )
 }
 
+/// `helm install RELEASE charts/CHART -n cellplane -f VALUES`, waiting for its pods.
+fn helm_install(
+    lab: &RealRegion,
+    release: &str,
+    chart: &str,
+    values: &std::path::Path,
+) -> Result<()> {
+    let chart = repo_root().join("charts").join(chart);
+    lab.helm(&[
+        "install",
+        release,
+        chart.to_str().context("chart path")?,
+        "-n",
+        "cellplane",
+        "-f",
+        values.to_str().context("values path")?,
+        "--wait",
+        "--timeout",
+        "180s",
+    ])
+    .map(|_| ())
+}
+
 /// One region's platform: the operator chart (with the replication secret), the node's
 /// volumes, the cell's published ports, and the CellSet.
 fn install_region(lab: &RealRegion, etcd: &str, cellset: &str) -> Result<()> {
@@ -365,21 +359,9 @@ fn install_region(lab: &RealRegion, etcd: &str, cellset: &str) -> Result<()> {
             on_real_node(0)
         ),
     )?;
-    let chart = repo_root().join("charts/cellplane-operator");
     // The operator as its chart installs it: a pod on the real node under the chart's
     // ServiceAccount (a permission the chart lacks fails the Cell).
-    lab.helm(&[
-        "install",
-        "cp",
-        chart.to_str().context("chart path")?,
-        "-n",
-        "cellplane",
-        "-f",
-        values.to_str().context("path")?,
-        "--wait",
-        "--timeout",
-        "180s",
-    ])?;
+    helm_install(lab, "cp", "cellplane-operator", &values)?;
     lab.add_local_volumes(&dir.join("volumes"), 3)?;
     region.kubectl(&["create", "namespace", NS])?;
     let cell = cell_of(&region.name);
