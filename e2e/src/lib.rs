@@ -42,6 +42,25 @@ pub fn tools_bin() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// Builds a group of the test servers that `make tools` leaves to their first user
+/// (`--node`: the real node's; `--tofu`: OpenTofu and its providers): cached ones are
+/// skipped, and a build already running (CI's in the background) is waited for.
+pub fn build_tools(group: &str) -> Result<()> {
+    let out = Command::new(repo_root().join("e2e/bin/tools"))
+        .arg(group)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running e2e/bin/tools {group}"))?;
+    if !out.status.success() {
+        bail!(
+            "e2e/bin/tools {group} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// A built workspace binary: the debug build (`make test` builds them before the tests
 /// run), or with `CELLPLANE_PROFILE=release` the release build (`make bench-drill`: what
 /// a benchmark measures is what production runs).

@@ -68,10 +68,7 @@ impl RealRegion {
     pub fn up(name: &str) -> Result<Self> {
         // The node's own servers are built on first use (`make tools` builds the rest);
         // a build already running, e.g. CI's in the background, is waited for.
-        run(
-            Command::new(repo_root().join("e2e/bin/tools")).arg("--node"),
-            "e2e/bin/tools --node",
-        )?;
+        crate::build_tools("--node")?;
         let node = format!(
             "{}{}",
             &name[..name.len().min(4)],

@@ -1,10 +1,10 @@
 //! `terraform/modules/region` applied by real OpenTofu against a real region: `tofu init`
-//! installs the providers from the local filesystem mirror that `e2e/bin/tools` built from
+//! installs the providers from the local filesystem mirror that `e2e/bin/tools --tofu` built from
 //! their Go modules (nothing is downloaded), a bad variable is refused naming the fix, apply
 //! creates the CRDs, the operator, the router and a CellSet, a second plan is empty, and
 //! destroy removes them.
 
-use cellplane_e2e::{repo_root, tools_bin, Region};
+use cellplane_e2e::{build_tools, repo_root, tools_bin, Region};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
@@ -43,6 +43,9 @@ fn relative(from: &Path, to: &Path) -> String {
 
 #[test]
 fn the_region_module_is_applied_by_opentofu() -> anyhow::Result<()> {
+    // OpenTofu and its providers are built on first use (`make test` starts that build
+    // in the background when its tests start).
+    build_tools("--tofu")?;
     let region = Region::up("tofu")?;
     let dir = region.dir.join("tofu-root");
     std::fs::create_dir_all(&dir)?;
