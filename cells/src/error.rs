@@ -20,6 +20,9 @@ pub enum Error {
     #[error("failover timing {field}: {problem}")]
     Timing { field: String, problem: String },
 
+    #[error("slots: {0}")]
+    SlotSet(String),
+
     #[error("routing table: cannot decode: {0}")]
     Decode(String),
 }

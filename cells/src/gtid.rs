@@ -101,6 +101,37 @@ pub fn merge(primary: &str, rest: &str) -> String {
     out.join(",")
 }
 
+/// A position as a reader of the binary log advances it: the last transaction seen per
+/// domain. Parsing is strict (a position is an input that a move starts from).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Position(std::collections::BTreeMap<u32, Gtid>);
+
+impl Position {
+    /// `domain-server-seqno,...`; empty is the position before every transaction.
+    pub fn parse(text: &str) -> Option<Position> {
+        let mut pos = Position::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let g = Gtid::parse(part)?;
+            if pos.0.insert(g.domain, g).is_some() {
+                return None;
+            }
+        }
+        Some(pos)
+    }
+
+    /// After `gtid`'s transaction.
+    pub fn advance(&mut self, gtid: Gtid) {
+        self.0.insert(gtid.domain, gtid);
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.values().map(Gtid::to_string).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +173,18 @@ mod tests {
         assert_eq!(merge("1-1-10,2-2-5", "2-2-9,3-3-4"), "1-1-10,2-2-5,3-3-4");
         assert_eq!(merge("", "3-3-4"), "3-3-4");
         assert_eq!(merge("1-1-10", ""), "1-1-10");
+    }
+
+    #[test]
+    fn positions_advance_per_domain_and_print_as_the_server_does() {
+        let mut p = Position::parse("2-2-5, 1-1-10").unwrap();
+        assert_eq!(p.to_string(), "1-1-10,2-2-5");
+        p.advance(Gtid::parse("2-7-6").unwrap());
+        p.advance(Gtid::parse("3-3-1").unwrap());
+        assert_eq!(p.to_string(), "1-1-10,2-7-6,3-3-1");
+        assert_eq!(Position::parse("").unwrap().to_string(), "");
+        assert_eq!(Position::parse("1-1-x"), None);
+        assert_eq!(Position::parse("1-1-1,1-2-2"), None, "one entry per domain");
+        assert!(reached(&p.to_string(), "1-1-10,2-2-6"));
     }
 }

@@ -15,8 +15,8 @@ pub enum Verdict {
         epoch: u64,
         data_home: String,
     },
-    /// Another cell owns the slot (or this cell is frozen for a failover): answer 421 so the
-    /// router refreshes its table and retries at the right home.
+    /// Another cell owns the slot (or this cell, or the slot, is frozen for a failover or a
+    /// slot move): answer 421 so the router refreshes its table and retries at the right home.
     Misdirected {
         slot: Slot,
         epoch: u64,
@@ -53,7 +53,7 @@ pub fn check(
     }
     let slot = slot_for_key(key, table.slots);
     let owner = table.cell_for_slot(slot);
-    if owner.name == me && !owner.frozen {
+    if owner.name == me && !table.is_frozen(slot) {
         Verdict::Serve {
             slot,
             epoch: table.epoch,
@@ -118,6 +118,28 @@ mod tests {
         assert!(matches!(
             check(Some(&t), "a", &mine, None),
             Verdict::Misdirected { .. }
+        ));
+    }
+
+    #[test]
+    fn a_frozen_slot_is_refused_and_the_cells_other_slots_served() {
+        let t = table(3);
+        let mine = user_of(&t, "a");
+        let slot = slot_for_key(&mine, t.slots);
+        let frozen = t
+            .with_frozen_slots(&crate::slot_set::SlotSet::of(t.slots, [slot]).unwrap())
+            .unwrap();
+        assert!(matches!(
+            check(Some(&frozen), "a", &mine, Some(frozen.epoch)),
+            Verdict::Misdirected { ref owner, .. } if owner == "a"
+        ));
+        let other = (0..)
+            .map(|i| format!("v{i}"))
+            .find(|k| frozen.route(k).1.name == "a" && slot_for_key(k, t.slots) != slot)
+            .unwrap();
+        assert!(matches!(
+            check(Some(&frozen), "a", &other, Some(frozen.epoch)),
+            Verdict::Serve { .. }
         ));
     }
 

@@ -4,6 +4,7 @@
 use crate::crd::CellPhase;
 use crate::placement::{place, CellIndex, Placement, WeightedCell};
 use crate::slot::{check_slot_count, slot_for_key, Slot};
+use crate::slot_set::SlotSet;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -63,6 +64,11 @@ pub struct RoutingTable {
     /// slot's data lives with its serving cell (the usual case, kept out of the encoding).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_homes: Vec<CellIndex>,
+    /// Slots frozen on their own, as inclusive ranges (ascending, disjoint): a slot move
+    /// is cutting them over. Routers hold only these slots' requests and their cell refuses
+    /// them, while the cell's other users are served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen_slots: Vec<(Slot, Slot)>,
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Error {
@@ -114,6 +120,7 @@ impl RoutingTable {
                 .collect(),
             pins: BTreeMap::new(),
             data_homes: Vec::new(),
+            frozen_slots: Vec::new(),
         };
         table.validate()?;
         Ok(table)
@@ -226,6 +233,19 @@ impl RoutingTable {
                 format!("cell index out of range (0..{})", self.cells.len()),
             ));
         }
+        let mut after: Option<Slot> = None;
+        for (i, &(first, last)) in self.frozen_slots.iter().enumerate() {
+            if first > last || last >= self.slots || after.is_some_and(|a| first <= a + 1) {
+                return Err(invalid(
+                    format!("frozenSlots[{i}]"),
+                    format!(
+                        "[{first}, {last}] must be a range within 0..{}, after the previous one and not touching it",
+                        self.slots
+                    ),
+                ));
+            }
+            after = Some(last);
+        }
         for (c, owns) in self.cells.iter().zip(owning) {
             if owns && !serves_traffic(c.state) {
                 return Err(invalid(
@@ -287,6 +307,109 @@ impl RoutingTable {
         if self.data_homes == self.owners {
             self.data_homes.clear();
         }
+    }
+
+    /// Requests for `slot` wait: its cell is frozen, or the slot itself is.
+    #[inline]
+    pub fn is_frozen(&self, slot: Slot) -> bool {
+        self.cell_for_slot(slot).frozen || self.slot_frozen(slot)
+    }
+
+    /// `slot` is frozen on its own (in [`RoutingTable::frozen_slots`]).
+    #[inline]
+    pub fn slot_frozen(&self, slot: Slot) -> bool {
+        if self.frozen_slots.is_empty() {
+            return false;
+        }
+        let i = self.frozen_slots.partition_point(|&(_, last)| last < slot);
+        self.frozen_slots
+            .get(i)
+            .is_some_and(|&(first, _)| first <= slot)
+    }
+
+    /// The frozen slots as a set.
+    pub fn frozen_slot_set(&self) -> Result<SlotSet> {
+        SlotSet::of(
+            self.slots,
+            self.frozen_slots.iter().flat_map(|&(a, b)| a..=b),
+        )
+    }
+
+    /// The table with `slots` frozen too (a slot move's cut-over begins), one epoch later.
+    pub fn with_frozen_slots(&self, slots: &SlotSet) -> Result<Self> {
+        let mut all = self.frozen_slot_set()?;
+        for s in slots.iter() {
+            all.insert(s)?;
+        }
+        let mut next = self.clone();
+        next.epoch += 1;
+        next.frozen_slots = all.ranges();
+        next.validate()?;
+        Ok(next)
+    }
+
+    /// The table with `slots` no longer frozen (a cut-over rolled back), one epoch later.
+    pub fn without_frozen_slots(&self, slots: &SlotSet) -> Result<Self> {
+        let rest = SlotSet::of(
+            self.slots,
+            self.frozen_slot_set()?
+                .iter()
+                .filter(|&s| !slots.contains(s)),
+        )?;
+        let mut next = self.clone();
+        next.epoch += 1;
+        next.frozen_slots = rest.ranges();
+        next.validate()?;
+        Ok(next)
+    }
+
+    /// The table after a slot move's flip: `slots` are served by `to` from its own
+    /// database and no longer frozen, one epoch later. A pin on a moved slot follows it.
+    /// Refused for a slot whose data lives elsewhere than with its owner (served after a
+    /// failover: fail back first), and for a target that does not serve traffic.
+    pub fn moved_slots(&self, slots: &SlotSet, to: &str) -> Result<Self> {
+        let target = self
+            .index_of(to)
+            .ok_or_else(|| invalid(format!("cells[{to}]"), "no such cell"))?;
+        if !serves_traffic(self.cells[target].state) {
+            return Err(invalid(
+                format!("cells[{to}].state"),
+                format!(
+                    "a {:?} cell cannot take slots; activate it first",
+                    self.cells[target].state
+                ),
+            ));
+        }
+        if let Some(slot) = slots
+            .iter()
+            .find(|&s| self.data_home_index(s) != usize::from(self.owners[s as usize]))
+        {
+            return Err(invalid(
+                format!("dataHomes[{slot}]"),
+                format!(
+                    "slot {slot} is served by {} from {}'s data (a failover); fail {} back before moving its slots",
+                    self.cell_for_slot(slot).name,
+                    self.data_home(slot).name,
+                    self.data_home(slot).name
+                ),
+            ));
+        }
+        let unfrozen = self.without_frozen_slots(slots)?;
+        let mut next = self.clone();
+        next.epoch += 1;
+        next.frozen_slots = unfrozen.frozen_slots;
+        for s in slots.iter() {
+            next.owners[s as usize] = target as CellIndex;
+            if !next.data_homes.is_empty() {
+                next.data_homes[s as usize] = target as CellIndex;
+            }
+            if let Some(pin) = next.pins.get_mut(&s) {
+                *pin = to.to_string();
+            }
+        }
+        next.compact_data_homes();
+        next.validate()?;
+        Ok(next)
     }
 
     /// Key -> slot -> home cell.
@@ -517,6 +640,76 @@ mod tests {
             "absent when false"
         );
         assert!(t.frozen("nope").is_err());
+    }
+
+    #[test]
+    fn slots_freeze_on_their_own_and_a_move_flips_only_them() {
+        let t = table();
+        let moving = SlotSet::parse(1024, "10-19,500").unwrap();
+        let from: Vec<String> = moving
+            .iter()
+            .map(|s| t.cell_for_slot(s).name.clone())
+            .collect();
+        let frozen = t.with_frozen_slots(&moving).unwrap();
+        assert_eq!(frozen.epoch, t.epoch + 1);
+        assert_eq!(frozen.frozen_slots, vec![(10, 19), (500, 500)]);
+        assert!(frozen.is_frozen(10) && frozen.is_frozen(19) && frozen.is_frozen(500));
+        assert!(!frozen.is_frozen(9) && !frozen.is_frozen(20) && !frozen.is_frozen(501));
+        assert!(frozen.cells.iter().all(|c| !c.frozen), "no cell is frozen");
+        assert_eq!(RoutingTable::decode(&frozen.encode()).unwrap(), frozen);
+        assert!(String::from_utf8(frozen.encode())
+            .unwrap()
+            .contains(r#""frozenSlots":[[10,19],[500,500]]"#));
+        assert!(!String::from_utf8(t.encode())
+            .unwrap()
+            .contains("frozenSlots"));
+        // Adding to the frozen set merges; thawing removes only what is named.
+        let more = frozen
+            .with_frozen_slots(&SlotSet::parse(1024, "20-21").unwrap())
+            .unwrap();
+        assert_eq!(more.frozen_slots, vec![(10, 21), (500, 500)]);
+        let thawed = more.without_frozen_slots(&moving).unwrap();
+        assert_eq!(thawed.frozen_slots, vec![(20, 21)]);
+
+        let moved = frozen.moved_slots(&moving, "b").unwrap();
+        assert_eq!(moved.epoch, frozen.epoch + 1);
+        assert!(moved.frozen_slots.is_empty());
+        for s in 0..1024 {
+            let want = if moving.contains(s) {
+                "b"
+            } else {
+                t.cell_for_slot(s).name.as_str()
+            };
+            assert_eq!(moved.cell_for_slot(s).name, want, "slot {s}");
+            assert_eq!(moved.data_home(s).name, want, "its data lives with it");
+        }
+        assert!(moved.data_homes.is_empty());
+        assert!(from.iter().any(|c| c == "a"), "some slot really moved");
+        assert!(t.moved_slots(&moving, "nope").is_err());
+        // After a failover, a's slots are served from a's data by b: not movable.
+        let over = t.failed_over("a").unwrap();
+        let a_slot = (0..1024).find(|&s| t.cell_for_slot(s).name == "a").unwrap();
+        let err = over
+            .moved_slots(&SlotSet::of(1024, [a_slot]).unwrap(), "b")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fail a back"), "{err}");
+    }
+
+    #[test]
+    fn bad_frozen_slots_are_refused() {
+        for (ranges, why) in [
+            (vec![(5, 3)], "backwards"),
+            (vec![(0, 1024)], "out of range"),
+            (vec![(0, 5), (3, 9)], "overlapping"),
+            (vec![(0, 5), (6, 9)], "touching: one range"),
+            (vec![(10, 12), (0, 5)], "descending"),
+        ] {
+            let mut t = table();
+            t.frozen_slots = ranges;
+            let err = t.validate().unwrap_err().to_string();
+            assert!(err.contains("frozenSlots["), "{why}: {err}");
+        }
     }
 
     #[test]

@@ -16,8 +16,15 @@ pub type Slot = u32;
 /// Maps a user key to its slot. `slots` must be >= 1 (checked where the count is configured).
 #[inline]
 pub fn slot_for_key(key: &str, slots: u32) -> Slot {
+    slot_for_bytes(key.as_bytes(), slots)
+}
+
+/// [`slot_for_key`] of a key held as bytes (a database column stores the key's UTF-8
+/// bytes; the hash is over bytes either way).
+#[inline]
+pub fn slot_for_bytes(key: &[u8], slots: u32) -> Slot {
     debug_assert!(slots >= 1);
-    (xxh3_64(key.as_bytes()) % u64::from(slots)) as Slot
+    (xxh3_64(key) % u64::from(slots)) as Slot
 }
 
 /// Validates a configured slot count.

@@ -121,13 +121,18 @@ impl CellStores {
 
     /// A pool on the cell's MariaDB as root (for checks and replication control).
     pub fn mysql_admin(&self) -> Result<mysql_async::Pool> {
-        let opts = mysql_async::OptsBuilder::default()
+        Ok(mysql_async::Pool::new(self.mysql_admin_opts()?))
+    }
+
+    /// Root's connection options on the cell's MariaDB, in the cell's schema.
+    pub fn mysql_admin_opts(&self) -> Result<mysql_async::Opts> {
+        Ok(mysql_async::OptsBuilder::default()
             .ip_or_hostname(self.place.host.clone())
             .tcp_port(self.var("MYSQL_PORT").parse()?)
             .user(Some("root"))
             .pass(Some(self.var("MYSQL_ROOT_PASSWORD")))
-            .db_name(Some(self.var("MYSQL_DATABASE")));
-        Ok(mysql_async::Pool::new(opts))
+            .db_name(Some(self.var("MYSQL_DATABASE")))
+            .into())
     }
 
     /// A pool with the app's own (non-admin) account, from the settings the app reads.

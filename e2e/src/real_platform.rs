@@ -28,7 +28,9 @@ pub const APP_NODE_PORT: u16 = 30080;
 const REPLICATION_SECRET: &str = "platform-replication";
 /// The app's admin token (stock for the sale), set through `spec.app.env`.
 const ADMIN_TOKEN: &str = "lab-admin-token-0123456789";
-const T: Duration = Duration::from_secs(180);
+/// A wait for pods: a cell's Kafka on a busy node (CI builds beside the tests) can take
+/// minutes to start; its startup probe allows 5.
+const T: Duration = Duration::from_secs(330);
 
 pub struct TwoRegions {
     /// The regions, in the CellSet's order; the first holds the global etcd and the router.

@@ -11,6 +11,8 @@ pub struct Decision<'t> {
     pub cell_index: usize,
     pub cell: &'t CellEntry,
     pub epoch: u64,
+    /// The user's requests wait: the cell or the slot is frozen.
+    pub frozen: bool,
 }
 
 #[inline]
@@ -22,6 +24,7 @@ pub fn decide<'t>(table: &'t RoutingTable, key: &str) -> Decision<'t> {
         cell_index,
         cell: &table.cells[cell_index],
         epoch: table.epoch,
+        frozen: table.is_frozen(slot),
     }
 }
 

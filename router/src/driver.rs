@@ -285,9 +285,9 @@ async fn route(router: &Router, key: &str, attempts: &mut Attempts) -> Result<Ro
             ));
         };
         let d = decide(&view.table, key);
-        if d.cell.frozen || router.holds.is_held(&d.cell.name) {
-            // A failover is moving this cell's slots (or an operator holds the cell): wait
-            // until a table moves them or the hold is released.
+        if d.frozen || router.holds.is_held(&d.cell.name) {
+            // A failover is moving this cell's slots, or a slot move this slot (or an
+            // operator holds the cell): wait until a table moves them or the hold is released.
             let deadline = *attempts.hold_deadline.get_or_insert_with(|| {
                 router.metrics.held.inc();
                 Instant::now() + Duration::from_millis(cfg.timeouts.hold_ms)
@@ -296,7 +296,7 @@ async fn route(router: &Router, key: &str, attempts: &mut Attempts) -> Result<Ro
             let mut holds = router.holds.subscribe();
             holds.mark_unchanged();
             if *epochs.borrow_and_update() != d.epoch
-                || !(d.cell.frozen || router.holds.is_held(&d.cell.name))
+                || !(d.frozen || router.holds.is_held(&d.cell.name))
             {
                 continue; // the table or the hold changed under us
             }
@@ -732,6 +732,44 @@ mod tests {
         );
         assert_eq!(r.metrics.held.get(), 1);
         assert_eq!(app.sent_to.len(), 1, "nothing reached the frozen cell");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frozen_slots_request_is_held_until_the_move_flips_it_and_its_cells_others_pass() {
+        let t = table(1);
+        let user = user_of(&t, "a");
+        let slot = cellplane_cells::slot::slot_for_key(&user, t.slots);
+        let moving = cellplane_cells::slot_set::SlotSet::of(t.slots, [slot]).unwrap();
+        let frozen = t.with_frozen_slots(&moving).unwrap();
+        let r = Arc::new(router(&frozen, &frozen, "slot-held"));
+        // The cell's users in other slots are served meanwhile.
+        let neighbour = (0..)
+            .map(|i| format!("n{i}"))
+            .find(|k| {
+                frozen.route(k).1.name == "a"
+                    && cellplane_cells::slot::slot_for_key(k, t.slots) != slot
+            })
+            .unwrap();
+        let mut app = Scripted::new([Act::Answer(StatusCode::OK)]);
+        let (routed, _) = drive(&r, &neighbour, &POST, &mut app).await.unwrap();
+        assert_eq!(routed.cell_name(), "a");
+        assert_eq!(r.metrics.held.get(), 0);
+
+        let flip = {
+            let r = r.clone();
+            let moved = frozen.moved_slots(&moving, "b").unwrap();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(80)).await;
+                r.tables.apply_bytes(&moved.encode(), "test").unwrap();
+            })
+        };
+        let started = Instant::now();
+        let mut app = Scripted::new([Act::Answer(StatusCode::OK)]);
+        let (routed, _) = drive(&r, &user, &POST, &mut app).await.unwrap();
+        flip.await.unwrap();
+        assert_eq!(routed.cell_name(), "b", "released to the slot's new home");
+        assert_eq!(started.elapsed(), Duration::from_millis(80));
+        assert_eq!(r.metrics.held.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,7 +8,8 @@ use crate::error::AppResult;
 use crate::stores::{timed, Stores};
 use mysql_async::prelude::Queryable;
 
-const STATEMENTS: &[&str] = &[
+/// The tables, as created at start (also by tests that need the app's schema without it).
+pub const STATEMENTS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS profiles (
         user_id VARBINARY(256) NOT NULL PRIMARY KEY,
         name VARCHAR(256) NOT NULL,
@@ -37,6 +38,11 @@ const STATEMENTS: &[&str] = &[
         voided_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)
     ) ENGINE=InnoDB",
 ];
+
+/// The tables that hold a user's rows, and the column with the user key: they move with
+/// their users' slots (the platform's contract for an app's tables, docs/reference.md).
+/// `voided_orders` is not one: it fences this cell's own Kafka log, which never moves.
+pub const USER_TABLES: &[(&str, &str)] = &[("profiles", "user_id"), ("orders", "user_id")];
 
 /// Columns that earlier versions created otherwise, and what they are now: tables made
 /// before user keys were bytes (`VARCHAR(128)` in a case-insensitive collation) are

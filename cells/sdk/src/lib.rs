@@ -7,9 +7,11 @@
 //!   variable and the fix.
 //! - [`replication`]: MariaDB GTID replication from a home cell to its standby: configure,
 //!   measure, promote, demote (fence). The failover controller calls these.
+//! - [`mover`]: a slot move's rows: copy, catch up from the binary log, verify.
 //! - [`rebuild`]: an old home that returned with errant transactions: export them, clone
 //!   the new home's cell schemas, take its position.
 
+pub mod mover;
 pub mod ownership;
 pub mod rebuild;
 pub mod replication;
@@ -33,6 +35,9 @@ pub enum Error {
 
     #[error("replication: {0}")]
     Replication(String),
+
+    #[error("slot move: {0}")]
+    Move(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -119,6 +119,11 @@ pub fn app(ctx: &CellContext) -> Deployment {
         env: Some(env),
         readiness_probe: Some(http_probe(&spec.probes.readiness_path, spec.port, 5)),
         liveness_probe: Some(http_probe(&spec.probes.liveness_path, spec.port, 10)),
+        startup_probe: Some(pod::startup(&http_probe(
+            &spec.probes.liveness_path,
+            spec.port,
+            5,
+        ))),
         resources: Some(pod::resources(spec.resources.as_ref(), "100m", "256Mi")),
         security_context: Some(pod::container_security()),
         volume_mounts: Some(vec![tmp_mount]),
@@ -224,6 +229,16 @@ mod tests {
                 .path
                 .as_deref(),
             Some("/readyz")
+        );
+        // A slow start is waited for (5 min) before liveness may restart the app.
+        let startup = c.startup_probe.as_ref().unwrap();
+        assert_eq!(
+            startup.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/livez")
+        );
+        assert_eq!(
+            startup.period_seconds.unwrap() * startup.failure_threshold.unwrap(),
+            pod::STARTUP_GRACE_SECONDS
         );
         assert_eq!(pod.automount_service_account_token, Some(false));
     }

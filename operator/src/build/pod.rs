@@ -3,7 +3,7 @@
 use cellplane_cells::crd::{CellSpec, Resources, TaintEffect, TolerationOperator};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapKeySelector, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
     SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -48,6 +48,21 @@ pub fn place(cell: &CellSpec, pod: &mut PodSpec) {
 }
 
 /// Pod-level: non-root, the given uid/gid, RuntimeDefault seccomp.
+/// How long a container may take to start before its liveness probe applies: a JVM
+/// broker on a busy node can take minutes to open its port, and a liveness probe that
+/// fires before that restarts it over and over.
+pub const STARTUP_GRACE_SECONDS: i32 = 300;
+
+/// `probe`'s check as a startup probe: every 5 s for [`STARTUP_GRACE_SECONDS`], after
+/// which the liveness and readiness probes take over.
+pub fn startup(probe: &Probe) -> Probe {
+    Probe {
+        period_seconds: Some(5),
+        failure_threshold: Some(STARTUP_GRACE_SECONDS / 5),
+        ..probe.clone()
+    }
+}
+
 pub fn pod_security(uid: i64) -> PodSecurityContext {
     PodSecurityContext {
         run_as_non_root: Some(true),

@@ -194,6 +194,7 @@ pub fn store(ctx: &CellContext, store: Store, spec: &InClusterStore) -> Stateful
         }]),
         readiness_probe: Some(tcp_probe(5)),
         liveness_probe: Some(tcp_probe(15)),
+        startup_probe: Some(pod::startup(&tcp_probe(5))),
         resources: Some(pod::resources(
             spec.resources.as_ref(),
             p.default_cpu,
@@ -307,10 +308,15 @@ mod tests {
     #[test]
     fn kafka_is_single_node_kraft_with_capped_heap() {
         let sts = render(Store::Kafka, &InClusterStore::default());
-        let env = sts.spec.template.spec.unwrap().containers[0]
-            .env
-            .clone()
-            .unwrap();
+        let container = sts.spec.template.spec.unwrap().containers[0].clone();
+        // A broker slow to open its port (a busy node) is waited for, not restarted.
+        let startup = container.startup_probe.unwrap();
+        assert!(startup.tcp_socket.is_some());
+        assert_eq!(
+            startup.period_seconds.unwrap() * startup.failure_threshold.unwrap(),
+            pod::STARTUP_GRACE_SECONDS
+        );
+        let env = container.env.unwrap();
         let get = |n: &str| {
             env.iter()
                 .find(|e| e.name == n)

@@ -155,6 +155,8 @@ pub fn next_table(
         owners,
         pins,
         data_homes,
+        // A slot move's cut-over owns these until it flips or thaws them.
+        frozen_slots: current.map(|t| t.frozen_slots.clone()).unwrap_or_default(),
     };
     next.compact_data_homes();
     if let Some(cur) = current {
