@@ -46,6 +46,7 @@ enum Change {
 // Event type codes (MariaDB's own are above 159).
 const QUERY_EVENT: u8 = 2;
 const ROTATE_EVENT: u8 = 4;
+const FORMAT_DESCRIPTION_EVENT: u8 = 15;
 const XID_EVENT: u8 = 16;
 const MARIADB_GTID_EVENT: u8 = 162;
 /// A GTID event's flag: the transaction is one statement with no COMMIT (DDL).
@@ -100,6 +101,30 @@ pub(super) fn changes_a_moved_table(query: &str, tables: &[TableShape]) -> bool 
     tables
         .iter()
         .any(|t| words.contains(&t.name.to_ascii_lowercase().as_str()))
+}
+
+/// The file a rotate event names. Read before the format description (the stream's first
+/// event), a checksummed event's last 4 bytes are still on the name.
+fn rotated_to(name: &str, with_checksum: bool) -> String {
+    let mut name = name.to_string();
+    if with_checksum && name.len() > 4 {
+        let mut cut = name.len() - 4;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+    }
+    name
+}
+
+/// An event starting at `start` in binary-log file `file` is at or after position
+/// (`until_file`, `until`). Files are compared by name (`binlog.000012`): the server may
+/// report a snapshot's file with the directory it was configured with, the replication
+/// stream names it without.
+fn past(file: &str, start: u64, until_file: &str, until: u64) -> bool {
+    let name = |f: &str| f.rsplit('/').next().unwrap_or(f).to_string();
+    let (file, until_file) = (name(file), name(until_file));
+    file > until_file || (file == until_file && start >= until)
 }
 
 /// A row image as column values, `TIMESTAMP`s as UTC dates.
@@ -161,6 +186,13 @@ impl SlotMover {
         let mut conn = Conn::new(utc(&self.source.opts))
             .await
             .map_err(mysql("source (binary log)"))?;
+        // Whether events end with a CRC32: the stream's first event (a rotate naming the
+        // file) comes before the format description that says so, and is read with it.
+        let checksum: Option<String> = conn
+            .query_first("SELECT @@global.binlog_checksum")
+            .await
+            .map_err(mysql("source binlog_checksum"))?;
+        let mut footer_unknown = checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE"));
         for set in [
             format!("SET @mariadb_slave_capability = {CAPABILITY_GTID}"),
             // Checked by Position::parse: digits, '-' and ','.
@@ -183,18 +215,19 @@ impl SlotMover {
             let event = event.map_err(mysql("reading the source's binary log"))?;
             let header = event.header();
             let kind = header.event_type_raw();
+            if kind == FORMAT_DESCRIPTION_EVENT {
+                footer_unknown = false;
+            }
             if kind == ROTATE_EVENT {
                 if let Some(EventData::RotateEvent(r)) = event.read_data().map_err(io)? {
-                    file = r.name().into_owned();
+                    file = rotated_to(&r.name(), footer_unknown);
                 }
                 continue;
             }
             if let Until::Position { file: f, pos } = &until {
                 let start =
                     u64::from(header.log_pos()).saturating_sub(u64::from(header.event_size()));
-                if header.log_pos() != 0
-                    && (file.as_str() > f.as_str() || (file == *f && start >= *pos))
-                {
+                if header.log_pos() != 0 && past(&file, start, f, *pos) {
                     break;
                 }
             }
@@ -267,12 +300,7 @@ impl SlotMover {
             return Ok(());
         };
         let table = &self.tables[t];
-        let slots = self.slots.slot_count();
-        let moving = |row: &[Value]| {
-            table
-                .slot_of(row, slots)
-                .is_some_and(|s| self.slots.contains(s))
-        };
+        let moving = |row: &[Value]| table.in_slots(row, &self.slots);
         for images in rows.rows(map) {
             let (before, after) = images.map_err(io)?;
             let before = before.map(|r| values_of(&r, table)).transpose()?;
@@ -378,6 +406,22 @@ mod tests {
         ] {
             assert!(!changes_a_moved_table(goes_on, &tables), "{goes_on}");
         }
+    }
+
+    #[test]
+    fn the_first_rotate_loses_its_checksum() {
+        assert_eq!(rotated_to("binlog.000001IxP2", true), "binlog.000001");
+        assert_eq!(rotated_to("binlog.000001", false), "binlog.000001");
+    }
+
+    #[test]
+    fn a_snapshot_position_is_compared_by_file_name_then_offset() {
+        let until = "/var/lib/mysql/binlog.000002";
+        assert!(!past("binlog.000001", 9_999, until, 400));
+        assert!(!past("binlog.000002", 399, until, 400));
+        assert!(past("binlog.000002", 400, until, 400));
+        assert!(past("binlog.000003", 4, until, 400));
+        assert!(past("./binlog.000002", 500, "binlog.000002", 400));
     }
 
     #[test]

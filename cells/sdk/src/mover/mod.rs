@@ -208,29 +208,14 @@ impl SlotMover {
         let mut total = CopyProgress::default();
         let mut src = self.source_pool.get_conn().await.map_err(mysql("source"))?;
         let mut dst = self.target_pool.get_conn().await.map_err(mysql("target"))?;
-        let slot_count = self.slots.slot_count();
         for table in &self.tables {
             total.table = table.name.clone();
-            let mut after: Option<Vec<Value>> = None;
-            loop {
-                let sql = table.select_batch(&self.source.schema, throttle.batch, after.is_some());
-                let batch: Vec<Row> = src
-                    .exec(sql, after.clone().unwrap_or_default())
-                    .await
-                    .map_err(mysql(format!("reading {}", table.name)))?;
-                if batch.is_empty() {
-                    break;
-                }
-                let values: Vec<Vec<Value>> = batch.into_iter().map(Row::unwrap).collect();
-                after = values.last().map(|r| table.primary_of(r));
-                total.scanned += values.len() as u64;
-                let moving: Vec<Vec<Value>> = values
+            let mut pages = Pages::new(table, &self.source.schema, throttle.batch);
+            while let Some(rows) = pages.next(&mut src).await? {
+                total.scanned += rows.len() as u64;
+                let moving: Vec<Vec<Value>> = rows
                     .into_iter()
-                    .filter(|r| {
-                        table
-                            .slot_of(r, slot_count)
-                            .is_some_and(|s| self.slots.contains(s))
-                    })
+                    .filter(|r| table.in_slots(r, &self.slots))
                     .collect();
                 if !moving.is_empty() {
                     let params: Vec<Value> = moving.iter().flatten().cloned().collect();
@@ -327,6 +312,43 @@ impl SlotMover {
     }
 }
 
+/// A table read in primary-key order, a batch at a time (keyset paging: each batch starts
+/// after the last key of the one before, so rows written meanwhile never shift it).
+struct Pages<'a> {
+    table: &'a TableShape,
+    schema: &'a str,
+    batch: usize,
+    after: Option<Vec<Value>>,
+}
+
+impl<'a> Pages<'a> {
+    fn new(table: &'a TableShape, schema: &'a str, batch: usize) -> Self {
+        Self {
+            table,
+            schema,
+            batch,
+            after: None,
+        }
+    }
+
+    /// The next batch, or None at the end.
+    async fn next(&mut self, conn: &mut Conn) -> Result<Option<Vec<Vec<Value>>>> {
+        let sql = self
+            .table
+            .select_batch(self.schema, self.batch, self.after.is_some());
+        let rows: Vec<Row> = conn
+            .exec(sql, self.after.clone().unwrap_or_default())
+            .await
+            .map_err(mysql(format!("reading {}", self.table.name)))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let rows: Vec<Vec<Value>> = rows.into_iter().map(Row::unwrap).collect();
+        self.after = rows.last().map(|r| self.table.primary_of(r));
+        Ok(Some(rows))
+    }
+}
+
 /// Sleeps as long as the copy is ahead of `rows_per_sec`.
 async fn pace(throttle: Throttle, copied: u64, started: Instant) {
     if let Some(rate) = throttle.rows_per_sec.filter(|r| *r > 0) {
@@ -349,25 +371,11 @@ async fn delete_slots(
     let mut c = pool.get_conn().await.map_err(mysql("connecting"))?;
     let mut deleted = 0u64;
     for table in tables {
-        let mut after: Option<Vec<Value>> = None;
-        loop {
-            let sql = table.select_batch(schema, throttle.batch, after.is_some());
-            let batch: Vec<Row> = c
-                .exec(sql, after.clone().unwrap_or_default())
-                .await
-                .map_err(mysql(format!("reading {}", table.name)))?;
-            if batch.is_empty() {
-                break;
-            }
-            let values: Vec<Vec<Value>> = batch.into_iter().map(Row::unwrap).collect();
-            after = values.last().map(|r| table.primary_of(r));
-            let keys: Vec<Vec<Value>> = values
+        let mut pages = Pages::new(table, schema, throttle.batch);
+        while let Some(rows) = pages.next(&mut c).await? {
+            let keys: Vec<Vec<Value>> = rows
                 .iter()
-                .filter(|r| {
-                    table
-                        .slot_of(r, slots.slot_count())
-                        .is_some_and(|s| slots.contains(s))
-                })
+                .filter(|r| table.in_slots(r, slots))
                 .map(|r| table.primary_of(r))
                 .collect();
             if keys.is_empty() {

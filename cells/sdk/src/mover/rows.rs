@@ -2,6 +2,7 @@
 //! digests for verification, and binary-log values turned back into column values.
 
 use cellplane_cells::slot::{slot_for_bytes, Slot};
+use cellplane_cells::slot_set::SlotSet;
 use mysql_async::Value;
 use std::collections::BTreeMap;
 use xxhash_rust::xxh3::Xxh3;
@@ -117,6 +118,12 @@ impl TableShape {
     /// The primary key's values of `row`.
     pub fn primary_of(&self, row: &[Value]) -> Vec<Value> {
         self.primary.iter().map(|&i| row[i].clone()).collect()
+    }
+
+    /// `row`'s user is in one of `slots`.
+    pub fn in_slots(&self, row: &[Value], slots: &SlotSet) -> bool {
+        self.slot_of(row, slots.slot_count())
+            .is_some_and(|s| slots.contains(s))
     }
 
     /// The slot of `row`'s user: the hash of the key's bytes (a number is hashed as its
