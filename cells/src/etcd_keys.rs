@@ -321,6 +321,29 @@ pub struct Outage {
     pub recovered_at_ms: Option<u64>,
 }
 
+/// What an app process keeps under its ownership lease key (`owners/<cell>/<lease>`): how
+/// far it has drained. `drained_epoch` is the table epoch it follows, or the epoch a request
+/// it still runs was admitted at, whichever is older: once it is at a slot move's freeze
+/// epoch, no write the process admitted before the freeze is still running, so the move's
+/// final catch-up misses none. Early versions wrote the cell's name: read as 0.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerLeaseValue {
+    #[serde(default)]
+    pub drained_epoch: u64,
+}
+
+impl OwnerLeaseValue {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serializes")
+    }
+
+    /// Any other value (an early version's cell name) has drained nothing.
+    pub fn decode(bytes: &[u8]) -> Self {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,5 +366,16 @@ mod tests {
         assert!(router_key("shop", "r1").starts_with(&routers_prefix("shop")));
         assert_eq!(leader_election("shop"), "/cellplane/shop/leader");
         assert_eq!(pins_key("shop"), "/cellplane/shop/pins");
+    }
+
+    #[test]
+    fn owner_lease_values_round_trip_and_old_ones_read_as_undrained() {
+        let v = OwnerLeaseValue { drained_epoch: 42 };
+        assert_eq!(OwnerLeaseValue::decode(&v.encode()), v);
+        assert_eq!(
+            String::from_utf8(v.encode()).unwrap(),
+            r#"{"drainedEpoch":42}"#
+        );
+        assert_eq!(OwnerLeaseValue::decode(b"shop-us-0").drained_epoch, 0);
     }
 }

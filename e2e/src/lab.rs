@@ -236,7 +236,7 @@ impl PairLab {
             .await?;
             // Writes need the cell's ownership lease, taken once the table lists it.
             wait_for(&format!("{cell}'s ownership lease"), T, || async {
-                Ok((lab.etcd.owner_leases(cell).await? > 0).then_some(()))
+                Ok((!lab.etcd.owner_leases(cell).await?.is_empty()).then_some(()))
             })
             .await?;
             app.set_stock("flash", 1_000_000).await?;

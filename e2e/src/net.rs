@@ -215,14 +215,20 @@ impl Etcd {
         .await
     }
 
-    /// Live ownership leases of `cell` in platform `shop` (one per app process holding one).
-    pub async fn owner_leases(&self, cell: &str) -> Result<usize> {
+    /// Live ownership leases of `cell` in platform `shop` (one per app process holding one),
+    /// with what each publishes (how far its process has drained).
+    pub async fn owner_leases(
+        &self,
+        cell: &str,
+    ) -> Result<Vec<cellplane_cells::etcd_keys::OwnerLeaseValue>> {
         let prefix = cellplane_cells::etcd_keys::owners_prefix("shop", cell);
-        let opts = etcd_client::GetOptions::new()
-            .with_prefix()
-            .with_keys_only();
+        let opts = etcd_client::GetOptions::new().with_prefix();
         let resp = self.client().await?.get(prefix, Some(opts)).await?;
-        Ok(resp.kvs().len())
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| cellplane_cells::etcd_keys::OwnerLeaseValue::decode(kv.value()))
+            .collect())
     }
 
     /// Kills every member like a crash.

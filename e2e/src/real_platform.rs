@@ -183,16 +183,20 @@ impl TwoRegions {
         Ok((code == 0, text))
     }
 
-    /// Every region's pods and where the nodes' logs are: what to look at after a failure.
+    /// Every region's nodes, pods and recent events (why a pod is Pending, restarted or was
+    /// evicted), and where the nodes' logs are: what to look at after a failure.
     pub fn describe(&self) -> String {
+        let kubectl = |lab: &RealRegion, args: &[&str]| {
+            lab.region.kubectl(args).unwrap_or_else(|e| e.to_string())
+        };
         self.labs
             .iter()
             .map(|lab| {
                 format!(
-                    "{}\nthe node's logs: {}\n",
-                    lab.region
-                        .kubectl(&["get", "pods", "-A", "-o", "wide"])
-                        .unwrap_or_else(|e| e.to_string()),
+                    "{}\n{}\n{}\nthe node's logs: {}\n",
+                    kubectl(lab, &["get", "nodes", "-o", "wide"]),
+                    kubectl(lab, &["get", "pods", "-A", "-o", "wide"]),
+                    kubectl(lab, &["get", "events", "-A", "--sort-by=.lastTimestamp"]),
                     lab.logs().display()
                 )
             })

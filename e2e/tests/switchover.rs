@@ -221,6 +221,17 @@ async fn switchover_failback_and_region_drain_lose_no_order() -> anyhow::Result<
         );
         println!("cellplane {}:\n{out}", args.join(" "));
         if args[0] == "switchover" {
+            // The app serving the users now says, under its ownership lease, that it has
+            // drained to the flip's epoch (what a slot move's final catch-up waits for).
+            let flip = op.flip_epoch.expect("a switchover flips");
+            wait_for("the serving app drained to the flip", T, || async {
+                let leases = lab.etcd.owner_leases(STANDBY).await?;
+                Ok(
+                    (!leases.is_empty() && leases.iter().all(|l| l.drained_epoch >= flip))
+                        .then_some(()),
+                )
+            })
+            .await?;
             // The page follows: shop-us-0 failed over, the operation among the last ones.
             let dom = wait_for(
                 "the page shows the switchover",

@@ -48,6 +48,9 @@ pub fn router(app: App) -> Router {
         OwnershipLayer::new(&app.stores.cell, app.tables.clone(), key_from_path("users"));
     if let Some(lease) = &app.owner_lease {
         fence = fence.with_owner_lease(lease.clone());
+        // The lease's key says how far this process has drained (a slot move waits on it).
+        let drained = fence.clone();
+        lease.publish_drained(Arc::new(move || drained.drained_epoch()));
     }
     let users = Router::new()
         .route("/users/{user}/profile", get(get_profile).put(put_profile))

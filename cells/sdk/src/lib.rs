@@ -7,10 +7,12 @@
 //!   variable and the fix.
 //! - [`replication`]: MariaDB GTID replication from a home cell to its standby: configure,
 //!   measure, promote, demote (fence). The failover controller calls these.
+//! - [`drain`]: the writes in flight by admission epoch (how far an app has drained).
 //! - [`mover`]: a slot move's rows: copy, catch up from the binary log, verify.
 //! - [`rebuild`]: an old home that returned with errant transactions: export them, clone
 //!   the new home's cell schemas, take its position.
 
+pub mod drain;
 pub mod mover;
 pub mod ownership;
 pub mod rebuild;

@@ -3,6 +3,7 @@
 //! so a router on a stale table can never make two cells write for one user. The rules are
 //! the pure `cellplane_cells::ownership::check`; this is the I/O wrapper.
 
+use crate::drain::{drained_epoch, Admitted, InFlight};
 use cellplane_cells::ownership::{check, Verdict};
 use cellplane_cells::user_key::{self, KeyError};
 use cellplane_table::owner_lease::OwnerLease;
@@ -80,6 +81,8 @@ pub struct OwnershipLayer {
     key: KeyFn,
     /// Writes (any method but GET, HEAD and OPTIONS) also need a fresh ownership lease.
     writes: Option<Arc<OwnerLease>>,
+    /// The writes let through and not yet answered.
+    in_flight: Arc<InFlight>,
 }
 
 impl OwnershipLayer {
@@ -89,7 +92,20 @@ impl OwnershipLayer {
             tables,
             key,
             writes: None,
+            in_flight: InFlight::new(),
         }
+    }
+
+    /// The epoch this process has drained to ([`crate::drain::drained_epoch`]): what its
+    /// ownership lease publishes for a slot move's final catch-up.
+    pub fn drained_epoch(&self) -> u64 {
+        let epoch = self.tables.get().map_or(0, |t| t.epoch);
+        drained_epoch(epoch, self.in_flight.oldest())
+    }
+
+    /// Counts the request while it runs, if it writes.
+    fn admit(&self, method: &Method, epoch: u64) -> Option<Admitted> {
+        is_write(method).then(|| self.in_flight.enter(epoch))
     }
 
     /// Admits writes only while `lease` is fresh: a home cut off from the global etcd stops
@@ -242,9 +258,13 @@ where
             None => Box::pin(self.inner.call(req)),
             Some(Ok(served)) => {
                 let epoch = served.epoch;
+                let admitted = self.layer.admit(req.method(), epoch);
                 req.extensions_mut().insert(served);
                 let answer = self.inner.call(req);
-                Box::pin(async move { answer.await.map(|resp| stamped(resp, epoch)) })
+                Box::pin(async move {
+                    let _running = admitted;
+                    answer.await.map(|resp| stamped(resp, epoch))
+                })
             }
             Some(Err(Refusal {
                 ahead: Some(epoch), ..
@@ -260,6 +280,7 @@ where
                         None => inner.call(req).await,
                         Some(Ok(served)) => {
                             let epoch = served.epoch;
+                            let _running = layer.admit(req.method(), epoch);
                             req.extensions_mut().insert(served);
                             inner.call(req).await.map(|resp| stamped(resp, epoch))
                         }
@@ -309,6 +330,51 @@ mod tests {
             .header(EPOCH_HEADER, epoch.to_string())
             .body(String::new())
             .unwrap()
+    }
+
+    /// An app whose answers wait until `release` is notified.
+    #[derive(Clone)]
+    struct Slow(Arc<tokio::sync::Notify>);
+
+    impl Service<Request<String>> for Slow {
+        type Response = Response<String>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Result<Response<String>, Self::Error>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Request<String>) -> Self::Future {
+            let release = self.0.clone();
+            Box::pin(async move {
+                release.notified().await;
+                Ok(Response::new(String::new()))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_still_running_holds_the_drained_epoch_back_and_a_read_does_not() {
+        let tables = Arc::new(TableStore::new(None, TableMetrics::default()));
+        tables.apply_bytes(&table(1).encode(), "test").unwrap();
+        let layer = OwnershipLayer::new("a", tables.clone(), key_from_path("users"));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let mut app = layer.layer(Slow(release.clone()));
+        let mut write = request(1);
+        *write.method_mut() = Method::PUT;
+        let write = tokio::spawn(app.call(write));
+        let read = tokio::spawn(app.call(request(1)));
+        tokio::task::yield_now().await;
+        tables.apply_bytes(&table(2).encode(), "test").unwrap();
+        assert_eq!(
+            layer.drained_epoch(),
+            1,
+            "the write admitted at 1 still runs"
+        );
+        release.notify_one();
+        release.notify_one();
+        write.await.unwrap().unwrap();
+        read.await.unwrap().unwrap();
+        assert_eq!(layer.drained_epoch(), 2);
     }
 
     #[tokio::test(start_paused = true)]

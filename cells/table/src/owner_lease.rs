@@ -10,7 +10,7 @@
 //! the leader froze a lost cell, no app of it can take a new lease behind its back.
 
 use crate::Result;
-use cellplane_cells::etcd_keys::{owners_prefix, routing_key};
+use cellplane_cells::etcd_keys::{owners_prefix, routing_key, OwnerLeaseValue};
 use cellplane_cells::failover_timing::{may_write, FailoverTimings};
 use cellplane_cells::routing::{serves_traffic, RoutingTable};
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// No confirmed renewal yet.
@@ -31,7 +31,13 @@ pub struct OwnerLease {
     /// When the last renewal that etcd confirmed was sent, in ms since `base`.
     confirmed_sent_ms: AtomicU64,
     pub metrics: OwnerLeaseMetrics,
+    /// How far the app has drained (`OwnerLeaseValue::drained_epoch`), published under the
+    /// lease's key whenever it changes; set once by the app's ownership fence.
+    drained: OnceLock<DrainedEpoch>,
 }
+
+/// Reads the epoch the app has drained to.
+pub type DrainedEpoch = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 #[derive(Clone, Default)]
 pub struct OwnerLeaseMetrics {
@@ -89,7 +95,21 @@ impl OwnerLease {
             base: Instant::now(),
             confirmed_sent_ms: AtomicU64::new(NONE),
             metrics,
+            drained: OnceLock::new(),
         })
+    }
+
+    /// Publishes `drained` under the lease's key (a slot move waits on it); the first call
+    /// wins.
+    pub fn publish_drained(&self, drained: DrainedEpoch) {
+        self.drained.set(drained).ok();
+    }
+
+    /// What the lease's key holds now.
+    fn value(&self) -> OwnerLeaseValue {
+        OwnerLeaseValue {
+            drained_epoch: self.drained.get().map_or(0, |d| d()),
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -154,7 +174,8 @@ impl OwnerLease {
             // Still alive? Then keep renewing it from this member. etcd answers a renewal
             // of a lease that expired meanwhile (the region was cut off) with an error:
             // forget it, so a new one is taken once the table lets the cell serve again.
-            let kept = self.keep(&mut client, lease, held).await;
+            let key = format!("{}{lease:x}", owners_prefix(platform, cell));
+            let kept = self.keep(&mut client, lease, &key, held).await;
             if kept
                 .as_ref()
                 .is_err_and(|e| e.to_string().contains("lease not found"))
@@ -165,7 +186,7 @@ impl OwnerLease {
         }
         let ttl = (self.timings.owner_lease_ttl_ms / 1000).max(2) as i64;
         // The lease may be taken only while the table lets the cell serve.
-        let (lease, granted_at) = loop {
+        let (lease, key, granted_at) = loop {
             let resp = client.get(routing_key(platform), None).await?;
             let kv = resp.kvs().first();
             let serving = kv
@@ -187,12 +208,12 @@ impl OwnerLease {
                     table_revision,
                 )])
                 .and_then([TxnOp::put(
-                    key,
-                    cell.as_bytes().to_vec(),
+                    key.clone(),
+                    self.value().encode(),
                     Some(PutOptions::new().with_lease(lease)),
                 )]);
             if client.txn(txn).await?.succeeded() {
-                break (lease, sent);
+                break (lease, key, sent);
             }
             // The table changed in between: look again (the lease expires unused).
             client.lease_revoke(lease).await.ok();
@@ -201,22 +222,36 @@ impl OwnerLease {
         self.confirm(granted_at);
         tracing::info!(%cell, lease = format!("{lease:x}"), "ownership lease taken");
         *held = Some(lease);
-        self.keep(&mut client, lease, held).await
+        self.keep(&mut client, lease, &key, held).await
     }
 
-    /// Renews `lease` until it fails; forgets it (`held`) once etcd says it expired.
+    /// Renews `lease` until it fails, and rewrites its `key` when the drained epoch moves;
+    /// forgets the lease (`held`) once etcd says it expired.
     async fn keep(
         &self,
         client: &mut etcd_client::Client,
         lease: i64,
+        key: &str,
         held: &mut Option<i64>,
     ) -> Result<()> {
         let renew = self.timings.owner_renew_every();
         let mut tick = tokio::time::interval(renew);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+        let mut published = None;
         loop {
             tick.tick().await;
+            let value = self.value();
+            if published != Some(value) {
+                client
+                    .put(
+                        key,
+                        value.encode(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await?;
+                published = Some(value);
+            }
             let sent = self.now_ms();
             keeper.keep_alive().await?;
             match tokio::time::timeout(renew * 2, answers.message()).await {
