@@ -1,12 +1,14 @@
 //! The data half of a slot move on two real MariaDB servers (two cells' stores): a quarter
 //! of the slots' rows of the reference app's tables are copied from one cell's schema to
-//! the other's while a client keeps writing to the source, caught up from the source's
+//! the other's, the source read with the replication account alone, while a client keeps
+//! writing to the source, caught up from the source's
 //! binary log, and verified per table and slot at one consistent position. A row changed
 //! behind the mover's back is found by the verification, and a change to a moved table's
 //! definition stops the move.
 
 use cellplane_cell_app::schema::{STATEMENTS, USER_TABLES};
 use cellplane_cell_sdk::mover::{Side, SlotMover, Throttle, Until, UserTable};
+use cellplane_cell_sdk::replication;
 use cellplane_cells::slot::slot_for_key;
 use cellplane_cells::slot_set::SlotSet;
 use cellplane_e2e::cell::CellStores;
@@ -150,13 +152,22 @@ async fn a_slots_rows_are_copied_caught_up_and_verified_while_the_source_takes_w
         .iter()
         .map(|(t, k)| UserTable::new(t, k))
         .collect();
-    let side = |s: &CellStores| -> anyhow::Result<Side> {
-        Ok(Side {
-            opts: s.mysql_admin_opts()?,
-            schema: s.var("MYSQL_DATABASE").into(),
-        })
+    // The source is read with the platform's replication account alone (what the target
+    // region's agent holds for another region's MySQL: the binary log and SELECT on the
+    // cell schemas); the target is written as its own region writes it.
+    replication::ensure_replication_account(&a_pool, "cellplane_repl", "mover-secret-1").await?;
+    let source_opts = mysql_async::OptsBuilder::from_opts(a.mysql_admin_opts()?)
+        .user(Some("cellplane_repl"))
+        .pass(Some("mover-secret-1"));
+    let source = Side {
+        opts: source_opts.into(),
+        schema: a.var("MYSQL_DATABASE").into(),
     };
-    let mover = SlotMover::new(side(&a)?, side(&b)?, &tables, moving()).await?;
+    let target = Side {
+        opts: b.mysql_admin_opts()?,
+        schema: b.var("MYSQL_DATABASE").into(),
+    };
+    let mover = SlotMover::new(source, target, &tables, moving()).await?;
 
     // What an earlier move left on the target: a stale profile in a moving slot goes, the
     // target's own user (not moving) stays.
