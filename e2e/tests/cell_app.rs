@@ -614,9 +614,18 @@ async fn a_standby_replica_catches_up_reports_lag_and_is_promoted_after_the_prim
     let primary = replication::position(&home_admin).await?;
     assert!(replication::wait_caught_up(&standby_admin, &primary.gtid_binlog_pos, T).await?);
     let caught_up = started.elapsed();
-    let s = replication::replica_status(&standby_admin, "repl-home")
-        .await?
-        .expect("connection exists");
+    // Seconds_Behind_Master is computed from the last applied event's timestamp and may
+    // still say 1 for a moment after the last GTID is applied; it must reach 0 while idle.
+    let settle = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = replication::replica_status(&standby_admin, "repl-home")
+            .await?
+            .expect("connection exists");
+        if s.seconds_behind == Some(0) || Instant::now() > settle {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(
         replication::gtid_lag(&primary.gtid_binlog_pos, &s.gtid_slave_pos),
         0,
