@@ -1,6 +1,7 @@
 //! The etcd layout (docs/architecture.md, "etcd layout") and the registration record a cell keeps alive. Pure.
 
 use crate::crd::CellPhase;
+use crate::slot_move::{MoveOrder, MoveReport, RetireOrder, RetireReport};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -188,6 +189,14 @@ pub struct MysqlReport {
     /// [`Intent::rebuild_from`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildReport>,
+    /// The last slot move into this cell its region carried out or carries out (see
+    /// [`Intent::slot_move`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_move: Option<MoveReport>,
+    /// The last deletion of this cell's copies of slots moved away (see
+    /// [`Intent::retire`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired: Option<RetireReport>,
 }
 
 /// How a cell's MySQL rebuild went, as its region reports it.
@@ -245,7 +254,7 @@ pub fn drills_prefix(platform: &str) -> String {
 }
 
 /// The leader's wish for one cell's MySQL.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Intent {
     /// Grows with every change; the region reports the one it carried out.
@@ -265,6 +274,13 @@ pub struct Intent {
     /// the snapshot's position, so it can replicate from the new home again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild_from: Option<String>,
+    /// Copy some slots' rows from another cell into this one and keep them in step, then
+    /// sync them at the cut-over (a slot move whose target this cell is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_move: Option<Box<MoveOrder>>,
+    /// Delete this cell's copies of slots moved away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire: Option<Box<RetireOrder>>,
 }
 
 /// What a router publishes under [`router_key`]: the table it routes with.

@@ -14,6 +14,7 @@ pub mod ownership;
 pub mod placement;
 pub mod routing;
 pub mod slot;
+pub mod slot_move;
 pub mod slot_set;
 pub mod user_key;
 

@@ -86,7 +86,9 @@ impl Etcd {
         };
         for endpoint in &etcd.endpoints {
             let health = format!("{endpoint}/health");
-            wait_for("etcd health", Duration::from_secs(30), || {
+            // A member answers 200 once the cluster has a leader; on a loaded machine (a cold
+            // CI run compiles beside the tests) the election alone can take tens of seconds.
+            wait_for("etcd health", Duration::from_secs(120), || {
                 let url = health.clone();
                 async move {
                     Ok(get(&url, &[])

@@ -162,6 +162,7 @@ async fn report_handler(
     match read.await {
         Ok(Some(Operation::Switchover(s))) => report::text(&s).into_response(),
         Ok(Some(Operation::Batch(b))) => report::batch_title(&b).into_response(),
+        Ok(Some(Operation::SlotMove(m))) => report::move_text(&m).into_response(),
         Ok(None) => (StatusCode::NOT_FOUND, format!("no operation {id}\n")).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -49,7 +49,13 @@ pub fn to_write(
         .filter_map(|c| {
             let (writable, replicate_from) = default_for(table, &c.name)?;
             let cur = current.get(&c.name);
-            if cur.is_some_and(|i| i.writable == writable && i.replicate_from == replicate_from) {
+            // An operation's orders (a slot move's copy or retirement) end with it.
+            if cur.is_some_and(|i| {
+                i.writable == writable
+                    && i.replicate_from == replicate_from
+                    && i.slot_move.is_none()
+                    && i.retire.is_none()
+            }) {
                 return None;
             }
             Some((
@@ -58,8 +64,7 @@ pub fn to_write(
                     generation: cur.map_or(1, |i| i.generation + 1),
                     writable,
                     replicate_from,
-                    operation: None,
-                    rebuild_from: None,
+                    ..Intent::default()
                 },
             ))
         })

@@ -3,12 +3,13 @@
 //! topology page, so the three never disagree about what a gate looked at.
 
 use super::operations::{
-    last_losses, Batch, Kind, Observed, Operation, Recent, ReplayState, Step, Switchover,
+    last_losses, Batch, Kind, Observed, Operation, Recent, ReplayState, SlotMove, Step, Switchover,
 };
 use crate::Result;
 use cellplane_cells::etcd_keys::{
     all_owners_prefix, cells_prefix, drills_prefix, intents_prefix, replay_applied_key,
-    replay_orders_prefix, replay_sent_key, routers_prefix, Intent, Registration, RouterAck,
+    replay_orders_prefix, replay_sent_key, routers_prefix, Intent, OwnerLeaseValue, Registration,
+    RouterAck,
 };
 use cellplane_cells::routing::RoutingTable;
 use etcd_client::{Client, GetOptions};
@@ -62,15 +63,36 @@ pub async fn keys_under(client: &mut Client, prefix: &str) -> Result<Vec<String>
         .collect())
 }
 
-/// Live ownership leases by cell (`owners/<cell>/<lease>`).
-pub async fn read_owners(client: &mut Client, platform: &str) -> Result<BTreeMap<String, usize>> {
-    let mut owners = BTreeMap::new();
-    for key in keys_under(client, &all_owners_prefix(platform)).await? {
+/// Live ownership leases by cell (`owners/<cell>/<lease>`): how many, and the lowest epoch
+/// any of them says its app has drained (a write admitted under an older table may still
+/// be running below it).
+pub async fn read_owners(client: &mut Client, platform: &str) -> Result<OwnerLeases> {
+    let prefix = all_owners_prefix(platform);
+    let resp = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let mut leases = OwnerLeases::default();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
         if let Some((cell, _lease)) = key.split_once('/') {
-            *owners.entry(cell.to_string()).or_insert(0) += 1;
+            let value = OwnerLeaseValue::decode(kv.value());
+            *leases.count.entry(cell.to_string()).or_insert(0) += 1;
+            let drained = leases
+                .drained
+                .entry(cell.to_string())
+                .or_insert(value.drained_epoch);
+            *drained = (*drained).min(value.drained_epoch);
         }
     }
-    Ok(owners)
+    Ok(leases)
+}
+
+/// What the live ownership leases say, by cell.
+#[derive(Clone, Debug, Default)]
+pub struct OwnerLeases {
+    pub count: BTreeMap<String, usize>,
+    /// The lowest drained epoch over the cell's leases.
+    pub drained: BTreeMap<String, u64>,
 }
 
 /// The operation records under `drills/`, by kind, with their revisions.
@@ -78,6 +100,7 @@ pub async fn read_owners(client: &mut Client, platform: &str) -> Result<BTreeMap
 pub struct Records {
     pub cells: BTreeMap<String, (Switchover, i64)>,
     pub batches: BTreeMap<String, (Batch, i64)>,
+    pub moves: BTreeMap<String, (SlotMove, i64)>,
 }
 
 impl Records {
@@ -87,6 +110,7 @@ impl Records {
             match op {
                 Operation::Switchover(s) => records.cells.insert(id, (s, rev)).map(|_| ()),
                 Operation::Batch(b) => records.batches.insert(id, (b, rev)).map(|_| ()),
+                Operation::SlotMove(m) => records.moves.insert(id, (m, rev)).map(|_| ()),
             };
         }
         Ok(records)
@@ -123,6 +147,7 @@ pub struct Snapshot {
     pub routers: BTreeMap<String, RouterAck>,
     pub intents: BTreeMap<String, Intent>,
     pub owners: BTreeMap<String, usize>,
+    pub drained: BTreeMap<String, u64>,
     pub recent: Recent,
 }
 
@@ -148,12 +173,14 @@ impl Snapshot {
             let state = read_replay(client, platform, &cell).await?;
             replays.insert(cell, state);
         }
+        let leases = read_owners(client, platform).await?;
         Ok(Self {
             table,
             cells: read_values(client, &cells_prefix(platform)).await?,
             routers: read_values(client, &routers_prefix(platform)).await?,
             intents: read_values(client, &intents_prefix(platform)).await?,
-            owners: read_owners(client, platform).await?,
+            owners: leases.count,
+            drained: leases.drained,
             recent: Recent {
                 lost_at_ms: last_losses(operations),
                 replays,
@@ -175,6 +202,7 @@ impl Snapshot {
             routers: &self.routers,
             intents: &self.intents,
             owners: &self.owners,
+            drained: &self.drained,
             busy,
             recent: &self.recent,
         }

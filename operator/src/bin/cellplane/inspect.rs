@@ -159,7 +159,11 @@ pub async fn table(p: &mut Platform, history: bool, out: Output) -> anyhow::Resu
 }
 
 pub fn exit_for(op: &Switchover) -> ExitCode {
-    match &op.outcome {
+    exit_for_outcome(op.outcome.as_ref())
+}
+
+fn exit_for_outcome(outcome: Option<&Outcome>) -> ExitCode {
+    match outcome {
         Some(Outcome::Succeeded { .. }) | None => ExitCode::SUCCESS,
         Some(Outcome::Refused { .. }) => ExitCode::from(EXIT_REFUSED),
         Some(Outcome::RolledBack { .. }) => ExitCode::from(EXIT_ROLLED_BACK),
@@ -193,10 +197,15 @@ pub fn show(
         }
         (Operation::Batch(b), Output::Markdown) => print!("{}", report::batch_markdown(b, members)),
         (Operation::Batch(b), Output::Table) => print!("{}", report::batch_text(b, members)),
+        (Operation::SlotMove(m), Output::Json | Output::Yaml) => print_data(out, m)?,
+        (Operation::SlotMove(m), Output::Markdown | Output::Table) => {
+            print!("{}", report::move_text(m))
+        }
     }
     Ok(match op {
         Operation::Switchover(s) => exit_for(s),
         Operation::Batch(b) => exit_for_batch(b, members),
+        Operation::SlotMove(m) => exit_for_outcome(m.outcome.as_ref()),
     })
 }
 
@@ -239,6 +248,16 @@ pub async fn drills(p: &mut Platform, id: Option<String>, out: Output) -> anyhow
                 format!("wave {}", b.waves.len()),
                 "-".into(),
                 report::batch_result(b),
+            ),
+            Operation::SlotMove(m) => (
+                report::move_title(m),
+                if m.finished() {
+                    "-".to_string()
+                } else {
+                    format!("{:?}", m.step)
+                },
+                m.write_freeze_ms().map_or("-".into(), |m| m.to_string()),
+                report::outcome_result(m.outcome.as_ref()),
             ),
         };
         if markdown {

@@ -253,6 +253,8 @@ async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitC
         let mine: Vec<&Switchover> = match &op {
             Operation::Switchover(s) => vec![s],
             Operation::Batch(b) => b.members.iter().filter_map(|m| members.get(m)).collect(),
+            // A move's progress: each step as it ends, then the report.
+            Operation::SlotMove(_) => Vec::new(),
         };
         if !out.structured() {
             progress.update(&mine, matches!(op, Operation::Batch(_)));

@@ -51,7 +51,7 @@ pub fn switchovers(all: &BTreeMap<String, Operation>) -> BTreeMap<String, Switch
     all.iter()
         .filter_map(|(id, o)| match o {
             Operation::Switchover(s) => Some((id.clone(), s.clone())),
-            Operation::Batch(_) => None,
+            Operation::Batch(_) | Operation::SlotMove(_) => None,
         })
         .collect()
 }

@@ -339,6 +339,8 @@ async fn measure(
             gtid_binlog_pos: pos.gtid_binlog_pos,
             replicas,
             rebuild: st.rebuild.as_ref().map(|t| t.report.lock().clone()),
+            slot_move: None,
+            retired: None,
         }),
         kafka_lag: app.order_backlog(),
         requests_per_sec,

@@ -243,6 +243,9 @@ mod tests {
         crate::platform::operations::test_world::healthy_registration(region, mysql)
     }
 
+    /// Detection never looks at how far apps drained.
+    static NO_DRAINS: BTreeMap<String, u64> = BTreeMap::new();
+
     struct Seen {
         table: RoutingTable,
         cells: BTreeMap<String, Registration>,
@@ -261,6 +264,7 @@ mod tests {
                 routers: &self.routers,
                 intents: &self.intents,
                 owners: &self.owners,
+                drained: &NO_DRAINS,
                 busy: false,
                 recent: &self.recent,
             }

@@ -605,7 +605,7 @@ mod tests {
             "kept fenced while errant writes exist"
         );
         assert!(w.cells["a"].mysql.as_ref().unwrap().read_only);
-        assert!(warnings(&op)[0].contains("8 transaction(s) that never reached b"));
+        assert!(warnings(&op.steps)[0].contains("8 transaction(s) that never reached b"));
         // Then its region is asked to export them and rebuild a from b; a stays fenced
         // and replicates nothing until that is done.
         let (op, _) = w.run(op, 1);
@@ -616,7 +616,7 @@ mod tests {
         assert_eq!(
             op.outcome,
             Some(Outcome::Succeeded {
-                warnings: warnings(&op)
+                warnings: warnings(&op.steps)
             })
         );
         let loss = op.loss.clone().unwrap();
@@ -722,11 +722,11 @@ mod tests {
         assert!(op.finished());
         assert!(op.loss.as_ref().unwrap().replay.is_none());
         assert!(
-            warnings(&op)
+            warnings(&op.steps)
                 .iter()
                 .any(|w| w.contains("did not confirm forwarding its log's orders within 60 s")),
             "{:?}",
-            warnings(&op)
+            warnings(&op.steps)
         );
     }
 

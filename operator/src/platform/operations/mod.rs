@@ -18,6 +18,7 @@ pub mod failback;
 pub mod gates;
 pub mod record;
 pub mod report;
+pub mod slot_move;
 pub mod switchover;
 #[cfg(test)]
 pub(crate) mod test_world;
@@ -25,6 +26,7 @@ pub(crate) mod test_world;
 pub use batch::Batch;
 pub use emergency::{last_losses, lost, Loss, ReplayState};
 pub use record::{Kind, Limits, Outcome, Step, StepRecord, Switchover, DEFAULT_STABILIZATION_MS};
+pub use slot_move::{MoveLimits, SlotMove};
 
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{Intent, Registration, RouterAck};
@@ -39,6 +41,7 @@ use std::collections::BTreeMap;
 pub enum Operation {
     Switchover(Switchover),
     Batch(Batch),
+    SlotMove(SlotMove),
 }
 
 /// The tagged form, and the untagged records written before the tag (a batch is the one
@@ -51,20 +54,20 @@ impl<'de> Deserialize<'de> for Operation {
             Some(fields) => fields.remove("type"),
             None => return Err(D::Error::custom("an operation record is a JSON object")),
         };
-        let batch = match tag.as_ref().map(|t| t.as_str()) {
-            Some(Some("batch")) => true,
-            Some(Some("switchover")) => false,
+        let tag = match tag.as_ref().map(|t| t.as_str()) {
+            Some(Some(t @ ("batch" | "switchover" | "slotMove"))) => t,
             Some(other) => {
                 return Err(D::Error::custom(format!(
-                    "unknown operation type {other:?}; expected \"switchover\" or \"batch\""
+                    "unknown operation type {other:?}; expected \"switchover\", \"batch\" or \"slotMove\""
                 )))
             }
-            None => value.get("waveSize").is_some(),
+            None if value.get("waveSize").is_some() => "batch",
+            None => "switchover",
         };
-        if batch {
-            serde_json::from_value(value).map(Operation::Batch)
-        } else {
-            serde_json::from_value(value).map(Operation::Switchover)
+        match tag {
+            "batch" => serde_json::from_value(value).map(Operation::Batch),
+            "slotMove" => serde_json::from_value(value).map(Operation::SlotMove),
+            _ => serde_json::from_value(value).map(Operation::Switchover),
         }
         .map_err(D::Error::custom)
     }
@@ -75,6 +78,7 @@ impl Operation {
         match self {
             Operation::Batch(b) => &b.id,
             Operation::Switchover(s) => &s.id,
+            Operation::SlotMove(m) => &m.id,
         }
     }
 
@@ -82,6 +86,7 @@ impl Operation {
         match self {
             Operation::Batch(b) => b.outcome.is_some(),
             Operation::Switchover(s) => s.finished(),
+            Operation::SlotMove(m) => m.finished(),
         }
     }
 }
@@ -98,6 +103,9 @@ pub struct Observed<'a> {
     pub intents: &'a BTreeMap<String, Intent>,
     /// Live ownership leases by cell (`owners/<cell>/`).
     pub owners: &'a BTreeMap<String, usize>,
+    /// By cell, the lowest epoch its apps say they have drained (every write admitted
+    /// under an older table has ended): a slot move's cut-over waits for its freeze's.
+    pub drained: &'a BTreeMap<String, u64>,
     /// Another unfinished operation touches the cell or its standby.
     pub busy: bool,
     /// What the records and etcd say beyond the registrations.

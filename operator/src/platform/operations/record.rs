@@ -110,6 +110,15 @@ pub enum Step {
     /// Unplanned failover: wait for the old home to return, count what it wrote that the
     /// new home never got (errant transactions), keep it fenced.
     Rejoin,
+    /// Slot move: copy the slots' rows into the target (it then follows the source).
+    Copy,
+    /// Slot move: the copy compared with the source, per table and slot.
+    Verify,
+    /// Slot move: with the slots frozen and the source drained, the target caught up to
+    /// the source's position and verified there.
+    FinalSync,
+    /// Slot move: after the retention window, the source's copies deleted.
+    Retire,
     RollBack,
     Done,
 }
@@ -299,19 +308,51 @@ impl Switchover {
     }
 }
 
-pub(super) fn enter(next: &mut Switchover, step: Step, now_ms: u64, note: String) {
-    next.steps.push(StepRecord {
-        step: next.step,
-        started_ms: next.step_started_ms,
+/// A record moved step by step: where it is, the steps so far, and its result (every
+/// kind of operation keeps these the same way).
+pub(super) trait Stepped {
+    fn progress(&mut self) -> Progress<'_>;
+    fn step_list(&self) -> &[StepRecord];
+}
+
+/// The parts of a record its steps move.
+pub(super) struct Progress<'a> {
+    pub step: &'a mut Step,
+    pub step_started_ms: &'a mut u64,
+    pub steps: &'a mut Vec<StepRecord>,
+    pub outcome: &'a mut Option<Outcome>,
+}
+
+impl Stepped for Switchover {
+    fn progress(&mut self) -> Progress<'_> {
+        Progress {
+            step: &mut self.step,
+            step_started_ms: &mut self.step_started_ms,
+            steps: &mut self.steps,
+            outcome: &mut self.outcome,
+        }
+    }
+
+    fn step_list(&self) -> &[StepRecord] {
+        &self.steps
+    }
+}
+
+/// Ends the current step with `note` and enters `step`.
+pub(super) fn enter(next: &mut impl Stepped, step: Step, now_ms: u64, note: String) {
+    let p = next.progress();
+    p.steps.push(StepRecord {
+        step: *p.step,
+        started_ms: *p.step_started_ms,
         ended_ms: now_ms,
         note,
         by: String::new(),
     });
-    next.step = step;
-    next.step_started_ms = now_ms;
+    *p.step = step;
+    *p.step_started_ms = now_ms;
 }
 
-pub(super) fn finish(next: &mut Switchover, now_ms: u64, outcome: Outcome) {
+pub(super) fn finish(next: &mut impl Stepped, now_ms: u64, outcome: Outcome) {
     let note = match &outcome {
         Outcome::Refused { message, .. } => message.clone(),
         _ => String::new(),
@@ -323,38 +364,51 @@ impl Switchover {
     /// Ends the current step with `note`: the kind's next step, or after its last the
     /// operation succeeds (with the errors recorded after the promotion as warnings).
     pub(super) fn step_done(&mut self, now_ms: u64, note: String) {
-        match self.after(self.step) {
-            Step::Done => {
-                let warnings = warnings(self);
-                finish_with_note(self, now_ms, Outcome::Succeeded { warnings }, note);
-            }
-            step => enter(self, step, now_ms, note),
-        }
+        step_done_in(self, self.after(self.step), now_ms, note);
     }
 }
 
-pub(super) fn finish_with_note(next: &mut Switchover, now_ms: u64, outcome: Outcome, note: String) {
-    enter(next, Step::Done, now_ms, note);
-    next.outcome = Some(outcome);
+/// Ends the current step with `note` and enters `next_step`; after the last step
+/// (`Done`) the operation succeeds with the errors recorded on the way as warnings.
+pub(super) fn step_done_in(next: &mut impl Stepped, next_step: Step, now_ms: u64, note: String) {
+    match next_step {
+        Step::Done => {
+            let warnings = warnings(next.step_list());
+            finish_with_note(next, now_ms, Outcome::Succeeded { warnings }, note);
+        }
+        step => enter(next, step, now_ms, note),
+    }
 }
 
-/// Errors after the promotion are recorded (once) and the operation goes on.
-pub(super) fn note_error(next: &mut Switchover, error: String) {
+pub(super) fn finish_with_note(
+    next: &mut impl Stepped,
+    now_ms: u64,
+    outcome: Outcome,
+    note: String,
+) {
+    enter(next, Step::Done, now_ms, note);
+    *next.progress().outcome = Some(outcome);
+}
+
+/// Errors after the point of no return are recorded (once) and the operation goes on.
+pub(super) fn note_error(next: &mut impl Stepped, error: String) {
     let note = format!("error: {error}");
-    if next.steps.iter().any(|s| s.note == note) {
+    let p = next.progress();
+    if p.steps.iter().any(|s| s.note == note) {
         return;
     }
-    next.steps.push(StepRecord {
-        step: next.step,
-        started_ms: next.step_started_ms,
-        ended_ms: next.step_started_ms,
+    let (step, at) = (*p.step, *p.step_started_ms);
+    p.steps.push(StepRecord {
+        step,
+        started_ms: at,
+        ended_ms: at,
         note,
         by: String::new(),
     });
 }
 
-pub(super) fn warnings(op: &Switchover) -> Vec<String> {
-    op.steps
+pub(super) fn warnings(steps: &[StepRecord]) -> Vec<String> {
+    steps
         .iter()
         .filter_map(|s| s.note.strip_prefix("error: ").map(str::to_string))
         .collect()

@@ -2,7 +2,8 @@
 //! ticket or a postmortem (pure; JSON is the records themselves).
 
 use super::batch::{Batch, BatchOutcome};
-use super::record::{Kind, Outcome, Step, Switchover};
+use super::record::{Kind, Outcome, Step, StepRecord, Switchover};
+use super::slot_move::SlotMove;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -21,7 +22,12 @@ pub fn progress_bar(op: &Switchover, done: usize) -> String {
 
 /// One word (or short phrase) for how an operation ended.
 pub fn result(op: &Switchover) -> String {
-    match &op.outcome {
+    outcome_result(op.outcome.as_ref())
+}
+
+/// An operation's result in a few words (every kind).
+pub fn outcome_result(outcome: Option<&Outcome>) -> String {
+    match outcome {
         None => "running".into(),
         Some(Outcome::Succeeded { warnings }) if warnings.is_empty() => "succeeded".into(),
         Some(Outcome::Succeeded { .. }) => "succeeded with warnings".into(),
@@ -61,7 +67,11 @@ pub fn batch_title(b: &Batch) -> String {
 }
 
 fn detail(op: &Switchover) -> Option<String> {
-    match &op.outcome {
+    outcome_detail(op.outcome.as_ref())
+}
+
+fn outcome_detail(outcome: Option<&Outcome>) -> Option<String> {
+    match outcome {
         Some(Outcome::Succeeded { warnings }) if !warnings.is_empty() => {
             Some(format!("warnings: {}", warnings.join("; ")))
         }
@@ -171,8 +181,36 @@ pub fn text(op: &Switchover) -> String {
         title(op),
         op.started_by
     );
+    step_lines(&mut s, &op.steps, (!op.finished()).then_some(op.step));
+    if let Some(ms) = op.write_freeze_ms() {
+        let _ = writeln!(s, "  write freeze: {ms} ms");
+    }
+    if let Some(held) = op.held_requests {
+        let _ = writeln!(
+            s,
+            "  requests held by the routers: {held} ({} timed out)",
+            op.hold_timeouts.unwrap_or(0)
+        );
+    }
+    if let Some(g) = &op.final_gtid {
+        let _ = writeln!(s, "  final position of {}: {g}", op.source);
+    }
+    for line in loss_lines(op) {
+        let _ = writeln!(s, "  {line}");
+    }
+    let _ = write!(s, "  result: {}", result(op));
+    if let Some(d) = detail(op) {
+        let _ = write!(s, ": {d}");
+    }
+    s.push('\n');
+    s
+}
+
+/// One line per step (with the leader that ended it when it changed), then the step
+/// running now.
+fn step_lines(s: &mut String, steps: &[StepRecord], running: Option<Step>) {
     let mut leader = "";
-    for st in &op.steps {
+    for st in steps {
         let handover = if !st.by.is_empty() && st.by != leader {
             let first = leader.is_empty();
             leader = &st.by;
@@ -192,27 +230,51 @@ pub fn text(op: &Switchover) -> String {
             st.note
         );
     }
-    if !op.finished() {
-        let _ = writeln!(s, "  {:<10} running", format!("{:?}", op.step));
+    if let Some(step) = running {
+        let _ = writeln!(s, "  {:<10} running", format!("{step:?}"));
     }
-    if let Some(ms) = op.write_freeze_ms() {
-        let _ = writeln!(s, "  write freeze: {ms} ms");
+}
+
+/// "move of slots 0-9 from a to b".
+pub fn move_title(m: &SlotMove) -> String {
+    format!(
+        "move of slots {} from {} to {}",
+        m.slots, m.source, m.target
+    )
+}
+
+/// The plain-text report of one slot move.
+pub fn move_text(m: &SlotMove) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "operation {}: {} (started by {})",
+        m.id,
+        move_title(m),
+        m.started_by
+    );
+    step_lines(&mut s, &m.steps, (!m.finished()).then_some(m.step));
+    if let Some(rows) = m.copied_rows {
+        let _ = writeln!(s, "  rows copied: {rows}");
     }
-    if let Some(held) = op.held_requests {
+    if let Some(ms) = m.write_freeze_ms() {
+        let _ = writeln!(s, "  write freeze of the moving slots: {ms} ms");
+    }
+    if let Some(held) = m.held_requests {
         let _ = writeln!(
             s,
             "  requests held by the routers: {held} ({} timed out)",
-            op.hold_timeouts.unwrap_or(0)
+            m.hold_timeouts.unwrap_or(0)
         );
     }
-    if let Some(g) = &op.final_gtid {
-        let _ = writeln!(s, "  final position of {}: {g}", op.source);
+    if let Some(at) = &m.synced_at {
+        let _ = writeln!(s, "  final sync at {} position {at}", m.source);
     }
-    for line in loss_lines(op) {
-        let _ = writeln!(s, "  {line}");
+    if let Some(rows) = m.retired_rows {
+        let _ = writeln!(s, "  rows deleted from {}: {rows}", m.source);
     }
-    let _ = write!(s, "  result: {}", result(op));
-    if let Some(d) = detail(op) {
+    let _ = write!(s, "  result: {}", outcome_result(m.outcome.as_ref()));
+    if let Some(d) = outcome_detail(m.outcome.as_ref()) {
         let _ = write!(s, ": {d}");
     }
     s.push('\n');

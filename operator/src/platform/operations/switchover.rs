@@ -59,6 +59,10 @@ pub(super) fn advance(op: &Switchover, obs: &Observed) -> (Switchover, Vec<Actio
         Step::RollBack => roll_back_step,
         // An unplanned failover's own steps (`emergency::advance`), and the end.
         Step::Expire | Step::Rejoin | Step::Done => return (op.clone(), Vec::new()),
+        // A slot move's own steps (`slot_move::advance`).
+        Step::Copy | Step::Verify | Step::FinalSync | Step::Retire => {
+            return (op.clone(), Vec::new())
+        }
     };
     Pass::run(op, obs, step)
 }
@@ -466,7 +470,7 @@ fn moved(t: &RoutingTable, op: &Switchover) -> bool {
 
 /// Requests held and holds timed out since the freeze, summed over the routers that
 /// reported at both ends (counters, as each router published them with its acks).
-fn holds_since(
+pub(super) fn holds_since(
     at_freeze: &BTreeMap<String, (u64, u64)>,
     routers: &BTreeMap<String, RouterAck>,
 ) -> (u64, u64) {
@@ -483,7 +487,7 @@ fn holds_since(
 }
 
 /// Routers whose applied epoch is below `epoch`, by id.
-fn routers_behind(routers: &BTreeMap<String, RouterAck>, epoch: u64) -> Vec<String> {
+pub(super) fn routers_behind(routers: &BTreeMap<String, RouterAck>, epoch: u64) -> Vec<String> {
     routers
         .iter()
         .filter(|(_, a)| a.applied_epoch < epoch)
@@ -534,6 +538,7 @@ pub(super) fn want_intent_with(
             replicate_from,
             operation: Some(next.id.clone()),
             rebuild_from,
+            ..Intent::default()
         },
     });
     generation

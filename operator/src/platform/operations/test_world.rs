@@ -83,6 +83,8 @@ pub(crate) struct World {
     pub(crate) busy: bool,
     /// Live ownership leases by cell.
     pub(crate) owners: BTreeMap<String, usize>,
+    /// The lowest drained epoch of each cell's apps.
+    pub(crate) drained: BTreeMap<String, u64>,
     /// Random mode: the writer takes no writes itself (the unplanned-failover model
     /// writes through the app's ownership lease instead).
     pub(crate) writes_gated: bool,
@@ -129,6 +131,7 @@ impl World {
             applied: 500,
             odds: [100, 100, 100],
             owners: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]),
+            drained: BTreeMap::new(),
             writes_gated: false,
             log_replica_updates: false,
             rebuilds: BTreeMap::new(),
@@ -145,8 +148,7 @@ impl World {
                     generation: 1,
                     writable: true,
                     replicate_from: vec![source.into()],
-                    operation: None,
-                    rebuild_from: None,
+                    ..Intent::default()
                 },
             );
         }
@@ -173,6 +175,7 @@ impl World {
             routers: &self.routers,
             intents: &self.intents,
             owners: &self.owners,
+            drained: &self.drained,
             busy: self.busy,
             recent: &self.recent,
         }
@@ -346,6 +349,7 @@ impl World {
                             },
                             replicas,
                             rebuild: self.rebuilds.get(&cell).cloned(),
+                            ..MysqlReport::default()
                         },
                     )
                 },
