@@ -312,6 +312,30 @@ impl SlotMover {
     }
 }
 
+/// Deletes one cell's copies of moved slots (a move's end, once its retention window
+/// passed: run by the cell's own region with its admin account); returns the rows deleted.
+pub async fn retire_slots(
+    side: &Side,
+    tables: &[UserTable],
+    slots: &SlotSet,
+    throttle: Throttle,
+) -> Result<u64> {
+    let pool = Pool::new(utc(&side.opts));
+    let deleted = async {
+        let mut shapes = Vec::new();
+        {
+            let mut c = pool.get_conn().await.map_err(mysql("connecting"))?;
+            for table in tables {
+                shapes.push(shape_of(&mut c, &side.schema, table, "source").await?);
+            }
+        }
+        delete_slots(&pool, &side.schema, &shapes, slots, throttle).await
+    }
+    .await;
+    let _ = pool.disconnect().await;
+    deleted
+}
+
 /// A table read in primary-key order, a batch at a time (keyset paging: each batch starts
 /// after the last key of the one before, so rows written meanwhile never shift it).
 struct Pages<'a> {

@@ -15,7 +15,7 @@ mod pins;
 mod session;
 
 use anyhow::{bail, Context as _};
-use cellplane_operator::platform::operations::Limits;
+use cellplane_operator::platform::operations::{Limits, MoveLimits};
 use clap::{Parser, Subcommand, ValueEnum};
 use output::Output;
 use session::Platform;
@@ -169,6 +169,34 @@ enum Command {
         #[command(flatten)]
         flags: OpFlags,
     },
+    /// Move slots (or a user's slot) to another cell with their rows: copy, verify, freeze
+    /// only those slots for the last changes, flip; the source keeps its copies for the
+    /// retention window, then deletes them.
+    #[command(
+        after_help = "The slots must all be served by one cell (the source), from its own data. Every table holding users' rows moves (--table, repeated; default: the reference app's profiles:user_id and orders:user_id).\n\nExit codes: 0 done, 1 error, 2 usage error, 3 refused by a preflight gate (named), 4 rolled back.\n\nExamples:\n  cellplane move 0-63 --to shop-us-1 --dry-run\n  cellplane move --user alice --to shop-eu-0\n  cellplane move 100-131 --to shop-us-1 --rows-per-sec 5000 --no-wait"
+    )]
+    Move {
+        /// The slots, e.g. 0-63,100.
+        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        slots: Option<String>,
+        /// Move this user's slot (and every other user in it).
+        #[arg(long)]
+        user: Option<String>,
+        /// The cell the slots move to.
+        #[arg(long)]
+        to: String,
+        /// A table holding users' rows, as NAME:KEY_COLUMN (repeat for each).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// The copy's pace (default: as fast as the source answers).
+        #[arg(long)]
+        rows_per_sec: Option<u32>,
+        /// How long the source keeps its copies after the flip, in seconds.
+        #[arg(long, default_value_t = MoveLimits::default().retention_ms / 1000)]
+        retention_secs: u64,
+        #[command(flatten)]
+        flags: OpFlags,
+    },
     /// Pin a slot (or a user's slot) to a serving cell, on top of the placement; without a
     /// cell, list the pins.
     #[command(
@@ -291,6 +319,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 operate::failback(&t, cell.as_deref(), region.as_deref(), wave, &flags, now)?,
                 flags,
             )
+        }
+        Command::Move {
+            slots,
+            user,
+            to,
+            tables,
+            rows_per_sec,
+            retention_secs,
+            flags,
+        } => {
+            let t = p.table().await?;
+            let what = operate::MoveArgs {
+                slots,
+                user,
+                to,
+                tables,
+                limits: MoveLimits {
+                    rows_per_sec,
+                    retention_ms: retention_secs.saturating_mul(1000),
+                    ..MoveLimits::default()
+                },
+            };
+            (operate::slot_move(&t, what, now)?, flags)
         }
         Command::Completions { .. } => unreachable!("answered before connecting"),
     };

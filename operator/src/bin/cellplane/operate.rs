@@ -4,6 +4,7 @@
 //! it to the end unless told not to.
 
 use crate::identity::who;
+use crate::inspect::user_key;
 use crate::inspect::{show, EXIT_REFUSED};
 use crate::output::{print_data, Output, Progress};
 use crate::session::{switchovers, Platform};
@@ -11,9 +12,13 @@ use crate::OpFlags;
 use anyhow::{bail, Context as _};
 use cellplane_cells::etcd_keys::drill_key;
 use cellplane_cells::routing::RoutingTable;
+use cellplane_cells::slot_move::{reference_app_tables, MovedTable};
+use cellplane_cells::slot_set::SlotSet;
+use cellplane_operator::platform::observe::{Records, Snapshot};
 use cellplane_operator::platform::operations::batch::{blocked_by_batches, cells_of_region, Batch};
 use cellplane_operator::platform::operations::{
-    self, operation_for, report, Kind, Limits, Loss, Operation, Outcome, Switchover,
+    self, operation_for, report, slot_move, Kind, Limits, Loss, MoveLimits, Operation, Outcome,
+    SlotMove, Switchover,
 };
 use std::process::ExitCode;
 use std::time::Duration;
@@ -171,6 +176,86 @@ pub fn failback(
     }
 }
 
+/// What `cellplane move` was given.
+pub struct MoveArgs {
+    pub slots: Option<String>,
+    pub user: Option<String>,
+    pub to: String,
+    pub tables: Vec<String>,
+    pub limits: MoveLimits,
+}
+
+/// `cellplane move SLOTS|--user U --to CELL`: the source is the cell serving the slots.
+pub fn slot_move(t: &RoutingTable, args: MoveArgs, now: u64) -> anyhow::Result<Request> {
+    let slots = match (&args.slots, &args.user) {
+        (Some(text), _) => {
+            SlotSet::parse(t.slots, text).map_err(|e| anyhow::anyhow!("slots {text:?}: {e}"))?
+        }
+        (None, Some(u)) => SlotSet::of(t.slots, [t.route(user_key(u)?).0])?,
+        (None, None) => bail!("name the slots, or --user"),
+    };
+    t.cell(&args.to).ok_or_else(|| unknown_cell(t, &args.to))?;
+    let mut sources: Vec<&str> = slots
+        .iter()
+        .map(|s| t.cell_for_slot(s).name.as_str())
+        .collect();
+    sources.sort_unstable();
+    sources.dedup();
+    let source = match sources.as_slice() {
+        [one] => one.to_string(),
+        [] => bail!("no slots to move; name some, e.g. 0-63"),
+        many => bail!(
+            "the slots are served by {}; move one cell's slots at a time",
+            many.join(", ")
+        ),
+    };
+    let tables = if args.tables.is_empty() {
+        reference_app_tables()
+    } else {
+        args.tables
+            .iter()
+            .map(|t| MovedTable::parse(t).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let id = format!("move-{source}-{}-{now}", args.to);
+    let m = SlotMove::new(
+        &id,
+        &source,
+        &args.to,
+        &slots,
+        tables,
+        &who(),
+        args.limits,
+        now,
+    );
+    Ok(Request {
+        summary: format!("{id}: {}", report::move_title(&m)),
+        op: Operation::SlotMove(m),
+        preflight: Vec::new(),
+    })
+}
+
+/// A move's preflight against what the leader would see: None when it passes.
+fn move_refusal(
+    m: &SlotMove,
+    records: &Records,
+    snapshot: &Snapshot,
+    t: &RoutingTable,
+    now: u64,
+) -> Option<(String, String)> {
+    let touches = |cells: &[&str]| m.cells().iter().any(|c| cells.contains(c));
+    let busy = records.running().iter().any(|op| touches(&op.cells()))
+        || records
+            .moves
+            .values()
+            .any(|(other, _)| other.holds_cells() && touches(&other.cells()))
+        || !records.running_batches().is_empty();
+    let observed = snapshot.observed(t, now, busy);
+    slot_move::gates(m, &observed)
+        .err()
+        .map(|(gate, message)| (gate.to_string(), message))
+}
+
 /// Runs the preflight gates here (a refusal changes nothing), then writes the record, then
 /// follows it to the end unless told not to.
 pub async fn start(
@@ -185,6 +270,19 @@ pub async fn start(
     let running = records.running();
     let batches = records.running_batches();
     let snapshot = p.snapshot(&records.all()).await?;
+    if let Operation::SlotMove(m) = &req.op {
+        if let Some((gate, message)) = move_refusal(m, &records, &snapshot, &t, now) {
+            if out.structured() {
+                print_data(
+                    out,
+                    &serde_json::json!({"refused": gate, "message": message}),
+                )?;
+            } else {
+                eprintln!("refused by the {gate} gate: {message}");
+            }
+            return Ok(ExitCode::from(EXIT_REFUSED));
+        }
+    }
     for member in &req.preflight {
         let busy =
             running.iter().any(|r| r.overlaps(member)) || blocked_by_batches(member, &batches, &t);
@@ -242,6 +340,7 @@ pub async fn start(
 /// Prints each step of each member as it completes, then the report.
 async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitCode> {
     let mut progress = Progress::new(out);
+    let mut move_steps = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     loop {
         let all = p.operations().await?;
@@ -254,7 +353,15 @@ async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitC
             Operation::Switchover(s) => vec![s],
             Operation::Batch(b) => b.members.iter().filter_map(|m| members.get(m)).collect(),
             // A move's progress: each step as it ends, then the report.
-            Operation::SlotMove(_) => Vec::new(),
+            Operation::SlotMove(m) => {
+                if !out.structured() {
+                    for st in m.steps.iter().skip(move_steps) {
+                        println!("  {:<10} {}", format!("{:?}", st.step), st.note);
+                    }
+                }
+                move_steps = m.steps.len();
+                Vec::new()
+            }
         };
         if !out.structured() {
             progress.update(&mine, matches!(op, Operation::Batch(_)));

@@ -3,14 +3,17 @@
 //! registration (position, replication, the app's readiness, backlog and request rate).
 
 use super::app;
+use super::mover::{MoveTask, RetireTask};
 use super::rebuild::{self, RebuildTask};
 use super::AgentConfig;
 use crate::build::{names, Store};
 use crate::platform::intents::{replication_password, REPLICATION_USER};
 use crate::registration::Live;
 use crate::Result;
+use cellplane_cell_sdk::mover::Side;
 use cellplane_cell_sdk::replication::{self, ReplicationSource};
 use cellplane_cells::crd::Cell;
+use cellplane_cells::env::mysql_database;
 use cellplane_cells::etcd_keys::{Intent, MysqlReport, Registration, ReplicaReport};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
@@ -33,6 +36,12 @@ pub(super) struct CellState {
     request_samples: VecDeque<(Instant, u64)>,
     /// The last rebuild of the cell's MySQL an intent asked for.
     rebuild: Option<RebuildTask>,
+    /// The admin account's connection settings (the pool's, for a slot move's writes).
+    admin_opts: mysql_async::Opts,
+    /// The last slot move into this cell an intent ordered (stopped when the order went).
+    slot_move: Option<MoveTask>,
+    /// The last deletion of this cell's copies of moved slots an intent ordered.
+    retire: Option<RetireTask>,
     /// Since when the cell's app has answered ready without a break (and the region
     /// reached the global etcd).
     pub(super) healthy_since_ms: Option<u64>,
@@ -206,8 +215,12 @@ async fn state<'s>(
                     .with_inactive_connection_ttl(Duration::from_secs(60)),
             );
         let previous = states.remove(&name);
+        let admin_opts = mysql_async::Opts::from(opts.clone());
         let fresh = CellState {
             pool: mysql_async::Pool::new(opts),
+            admin_opts,
+            slot_move: None,
+            retire: None,
             read_at: Instant::now(),
             account_ready: false,
             applied_generation: previous.as_ref().map_or(0, |p| p.applied_generation),
@@ -222,6 +235,8 @@ async fn state<'s>(
                 last_error: p.last_error,
                 request_samples: p.request_samples,
                 rebuild: p.rebuild,
+                slot_move: p.slot_move,
+                retire: p.retire,
                 healthy_since_ms: p.healthy_since_ms,
                 ..fresh
             },
@@ -290,7 +305,58 @@ async fn carry_out(
             st.rebuild = Some(start_rebuild(cfg, name, operation, source, regs, pool)?);
         }
     }
+    carry_out_moves(cfg, st, name, intent, regs)?;
     st.applied_generation = intent.generation;
+    Ok(())
+}
+
+/// Starts, steers or stops the slot move into this cell and the deletion of its moved
+/// slots' old copies, as the intent orders.
+fn carry_out_moves(
+    cfg: &AgentConfig,
+    st: &mut CellState,
+    name: &str,
+    intent: &Intent,
+    regs: &BTreeMap<String, Registration>,
+) -> Result<()> {
+    let own = Side {
+        opts: st.admin_opts.clone(),
+        schema: mysql_database(name),
+    };
+    match intent.slot_move.as_deref() {
+        Some(order) => match st.slot_move.as_ref() {
+            // Going on, or ended with its answer (synced, or rows that differ) for the
+            // leader: nothing to start.
+            Some(task) if task.operation == order.operation && !task.needs_restart() => {
+                task.follow(order)
+            }
+            _ => {
+                let src = replication_source(cfg, regs, &order.source)?;
+                let source = Side {
+                    opts: mysql_async::OptsBuilder::default()
+                        .ip_or_hostname(src.host)
+                        .tcp_port(src.port)
+                        .user(Some(src.user))
+                        .pass(Some(src.password))
+                        .into(),
+                    schema: mysql_database(&order.source),
+                };
+                st.slot_move = Some(MoveTask::start(name, order, source, own.clone()));
+            }
+        },
+        None => {
+            if let Some(task) = st.slot_move.as_ref().filter(|t| t.running()) {
+                tracing::info!(cell = %name, operation = %task.operation, "slot move: order withdrawn; the copy stops");
+                task.stop();
+            }
+        }
+    }
+    if let Some(order) = intent.retire.as_deref() {
+        if RetireTask::needs_run(st.retire.as_ref(), order) {
+            tracing::warn!(cell = %name, operation = %order.operation, slots = %order.slots, "deleting this cell's copies of moved slots");
+            st.retire = Some(RetireTask::start(name, order, own));
+        }
+    }
     Ok(())
 }
 
@@ -339,8 +405,8 @@ async fn measure(
             gtid_binlog_pos: pos.gtid_binlog_pos,
             replicas,
             rebuild: st.rebuild.as_ref().map(|t| t.report.lock().clone()),
-            slot_move: None,
-            retired: None,
+            slot_move: st.slot_move.as_ref().map(MoveTask::snapshot),
+            retired: st.retire.as_ref().map(|t| t.report.lock().clone()),
         }),
         kafka_lag: app.order_backlog(),
         requests_per_sec,

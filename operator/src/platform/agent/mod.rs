@@ -11,6 +11,7 @@
 
 mod app;
 mod cell;
+pub mod mover;
 pub mod rebuild;
 
 use crate::platform::observe::read_values;

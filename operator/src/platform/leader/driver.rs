@@ -10,7 +10,8 @@ use super::PlatformConfig;
 use crate::metrics::Metrics;
 use crate::platform::observe::{keys_under, Records, Snapshot};
 use crate::platform::operations::{
-    self, batch, Action, Batch, Limits, Observed, Operation, Outcome, Switchover,
+    self, batch, slot_move, Action, Batch, Limits, Observed, Operation, Outcome, SlotMove,
+    Switchover,
 };
 use crate::platform::{intents, table_error};
 use crate::Result;
@@ -44,7 +45,23 @@ pub async fn drive(
         .filter(|(op, _)| !op.finished())
         .cloned()
         .collect();
-    if !write_default_intents(client, platform, fence, &running).await? {
+    let moves: Vec<(SlotMove, i64)> = records
+        .moves
+        .values()
+        .filter(|(m, _)| !m.finished())
+        .cloned()
+        .collect();
+    let mut held: BTreeSet<String> = running
+        .iter()
+        .flat_map(|(op, _)| op.cells().map(str::to_string))
+        .collect();
+    held.extend(
+        moves
+            .iter()
+            .filter(|(m, _)| m.holds_cells())
+            .flat_map(|(m, _)| m.cells().map(str::to_string)),
+    );
+    if !write_default_intents(client, platform, fence, &held).await? {
         return Ok(None);
     }
     let snapshot = Snapshot::read(client, platform, &all_operations).await?;
@@ -77,9 +94,13 @@ pub async fn drive(
             tracing::warn!(operation = %op.id, "no routing table yet; the operation waits");
             continue;
         };
-        // Operations run one at a time per cell: the oldest one (or batch) wins.
+        // Operations run one at a time per cell: the oldest one (or batch) wins; a slot
+        // move holds its cells until its retention window.
         let busy = running[..i].iter().any(|(other, _)| other.overlaps(op))
-            || batch::blocked_by_batches(op, &batches, table);
+            || batch::blocked_by_batches(op, &batches, table)
+            || moves
+                .iter()
+                .any(|(m, _)| m.holds_cells() && m.cells().iter().any(|c| op.cells().contains(c)));
         let observed = snapshot.observed(table, cellplane_table::store::now_ms(), busy);
         let Some(actions) = step(client, cfg, fence, metrics, op, *revision, &observed).await?
         else {
@@ -89,21 +110,96 @@ pub async fn drive(
             return Ok(None);
         }
     }
-    // An operation waiting for a lost region's return need not be polled fast.
-    Ok(Some(running.iter().any(|(op, _)| !op.waiting_long())))
+    for (i, (m, revision)) in moves.iter().enumerate() {
+        let current = write::read(client, platform).await.map_err(table_error)?;
+        let Some(table) = &current.table else {
+            continue;
+        };
+        // A move waits for the switchovers on its cells, for the moves before it on them,
+        // and for any batch (a region's drain or failback moves many cells' slots).
+        let busy = running
+            .iter()
+            .any(|(op, _)| !op.finished() && m.cells().iter().any(|c| op.cells().contains(c)))
+            || moves[..i].iter().any(|(other, _)| {
+                other.holds_cells() && other.cells().iter().any(|c| m.cells().contains(c))
+            })
+            || !batches.is_empty();
+        let observed = snapshot.observed(table, cellplane_table::store::now_ms(), busy);
+        let Some(actions) = step_move(client, cfg, fence, metrics, m, *revision, &observed).await?
+        else {
+            return Ok(None);
+        };
+        if !execute(client, platform, fence, metrics, &current, actions).await? {
+            return Ok(None);
+        }
+    }
+    // An operation waiting for a lost region's return, or a move in its retention window,
+    // need not be polled fast.
+    Ok(Some(
+        running.iter().any(|(op, _)| !op.waiting_long())
+            || moves.iter().any(|(m, _)| m.holds_cells()),
+    ))
 }
 
-/// Cells no operation is moving get the intents the table implies. False: the term is over.
+/// Advances one slot move and persists its next record; returns the actions to carry out
+/// (None: the term is over).
+async fn step_move(
+    client: &mut Client,
+    cfg: &PlatformConfig,
+    fence: &Fence,
+    metrics: &Metrics,
+    m: &SlotMove,
+    revision: i64,
+    observed: &Observed<'_>,
+) -> Result<Option<Vec<Action>>> {
+    let (mut next, actions) = slot_move::advance(m, observed);
+    for s in next.steps.iter_mut().skip(m.steps.len()) {
+        s.by = cfg.identity.clone();
+    }
+    if next == *m {
+        return Ok(Some(actions));
+    }
+    if !put_record(
+        client,
+        &cfg.platform,
+        &Operation::SlotMove(next.clone()),
+        revision,
+        fence,
+    )
+    .await?
+    {
+        return Ok(None);
+    }
+    if next.step != m.step {
+        tracing::info!(operation = %m.id, slots = %m.slots, source = %m.source, target = %m.target, from = ?m.step, to = ?next.step, "slot move step");
+    }
+    if let Some(outcome) = &next.outcome {
+        finished(metrics, "slot_move", outcome);
+        tracing::info!(operation = %m.id, ?outcome, write_freeze_ms = ?next.write_freeze_ms(), "slot move finished");
+    }
+    Ok(Some(actions))
+}
+
+/// Counts a finished operation by kind and outcome.
+fn finished(metrics: &Metrics, kind: &'static str, outcome: &Outcome) {
+    let labels = crate::metrics::OperationLabels {
+        kind,
+        outcome: match outcome {
+            Outcome::Succeeded { .. } => "succeeded",
+            Outcome::Refused { .. } => "refused",
+            Outcome::RolledBack { .. } => "rolled_back",
+        },
+    };
+    metrics.operations_finished.get_or_create(&labels).inc();
+}
+
+/// Cells no operation holds get the intents the table implies. False: the term is over.
 async fn write_default_intents(
     client: &mut Client,
     platform: &str,
     fence: &Fence,
-    running: &[(Switchover, i64)],
+    busy: &BTreeSet<String>,
 ) -> Result<bool> {
-    let busy: BTreeSet<String> = running
-        .iter()
-        .flat_map(|(op, _)| op.cells().map(str::to_string))
-        .collect();
     let Some(table) = write::read(client, platform)
         .await
         .map_err(table_error)?
@@ -116,7 +212,7 @@ async fn write_default_intents(
         &cellplane_cells::etcd_keys::intents_prefix(platform),
     )
     .await?;
-    for (cell, intent) in intents::to_write(&table, &in_force, &busy) {
+    for (cell, intent) in intents::to_write(&table, &in_force, busy) {
         tracing::info!(%cell, generation = intent.generation, writable = intent.writable, replicate_from = ?intent.replicate_from, "intent");
         if !put_intent(client, platform, &cell, &intent, fence).await? {
             return Ok(false);
@@ -180,15 +276,7 @@ async fn step(
         tracing::info!(operation = %op.id, cell = %op.cell, from = ?op.step, to = ?next.step, "operation step");
     }
     if let Some(outcome) = &next.outcome {
-        let labels = crate::metrics::OperationLabels {
-            kind: next.kind.label(),
-            outcome: match outcome {
-                Outcome::Succeeded { .. } => "succeeded",
-                Outcome::Refused { .. } => "refused",
-                Outcome::RolledBack { .. } => "rolled_back",
-            },
-        };
-        metrics.operations_finished.get_or_create(&labels).inc();
+        finished(metrics, next.kind.label(), outcome);
         tracing::info!(operation = %op.id, ?outcome, write_freeze_ms = ?next.write_freeze_ms(), "operation finished");
     }
     Ok(Some(actions))

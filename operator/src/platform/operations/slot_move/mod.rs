@@ -596,8 +596,19 @@ fn drain(p: &mut Pass) -> Result<(), String> {
     let leases = p.obs.owners.get(&p.op.source).copied().unwrap_or(0);
     let drained = p.obs.drained.get(&p.op.source).copied();
     let writes_done = leases == 0 || drained.is_some_and(|d| d >= epoch);
-    let backlog = p.obs.cells.get(&p.op.source).and_then(|r| r.kafka_lag);
-    if writes_done && backlog == Some(0) {
+    // The backlog must be measured after the writes ended (an order acknowledged just
+    // before may not be counted in an older report): once they have, the source's intent
+    // gets a new generation, and only a report that carried it out counts.
+    let generation = if writes_done {
+        let source = p.op.source.clone();
+        Some(p.want_intent(&source, None, None))
+    } else {
+        None
+    };
+    let reg = p.obs.cells.get(&p.op.source);
+    let fresh = generation.is_some_and(|g| reg.is_some_and(|r| r.intent_generation >= g));
+    let backlog = reg.and_then(|r| r.kafka_lag);
+    if fresh && backlog == Some(0) {
         p.step_done(format!(
             "writes admitted before epoch {epoch} ended; order backlog persisted"
         ));

@@ -19,6 +19,8 @@ struct MoveWorld {
     busy: bool,
     /// The source's apps stop draining (a write that never ends).
     stuck_writes: bool,
+    /// The source's region stops carrying out intents (its reports go stale).
+    deaf_source: bool,
     /// What the target's verification finds different, by phase.
     mismatch_in: Option<MovePhase>,
     /// Every table written, in order.
@@ -61,17 +63,31 @@ impl MoveWorld {
             .collect();
         Self {
             now_ms: 1_000,
-            table,
             cells,
             routers,
-            intents: BTreeMap::new(),
+            // Each cell serves and stands by for the other, as the table implies.
+            intents: ["a", "b"]
+                .into_iter()
+                .map(|cell| {
+                    let (writable, replicate_from) = default_for(&table, cell).unwrap();
+                    let intent = Intent {
+                        generation: 1,
+                        writable,
+                        replicate_from,
+                        ..Intent::default()
+                    };
+                    (cell.to_string(), intent)
+                })
+                .collect(),
             owners: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]),
             drained: BTreeMap::from([("a".into(), 7), ("b".into(), 7)]),
             recent: Recent::default(),
             busy: false,
             stuck_writes: false,
+            deaf_source: false,
             mismatch_in: None,
             tables: Vec::new(),
+            table,
         }
     }
 
@@ -112,6 +128,13 @@ impl MoveWorld {
             if r.applied_epoch < self.table.epoch {
                 r.applied_epoch = self.table.epoch;
                 r.held_total += 2;
+            }
+        }
+        if !self.deaf_source {
+            for (cell, intent) in &self.intents {
+                if let Some(reg) = self.cells.get_mut(cell) {
+                    reg.intent_generation = intent.generation;
+                }
             }
         }
         if !self.stuck_writes {
@@ -378,6 +401,34 @@ fn writes_that_never_drain_roll_the_move_back_after_the_step_timeout() {
     w.owners.remove("a");
     let op = w.run(start(&w, &a_slots(&w, 4)), 2_000);
     assert_eq!(op.outcome, Some(Outcome::Succeeded { warnings: vec![] }));
+}
+
+#[test]
+fn an_order_backlog_measured_before_the_writes_ended_does_not_count() {
+    // The source's region stops reporting: its last report says "no backlog", but it was
+    // measured before the last orders were acknowledged.
+    let mut w = MoveWorld::new();
+    let mut op = start(&w, &a_slots(&w, 4));
+    while op.step != Step::Drain {
+        let (next, actions) = advance(&op, &w.observed());
+        w.apply(actions);
+        op = next;
+        w.tick();
+    }
+    w.deaf_source = true;
+    let op = w.run(op, 1_000);
+    assert!(
+        matches!(
+            &op.outcome,
+            Some(Outcome::RolledBack {
+                step: Step::Drain,
+                ..
+            })
+        ),
+        "{:?}",
+        op.outcome
+    );
+    assert!(w.table.frozen_slots.is_empty());
 }
 
 #[test]
