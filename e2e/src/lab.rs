@@ -286,6 +286,7 @@ impl PairLab {
                     other => anyhow::bail!("{other:?}"),
                 }
             }
+            Operation::SlotMove(m) => anyhow::bail!("{id} is a slot move: {m:?}"),
         }
     }
 

@@ -62,8 +62,7 @@ async fn put_intent(
         generation,
         writable,
         replicate_from: from.iter().map(|s| s.to_string()).collect(),
-        operation: None,
-        rebuild_from: None,
+        ..Intent::default()
     };
     etcd.put(&intent_key("shop", cell), serde_json::to_vec(&intent)?)
         .await

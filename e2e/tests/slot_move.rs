@@ -12,10 +12,19 @@ use cellplane_cell_sdk::replication;
 use cellplane_cells::slot::slot_for_key;
 use cellplane_cells::slot_set::SlotSet;
 use cellplane_e2e::cell::CellStores;
+use cellplane_e2e::lab::{
+    router_send, run_cellplane, started_id, Answer, Load, PairLab, HOME, STANDBY,
+};
+use cellplane_e2e::wait_for;
+use cellplane_operator::platform::operations::{Outcome, SlotMove, Step};
 use mysql_async::prelude::Queryable;
 use mysql_async::Pool;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(180);
 
 const SLOTS: u32 = 16384;
 const USERS: usize = 3000;
@@ -316,5 +325,250 @@ async fn a_slots_rows_are_copied_caught_up_and_verified_while_the_source_takes_w
         .to_string();
     assert!(err.contains("schema changed during the move"), "{err}");
     mover.close().await?;
+    Ok(())
+}
+
+/// Profile writes for `users` through the router, one client, until stopped: each user's
+/// name is set to a counter in turn; returns the last value each got a 200 for.
+fn write_profiles(
+    router: String,
+    users: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<anyhow::Result<BTreeMap<String, String>>> {
+    tokio::spawn(async move {
+        let mut acked = BTreeMap::new();
+        let mut n = 0usize;
+        while !stop.load(Ordering::SeqCst) {
+            let user = &users[n % users.len()];
+            n += 1;
+            let name = format!("v{n}");
+            let body = serde_json::json!({"name": name, "email": format!("{user}@example.com")});
+            match router_send(&router, "PUT", user, "profile", Some(body)).await {
+                Ok(r) if r.status == 200 => {
+                    acked.insert(user.clone(), name);
+                }
+                Ok(r) => anyhow::bail!("PUT profile of {user}: {} {}", r.status, r.body),
+                Err(e) => anyhow::bail!("PUT profile of {user}: {e}"),
+            }
+        }
+        Ok(acked)
+    })
+}
+
+/// A slot move on the platform, under load: some of one cell's slots move to the other
+/// cell in the other region with their rows while clients read profiles, place orders and
+/// write profiles through the router; the leader's operator is killed once the copy is
+/// done and a new leader finishes the move. Afterwards every acknowledged order and every
+/// user's last acknowledged profile is where the table sends its user, the source's old
+/// copies are deleted after the retention window, and no user outside the moving slots saw
+/// a pause or an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn slots_move_to_another_cell_under_load_with_every_acknowledged_write() -> anyhow::Result<()>
+{
+    let mut lab = PairLab::up("slotmove").await?;
+    let table = lab.etcd.routing_table().await?.expect("a table");
+    let us_users = lab.users_of(HOME, 24);
+    // Half of the home's users move: their slots (and every other user in them).
+    let slots = SlotSet::of(table.slots, us_users[..12].iter().map(|u| table.route(u).0))?;
+    let (moving, staying): (Vec<String>, Vec<String>) = us_users
+        .iter()
+        .cloned()
+        .partition(|u| slots.contains(table.route(u).0));
+    let eu_users = lab.users_of(STANDBY, 4);
+    let all: Vec<String> = us_users.iter().chain(&eu_users).cloned().collect();
+    lab.put_profiles(&all).await?;
+
+    let load = Load::start(&lab.router.addr, &all, 3);
+    let stop_writes = Arc::new(AtomicBool::new(false));
+    let writer = write_profiles(lab.router.addr.clone(), moving.clone(), stop_writes.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // Bad requests are refused before anything changes, naming the fix.
+    let (code, out) = lab.cellplane(&["move", "0-16383", "--to", STANDBY]).await?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("move one cell's slots at a time"), "{out}");
+    let (code, out) = lab
+        .cellplane(&[
+            "move",
+            &slots.to_string(),
+            "--to",
+            STANDBY,
+            "--table",
+            "profiles",
+        ])
+        .await?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NAME:KEY_COLUMN"), "{out}");
+    let (code, out) = lab
+        .cellplane(&["move", &slots.to_string(), "--to", STANDBY, "--dry-run"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+
+    let (code, out) = lab
+        .cellplane(&[
+            "move",
+            &slots.to_string(),
+            "--to",
+            STANDBY,
+            "--retention-secs",
+            "3",
+            "--no-wait",
+        ])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    let id = started_id(&out).expect("the CLI names the operation");
+    let record = |lab: &PairLab| {
+        let id = id.clone();
+        let etcd = lab.etcd.endpoints_flag();
+        async move {
+            let (_, out) = run_cellplane(&etcd, "shop", &["drills", &id, "-o", "json"]).await?;
+            Ok::<SlotMove, anyhow::Error>(serde_json::from_str(&out)?)
+        }
+    };
+    // The copy is done: the leader's operator dies; the other region's leads on.
+    let at = wait_for("the copy done", T, || async {
+        let m = record(&lab).await?;
+        Ok((!matches!(m.step, Step::Preflight | Step::Copy)).then_some(m.step))
+    })
+    .await?;
+    let leader = lab.leader().expect("one leader");
+    lab.operators[leader].kill();
+    println!("leader {leader} killed at {at:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.restart_operator(leader)?;
+    let finished = wait_for("the move finished", T, || async {
+        let m = record(&lab).await?;
+        Ok(m.finished().then_some(m))
+    })
+    .await;
+    let m = match finished {
+        Ok(m) => m,
+        Err(e) => {
+            let (_, report) = lab.cellplane(&["drills", &id]).await?;
+            for r in &lab.regions {
+                let _ = std::process::Command::new("cp")
+                    .arg("-r")
+                    .arg(r.dir.join("logs"))
+                    .arg(format!("/tmp/mvlogs-{}", r.name))
+                    .status();
+            }
+            anyhow::bail!("{e}\n{report}");
+        }
+    };
+    stop_writes.store(true, Ordering::SeqCst);
+    let profiles = writer.await??;
+    let answers = load.stop().await?;
+    let (_, report) = lab.cellplane(&["drills", &id]).await?;
+    println!("{report}");
+    assert_eq!(
+        m.outcome,
+        Some(Outcome::Succeeded { warnings: vec![] }),
+        "{report}"
+    );
+    let handed_over = m.steps.iter().any(|s| s.by != m.steps[0].by);
+    println!(
+        "write freeze of the moving slots: {:?} ms; rows copied {:?}, verified {:?}; held requests {:?}; leader handover: {handed_over}",
+        m.write_freeze_ms(),
+        m.copied_rows,
+        m.verified_rows,
+        m.held_requests
+    );
+    assert!(m.copied_rows.unwrap_or(0) >= moving.len() as u64, "{m:?}");
+
+    // The table sends the moved users to the target, from its own data.
+    let t = lab.etcd.routing_table().await?.expect("a table");
+    for s in slots.iter() {
+        assert_eq!(t.cell_for_slot(s).name, STANDBY, "slot {s}");
+        assert_eq!(t.data_home(s).name, STANDBY, "slot {s}'s data");
+    }
+    assert!(t.frozen_slots.is_empty());
+
+    // Every request was answered with success; users outside the moving slots never
+    // waited for the move.
+    let failed: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| !(200..300).contains(&a.status))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "every request answered with success: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    let slowest_staying = answers
+        .iter()
+        .filter(|a| !moving.contains(&a.user))
+        .map(|a| a.latency_ms)
+        .max()
+        .unwrap_or(0);
+    let slowest_moving = answers
+        .iter()
+        .filter(|a| moving.contains(&a.user))
+        .map(|a| a.latency_ms)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "{} answers; slowest of the users that stayed {slowest_staying} ms, of the moved users {slowest_moving} ms",
+        answers.len()
+    );
+
+    // Every acknowledged order is in the schema of its user's cell now, and nowhere else.
+    let accepted = |users: &[String]| -> BTreeSet<String> {
+        answers
+            .iter()
+            .filter(|a| a.status == 202 && users.contains(&a.user))
+            .filter_map(|a| a.order.clone())
+            .collect()
+    };
+    for (stores, schema, users) in [
+        (&lab.standby, "cell_shop_eu_0", &moving),
+        (&lab.home, "cell_shop_us_0", &staying),
+    ] {
+        let want = accepted(users);
+        assert!(!want.is_empty(), "{schema}: orders accepted");
+        let pool = stores.mysql_admin()?;
+        let keys: Vec<String> = users.iter().map(|u| format!("'{u}'")).collect();
+        let query = format!(
+            "SELECT order_id FROM {schema}.orders WHERE user_id IN ({})",
+            keys.join(",")
+        );
+        let have: BTreeSet<String> = wait_for(&format!("orders in {schema}"), T, || async {
+            let have: BTreeSet<String> = pool
+                .get_conn()
+                .await?
+                .query::<String, _>(query.clone())
+                .await?
+                .into_iter()
+                .collect();
+            Ok(want.is_subset(&have).then_some(have))
+        })
+        .await?;
+        assert_eq!(have, want, "{schema}: exactly the accepted orders");
+        println!("{schema}: the {} accepted orders of its users", want.len());
+    }
+    // The source's copies of the moved slots are gone after the retention window.
+    let keys: Vec<String> = moving.iter().map(|u| format!("'{u}'")).collect();
+    let left: Option<u64> = lab
+        .home
+        .mysql_admin()?
+        .get_conn()
+        .await?
+        .query_first(format!(
+            "SELECT (SELECT COUNT(*) FROM cell_shop_us_0.orders WHERE user_id IN ({0})) + \
+             (SELECT COUNT(*) FROM cell_shop_us_0.profiles WHERE user_id IN ({0}))",
+            keys.join(",")
+        ))
+        .await?;
+    assert_eq!(left, Some(0), "the source's old copies deleted");
+    assert!(m.retired_rows.unwrap_or(0) > 0, "{m:?}");
+
+    // Every moved user's last acknowledged profile, read through the router from the target.
+    assert!(profiles.len() == moving.len(), "{profiles:?}");
+    for (user, name) in &profiles {
+        let r = router_send(&lab.router.addr, "GET", user, "profile", None).await?;
+        assert_eq!(r.status, 200, "{user}: {}", r.body);
+        assert_eq!(r.served_by(), STANDBY, "{user}");
+        let got: serde_json::Value = serde_json::from_str(&r.body)?;
+        assert_eq!(got["name"], name.as_str(), "{user}: {}", r.body);
+    }
     Ok(())
 }

@@ -104,17 +104,14 @@ pub(super) fn changes_a_moved_table(query: &str, tables: &[TableShape]) -> bool 
 }
 
 /// The file a rotate event names. Read before the format description (the stream's first
-/// event), a checksummed event's last 4 bytes are still on the name.
-fn rotated_to(name: &str, with_checksum: bool) -> String {
-    let mut name = name.to_string();
-    if with_checksum && name.len() > 4 {
-        let mut cut = name.len() - 4;
-        while !name.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        name.truncate(cut);
-    }
-    name
+/// event), a checksummed event's last 4 bytes are still on the name: they are cut as
+/// bytes (any byte value), before the name is read as text.
+fn rotated_to(name: &[u8], with_checksum: bool) -> String {
+    let name = match name.len() {
+        n if with_checksum && n > 4 => &name[..n - 4],
+        _ => name,
+    };
+    String::from_utf8_lossy(name).into_owned()
 }
 
 /// An event starting at `start` in binary-log file `file` is at or after position
@@ -220,7 +217,7 @@ impl SlotMover {
             }
             if kind == ROTATE_EVENT {
                 if let Some(EventData::RotateEvent(r)) = event.read_data().map_err(io)? {
-                    file = rotated_to(&r.name(), footer_unknown);
+                    file = rotated_to(r.name_raw(), footer_unknown);
                 }
                 continue;
             }
@@ -410,8 +407,12 @@ mod tests {
 
     #[test]
     fn the_first_rotate_loses_its_checksum() {
-        assert_eq!(rotated_to("binlog.000001IxP2", true), "binlog.000001");
-        assert_eq!(rotated_to("binlog.000001", false), "binlog.000001");
+        assert_eq!(rotated_to(b"binlog.000001IxP2", true), "binlog.000001");
+        assert_eq!(rotated_to(b"binlog.000001", false), "binlog.000001");
+        // A checksum is any four bytes, not text: cut before the name is decoded.
+        let mut raw = b"binlog.000001".to_vec();
+        raw.extend_from_slice(&[0xd3, 0x53, 0xf7, 0x0b]);
+        assert_eq!(rotated_to(&raw, true), "binlog.000001");
     }
 
     #[test]

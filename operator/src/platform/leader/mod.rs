@@ -35,6 +35,9 @@ use std::time::Duration;
 
 /// How often the leader looks at a running operation without a change event.
 const OPERATION_POLL: Duration = Duration::from_millis(50);
+/// How long a new platform's first table waits for every declared cell to register before
+/// it places the slots on the cells that did (the others then join with no slots).
+const BRING_UP_GRACE: Duration = Duration::from_secs(30);
 
 /// Settings of the platform controller.
 #[derive(Clone, Debug)]
@@ -133,8 +136,10 @@ async fn write_tables(
         .await?;
     let routers = cellplane_cells::etcd_keys::routers_prefix(&cfg.platform);
     let mut detector = detect::Detector::default();
+    let term_started = std::time::Instant::now();
     loop {
-        match write_table_once(client, cfg, sets, fence, metrics).await? {
+        let bring_up_over = term_started.elapsed() > BRING_UP_GRACE;
+        match write_table_once(client, cfg, sets, fence, metrics, bring_up_over).await? {
             Some(Swap::NotLeader) => return Ok(()),
             Some(Swap::Stale) => {
                 metrics.table_conflicts.inc();
@@ -177,8 +182,10 @@ async fn write_table_once(
     sets: &Store<CellSet>,
     fence: &Fence,
     metrics: &Metrics,
+    bring_up_over: bool,
 ) -> Result<Option<Swap>> {
-    let inputs = read_inputs(client, cfg, sets).await?;
+    let mut inputs = read_inputs(client, cfg, sets).await?;
+    inputs.bring_up_over = bring_up_over;
     let current = write::read(client, &cfg.platform)
         .await
         .map_err(table_error)?;
@@ -247,5 +254,6 @@ async fn read_inputs(
         members,
         registrations,
         pins,
+        bring_up_over: false,
     })
 }

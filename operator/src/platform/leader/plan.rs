@@ -16,6 +16,12 @@
 //!   slot's data is the pinned cell's (moving the rows is the pin's author's job).
 //! - A slot's data lives with the cell it is placed on; when that cell does not serve, the
 //!   table says so (`dataHomes`) and its standby serves the slot from the replicated schema.
+//! - Where a slot's data lives is the table's own once written: only a slot move (which
+//!   moves the rows first) changes it, so a cell that joins a running platform gets no
+//!   slots by itself, and a move is never undone by recomputation. The placement decides
+//!   only for the first table (written once every declared cell registered, or after the
+//!   bring-up grace with those that did), for the slots of a cell that left, and for a
+//!   slot whose pin was lifted.
 //! - The epoch grows by one exactly when something a router sees changes.
 
 use cellplane_cells::crd::CellPhase;
@@ -44,6 +50,9 @@ pub struct Inputs {
     pub registrations: BTreeMap<String, Registration>,
     /// Requested slot -> cell overrides.
     pub pins: BTreeMap<Slot, String>,
+    /// The first table may be written before every declared cell registered (the bring-up
+    /// grace passed): the cells that registered later join with no slots.
+    pub bring_up_over: bool,
 }
 
 /// What the leader should do with the table.
@@ -88,6 +97,10 @@ pub fn next_table(
     if entries.is_empty() {
         return Ok((Plan::Keep, Vec::new()));
     }
+    if current.is_none() && entries.len() < inputs.members.len() && !inputs.bring_up_over {
+        // The first placement is the only one made without moves: wait for every cell.
+        return Ok((Plan::Keep, Vec::new()));
+    }
     let slots = current.map_or(inputs.slots, |t| t.slots);
     let weighted: Vec<WeightedCell> = entries
         .iter()
@@ -107,9 +120,13 @@ pub fn next_table(
     }
     let mut owners = Vec::with_capacity(slots as usize);
     let mut data_homes = Vec::with_capacity(slots as usize);
-    for &placed in &placement.owners {
-        let name = &placement.cells[usize::from(placed)];
-        let i = index[name.as_str()];
+    for (slot, &placed) in placement.owners.iter().enumerate() {
+        // Kept where the table in force has the slot's data (a pinned slot's is the pin's).
+        let kept = current
+            .filter(|t| !t.pins.contains_key(&(slot as Slot)))
+            .and_then(|t| index.get(t.data_home(slot as Slot).name.as_str()).copied());
+        let i = kept.unwrap_or_else(|| index[placement.cells[usize::from(placed)].as_str()]);
+        let name = &cells[usize::from(i)].name;
         data_homes.push(i);
         owners.push(home_of[usize::from(i)].ok_or_else(|| {
             cellplane_cells::Error::InvalidTable {
@@ -255,6 +272,7 @@ mod tests {
                 .map(|n| (n.to_string(), reg(&format!("{n}.example:80"))))
                 .collect(),
             pins: BTreeMap::new(),
+            bring_up_over: true,
         }
     }
 
@@ -283,14 +301,23 @@ mod tests {
             next_table(Some(&t1), &inputs(&["a", "b"])).unwrap().0,
             Plan::Keep
         );
-        // A third cell registers: about a third of the slots move to it, nothing else.
+        // A third cell registers: it joins the table with no slots (no slot goes anywhere
+        // without its rows; slot moves give it some).
         let t2 = write(next_table(Some(&t1), &inputs(&["a", "b", "c"])).unwrap().0);
         assert_eq!(t2.epoch, 2);
-        let moved: Vec<Slot> = (0..1024)
-            .filter(|&s| t1.cell_for_slot(s).name != t2.cell_for_slot(s).name)
-            .collect();
-        assert!(moved.iter().all(|&s| t2.cell_for_slot(s).name == "c"));
-        assert!((250..450).contains(&moved.len()), "moved {}", moved.len());
+        assert!(t2.cell("c").is_some());
+        assert_eq!(t2.slot_count("c"), 0);
+        assert_eq!(t2.owners.len(), t1.owners.len());
+        assert!((0..1024).all(|s| t1.cell_for_slot(s).name == t2.cell_for_slot(s).name));
+        // A slot move's flip is kept by the next recomputation.
+        let moving = cellplane_cells::slot_set::SlotSet::of(1024, [1, 2, 3]).unwrap();
+        let moved = t2.moved_slots(&moving, "c").unwrap();
+        assert_eq!(
+            next_table(Some(&moved), &inputs(&["a", "b", "c"]))
+                .unwrap()
+                .0,
+            Plan::Keep
+        );
         // A moved endpoint is a change too.
         let mut moved_addr = inputs(&["a", "b", "c"]);
         moved_addr
@@ -299,6 +326,17 @@ mod tests {
         let t3 = write(next_table(Some(&t2), &moved_addr).unwrap().0);
         assert_eq!(t3.epoch, 3);
         assert_eq!(t3.owners, t2.owners);
+    }
+
+    #[test]
+    fn the_first_table_waits_for_every_declared_cell_until_the_bring_up_grace() {
+        let mut waiting = inputs(&["a", "b"]);
+        waiting.bring_up_over = false;
+        assert_eq!(next_table(None, &waiting).unwrap().0, Plan::Keep);
+        let mut all = inputs(&["a", "b", "c"]);
+        all.bring_up_over = false;
+        let t = write(next_table(None, &all).unwrap().0);
+        assert!(["a", "b", "c"].iter().all(|c| t.slot_count(c) > 250));
     }
 
     #[test]

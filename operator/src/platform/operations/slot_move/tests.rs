@@ -6,6 +6,7 @@ use crate::platform::operations::test_world::{healthy_registration, pair_table};
 use crate::platform::operations::{Operation, Recent};
 use cellplane_cells::etcd_keys::{Registration, RouterAck};
 use cellplane_cells::slot_move::{reference_app_tables, RetireReport};
+use std::collections::BTreeMap;
 
 struct MoveWorld {
     now_ms: u64,
