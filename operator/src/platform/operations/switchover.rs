@@ -167,24 +167,69 @@ fn freeze(p: &mut Pass) -> Result<(), String> {
     } else {
         let epoch = *p.next.freeze_epoch.get_or_insert(p.obs.table.epoch);
         p.next.frozen_at_ms.get_or_insert(p.obs.now_ms);
-        let behind = routers_behind(p.obs.routers, epoch);
-        if behind.is_empty() {
-            p.next.holds_at_freeze = p
-                .obs
-                .routers
-                .iter()
-                .map(|(id, a)| (id.clone(), (a.held_total, a.hold_timeouts_total)))
-                .collect();
+        let timed_out = p.timed_out(p.op.limits.ack_timeout_ms);
+        if let Some(holds) =
+            freeze_applied(p.obs.routers, epoch, timed_out, p.op.limits.ack_timeout_ms)?
+        {
+            p.next.holds_at_freeze = holds;
             p.step_done(format!("every router at epoch {epoch}"));
-        } else if p.timed_out(p.op.limits.ack_timeout_ms) {
-            return Err(format!(
-                "routers {} did not apply epoch {epoch} within {} ms",
-                behind.join(", "),
-                p.op.limits.ack_timeout_ms
-            ));
         }
     }
     Ok(())
+}
+
+/// Each router's counters of requests held and holds timed out, by router id.
+pub(super) type Holds = BTreeMap<String, (u64, u64)>;
+
+/// A freeze at `epoch` once every live router applied it: each router's hold counters
+/// then (None: wait); an error once `timed_out` (after `timeout_ms`).
+pub(super) fn freeze_applied(
+    routers: &BTreeMap<String, RouterAck>,
+    epoch: u64,
+    timed_out: bool,
+    timeout_ms: u64,
+) -> Result<Option<Holds>, String> {
+    let behind = routers_behind(routers, epoch);
+    if behind.is_empty() {
+        return Ok(Some(
+            routers
+                .iter()
+                .map(|(id, a)| (id.clone(), (a.held_total, a.hold_timeouts_total)))
+                .collect(),
+        ));
+    }
+    if timed_out {
+        return Err(format!(
+            "routers {} did not apply epoch {epoch} within {timeout_ms} ms",
+            behind.join(", ")
+        ));
+    }
+    Ok(None)
+}
+
+/// The release after a flip at `epoch`, once every live router applied it or `timed_out`:
+/// requests held and holds timed out since the freeze, and the step's note (None: wait).
+pub(super) fn released(
+    routers: &BTreeMap<String, RouterAck>,
+    holds_at_freeze: &BTreeMap<String, (u64, u64)>,
+    epoch: u64,
+    timed_out: bool,
+    old_home: &str,
+) -> Option<(u64, u64, String)> {
+    let behind = routers_behind(routers, epoch);
+    if !behind.is_empty() && !timed_out {
+        return None;
+    }
+    let (held, timeouts) = holds_since(holds_at_freeze, routers);
+    let note = if behind.is_empty() {
+        format!("every router at epoch {epoch}")
+    } else {
+        format!(
+            "routers {} had not applied epoch {epoch}; {old_home} answers them 421",
+            behind.join(", ")
+        )
+    };
+    Some((held, timeouts, note))
 }
 
 /// Drain: the source's order persister empties its Kafka backlog into MySQL (before the
@@ -325,20 +370,17 @@ fn flip(p: &mut Pass) -> Result<(), String> {
         }
     } else {
         let epoch = *p.next.flip_epoch.get_or_insert(p.obs.table.epoch);
-        let behind = routers_behind(p.obs.routers, epoch);
-        if behind.is_empty() || p.timed_out(p.op.limits.ack_timeout_ms) {
+        let timed_out = p.timed_out(p.op.limits.ack_timeout_ms);
+        if let Some((held, timeouts, note)) = released(
+            p.obs.routers,
+            &p.op.holds_at_freeze,
+            epoch,
+            timed_out,
+            "the old home",
+        ) {
             p.next.released_at_ms = Some(p.obs.now_ms);
-            let (held, timeouts) = holds_since(&p.op.holds_at_freeze, p.obs.routers);
             p.next.held_requests = Some(held);
             p.next.hold_timeouts = Some(timeouts);
-            let note = if behind.is_empty() {
-                format!("every router at epoch {epoch}")
-            } else {
-                format!(
-                    "routers {} had not applied epoch {epoch}; the old home answers them 421",
-                    behind.join(", ")
-                )
-            };
             p.step_done(note);
         }
     }
@@ -470,7 +512,7 @@ fn moved(t: &RoutingTable, op: &Switchover) -> bool {
 
 /// Requests held and holds timed out since the freeze, summed over the routers that
 /// reported at both ends (counters, as each router published them with its acks).
-pub(super) fn holds_since(
+fn holds_since(
     at_freeze: &BTreeMap<String, (u64, u64)>,
     routers: &BTreeMap<String, RouterAck>,
 ) -> (u64, u64) {
@@ -487,7 +529,7 @@ pub(super) fn holds_since(
 }
 
 /// Routers whose applied epoch is below `epoch`, by id.
-pub(super) fn routers_behind(routers: &BTreeMap<String, RouterAck>, epoch: u64) -> Vec<String> {
+fn routers_behind(routers: &BTreeMap<String, RouterAck>, epoch: u64) -> Vec<String> {
     routers
         .iter()
         .filter(|(_, a)| a.applied_epoch < epoch)

@@ -37,7 +37,7 @@ mod tests;
 pub use record::{MoveLimits, SlotMove, STEPS};
 
 use super::record::{enter, finish, note_error, step_done_in, Outcome, Step};
-use super::switchover::{holds_since, routers_behind};
+use super::switchover::{freeze_applied, released};
 use super::{Action, Observed};
 use crate::platform::intents::default_for;
 use cellplane_cells::etcd_keys::{Intent, MysqlReport};
@@ -366,21 +366,12 @@ fn freeze(p: &mut Pass) -> Result<(), String> {
     }
     let epoch = *p.next.freeze_epoch.get_or_insert(p.obs.table.epoch);
     p.next.frozen_at_ms.get_or_insert(p.obs.now_ms);
-    let behind = routers_behind(p.obs.routers, epoch);
-    if behind.is_empty() {
-        p.next.holds_at_freeze = p
-            .obs
-            .routers
-            .iter()
-            .map(|(id, a)| (id.clone(), (a.held_total, a.hold_timeouts_total)))
-            .collect();
+    let timed_out = p.timed_out(p.op.limits.ack_timeout_ms);
+    if let Some(holds) =
+        freeze_applied(p.obs.routers, epoch, timed_out, p.op.limits.ack_timeout_ms)?
+    {
+        p.next.holds_at_freeze = holds;
         p.step_done(format!("every router at epoch {epoch}"));
-    } else if p.timed_out(p.op.limits.ack_timeout_ms) {
-        return Err(format!(
-            "routers {} did not apply epoch {epoch} within {} ms",
-            behind.join(", "),
-            p.op.limits.ack_timeout_ms
-        ));
     }
     Ok(())
 }
@@ -471,20 +462,18 @@ fn flip(p: &mut Pass) -> Result<(), String> {
     let epoch = *p.next.flip_epoch.get_or_insert(p.obs.table.epoch);
     // The copy stops: the target owns the rows now.
     p.order_move(None);
-    let behind = routers_behind(p.obs.routers, epoch);
-    if behind.is_empty() || p.timed_out(p.op.limits.ack_timeout_ms) {
+    let timed_out = p.timed_out(p.op.limits.ack_timeout_ms);
+    let source = format!("the source {}", p.op.source);
+    if let Some((held, timeouts, note)) = released(
+        p.obs.routers,
+        &p.op.holds_at_freeze,
+        epoch,
+        timed_out,
+        &source,
+    ) {
         p.next.released_at_ms = Some(p.obs.now_ms);
-        let (held, timeouts) = holds_since(&p.op.holds_at_freeze, p.obs.routers);
         p.next.held_requests = Some(held);
         p.next.hold_timeouts = Some(timeouts);
-        let note = if behind.is_empty() {
-            format!("every router at epoch {epoch}")
-        } else {
-            format!(
-                "routers {} had not applied epoch {epoch}; the source answers them 421",
-                behind.join(", ")
-            )
-        };
         p.step_done(note);
     }
     Ok(())
