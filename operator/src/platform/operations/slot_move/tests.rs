@@ -125,23 +125,39 @@ impl MoveWorld {
     /// The regions, apps and routers act; 100 ms pass.
     fn tick(&mut self) {
         self.now_ms += 100;
-        for r in self.routers.values_mut() {
-            if r.applied_epoch < self.table.epoch {
-                r.applied_epoch = self.table.epoch;
-                r.held_total += 2;
-            }
+        let ids: Vec<String> = self.routers.keys().cloned().collect();
+        for id in ids {
+            self.router_applies(&id);
         }
         if !self.deaf_source {
-            for (cell, intent) in &self.intents {
-                if let Some(reg) = self.cells.get_mut(cell) {
-                    reg.intent_generation = intent.generation;
-                }
-            }
+            self.region_reports("a");
         }
+        self.region_reports("b");
         if !self.stuck_writes {
             self.drained.insert("a".into(), self.table.epoch);
         }
-        // The target's region: one stage further per tick, as its order says.
+        self.target_moves();
+        self.source_retires();
+    }
+
+    /// Router `id` applies the table in force.
+    fn router_applies(&mut self, id: &str) {
+        let r = self.routers.get_mut(id).unwrap();
+        if r.applied_epoch < self.table.epoch {
+            r.applied_epoch = self.table.epoch;
+            r.held_total += 2;
+        }
+    }
+
+    /// `cell`'s region carries out its intent's generation and reports it.
+    fn region_reports(&mut self, cell: &str) {
+        if let (Some(intent), Some(reg)) = (self.intents.get(cell), self.cells.get_mut(cell)) {
+            reg.intent_generation = intent.generation;
+        }
+    }
+
+    /// The target's region: one stage further, as its order says.
+    fn target_moves(&mut self) {
         let order = self.intents.get("b").and_then(|i| i.slot_move.clone());
         let mysql = self.cells.get_mut("b").unwrap().mysql.as_mut().unwrap();
         if let Some(order) = order {
@@ -179,7 +195,10 @@ impl MoveWorld {
                 (_, stage) => stage,
             };
         }
-        // The source's region deletes what it is told to.
+    }
+
+    /// The source's region deletes what it is told to.
+    fn source_retires(&mut self) {
         let retire = self.intents.get("a").and_then(|i| i.retire.clone());
         if let Some(order) = retire {
             let mysql = self.cells.get_mut("a").unwrap().mysql.as_mut().unwrap();
@@ -237,6 +256,8 @@ fn a_slots(w: &MoveWorld, n: usize) -> String {
         .collect();
     SlotSet::of(256, mine).unwrap().to_string()
 }
+
+mod model;
 
 #[test]
 fn a_move_copies_verifies_freezes_only_its_slots_syncs_flips_and_retires() {
