@@ -10,7 +10,7 @@ use crate::output::{print_data, Output, Progress};
 use crate::session::{switchovers, Platform};
 use crate::OpFlags;
 use anyhow::{bail, Context as _};
-use cellplane_cells::etcd_keys::drill_key;
+use cellplane_cells::etcd_keys::{cells_prefix, drill_key, Registration};
 use cellplane_cells::routing::RoutingTable;
 use cellplane_cells::slot_move::{reference_app_tables, MovedTable};
 use cellplane_cells::slot_set::SlotSet;
@@ -18,8 +18,9 @@ use cellplane_operator::platform::observe::{Records, Snapshot};
 use cellplane_operator::platform::operations::batch::{blocked_by_batches, cells_of_region, Batch};
 use cellplane_operator::platform::operations::{
     self, operation_for, report, slot_move, Kind, Limits, Loss, MoveLimits, Operation, Outcome,
-    SlotMove, Switchover,
+    SlotMove, Step, Switchover,
 };
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -337,10 +338,36 @@ pub async fn start(
     follow(p, &id, out).await
 }
 
+/// How a move's copy goes, as the target's region reports it.
+async fn copy_pace(p: &mut Platform, m: &SlotMove) -> anyhow::Result<Option<String>> {
+    let cells: BTreeMap<String, Registration> = p.prefix(&cells_prefix(&p.name)).await?;
+    let report = cells
+        .get(&m.target)
+        .and_then(|r| r.mysql.as_ref()?.slot_move.clone())
+        .filter(|r| r.operation == m.id);
+    Ok(report.map(|r| {
+        let mut line = format!(
+            "{:?}: {} rows copied of {} scanned ({} rows/s)",
+            r.stage, r.rows_copied, r.rows_scanned, r.rows_per_sec
+        );
+        if r.transactions_applied > 0 {
+            line.push_str(&format!(
+                "; following the source: {} transactions applied",
+                r.transactions_applied
+            ));
+        }
+        if !r.error.is_empty() {
+            line.push_str(&format!("; retrying after: {}", r.error));
+        }
+        line
+    }))
+}
+
 /// Prints each step of each member as it completes, then the report.
 async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitCode> {
     let mut progress = Progress::new(out);
     let mut move_steps = 0;
+    let mut last_pace = tokio::time::Instant::now();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     loop {
         let all = p.operations().await?;
@@ -352,11 +379,20 @@ async fn follow(p: &mut Platform, id: &str, out: Output) -> anyhow::Result<ExitC
         let mine: Vec<&Switchover> = match &op {
             Operation::Switchover(s) => vec![s],
             Operation::Batch(b) => b.members.iter().filter_map(|m| members.get(m)).collect(),
-            // A move's progress: each step as it ends, then the report.
+            // A move's progress: each step as it ends, the copy's pace meanwhile, then the
+            // report.
             Operation::SlotMove(m) => {
                 if !out.structured() {
                     for st in m.steps.iter().skip(move_steps) {
                         println!("  {:<10} {}", format!("{:?}", st.step), st.note);
+                    }
+                    if matches!(m.step, Step::Copy | Step::Verify)
+                        && last_pace.elapsed() > Duration::from_secs(2)
+                    {
+                        last_pace = tokio::time::Instant::now();
+                        if let Some(line) = copy_pace(p, m).await? {
+                            println!("  {line}");
+                        }
                     }
                 }
                 move_steps = m.steps.len();
