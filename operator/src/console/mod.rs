@@ -79,7 +79,9 @@ impl Console {
         }
         let read = async {
             let mut c = self.client().await?;
-            let ops = Records::read(&mut c, &self.platform).await?.all();
+            let records = Records::read(&mut c, &self.platform).await?;
+            let ops = records.all();
+            let moves: Vec<_> = records.moves.into_values().map(|(m, _)| m).collect();
             let snapshot = Snapshot::read(&mut c, &self.platform, &ops).await?;
             let s = state::build(
                 &self.platform,
@@ -87,6 +89,7 @@ impl Console {
                 &snapshot.cells,
                 &snapshot.routers,
                 &ops,
+                &moves,
                 cellplane_table::store::now_ms(),
             );
             crate::Result::<Arc<String>>::Ok(Arc::new(

@@ -4,7 +4,7 @@
 //! only lays it out.
 
 use crate::platform::operations::report;
-use crate::platform::operations::{Outcome, Switchover};
+use crate::platform::operations::{Outcome, SlotMove, Step, StepRecord, Switchover};
 use cellplane_cells::crd::CellPhase;
 use cellplane_cells::etcd_keys::{Registration, RouterAck};
 use cellplane_cells::gtid;
@@ -110,6 +110,7 @@ pub fn build(
     cells: &BTreeMap<String, Registration>,
     routers: &BTreeMap<String, RouterAck>,
     operations: &[Switchover],
+    moves: &[SlotMove],
     now_ms: u64,
 ) -> ConsoleState {
     let epoch = table.map_or(0, |t| t.epoch);
@@ -199,19 +200,15 @@ pub fn build(
         };
         regions.entry(region).or_default().push(view);
     }
-    let mut ops: Vec<&Switchover> = operations.iter().collect();
-    ops.sort_by_key(|o| std::cmp::Reverse(started(o)));
-    let running = ops
+    let mut ops: Vec<OperationView> = operations
         .iter()
-        .filter(|o| !o.finished())
-        .map(|o| operation(o))
+        .map(operation)
+        .chain(moves.iter().map(slot_move))
         .collect();
-    let recent = ops
-        .iter()
-        .filter(|o| o.finished())
-        .take(RECENT)
-        .map(|o| operation(o))
-        .collect();
+    ops.sort_by_key(|o| std::cmp::Reverse(o.started_ms));
+    let (running, finished): (Vec<OperationView>, Vec<OperationView>) =
+        ops.into_iter().partition(|o| o.outcome == "running");
+    let recent = finished.into_iter().take(RECENT).collect();
     ConsoleState {
         platform: platform.to_string(),
         epoch,
@@ -259,19 +256,42 @@ fn phase(p: CellPhase) -> String {
     format!("{p:?}")
 }
 
-fn started(op: &Switchover) -> u64 {
-    op.steps
-        .first()
-        .map_or(op.step_started_ms, |s| s.started_ms)
+fn operation(op: &Switchover) -> OperationView {
+    view(
+        &op.id,
+        report::title(op),
+        (op.step, op.step_started_ms),
+        &op.steps,
+        op.outcome.as_ref(),
+        op.kind.steps(),
+    )
 }
 
-fn operation(op: &Switchover) -> OperationView {
+fn slot_move(m: &SlotMove) -> OperationView {
+    view(
+        &m.id,
+        report::move_title(m),
+        (m.step, m.step_started_ms),
+        &m.steps,
+        m.outcome.as_ref(),
+        crate::platform::operations::slot_move::STEPS,
+    )
+}
+
+/// An operation of any kind as the page lists it: its steps so far and those to come.
+fn view(
+    id: &str,
+    title: String,
+    (step, step_started_ms): (Step, u64),
+    steps: &[StepRecord],
+    outcome: Option<&Outcome>,
+    kind_steps: &[Step],
+) -> OperationView {
     OperationView {
-        id: op.id.clone(),
-        title: report::title(op),
-        step: format!("{:?}", op.step),
-        steps: op
-            .steps
+        id: id.to_string(),
+        title,
+        step: format!("{step:?}"),
+        steps: steps
             .iter()
             .filter(|s| !s.note.starts_with("error: "))
             .map(|s| {
@@ -281,21 +301,20 @@ fn operation(op: &Switchover) -> OperationView {
                 )
             })
             .collect(),
-        outcome: match &op.outcome {
+        outcome: match outcome {
             None => "running",
             Some(Outcome::Succeeded { .. }) => "succeeded",
             Some(Outcome::Refused { .. }) => "refused",
             Some(Outcome::RolledBack { .. }) => "rolled back",
         }
         .to_string(),
-        started_ms: started(op),
-        to_come: if op.finished() {
+        started_ms: steps.first().map_or(step_started_ms, |s| s.started_ms),
+        to_come: if step == Step::Done {
             Vec::new()
         } else {
-            op.kind
-                .steps()
+            kind_steps
                 .iter()
-                .skip_while(|s| **s != op.step)
+                .skip_while(|s| **s != step)
                 .skip(1)
                 .map(|s| format!("{s:?}"))
                 .collect()
@@ -396,7 +415,7 @@ mod tests {
                 },
             ),
         ]);
-        let s = build("shop", Some(&t), &cells, &routers, &[], 9);
+        let s = build("shop", Some(&t), &cells, &routers, &[], &[], 9);
         assert_eq!(s.epoch, 4);
         let names: Vec<&str> = s.regions.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["eu", "us"]);
@@ -436,6 +455,7 @@ mod tests {
             &cells,
             &BTreeMap::new(),
             &[op.clone()],
+            &[],
             20,
         );
         let a = s
@@ -457,7 +477,15 @@ mod tests {
         let flipped = t.failed_over("a").unwrap();
         op.outcome = Some(Outcome::Succeeded { warnings: vec![] });
         op.step = crate::platform::operations::Step::Done;
-        let s = build("shop", Some(&flipped), &cells, &BTreeMap::new(), &[op], 30);
+        let s = build(
+            "shop",
+            Some(&flipped),
+            &cells,
+            &BTreeMap::new(),
+            &[op],
+            &[],
+            30,
+        );
         let a = s
             .regions
             .iter()
@@ -473,6 +501,39 @@ mod tests {
             s.recent[0].title.contains("switchover of a to b"),
             "{}",
             s.recent[0].title
+        );
+    }
+
+    #[test]
+    fn a_slot_move_in_progress_is_listed_with_its_steps_to_come() {
+        let t = table();
+        let slots = cellplane_cells::slot_set::SlotSet::parse(t.slots, "0-3").unwrap();
+        let mut m = SlotMove::new(
+            "mv-1",
+            "a",
+            "b",
+            &slots,
+            cellplane_cells::slot_move::reference_app_tables(),
+            "t",
+            Default::default(),
+            40,
+        );
+        m.step = Step::Copy;
+        let s = build(
+            "shop",
+            Some(&t),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &[],
+            &[m],
+            50,
+        );
+        assert_eq!(s.running.len(), 1);
+        assert_eq!(s.running[0].title, "move of slots 0-3 from a to b");
+        assert_eq!(s.running[0].step, "Copy");
+        assert_eq!(
+            s.running[0].to_come,
+            ["Verify", "Freeze", "Drain", "FinalSync", "Flip", "Retire"]
         );
     }
 }
