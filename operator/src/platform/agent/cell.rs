@@ -42,6 +42,8 @@ pub(super) struct CellState {
     slot_move: Option<MoveTask>,
     /// The last deletion of this cell's copies of moved slots an intent ordered.
     retire: Option<RetireTask>,
+    /// Why the ordered move could not start, as last said.
+    move_error: String,
     /// Since when the cell's app has answered ready without a break (and the region
     /// reached the global etcd).
     pub(super) healthy_since_ms: Option<u64>,
@@ -221,6 +223,7 @@ async fn state<'s>(
             admin_opts,
             slot_move: None,
             retire: None,
+            move_error: String::new(),
             read_at: Instant::now(),
             account_ready: false,
             applied_generation: previous.as_ref().map_or(0, |p| p.applied_generation),
@@ -305,7 +308,18 @@ async fn carry_out(
             st.rebuild = Some(start_rebuild(cfg, name, operation, source, regs, pool)?);
         }
     }
-    carry_out_moves(cfg, st, name, intent, regs)?;
+    // A move that cannot start yet (the source not registered) must not stop the cell's
+    // own reports: said once, tried again every pass.
+    match carry_out_moves(cfg, st, name, intent, regs) {
+        Ok(()) => st.move_error.clear(),
+        Err(e) => {
+            let msg = e.to_string();
+            if st.move_error != msg {
+                tracing::warn!(cell = %name, error = %msg, "slot move: cannot start the copy yet");
+                st.move_error = msg;
+            }
+        }
+    }
     st.applied_generation = intent.generation;
     Ok(())
 }
