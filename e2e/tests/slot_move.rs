@@ -563,12 +563,59 @@ async fn slots_move_to_another_cell_under_load_with_every_acknowledged_write() -
 
     // Every moved user's last acknowledged profile, read through the router from the target.
     assert!(profiles.len() == moving.len(), "{profiles:?}");
-    for (user, name) in &profiles {
-        let r = router_send(&lab.router.addr, "GET", user, "profile", None).await?;
-        assert_eq!(r.status, 200, "{user}: {}", r.body);
-        assert_eq!(r.served_by(), STANDBY, "{user}");
-        let got: serde_json::Value = serde_json::from_str(&r.body)?;
-        assert_eq!(got["name"], name.as_str(), "{user}: {}", r.body);
+    let read_back = |cell: &'static str| {
+        let (router, profiles) = (lab.router.addr.clone(), profiles.clone());
+        async move {
+            for (user, name) in &profiles {
+                let r = router_send(&router, "GET", user, "profile", None).await?;
+                anyhow::ensure!(r.status == 200, "{user}: {}", r.body);
+                anyhow::ensure!(r.served_by() == cell, "{user} served by {}", r.served_by());
+                let got: serde_json::Value = serde_json::from_str(&r.body)?;
+                anyhow::ensure!(got["name"] == name.as_str(), "{user}: {}", r.body);
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+    };
+    read_back(STANDBY).await?;
+
+    // The table is now those slots off the placement: a rebalance moves them back, in
+    // waves of at most 8 slots, one after the other.
+    let waves = slots.len().div_ceil(8);
+    let (code, out) = lab
+        .cellplane(&["rebalance", "--dry-run", "--max-slots", "8"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{waves} moves, {} of 16384 slots", slots.len())),
+        "{out}"
+    );
+    let (code, out) = lab
+        .cellplane(&["rebalance", "--max-slots", "8", "--retention-secs", "1"])
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    let done = wait_for("the rebalance's moves finished", T, || async {
+        let (_, out) = lab.cellplane(&["drills", "-o", "json"]).await?;
+        let all: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+        let waves: Vec<serde_json::Value> = all
+            .into_iter()
+            .filter(|o| {
+                o["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("rebalance-"))
+            })
+            .collect();
+        Ok(waves.iter().all(|w| w["step"] == "Done").then_some(waves))
+    })
+    .await?;
+    assert_eq!(done.len(), waves, "{done:?}");
+    for w in &done {
+        assert_eq!(w["outcome"]["result"], "succeeded", "{w}");
     }
+    let t = lab.etcd.routing_table().await?.expect("a table");
+    assert!(slots.iter().all(|s| t.cell_for_slot(s).name == HOME));
+    read_back(HOME).await?;
+    let (code, out) = lab.cellplane(&["rebalance", "--dry-run"]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("nothing to move"), "{out}");
     Ok(())
 }

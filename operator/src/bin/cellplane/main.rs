@@ -197,6 +197,28 @@ enum Command {
         #[command(flatten)]
         flags: OpFlags,
     },
+    /// Move slots with their rows until every cell has its share by weight (after a cell
+    /// joined, or a weight changed): the plan, then one move per wave.
+    #[command(
+        after_help = "The plan puts each slot where the placement over the serving cells and their capacityWeight wants it, and moves the slots whose data lives elsewhere, at most --max-slots per move; the leader runs the moves one at a time per cell. Pinned slots stay.\n\nExamples:\n  cellplane rebalance --dry-run\n  cellplane rebalance --max-slots 512 --rows-per-sec 5000"
+    )]
+    Rebalance {
+        /// Most slots per move (one freeze each).
+        #[arg(long, default_value_t = 1024)]
+        max_slots: usize,
+        /// A table holding users' rows, as NAME:KEY_COLUMN (repeat for each).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Each copy's pace (default: as fast as the source answers).
+        #[arg(long)]
+        rows_per_sec: Option<u32>,
+        /// How long each source keeps its copies after the flip, in seconds.
+        #[arg(long, default_value_t = MoveLimits::default().retention_ms / 1000)]
+        retention_secs: u64,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Pin a slot (or a user's slot) to a serving cell, on top of the placement; without a
     /// cell, list the pins.
     #[command(
@@ -342,6 +364,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             };
             (operate::slot_move(&t, what, now)?, flags)
+        }
+        Command::Rebalance {
+            max_slots,
+            tables,
+            rows_per_sec,
+            retention_secs,
+            dry_run,
+        } => {
+            let limits = MoveLimits {
+                rows_per_sec,
+                retention_ms: retention_secs.saturating_mul(1000),
+                ..MoveLimits::default()
+            };
+            let tables = operate::moved_tables(&tables)?;
+            return operate::rebalance(&mut p, max_slots, tables, limits, dry_run, out).await;
         }
         Command::Completions { .. } => unreachable!("answered before connecting"),
     };

@@ -210,14 +210,7 @@ pub fn slot_move(t: &RoutingTable, args: MoveArgs, now: u64) -> anyhow::Result<R
             many.join(", ")
         ),
     };
-    let tables = if args.tables.is_empty() {
-        reference_app_tables()
-    } else {
-        args.tables
-            .iter()
-            .map(|t| MovedTable::parse(t).map_err(anyhow::Error::msg))
-            .collect::<anyhow::Result<_>>()?
-    };
+    let tables = moved_tables(&args.tables)?;
     let id = format!("move-{source}-{}-{now}", args.to);
     let m = SlotMove::new(
         &id,
@@ -234,6 +227,110 @@ pub fn slot_move(t: &RoutingTable, args: MoveArgs, now: u64) -> anyhow::Result<R
         op: Operation::SlotMove(m),
         preflight: Vec::new(),
     })
+}
+
+/// The tables `--table` names (default: the reference app's).
+pub fn moved_tables(args: &[String]) -> anyhow::Result<Vec<MovedTable>> {
+    if args.is_empty() {
+        return Ok(reference_app_tables());
+    }
+    args.iter()
+        .map(|t| MovedTable::parse(t).map_err(anyhow::Error::msg))
+        .collect()
+}
+
+/// `cellplane rebalance`: the plan, its preflight, then one move record per wave.
+pub async fn rebalance(
+    p: &mut Platform,
+    max_slots: usize,
+    tables: Vec<MovedTable>,
+    limits: MoveLimits,
+    dry_run: bool,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let t = p.table().await?;
+    let cells: BTreeMap<String, Registration> = p.prefix(&cells_prefix(&p.name)).await?;
+    let weights = cells
+        .iter()
+        .map(|(name, r)| (name.clone(), r.capacity_weight))
+        .collect();
+    let plan = slot_move::plan::rebalance(&t, &weights, max_slots).map_err(anyhow::Error::msg)?;
+    let now = cellplane_table::store::now_ms();
+    let moves: Vec<SlotMove> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let id = format!("rebalance-{now}-{i:04}");
+            let by = who();
+            SlotMove::new(
+                &id,
+                &m.source,
+                &m.target,
+                &m.slots,
+                tables.clone(),
+                &by,
+                limits.clone(),
+                now,
+            )
+        })
+        .collect();
+    let records = p.records().await?;
+    let snapshot = p.snapshot(&records.all()).await?;
+    for m in &moves {
+        if let Some((gate, message)) = move_refusal(m, &records, &snapshot, &t, now) {
+            eprintln!(
+                "refused by the {gate} gate ({}): {message}",
+                report::move_title(m)
+            );
+            return Ok(ExitCode::from(EXIT_REFUSED));
+        }
+    }
+    if out.structured() {
+        print_data(out, &moves)?;
+    } else if moves.is_empty() {
+        println!("every cell has its share of the slots; nothing to move");
+    } else {
+        let slots: usize = plan.iter().map(|m| m.slots.len()).sum();
+        println!(
+            "{} moves, {slots} of {} slots ({:.1} %):",
+            moves.len(),
+            t.slots,
+            slots as f64 * 100.0 / f64::from(t.slots)
+        );
+        for m in &moves {
+            println!(
+                "  {}: {} slots from {} to {}",
+                m.id,
+                m.slot_set()?.len(),
+                m.source,
+                m.target
+            );
+        }
+    }
+    if dry_run || moves.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for m in &moves {
+        let key = drill_key(&p.name, &m.id);
+        let txn = etcd_client::Txn::new()
+            .when([etcd_client::Compare::version(
+                key.as_str(),
+                etcd_client::CompareOp::Equal,
+                0,
+            )])
+            .and_then([etcd_client::TxnOp::put(
+                key.as_str(),
+                serde_json::to_vec(&Operation::SlotMove(m.clone()))?,
+                None,
+            )]);
+        if !p.client.txn(txn).await?.succeeded() {
+            bail!("operation {} exists already; try again", m.id);
+        }
+    }
+    if !out.structured() {
+        println!("started; follow them with `cellplane drills`");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A move's preflight against what the leader would see: None when it passes.

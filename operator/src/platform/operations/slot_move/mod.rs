@@ -30,6 +30,7 @@
 //! Before the flip, a step that fails or times out rolls back: the slots are unfrozen and
 //! the copy stops; the source never stopped owning them.
 
+pub mod plan;
 mod record;
 #[cfg(test)]
 mod tests;
@@ -179,6 +180,10 @@ fn mysql_of<'o>(obs: &Observed<'o>, cell: &str) -> Option<&'o MysqlReport> {
 
 /// Preflight: refuse with the gate that failed; nothing has changed yet.
 fn preflight_step(p: &mut Pass) -> Result<(), String> {
+    if p.obs.busy && p.op.parent.is_some() {
+        // A wave of a rebalance waits for the waves before it on its cells.
+        return Ok(());
+    }
     match gates(p.op, p.obs) {
         Err((gate, message)) => finish(
             &mut p.next,

@@ -481,6 +481,11 @@ fn the_preflight_names_the_gate_and_the_fix() {
         refused(&busy, start(&busy, &a_slots(&busy, 2))).0,
         "concurrent"
     );
+    // A wave of a rebalance waits instead.
+    let mut wave = start(&busy, &a_slots(&busy, 2));
+    wave.parent = Some("rebalance-1".into());
+    let (waiting, actions) = advance(&wave, &busy.observed());
+    assert_eq!((waiting.step, actions), (Step::Preflight, vec![]));
     // Slots served after a failover (their data with the old home) are refused.
     let mut failed = MoveWorld::new();
     failed.table = failed.table.failed_over("a").unwrap();
