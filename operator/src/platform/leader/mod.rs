@@ -35,8 +35,9 @@ use std::time::Duration;
 
 /// How often the leader looks at a running operation without a change event.
 const OPERATION_POLL: Duration = Duration::from_millis(50);
-/// How long a new platform's first table waits for every declared cell to register before
-/// it places the slots on the cells that did (the others then join with no slots).
+/// How long a new platform's first table waits, after the first declared cell registered,
+/// for every other one before it places the slots on the cells that did (the others then
+/// join with no slots).
 const BRING_UP_GRACE: Duration = Duration::from_secs(30);
 
 /// Settings of the platform controller.
@@ -136,10 +137,11 @@ async fn write_tables(
         .await?;
     let routers = cellplane_cells::etcd_keys::routers_prefix(&cfg.platform);
     let mut detector = detect::Detector::default();
-    let term_started = std::time::Instant::now();
+    // When this leader first saw a declared cell registered (the bring-up grace counts
+    // from there: cells whose pods start slowly all register late, together).
+    let mut first_registered: Option<std::time::Instant> = None;
     loop {
-        let bring_up_over = term_started.elapsed() > BRING_UP_GRACE;
-        match write_table_once(client, cfg, sets, fence, metrics, bring_up_over).await? {
+        match write_table_once(client, cfg, sets, fence, metrics, &mut first_registered).await? {
             Some(Swap::NotLeader) => return Ok(()),
             Some(Swap::Stale) => {
                 metrics.table_conflicts.inc();
@@ -182,10 +184,20 @@ async fn write_table_once(
     sets: &Store<CellSet>,
     fence: &Fence,
     metrics: &Metrics,
-    bring_up_over: bool,
+    first_registered: &mut Option<std::time::Instant>,
 ) -> Result<Option<Swap>> {
     let mut inputs = read_inputs(client, cfg, sets).await?;
-    inputs.bring_up_over = bring_up_over;
+    let dialable = |m: &plan::Member| {
+        inputs
+            .registrations
+            .get(&m.name)
+            .and_then(plan::dial_address)
+            .is_some()
+    };
+    if inputs.members.iter().any(dialable) {
+        first_registered.get_or_insert_with(std::time::Instant::now);
+    }
+    inputs.bring_up_over = first_registered.is_some_and(|at| at.elapsed() > BRING_UP_GRACE);
     let current = write::read(client, &cfg.platform)
         .await
         .map_err(table_error)?;
