@@ -262,7 +262,7 @@ pub async fn rebalance(
         .map(|(i, m)| {
             let id = format!("rebalance-{now}-{i:04}");
             let by = who();
-            SlotMove::new(
+            let mut wave = SlotMove::new(
                 &id,
                 &m.source,
                 &m.target,
@@ -271,7 +271,10 @@ pub async fn rebalance(
                 &by,
                 limits.clone(),
                 now,
-            )
+            );
+            // A wave waits for the waves before it on its cells instead of being refused.
+            wave.parent = Some(format!("rebalance-{now}"));
+            wave
         })
         .collect();
     let records = p.records().await?;
