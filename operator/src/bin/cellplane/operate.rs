@@ -313,22 +313,8 @@ pub async fn rebalance(
     if dry_run || moves.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    for m in &moves {
-        let key = drill_key(&p.name, &m.id);
-        let txn = etcd_client::Txn::new()
-            .when([etcd_client::Compare::version(
-                key.as_str(),
-                etcd_client::CompareOp::Equal,
-                0,
-            )])
-            .and_then([etcd_client::TxnOp::put(
-                key.as_str(),
-                serde_json::to_vec(&Operation::SlotMove(m.clone()))?,
-                None,
-            )]);
-        if !p.client.txn(txn).await?.succeeded() {
-            bail!("operation {} exists already; try again", m.id);
-        }
+    for m in moves {
+        create(p, &Operation::SlotMove(m)).await?;
     }
     if !out.structured() {
         println!("started; follow them with `cellplane drills`");
@@ -409,23 +395,8 @@ pub async fn start(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    // Create the record only if no record of that id exists (version 0).
     let id = req.op.id().to_string();
-    let key = drill_key(&p.name, &id);
-    let txn = etcd_client::Txn::new()
-        .when([etcd_client::Compare::version(
-            key.as_str(),
-            etcd_client::CompareOp::Equal,
-            0,
-        )])
-        .and_then([etcd_client::TxnOp::put(
-            key.as_str(),
-            serde_json::to_vec(&req.op)?,
-            None,
-        )]);
-    if !p.client.txn(txn).await?.succeeded() {
-        bail!("operation {id} exists already; try again");
-    }
+    create(p, &req.op).await?;
     if !out.structured() {
         println!("started {}", req.summary);
     }
@@ -461,6 +432,26 @@ async fn copy_pace(p: &mut Platform, m: &SlotMove) -> anyhow::Result<Option<Stri
         }
         line
     }))
+}
+
+/// Writes an operation's record, only if no record of that id exists (version 0).
+async fn create(p: &mut Platform, op: &Operation) -> anyhow::Result<()> {
+    let key = drill_key(&p.name, op.id());
+    let txn = etcd_client::Txn::new()
+        .when([etcd_client::Compare::version(
+            key.as_str(),
+            etcd_client::CompareOp::Equal,
+            0,
+        )])
+        .and_then([etcd_client::TxnOp::put(
+            key.as_str(),
+            serde_json::to_vec(op)?,
+            None,
+        )]);
+    if !p.client.txn(txn).await?.succeeded() {
+        bail!("operation {} exists already; try again", op.id());
+    }
+    Ok(())
 }
 
 /// Prints each step of each member as it completes, then the report.

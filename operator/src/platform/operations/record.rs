@@ -390,6 +390,17 @@ pub(super) fn finish_with_note(
     *next.progress().outcome = Some(outcome);
 }
 
+/// Ends a rollback: rolled back at the step that failed, for the reason it noted.
+pub(super) fn rolled_back(next: &mut impl Stepped, now_ms: u64) {
+    let (step, reason) = next
+        .step_list()
+        .last()
+        .map_or((Step::Preflight, String::new()), |s| {
+            (s.step, s.note.clone())
+        });
+    finish(next, now_ms, Outcome::RolledBack { step, reason });
+}
+
 /// Errors after the point of no return are recorded (once) and the operation goes on.
 pub(super) fn note_error(next: &mut impl Stepped, error: String) {
     let note = format!("error: {error}");

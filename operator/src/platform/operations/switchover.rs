@@ -34,7 +34,7 @@
 //! freeze ends.
 
 use super::gates::preflight;
-use super::record::{enter, finish, note_error, Kind, Outcome, Step, Switchover};
+use super::record::{enter, finish, note_error, rolled_back, Kind, Outcome, Step, Switchover};
 use super::{Action, Observed};
 use crate::platform::intents::default_for;
 use cellplane_cells::crd::CellPhase;
@@ -468,20 +468,7 @@ fn roll_back_step(p: &mut Pass) -> Result<(), String> {
         h.intent_generation >= generation && h.mysql.as_ref().is_none_or(|m| !m.read_only)
     });
     if !frozen && writable {
-        let reason =
-            p.op.steps
-                .last()
-                .map(|s| s.note.clone())
-                .unwrap_or_default();
-        let failed = p.op.steps.last().map_or(Step::Preflight, |s| s.step);
-        finish(
-            &mut p.next,
-            p.obs.now_ms,
-            Outcome::RolledBack {
-                step: failed,
-                reason,
-            },
-        );
+        rolled_back(&mut p.next, p.obs.now_ms);
     }
     Ok(())
 }

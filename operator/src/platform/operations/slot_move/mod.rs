@@ -37,7 +37,7 @@ mod tests;
 
 pub use record::{MoveLimits, SlotMove, STEPS};
 
-use super::record::{enter, finish, note_error, step_done_in, Outcome, Step};
+use super::record::{enter, finish, note_error, rolled_back, step_done_in, Outcome, Step};
 use super::switchover::{freeze_applied, released};
 use super::{Action, Observed};
 use crate::platform::intents::default_for;
@@ -572,20 +572,7 @@ fn roll_back_step(p: &mut Pass) -> Result<(), String> {
         }
         return Ok(());
     }
-    let reason =
-        p.op.steps
-            .last()
-            .map(|s| s.note.clone())
-            .unwrap_or_default();
-    let failed = p.op.steps.last().map_or(Step::Preflight, |s| s.step);
-    finish(
-        &mut p.next,
-        p.obs.now_ms,
-        Outcome::RolledBack {
-            step: failed,
-            reason,
-        },
-    );
+    rolled_back(&mut p.next, p.obs.now_ms);
     Ok(())
 }
 
