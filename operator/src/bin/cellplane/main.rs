@@ -92,6 +92,31 @@ impl OpFlags {
     }
 }
 
+/// What every slot move is given.
+#[derive(clap::Args)]
+pub struct MoveFlags {
+    /// A table holding users' rows, as NAME:KEY_COLUMN (repeat for each; default: the
+    /// reference app's profiles:user_id and orders:user_id).
+    #[arg(long = "table")]
+    tables: Vec<String>,
+    /// Each copy's pace (default: as fast as the source answers).
+    #[arg(long)]
+    rows_per_sec: Option<u32>,
+    /// How long the source keeps its copies after the flip, in seconds.
+    #[arg(long, default_value_t = MoveLimits::default().retention_ms / 1000)]
+    retention_secs: u64,
+}
+
+impl MoveFlags {
+    fn limits(&self) -> MoveLimits {
+        MoveLimits {
+            rows_per_sec: self.rows_per_sec,
+            retention_ms: self.retention_secs.saturating_mul(1000),
+            ..MoveLimits::default()
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scope {
     Region,
@@ -185,15 +210,8 @@ enum Command {
         /// The cell the slots move to.
         #[arg(long)]
         to: String,
-        /// A table holding users' rows, as NAME:KEY_COLUMN (repeat for each).
-        #[arg(long = "table")]
-        tables: Vec<String>,
-        /// The copy's pace (default: as fast as the source answers).
-        #[arg(long)]
-        rows_per_sec: Option<u32>,
-        /// How long the source keeps its copies after the flip, in seconds.
-        #[arg(long, default_value_t = MoveLimits::default().retention_ms / 1000)]
-        retention_secs: u64,
+        #[command(flatten)]
+        moving: MoveFlags,
         #[command(flatten)]
         flags: OpFlags,
     },
@@ -206,15 +224,8 @@ enum Command {
         /// Most slots per move (one freeze each).
         #[arg(long, default_value_t = 1024)]
         max_slots: usize,
-        /// A table holding users' rows, as NAME:KEY_COLUMN (repeat for each).
-        #[arg(long = "table")]
-        tables: Vec<String>,
-        /// Each copy's pace (default: as fast as the source answers).
-        #[arg(long)]
-        rows_per_sec: Option<u32>,
-        /// How long each source keeps its copies after the flip, in seconds.
-        #[arg(long, default_value_t = MoveLimits::default().retention_ms / 1000)]
-        retention_secs: u64,
+        #[command(flatten)]
+        moving: MoveFlags,
         /// Print the plan; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -346,9 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             slots,
             user,
             to,
-            tables,
-            rows_per_sec,
-            retention_secs,
+            moving,
             flags,
         } => {
             let t = p.table().await?;
@@ -356,29 +365,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 slots,
                 user,
                 to,
-                tables,
-                limits: MoveLimits {
-                    rows_per_sec,
-                    retention_ms: retention_secs.saturating_mul(1000),
-                    ..MoveLimits::default()
-                },
+                tables: operate::moved_tables(&moving.tables)?,
+                limits: moving.limits(),
             };
             (operate::slot_move(&t, what, now)?, flags)
         }
         Command::Rebalance {
             max_slots,
-            tables,
-            rows_per_sec,
-            retention_secs,
+            moving,
             dry_run,
         } => {
-            let limits = MoveLimits {
-                rows_per_sec,
-                retention_ms: retention_secs.saturating_mul(1000),
-                ..MoveLimits::default()
-            };
-            let tables = operate::moved_tables(&tables)?;
-            return operate::rebalance(&mut p, max_slots, tables, limits, dry_run, out).await;
+            let tables = operate::moved_tables(&moving.tables)?;
+            return operate::rebalance(&mut p, max_slots, tables, moving.limits(), dry_run, out)
+                .await;
         }
         Command::Completions { .. } => unreachable!("answered before connecting"),
     };

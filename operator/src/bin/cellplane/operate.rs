@@ -182,7 +182,7 @@ pub struct MoveArgs {
     pub slots: Option<String>,
     pub user: Option<String>,
     pub to: String,
-    pub tables: Vec<String>,
+    pub tables: Vec<MovedTable>,
     pub limits: MoveLimits,
 }
 
@@ -210,14 +210,13 @@ pub fn slot_move(t: &RoutingTable, args: MoveArgs, now: u64) -> anyhow::Result<R
             many.join(", ")
         ),
     };
-    let tables = moved_tables(&args.tables)?;
     let id = format!("move-{source}-{}-{now}", args.to);
     let m = SlotMove::new(
         &id,
         &source,
         &args.to,
         &slots,
-        tables,
+        args.tables,
         &who(),
         args.limits,
         now,
