@@ -390,6 +390,26 @@ pub(super) fn finish_with_note(
     *next.progress().outcome = Some(outcome);
 }
 
+/// Ends the preflight: refused by the gate that failed, or on to the next step.
+pub(super) fn gated(
+    next: &mut impl Stepped,
+    now_ms: u64,
+    gates: Result<(), (&'static str, String)>,
+    next_step: Step,
+) {
+    match gates {
+        Err((gate, message)) => finish(
+            next,
+            now_ms,
+            Outcome::Refused {
+                gate: gate.into(),
+                message,
+            },
+        ),
+        Ok(()) => step_done_in(next, next_step, now_ms, String::new()),
+    }
+}
+
 /// Ends a rollback: rolled back at the step that failed, for the reason it noted.
 pub(super) fn rolled_back(next: &mut impl Stepped, now_ms: u64) {
     let (step, reason) = next

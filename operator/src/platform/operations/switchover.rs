@@ -34,7 +34,7 @@
 //! freeze ends.
 
 use super::gates::preflight;
-use super::record::{enter, finish, note_error, rolled_back, Kind, Outcome, Step, Switchover};
+use super::record::{enter, gated, note_error, rolled_back, Kind, Step, Switchover};
 use super::{Action, Observed};
 use crate::platform::intents::default_for;
 use cellplane_cells::crd::CellPhase;
@@ -136,19 +136,8 @@ impl<'a, 'o> Pass<'a, 'o> {
 
 /// Preflight: refuse with the gate that failed; nothing has changed yet.
 fn preflight_step(p: &mut Pass) -> Result<(), String> {
-    match preflight(p.op, p.obs) {
-        Err((gate, message)) => {
-            finish(
-                &mut p.next,
-                p.obs.now_ms,
-                Outcome::Refused {
-                    gate: gate.into(),
-                    message,
-                },
-            );
-        }
-        Ok(()) => p.step_done(String::new()),
-    }
+    let next_step = p.op.after(Step::Preflight);
+    gated(&mut p.next, p.obs.now_ms, preflight(p.op, p.obs), next_step);
     Ok(())
 }
 
@@ -594,7 +583,7 @@ fn current_sources(obs: &Observed, cell: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::record::Limits;
+    use super::super::record::{Limits, Outcome};
     use super::super::test_world::*;
     use super::*;
     use cellplane_cells::crd::CellPhase;

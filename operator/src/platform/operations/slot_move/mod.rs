@@ -37,7 +37,7 @@ mod tests;
 
 pub use record::{MoveLimits, SlotMove, STEPS};
 
-use super::record::{enter, finish, note_error, rolled_back, step_done_in, Outcome, Step};
+use super::record::{enter, gated, note_error, rolled_back, step_done_in, Step};
 use super::switchover::{freeze_applied, released};
 use super::{Action, Observed};
 use crate::platform::intents::default_for;
@@ -184,17 +184,8 @@ fn preflight_step(p: &mut Pass) -> Result<(), String> {
         // A wave of a rebalance waits for the waves before it on its cells.
         return Ok(());
     }
-    match gates(p.op, p.obs) {
-        Err((gate, message)) => finish(
-            &mut p.next,
-            p.obs.now_ms,
-            Outcome::Refused {
-                gate: gate.into(),
-                message,
-            },
-        ),
-        Ok(()) => p.step_done(String::new()),
-    }
+    let next_step = p.op.after(Step::Preflight);
+    gated(&mut p.next, p.obs.now_ms, gates(p.op, p.obs), next_step);
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::platform::operations::test_world::{healthy_registration, pair_table};
+use crate::platform::operations::Outcome;
 use crate::platform::operations::{Operation, Recent};
 use cellplane_cells::etcd_keys::{Registration, RouterAck};
 use cellplane_cells::slot_move::{reference_app_tables, RetireReport};
