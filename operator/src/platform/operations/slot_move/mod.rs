@@ -306,6 +306,9 @@ fn copy(p: &mut Pass) -> Result<(), String> {
             ));
         }
         Some((MoveStage::Mismatch, r)) => return Err(mismatch(&r)),
+        Some((MoveStage::Failed, r)) if p.timed_out(p.op.limits.step_timeout_ms) => {
+            return Err(failed(&r));
+        }
         report if p.timed_out(p.op.limits.copy_timeout_ms) => {
             return Err(format!(
                 "the copy did not end within {} ms ({})",
@@ -333,6 +336,9 @@ fn verify(p: &mut Pass) -> Result<(), String> {
             ));
         }
         Some((MoveStage::Mismatch, r)) => return Err(mismatch(&r)),
+        Some((MoveStage::Failed, r)) if p.timed_out(p.op.limits.step_timeout_ms) => {
+            return Err(failed(&r));
+        }
         report if p.timed_out(p.op.limits.copy_timeout_ms) => {
             return Err(format!(
                 "the verification did not end within {} ms ({})",
@@ -578,6 +584,16 @@ fn mismatch(r: &MoveReport) -> String {
         } else {
             String::new()
         }
+    )
+}
+
+/// A copy that still fails after the step's deadline (the region retries every 10 s) stops
+/// the move instead of waiting for the copy's: a missing table or a refused account does
+/// not heal by itself.
+fn failed(r: &MoveReport) -> String {
+    format!(
+        "the target's region cannot copy: {} (fix it and start the move again)",
+        r.error
     )
 }
 

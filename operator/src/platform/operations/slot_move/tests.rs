@@ -23,6 +23,8 @@ struct MoveWorld {
     stuck_writes: bool,
     /// The source's region stops carrying out intents (its reports go stale).
     deaf_source: bool,
+    /// The target's region cannot copy (this error).
+    copy_fails: Option<String>,
     /// What the target's verification finds different, by phase.
     mismatch_in: Option<MovePhase>,
     /// Every table written, in order.
@@ -87,6 +89,7 @@ impl MoveWorld {
             busy: false,
             stuck_writes: false,
             deaf_source: false,
+            copy_fails: None,
             mismatch_in: None,
             tables: Vec::new(),
             table,
@@ -168,6 +171,11 @@ impl MoveWorld {
                     operation: order.operation.clone(),
                     ..MoveReport::default()
                 };
+            }
+            if let Some(error) = &self.copy_fails {
+                report.stage = MoveStage::Failed;
+                report.error = error.clone();
+                return;
             }
             let differs = self.mismatch_in == Some(order.phase);
             report.phase = Some(order.phase);
@@ -377,6 +385,27 @@ fn a_mismatch_at_the_verification_stops_the_move_before_anything_froze() {
     }
     assert!(w.tables.is_empty(), "nothing was frozen or moved");
     assert!(w.intents["b"].slot_move.is_none(), "the copy stopped");
+}
+
+#[test]
+fn a_copy_that_keeps_failing_stops_the_move_after_the_step_deadline_with_its_error() {
+    let mut w = MoveWorld::new();
+    w.copy_fails = Some("table cell_b.orders does not exist on the target".into());
+    let op = w.run(start(&w, &a_slots(&w, 4)), 2_000);
+    match &op.outcome {
+        Some(Outcome::RolledBack { step, reason }) => {
+            assert_eq!(*step, Step::Copy);
+            assert!(reason.contains("does not exist on the target"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let copy = op.steps.iter().find(|s| s.step == Step::Copy).unwrap();
+    let ran = copy.ended_ms - copy.started_ms;
+    assert!(
+        (30_000..40_000).contains(&ran),
+        "{ran} ms, not the copy's hour"
+    );
+    assert!(w.tables.is_empty());
 }
 
 #[test]
