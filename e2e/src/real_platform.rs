@@ -29,8 +29,10 @@ const REPLICATION_SECRET: &str = "platform-replication";
 /// The app's admin token (stock for the sale), set through `spec.app.env`.
 const ADMIN_TOKEN: &str = "lab-admin-token-0123456789";
 /// A wait for pods: a cell's Kafka on a busy node (CI builds beside the tests) can take
-/// minutes to start; its startup probe allows 5.
-const T: Duration = Duration::from_secs(330);
+/// minutes to start; its startup probe allows 5. A warm CI run once saw one cell's app not
+/// ready after 330 s while the other's was (cause not found: the same test on a quiet
+/// machine has both Ready in 40 s); a green run never waits this long.
+const T: Duration = Duration::from_secs(480);
 
 pub struct TwoRegions {
     /// The regions, in the CellSet's order; the first holds the global etcd and the router.
