@@ -148,6 +148,10 @@ struct Watchdog {
     /// When the last confirmed read from the etcd majority was sent.
     contact: parking_lot::Mutex<Option<Instant>>,
     pools: parking_lot::Mutex<HashMap<String, mysql_async::Pool>>,
+    /// Cells this watchdog put read-only. A cell with an intent follows it once etcd
+    /// answers again; one without (not in the table yet: no slots, no users) would stay
+    /// read-only for good, its app unable to create its schema, never Ready, never placed.
+    self_fenced: parking_lot::Mutex<HashSet<String>>,
 }
 
 impl Watchdog {
@@ -212,6 +216,7 @@ impl Watchdog {
                     let tries = failures.entry(cell.clone()).or_default();
                     match fence_cell(&cell, &pool, fence_after).await {
                         Ok(()) => {
+                            self.self_fenced.lock().insert(cell.clone());
                             fenced.insert(cell);
                         }
                         // Said on the first failure and then every 20th: it is retried
@@ -285,6 +290,21 @@ async fn pass(
     for cell in mine {
         let name = cell.name_any();
         let started = Instant::now();
+        if !intents.contains_key(&name) && watch.self_fenced.lock().contains(&name) {
+            // Fenced by the watchdog while it had no intent: etcd answers again (this pass
+            // read it), and nothing of the table's lives in it yet.
+            if let Some(pool) = states.get(&name).map(|s| s.pool.clone()) {
+                match replication::make_writable(&pool).await {
+                    Ok(()) => {
+                        watch.self_fenced.lock().remove(&name);
+                        tracing::info!(cell = %name, "writable again: fenced while it had no intent, and etcd answers");
+                    }
+                    Err(e) => {
+                        tracing::warn!(cell = %name, error = %e, "could not lift the self-fence of a cell with no intent")
+                    }
+                }
+            }
+        }
         // Bounded: a cell whose MySQL swallows packets (a NetworkPolicy's drop, a pod not
         // started yet) would otherwise hold a connect for minutes, and every other cell of
         // the region with it.
